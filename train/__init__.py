@@ -1,0 +1,1 @@
+"""Data, tokenizer, training loop, evaluation, checkpoints and metrics."""

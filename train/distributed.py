@@ -1,0 +1,53 @@
+"""Process group set-up and the few collectives the trainer needs around DeepSpeed."""
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from train.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def init_distributed() -> None:
+    """Backend and device from DeepSpeed's accelerator (NCCL on CUDA, gloo or oneCCL on CPU)."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # CPU fallback: ranks share the machine's cores; oversubscribing them only thrashes.
+        local_ranks = int(os.environ.get("LOCAL_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank() -> int:
+    return dist.get_rank()
+
+
+def raise_if_any_failed(error: str | None) -> None:
+    """Every rank raises the first rank's ConfigError, so that no rank waits on a dead peer."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConfigError(first)
+
+
+def rank_zero_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on global rank 0 (which fills caches, trains the tokenizer, downloads), then on the others."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            error = str(e)
+    raise_if_any_failed(error)
+    if rank() != 0:
+        result = fn()
+    return result

@@ -1,0 +1,82 @@
+"""Reading and checking the DeepSpeed JSON before any work starts.
+
+The JSON is the single place for batch sizes, precision, ZeRO, optimizer, scheduler
+and clipping; Python only fills `"auto"` in the scheduler's step count from
+`--train-steps` and refuses combinations DeepSpeed would fail on deep inside.
+"""
+
+import json
+from pathlib import Path
+
+from train.errors import ConfigError
+
+
+def load_ds_config(path: str | Path, train_steps: int) -> dict:
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read DeepSpeed config {path}: {e.strerror}; pass an existing file with --deepspeed_config")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    scheduler_params = config.get("scheduler", {}).get("params", {})
+    for key in ("total_num_steps", "warmup_max_steps"):  # names used by DeepSpeed's schedules
+        if scheduler_params.get(key) == "auto":
+            scheduler_params[key] = train_steps
+    # DeepSpeed clips at 1.0 when the key is absent; make the value visible in the resolved config.
+    config.setdefault("gradient_clipping", 1.0)
+    return config
+
+
+def batch_layout(config: dict, data_parallel_size: int) -> tuple[int, int, int]:
+    """(global batch, micro-batch size, micro-batches per step) checked the way DeepSpeed multiplies them."""
+    train_batch = config.get("train_batch_size")
+    micro = config.get("train_micro_batch_size_per_gpu")
+    accumulation = config.get("gradient_accumulation_steps")
+    if micro is None:
+        raise ConfigError("DeepSpeed config must set train_micro_batch_size_per_gpu (the pipeline's micro-batch size)")
+    if train_batch is None and accumulation is None:
+        raise ConfigError("DeepSpeed config must set train_batch_size or gradient_accumulation_steps")
+    if accumulation is None:
+        if train_batch % (micro * data_parallel_size):
+            raise ConfigError(
+                f"train_batch_size {train_batch} is not divisible by train_micro_batch_size_per_gpu {micro} x "
+                f"{data_parallel_size} data-parallel replicas; change one of them in the DeepSpeed config"
+            )
+        accumulation = train_batch // (micro * data_parallel_size)
+    elif train_batch is None:
+        train_batch = micro * accumulation * data_parallel_size
+    elif train_batch != micro * accumulation * data_parallel_size:
+        raise ConfigError(
+            f"train_batch_size {train_batch} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
+            f"{accumulation} x {data_parallel_size} data-parallel replicas; fix the DeepSpeed config"
+        )
+    if min(train_batch, micro, accumulation) < 1:
+        raise ConfigError("batch sizes in the DeepSpeed config must be positive")
+    return train_batch, micro, accumulation
+
+
+def check_layout(config: dict, world_size: int, pipeline_stages: int, n_layer: int) -> tuple[int, int, int]:
+    """Check parallel layout against the config; returns the batch layout."""
+    if pipeline_stages < 1:
+        raise ConfigError("--pipeline-stages must be at least 1")
+    if world_size % pipeline_stages:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --pipeline-stages {pipeline_stages}; "
+            "launch a multiple of the stage count of ranks"
+        )
+    if pipeline_stages > n_layer:
+        raise ConfigError(f"--pipeline-stages {pipeline_stages} is more than the model's {n_layer} transformer blocks")
+    zero_stage = config.get("zero_optimization", {}).get("stage", 0)
+    if zero_stage >= 2 and pipeline_stages > 1:
+        raise ConfigError(
+            f"ZeRO stage {zero_stage} is incompatible with pipeline parallelism in DeepSpeed; "
+            'set "zero_optimization": {"stage": 1} (or 0)'
+        )
+    if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
+        raise ConfigError("DeepSpeed config enables both bf16 and fp16; enable one")
+    if config.get("wall_clock_breakdown") and pipeline_stages > 1:
+        raise ConfigError("wall_clock_breakdown crashes DeepSpeed 0.19.8 with more than one stage; set it to false")
+    return batch_layout(config, world_size // pipeline_stages)

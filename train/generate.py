@@ -1,0 +1,36 @@
+"""Sample text from a Hugging Face export: `python -m train.generate RUN/hf --prompt "..."`."""
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def generate_text(model_dir: Path, prompt: str, max_new_tokens: int = 40, temperature: float = 0.8,
+                  top_k: int = 50, top_p: float = 1.0, seed: int = 0) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                             top_k=top_k, top_p=top_p, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("model_dir", type=Path, help="a save_pretrained folder, e.g. runs/default/hf")
+    p.add_argument("--prompt", default="And God said")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(generate_text(a.model_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed))
+
+
+if __name__ == "__main__":
+    main()

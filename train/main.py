@@ -1,0 +1,165 @@
+"""Training entry point: `deepspeed --module train.main ARGS` (see launch.sh).
+
+Phases: check inputs -> tokenizer -> packed data -> pipeline model -> DeepSpeed engine
+-> train/evaluate loop -> checkpoint -> Hugging Face export -> sample.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from models.gpt2_pipe import build_gpt2_pipeline
+from models.hf_weights import load_hf_weights, resolve_model_dir
+from train.args import parse_args
+from train.batches import TrainMicroBatches
+from train.checkpoint import save_and_export
+from train.data import default_cache_dir, load_texts, packed_dataset
+from train.distributed import init_distributed, raise_if_any_failed, rank, rank_zero_first
+from train.errors import ConfigError
+from train.evaluate import evaluate
+from train.generate import generate_text
+from train.metrics import MetricsLog, eval_metrics, wandb_mode
+from train.preflight import check_inputs
+from train.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+
+def say(message: str) -> None:
+    if rank() == 0:
+        print(message, flush=True)
+
+
+def parameter_groups(module: torch.nn.Module) -> list[dict]:
+    """Weight decay (its amount set in the DeepSpeed JSON) on matrices only, not on biases and LayerNorms."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def unique_parameter_count(engine) -> int:
+    """Parameters of the whole model: every stage counted once, the tied embedding once."""
+    pipe = engine.module
+    tied = {id(p) for m in pipe.tied_modules.values() for p in m.parameters()}
+    local = sum(p.numel() for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, (engine.grid.data_parallel_id, local))
+    return sum(n for dp_id, n in counts if dp_id == 0)
+
+
+def prepare_tokenizer(args, output_dir: Path):
+    if args.tokenizer or args.model:
+        return load_tokenizer(args.tokenizer or str(resolve_model_dir(args.model)))
+    tokenizer_dir = output_dir / "tokenizer"
+    if rank() != 0:  # rank 0 has trained and saved it
+        return load_tokenizer(str(tokenizer_dir))
+    say(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on the training text")
+    texts = load_texts(args.sources, args.text_column)
+    batches = (b["text"] for b in texts.iter(batch_size=1000))
+    return train_bpe_tokenizer(batches, args.vocab_size, tokenizer_dir)
+
+
+def run(args) -> None:
+    init_distributed()
+    world_size = dist.get_world_size()
+    output_dir: Path = args.output_dir.resolve()
+
+    # Phase 1: inputs. Every rank checks; all fail together with the same one-line error.
+    error = None
+    try:
+        ds_config, model_config, args.sources, (global_batch, micro, micro_batches) = check_inputs(args, world_size)
+    except ConfigError as e:
+        error = str(e)
+    raise_if_any_failed(error)
+    if rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # Phase 2: tokenizer and packed data, built by rank 0 and then read from disk by the others.
+    tokenizer = rank_zero_first(lambda: prepare_tokenizer(args, output_dir))
+    if args.model is None:
+        model_config.vocab_size = len(tokenizer)
+        model_config.bos_token_id = model_config.eos_token_id = tokenizer.eos_token_id
+    elif len(tokenizer) > model_config.vocab_size:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding only {model_config.vocab_size}")
+    cache_dir = args.data_cache_dir or default_cache_dir()
+    splits = rank_zero_first(lambda: packed_dataset(
+        args.sources, args.text_column, tokenizer, args.seq_len, args.val_fraction, cache_dir, args.num_proc))
+    eval_per_step = global_batch
+    eval_blocks = min(args.eval_blocks or len(splits["validation"]), len(splits["validation"]))
+    eval_blocks -= eval_blocks % eval_per_step
+    if eval_blocks == 0 or len(splits["train"]) < global_batch:
+        raise ConfigError(
+            f"{len(splits['train'])} training / {len(splits['validation'])} validation blocks of {args.seq_len} tokens "
+            f"do not fill a global batch of {global_batch}: use more data, a larger --val-fraction or smaller batches")
+    say(f"data: {len(splits['train']):,} training and {len(splits['validation']):,} validation blocks of "
+        f"{args.seq_len} tokens ({eval_blocks} used per evaluation)")
+
+    # Phase 3: the pipeline model and DeepSpeed engine.
+    pipe = build_gpt2_pipeline(model_config, args.pipeline_stages, args.partition_method, args.seed)
+    if args.model:
+        n = load_hf_weights(pipe, resolve_model_dir(args.model), model_config.n_layer)
+        print(f"rank {rank()}: loaded {n} pretrained tensors for layers {pipe._local_start}-{pipe._local_stop - 1}")
+    engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=parameter_groups(pipe), config=ds_config)
+    dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
+    run_config = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "sources"},
+        "deepspeed": ds_config,
+        "topology": {"world_size": world_size, "pipeline_stages": args.pipeline_stages, "data_parallel": dp_size,
+                     "stage_layer_bounds": [int(b) for b in pipe.parts], "micro_batches_per_step": micro_batches},
+        "parameters": unique_parameter_count(engine),
+        "model": model_config.to_dict(),
+    }
+    if rank() == 0:
+        (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+    say(f"model: {run_config['parameters']:,} parameters, {args.pipeline_stages} stages x {dp_size} data-parallel, "
+        f"layer bounds {run_config['topology']['stage_layer_bounds']}, {micro_batches} micro-batches of {micro}")
+    log = MetricsLog(output_dir, rank() == 0, args.train_steps, run_config, args.wandb_project,
+                     args.wandb_run_name, wandb_mode(args.wandb_mode))
+
+    # Phase 4: the loop. Only the first and last stage read data; both compute the same batches.
+    feeds_data = engine.is_first_stage() or engine.is_last_stage()
+    batches = TrainMicroBatches(splits["train"], micro, micro_batches, dp_rank, dp_size, args.seed)
+    data_iter = iter(batches) if feeds_data else None
+    tokens_per_step = global_batch * args.seq_len
+    for step in range(1, args.train_steps + 1):
+        start = time.perf_counter()
+        loss = engine.train_batch(data_iter=data_iter).item()
+        elapsed = time.perf_counter() - start
+        if step % args.log_interval and step % args.eval_interval and step != args.train_steps:
+            continue
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(grad_norm or 0.0),
+                   "tokens_per_sec": tokens_per_step / elapsed, "samples_per_sec": global_batch / elapsed,
+                   "step_time": elapsed}
+        if step % args.eval_interval == 0 or step == args.train_steps:
+            metrics.update(eval_metrics(evaluate(engine, splits["validation"], micro, micro_batches, eval_blocks)))
+        log.log(step, metrics)
+        log.progress(step, metrics)
+    log.finish()
+
+    # Phase 5: checkpoint, Hugging Face export, a sample of what the model learned.
+    hf_dir = save_and_export(engine, output_dir, model_config, tokenizer, step=args.train_steps)
+    if rank() == 0:
+        say(f"Hugging Face export: {hf_dir}")
+        say("sample: " + generate_text(hf_dir, args.sample_prompt, args.sample_tokens, seed=args.seed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ConfigError as e:
+        if not dist.is_initialized() or rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Checks of flags, DeepSpeed JSON and data that run before any rank does work.
+
+`launch.sh` runs this once (`python -m train.preflight --world-size N ARGS...`) so that bad
+input costs one line and no rank start-up; every rank runs the same checks again.
+"""
+
+import sys
+from argparse import Namespace
+
+from datasets import load_dataset
+from transformers import GPT2Config
+
+from models.presets import resolve_model_config
+from train.args import parse_args
+from train.data import Source, embedded_corpus, resolve_sources
+from train.ds_config import check_layout, load_ds_config
+from train.errors import ConfigError
+
+
+def check_text_column(sources: list[Source], text_column: str) -> None:
+    """Peek at the first record of each local source (streaming: nothing is materialised)."""
+    for source in sources:
+        if source.hub_name or source.builder == "text":
+            continue
+        first = next(iter(load_dataset(source.builder, data_files=source.files[:1], split="train", streaming=True)), None)
+        if first is None:
+            raise ConfigError(f"{source.files[0]} holds no records")
+        if text_column not in first:
+            raise ConfigError(f"{source.files[0]} has no column {text_column!r} (columns: {list(first)}); pass --text-column")
+
+
+def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, list[Source], tuple[int, int, int]]:
+    """(DeepSpeed config, model config, data sources, batch layout), or a ConfigError naming the fix."""
+    for flag in ("train_steps", "seq_len", "eval_interval", "log_interval"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError("--val-fraction must be between 0 and 1")
+    ds_config = load_ds_config(args.deepspeed_config, args.train_steps)
+    try:
+        model_config = resolve_model_config(args.model_config, args.model, args.vocab_size)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0])
+    layout = check_layout(ds_config, world_size, args.pipeline_stages, model_config.n_layer)
+    if args.seq_len > model_config.n_positions:
+        raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {model_config.n_positions} positions")
+    sources = resolve_sources(args.data or [embedded_corpus()])
+    return ds_config, model_config, sources, layout
+
+
+def main(argv: list[str]) -> int:
+    world_size = 1
+    if argv[:1] == ["--world-size"]:
+        world_size, argv = int(argv[1]), argv[2:]
+    try:
+        args = parse_args(argv)
+        _, _, sources, _ = check_inputs(args, world_size)
+        check_text_column(sources, args.text_column)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
