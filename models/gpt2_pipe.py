@@ -16,6 +16,7 @@ import copy
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
@@ -120,6 +121,23 @@ class GPT2Pipeline(PipelineModule):
         # DeepSpeed broadcasts the tied embedding with grad enabled, which records the in-place
         # broadcast in autograd and makes every backward warn; the broadcast is not differentiable.
         super()._synchronize_tied_weights()
+
+    @torch.no_grad()
+    def tied_weight_max_diff(self) -> float:
+        """Largest |difference| between a stage's copy of a tied weight and the first stage's.
+
+        0.0 when the tie holds. A collective: every rank must call it.
+        """
+        device = next(self.parameters()).device
+        diff = torch.zeros((), device=device)
+        for comm in self.tied_comms.values():
+            for attr in comm["weight_attr"]:
+                mine = self._recursive_getattr(comm["module"], attr)
+                first = mine.clone()
+                dist.broadcast(first, src=min(comm["ranks"]), group=comm["group"])
+                diff = torch.maximum(diff, (first - mine).abs().max().float())
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return diff.item()
 
 
 def _seed_layer(seed: int) -> None:

@@ -30,7 +30,7 @@ def hf_name(layer_idx: int, name: str, n_layer: int) -> str:
 def pipeline_param_to_hf(pipe_name: str, n_layer: int) -> str:
     """HF key of a `PipelineModule.named_parameters()` name."""
     if pipe_name.startswith(_TIED_PREFIX):
-        return hf_name(0, pipe_name[len(_TIED_PREFIX):], n_layer)
+        return hf_name(0, pipe_name[len(_TIED_PREFIX) :], n_layer)
     layer, name = pipe_name.split(".", 1)
     return hf_name(int(layer), name, n_layer)
 
@@ -57,12 +57,14 @@ class SafetensorsCheckpoint:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise FileNotFoundError(
-                f"{model_dir} holds no model.safetensors: re-save the model with save_pretrained(safe_serialization=True)"
+                f"{model_dir} has no model.safetensors: re-save it with save_pretrained(safe_serialization=True)"
             )
         self.model_dir = model_dir
         # Original OpenAI checkpoints name tensors without the "transformer." prefix.
-        self.files = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): (v, k)
-                      for k, v in weight_map.items()}
+        self.files = {
+            (k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): (v, k)
+            for k, v in weight_map.items()
+        }
 
     def get(self, hf_key: str) -> torch.Tensor:
         if hf_key not in self.files:
@@ -106,7 +108,9 @@ def hf_state_dict_from_pipeline_checkpoint(checkpoint_dir: Path, config: GPT2Con
     files = layer_files(checkpoint_dir)
     expected = set(range(config.n_layer + 2))
     if missing := sorted(expected - files.keys()):
-        raise FileNotFoundError(f"{checkpoint_dir} lacks layer files {missing}: incomplete or not a GPT-2 pipeline checkpoint")
+        raise FileNotFoundError(
+            f"{checkpoint_dir} lacks layer files {missing}: incomplete or not a GPT-2 pipeline checkpoint"
+        )
     state = {}
     for layer_idx in sorted(expected):
         layer_state = torch.load(files[layer_idx], map_location="cpu", weights_only=True)

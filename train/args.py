@@ -10,26 +10,42 @@ DEFAULT_DS_CONFIG = REPO / "ds_configs" / "cpu_pp2.json"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipegpt", description="Train a GPT-2 as a DeepSpeed pipeline.")
     model = p.add_argument_group("model")
-    model.add_argument("--model-config", default=None,
-                       help="preset (gpt2-tiny, gpt2-small-cpu, gpt2, gpt2-medium, gpt2-large, gpt2-xl), config.json or "
-                            "HF config dir; default gpt2-tiny when --model is not given")
-    model.add_argument("--model", default=None, help="pretrained HF model (save_pretrained dir or hub name) to start from")
-    model.add_argument("--tokenizer", default=None,
-                       help="HF tokenizer dir or hub name; default: the --model's, else a byte-level BPE trained on the data")
+    model.add_argument(
+        "--model-config",
+        default=None,
+        help="preset (gpt2-tiny, gpt2-small-cpu, gpt2, gpt2-medium, gpt2-large, gpt2-xl), config.json or "
+        "HF config dir; default gpt2-tiny when --model is not given",
+    )
+    model.add_argument(
+        "--model", default=None, help="pretrained HF model (save_pretrained dir or hub name) to start from"
+    )
+    model.add_argument(
+        "--tokenizer",
+        default=None,
+        help="HF tokenizer dir or hub name; default: the --model's, else a byte-level BPE trained on the data",
+    )
     model.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a BPE trained on the data")
     data = p.add_argument_group("data")
-    data.add_argument("--data", nargs="+", default=None,
-                      help="files, globs, folders (.txt/.json/.jsonl/.parquet/.csv) or hub dataset names; "
-                           "default: the embedded King James Bible")
+    data.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="files, globs, folders (.txt/.json/.jsonl/.parquet/.csv) or hub dataset names; "
+        "default: the embedded King James Bible",
+    )
     data.add_argument("--text-column", default="text")
     data.add_argument("--seq-len", type=int, default=128)
     data.add_argument("--val-fraction", type=float, default=0.02, help="last fraction of packed blocks held out")
     data.add_argument("--data-cache-dir", type=Path, default=None, help="packed-data cache (default ~/.cache/pipegpt)")
     data.add_argument("--num-proc", type=int, default=None, help="processes for tokenization (default: none)")
     train = p.add_argument_group("training")
-    train.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=str(DEFAULT_DS_CONFIG))
+    train.add_argument(
+        "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=str(DEFAULT_DS_CONFIG)
+    )
     train.add_argument("--pipeline-stages", type=int, default=2)
-    train.add_argument("--partition-method", default="parameters", help="DeepSpeed's: parameters, uniform, type:<regex>")
+    train.add_argument(
+        "--partition-method", default="parameters", help="DeepSpeed's: parameters, uniform, type:<regex>"
+    )
     train.add_argument("--train-steps", type=int, default=300)
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (and at the end)")
@@ -39,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output-dir", type=Path, default=REPO / "runs" / "default")
     out.add_argument("--wandb-project", default="pipegpt")
     out.add_argument("--wandb-run-name", default=None)
-    out.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None,
-                     help="default: online when WANDB_API_KEY is set, else offline")
+    out.add_argument(
+        "--wandb-mode",
+        choices=["online", "offline", "disabled"],
+        default=None,
+        help="default: online when WANDB_API_KEY is set, else offline",
+    )
     out.add_argument("--sample-prompt", default="And God said", help="prompt for the sample printed at the end")
     out.add_argument("--sample-tokens", type=int, default=40)
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -16,8 +16,16 @@ from datasets import Dataset
 class TrainMicroBatches:
     """Endless iterator of (input_ids, labels) micro-batches for one data-parallel replica."""
 
-    def __init__(self, blocks: Dataset, micro_batch_size: int, micro_batches: int, dp_rank: int, dp_size: int,
-                 seed: int, start_step: int = 0):
+    def __init__(
+        self,
+        blocks: Dataset,
+        micro_batch_size: int,
+        micro_batches: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        start_step: int = 0,
+    ):
         self.blocks = blocks
         self.micro_batch_size = micro_batch_size
         self.micro_batches = micro_batches
@@ -41,8 +49,8 @@ class TrainMicroBatches:
         epoch, k = divmod(step, self.steps_per_epoch)
         per_replica = self.micro_batch_size * self.micro_batches
         start = k * self.global_batch + self.dp_rank * per_replica
-        mine = self.epoch_order(epoch)[start:start + per_replica].tolist()
-        return [mine[i:i + self.micro_batch_size] for i in range(0, per_replica, self.micro_batch_size)]
+        mine = self.epoch_order(epoch)[start : start + per_replica].tolist()
+        return [mine[i : i + self.micro_batch_size] for i in range(0, per_replica, self.micro_batch_size)]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

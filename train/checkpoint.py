@@ -9,9 +9,10 @@ from transformers import GPT2Config, PreTrainedTokenizerBase
 from models.hf_weights import export_hf_model
 
 
-def save_and_export(engine: PipelineEngine, output_dir: Path, config: GPT2Config,
-                    tokenizer: PreTrainedTokenizerBase, step: int) -> Path:
-    """DeepSpeed checkpoint under `<output_dir>/checkpoints/step_<N>`, then a `save_pretrained` export in `<output_dir>/hf`."""
+def save_and_export(
+    engine: PipelineEngine, output_dir: Path, config: GPT2Config, tokenizer: PreTrainedTokenizerBase, step: int
+) -> Path:
+    """DeepSpeed checkpoint `<output_dir>/checkpoints/step_<N>`, then an HF export in `<output_dir>/hf`."""
     checkpoints = output_dir / "checkpoints"
     tag = f"step_{step}"
     engine.save_checkpoint(str(checkpoints), tag=tag, client_state={"step": step})

@@ -91,14 +91,20 @@ def load_texts(sources: list[Source], text_column: str) -> Dataset:
         if column not in ds.column_names:
             where = source.hub_name or ", ".join(source.files[:3])
             raise ConfigError(f"{where} has no column {column!r} (columns: {ds.column_names}); pass --text-column")
-        parts.append(ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds.select_columns(["text"]))
+        parts.append(
+            ds.select_columns([column]).rename_column(column, "text")
+            if column != "text"
+            else ds.select_columns(["text"])
+        )
     texts = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(texts) == 0:
         raise ConfigError("the training corpus is empty")
     return texts
 
 
-def tokenize_and_pack(texts: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None) -> Dataset:
+def tokenize_and_pack(
+    texts: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None
+) -> Dataset:
     """Tokenize (batched `map`), append EOS to every document, and pack into `seq_len` blocks."""
     eos = tokenizer.eos_token_id
 
@@ -122,10 +128,20 @@ def tokenize_and_pack(texts: Dataset, tokenizer: PreTrainedTokenizerBase, seq_le
     )
 
 
-def cache_key(sources: list[Source], text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, val_fraction: float) -> str:
+def cache_key(
+    sources: list[Source], text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, val_fraction: float
+) -> str:
     tokenizer_state = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(tokenizer.get_vocab())
     blob = json.dumps(
-        [CACHE_FORMAT, [s.fingerprint() for s in sources], text_column, tokenizer_state, tokenizer.eos_token_id, seq_len, val_fraction]
+        [
+            CACHE_FORMAT,
+            [s.fingerprint() for s in sources],
+            text_column,
+            tokenizer_state,
+            tokenizer.eos_token_id,
+            seq_len,
+            val_fraction,
+        ]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -152,7 +168,9 @@ def packed_dataset(
         blocks = tokenize_and_pack(load_texts(sources, text_column), tokenizer, seq_len, num_proc)
         n_val = max(1, round(len(blocks) * val_fraction))
         if len(blocks) - n_val < 1:
-            raise ConfigError(f"the corpus packs into only {len(blocks)} blocks of {seq_len} tokens: too small to train on")
+            raise ConfigError(
+                f"the corpus packs into only {len(blocks)} blocks of {seq_len} tokens: too small to train on"
+            )
         dropped = int(np.sum(blocks["dropped"]))
         splits = DatasetDict(
             train=blocks.select(range(len(blocks) - n_val)).remove_columns("dropped"),

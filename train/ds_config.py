@@ -16,9 +16,11 @@ def load_ds_config(path: str | Path, train_steps: int) -> dict:
     try:
         config = json.loads(path.read_text())
     except OSError as e:
-        raise ConfigError(f"cannot read DeepSpeed config {path}: {e.strerror}; pass an existing file with --deepspeed_config")
+        raise ConfigError(
+            f"cannot read DeepSpeed config {path}: {e.strerror}; pass an existing file with --deepspeed_config"
+        ) from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
     scheduler_params = config.get("scheduler", {}).get("params", {})

@@ -7,15 +7,29 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def generate_text(model_dir: Path, prompt: str, max_new_tokens: int = 40, temperature: float = 0.8,
-                  top_k: int = 50, top_p: float = 1.0, seed: int = 0) -> str:
+def generate_text(
+    model_dir: Path,
+    prompt: str,
+    max_new_tokens: int = 40,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                             top_k=top_k, top_p=top_p, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            pad_token_id=tokenizer.eos_token_id,
+        )
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 

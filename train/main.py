@@ -53,9 +53,12 @@ def unique_parameter_count(engine) -> int:
 
 
 def prepare_tokenizer(args, output_dir: Path):
-    if args.tokenizer or args.model:
-        return load_tokenizer(args.tokenizer or str(resolve_model_dir(args.model)))
     tokenizer_dir = output_dir / "tokenizer"
+    if args.tokenizer or args.model:
+        tokenizer = load_tokenizer(args.tokenizer or str(resolve_model_dir(args.model)))
+        if rank() == 0:
+            tokenizer.save_pretrained(tokenizer_dir)  # the run folder is self-contained
+        return tokenizer
     if rank() != 0:  # rank 0 has trained and saved it
         return load_tokenizer(str(tokenizer_dir))
     say(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on the training text")
@@ -86,19 +89,27 @@ def run(args) -> None:
         model_config.vocab_size = len(tokenizer)
         model_config.bos_token_id = model_config.eos_token_id = tokenizer.eos_token_id
     elif len(tokenizer) > model_config.vocab_size:
-        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding only {model_config.vocab_size}")
+        raise ConfigError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's embedding only {model_config.vocab_size}"
+        )
     cache_dir = args.data_cache_dir or default_cache_dir()
-    splits = rank_zero_first(lambda: packed_dataset(
-        args.sources, args.text_column, tokenizer, args.seq_len, args.val_fraction, cache_dir, args.num_proc))
+    splits = rank_zero_first(
+        lambda: packed_dataset(
+            args.sources, args.text_column, tokenizer, args.seq_len, args.val_fraction, cache_dir, args.num_proc
+        )
+    )
     eval_per_step = global_batch
     eval_blocks = min(args.eval_blocks or len(splits["validation"]), len(splits["validation"]))
     eval_blocks -= eval_blocks % eval_per_step
     if eval_blocks == 0 or len(splits["train"]) < global_batch:
         raise ConfigError(
             f"{len(splits['train'])} training / {len(splits['validation'])} validation blocks of {args.seq_len} tokens "
-            f"do not fill a global batch of {global_batch}: use more data, a larger --val-fraction or smaller batches")
-    say(f"data: {len(splits['train']):,} training and {len(splits['validation']):,} validation blocks of "
-        f"{args.seq_len} tokens ({eval_blocks} used per evaluation)")
+            f"do not fill a global batch of {global_batch}: use more data, a larger --val-fraction or smaller batches"
+        )
+    say(
+        f"data: {len(splits['train']):,} training and {len(splits['validation']):,} validation blocks of "
+        f"{args.seq_len} tokens ({eval_blocks} used per evaluation)"
+    )
 
     # Phase 3: the pipeline model and DeepSpeed engine.
     pipe = build_gpt2_pipeline(model_config, args.pipeline_stages, args.partition_method, args.seed)
@@ -110,17 +121,31 @@ def run(args) -> None:
     run_config = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "sources"},
         "deepspeed": ds_config,
-        "topology": {"world_size": world_size, "pipeline_stages": args.pipeline_stages, "data_parallel": dp_size,
-                     "stage_layer_bounds": [int(b) for b in pipe.parts], "micro_batches_per_step": micro_batches},
+        "topology": {
+            "world_size": world_size,
+            "pipeline_stages": args.pipeline_stages,
+            "data_parallel": dp_size,
+            "stage_layer_bounds": [int(b) for b in pipe.parts],
+            "micro_batches_per_step": micro_batches,
+        },
         "parameters": unique_parameter_count(engine),
         "model": model_config.to_dict(),
     }
     if rank() == 0:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
-    say(f"model: {run_config['parameters']:,} parameters, {args.pipeline_stages} stages x {dp_size} data-parallel, "
-        f"layer bounds {run_config['topology']['stage_layer_bounds']}, {micro_batches} micro-batches of {micro}")
-    log = MetricsLog(output_dir, rank() == 0, args.train_steps, run_config, args.wandb_project,
-                     args.wandb_run_name, wandb_mode(args.wandb_mode))
+    say(
+        f"model: {run_config['parameters']:,} parameters, {args.pipeline_stages} stages x {dp_size} data-parallel, "
+        f"layer bounds {run_config['topology']['stage_layer_bounds']}, {micro_batches} micro-batches of {micro}"
+    )
+    log = MetricsLog(
+        output_dir,
+        rank() == 0,
+        args.train_steps,
+        run_config,
+        args.wandb_project,
+        args.wandb_run_name,
+        wandb_mode(args.wandb_mode),
+    )
 
     # Phase 4: the loop. Only the first and last stage read data; both compute the same batches.
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
@@ -134,11 +159,18 @@ def run(args) -> None:
         if step % args.log_interval and step % args.eval_interval and step != args.train_steps:
             continue
         grad_norm = engine.get_global_grad_norm()
-        metrics = {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(grad_norm or 0.0),
-                   "tokens_per_sec": tokens_per_step / elapsed, "samples_per_sec": global_batch / elapsed,
-                   "step_time": elapsed}
+        metrics = {
+            "loss": loss,
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm or 0.0),
+            "tokens_per_sec": tokens_per_step / elapsed,
+            "samples_per_sec": global_batch / elapsed,
+            "step_time": elapsed,
+        }
         if step % args.eval_interval == 0 or step == args.train_steps:
             metrics.update(eval_metrics(evaluate(engine, splits["validation"], micro, micro_batches, eval_blocks)))
+        if step == args.train_steps:
+            metrics["tied_embedding_max_diff"] = engine.module.tied_weight_max_diff()
         log.log(step, metrics)
         log.progress(step, metrics)
     log.finish()

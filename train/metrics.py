@@ -25,8 +25,16 @@ def format_duration(seconds: float) -> str:
 class MetricsLog:
     """Writes what one rank (global rank 0) measured; every other rank holds a silent one."""
 
-    def __init__(self, output_dir: Path, enabled: bool, total_steps: int, run_config: dict,
-                 wandb_project: str, wandb_run_name: str | None, wandb_mode_: str):
+    def __init__(
+        self,
+        output_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        run_config: dict,
+        wandb_project: str,
+        wandb_run_name: str | None,
+        wandb_mode_: str,
+    ):
         self.enabled = enabled
         self.total_steps = total_steps
         self.start = time.perf_counter()
@@ -38,8 +46,11 @@ class MetricsLog:
             import wandb
 
             self.wandb = wandb.init(
-                project=wandb_project, name=wandb_run_name or output_dir.name, mode=wandb_mode_,
-                dir=str(output_dir), config=run_config,
+                project=wandb_project,
+                name=wandb_run_name or output_dir.name,
+                mode=wandb_mode_,
+                dir=str(output_dir),
+                config=run_config,
             )
 
     def log(self, step: int, metrics: dict) -> None:

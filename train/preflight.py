@@ -22,11 +22,15 @@ def check_text_column(sources: list[Source], text_column: str) -> None:
     for source in sources:
         if source.hub_name or source.builder == "text":
             continue
-        first = next(iter(load_dataset(source.builder, data_files=source.files[:1], split="train", streaming=True)), None)
+        first = next(
+            iter(load_dataset(source.builder, data_files=source.files[:1], split="train", streaming=True)), None
+        )
         if first is None:
             raise ConfigError(f"{source.files[0]} holds no records")
         if text_column not in first:
-            raise ConfigError(f"{source.files[0]} has no column {text_column!r} (columns: {list(first)}); pass --text-column")
+            raise ConfigError(
+                f"{source.files[0]} has no column {text_column!r} (columns: {list(first)}); pass --text-column"
+            )
 
 
 def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, list[Source], tuple[int, int, int]]:
@@ -40,7 +44,7 @@ def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, li
     try:
         model_config = resolve_model_config(args.model_config, args.model, args.vocab_size)
     except (OSError, ValueError) as e:
-        raise ConfigError(str(e).splitlines()[0])
+        raise ConfigError(str(e).splitlines()[0]) from None
     layout = check_layout(ds_config, world_size, args.pipeline_stages, model_config.n_layer)
     if args.seq_len > model_config.n_positions:
         raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {model_config.n_positions} positions")

@@ -1,0 +1,78 @@
+"""The pipeline computes exactly what the Hugging Face GPT-2 computes."""
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from models.gpt2_pipe import build_gpt2_pipeline
+from models.hf_weights import load_hf_weights, pipeline_param_to_hf
+from models.loss import next_token_cross_entropy
+from train.data import packed_dataset, resolve_sources
+from train.tokenizer import load_tokenizer
+
+CONFIG = dict(n_layer=3, n_embd=64, n_head=4, n_positions=64)
+
+
+def real_batches(corpus, tokenizer_dir, tmp_path, seq_len=32):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    splits = packed_dataset(resolve_sources([str(corpus)]), "text", tokenizer, seq_len, 0.1, tmp_path)
+    return tokenizer, splits["train"]["input_ids"][:24].long()
+
+
+def hf_and_pipeline(tokenizer, tmp_path, one_rank_group, **config):
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **{**CONFIG, **config})).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    pipe = build_gpt2_pipeline(hf.config, num_stages=1)
+    load_hf_weights(pipe, tmp_path / "hf", hf.config.n_layer)
+    return hf, pipe.eval()
+
+
+def test_pipeline_logits_and_loss_equal_hf(corpus, tokenizer_dir, tmp_path, one_rank_group):
+    tokenizer, input_ids = real_batches(corpus, tokenizer_dir, tmp_path)
+    hf, pipe = hf_and_pipeline(tokenizer, tmp_path, one_rank_group)
+    with torch.no_grad():
+        for batch in input_ids.split(8):
+            ours = pipe(batch)
+            theirs = hf(batch, labels=batch)
+            assert (ours - theirs.logits).abs().max().item() <= 1e-5
+            assert abs(next_token_cross_entropy(ours, batch).item() - theirs.loss.item()) <= 1e-5
+
+
+def test_ignored_labels_match_hf(corpus, tokenizer_dir, tmp_path, one_rank_group):
+    tokenizer, input_ids = real_batches(corpus, tokenizer_dir, tmp_path)
+    hf, pipe = hf_and_pipeline(tokenizer, tmp_path, one_rank_group)
+    labels = input_ids[:4].clone()
+    labels[:, ::3] = -100
+    with torch.no_grad():
+        ours = next_token_cross_entropy(pipe(input_ids[:4]), labels).item()
+        theirs = hf(input_ids[:4], labels=labels).loss.item()
+    assert abs(ours - theirs) <= 1e-5
+
+
+def test_attention_is_causal(corpus, tokenizer_dir, tmp_path, one_rank_group):
+    tokenizer, input_ids = real_batches(corpus, tokenizer_dir, tmp_path)
+    _, pipe = hf_and_pipeline(tokenizer, tmp_path, one_rank_group, attn_pdrop=0.0)
+    changed = input_ids[:2].clone()
+    changed[:, 20:] = (changed[:, 20:] + 7) % len(tokenizer)
+    with torch.no_grad():
+        a, b = pipe(input_ids[:2]), pipe(changed)
+    assert torch.equal(a[:, :20], b[:, :20]), "a later token changed an earlier position's logits"
+    assert not torch.equal(a[:, 20:], b[:, 20:])
+
+
+def test_parameter_names_map_one_to_one_onto_hf(one_rank_group):
+    config = GPT2Config(vocab_size=100, **CONFIG)
+    pipe = build_gpt2_pipeline(config, num_stages=1)
+    mapped = [pipeline_param_to_hf(n, config.n_layer) for n, _ in pipe.named_parameters()]
+    hf_keys = set(GPT2LMHeadModel(config).state_dict()) - {"lm_head.weight"}
+    assert len(mapped) == len(set(mapped))
+    assert set(mapped) == hf_keys
+
+
+def test_initial_weights_depend_only_on_the_seed(one_rank_group):
+    config = GPT2Config(vocab_size=100, **CONFIG)
+    a = dict(build_gpt2_pipeline(config, num_stages=1, seed=7).named_parameters())
+    b = dict(build_gpt2_pipeline(config, num_stages=1, seed=7).named_parameters())
+    c = dict(build_gpt2_pipeline(config, num_stages=1, seed=8).named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["1.attn.c_attn.weight"], c["1.attn.c_attn.weight"])

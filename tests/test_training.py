@@ -1,0 +1,115 @@
+"""Real CPU ranks through launch.sh: layouts agree, the tie holds, the export is the trained model."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.helpers import launch, read_metrics, write_ds_config
+from train.data import packed_dataset, resolve_sources
+from train.tokenizer import load_tokenizer
+
+STEPS = 6
+
+
+def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
+    return [
+        "--data",
+        corpus,
+        "--tokenizer",
+        tokenizer_dir,
+        "--model-config",
+        tmp_path / "model.json",
+        "--seq-len",
+        32,
+        "--train-steps",
+        STEPS,
+        "--log-interval",
+        1,
+        "--eval-interval",
+        3,
+        "--val-fraction",
+        0.05,
+        "--eval-blocks",
+        32,
+        "--deepspeed_config",
+        ds_config,
+        "--data-cache-dir",
+        tmp_path / "cache",
+        "--wandb-mode",
+        "disabled",
+        "--sample-tokens",
+        5,
+    ]
+
+
+@pytest.fixture(scope="module")
+def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
+    """The same 6 steps as pp=1, pp=2 and pp=2 x dp=2 (global batch 8, micro-batch 2, fp32)."""
+    tmp = tmp_path_factory.mktemp("layouts")
+    (tmp / "model.json").write_text(
+        '{"model_type": "gpt2", "n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 64,'
+        ' "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}'
+    )
+    ds_config = write_ds_config(tmp / "ds.json")
+    runs = {}
+    for name, stages, ranks in [("pp1", 1, 1), ("pp2", 2, 2), ("pp2_dp2", 2, 4)]:
+        out = tmp / name
+        launch(
+            [*common_args(corpus, tokenizer_dir, tmp, ds_config), "--pipeline-stages", stages, "--output-dir", out],
+            ranks,
+        )
+        runs[name] = out
+    return tmp, runs
+
+
+def test_layouts_train_the_same_losses(layout_runs):
+    _, runs = layout_runs
+    losses = {name: [m["loss"] for m in read_metrics(out)] for name, out in runs.items()}
+    assert len(losses["pp1"]) == STEPS
+    assert losses["pp1"][-1] < losses["pp1"][0], "loss did not fall"
+    for name in ("pp2", "pp2_dp2"):
+        for ours, reference in zip(losses[name], losses["pp1"], strict=True):
+            assert abs(ours - reference) <= 1e-4 * abs(reference), (name, losses[name], losses["pp1"])
+
+
+def test_tied_embedding_stays_identical_across_stages(layout_runs):
+    _, runs = layout_runs
+    for name in ("pp2", "pp2_dp2"):
+        assert read_metrics(runs[name])[-1]["tied_embedding_max_diff"] == 0.0
+
+
+def test_hf_export_perplexity_matches_last_eval(layout_runs, corpus, tokenizer_dir):
+    tmp, runs = layout_runs
+    run = runs["pp2"]
+    last_eval_ppl = [m for m in read_metrics(run) if "eval_ppl" in m][-1]["eval_ppl"]
+    tokenizer = load_tokenizer(str(run / "hf"))
+    validation = packed_dataset(resolve_sources([str(corpus)]), "text", tokenizer, 32, 0.05, tmp / "cache")[
+        "validation"
+    ]
+    model = AutoModelForCausalLM.from_pretrained(run / "hf").eval()
+    blocks = validation["input_ids"][:32].long()
+    with torch.no_grad():
+        losses = [model(batch, labels=batch).loss.item() for batch in blocks.split(8)]
+    assert math.exp(sum(losses) / len(losses)) == pytest.approx(last_eval_ppl, rel=1e-4)
+
+
+def test_run_folder_holds_config_tokenizer_and_metrics(layout_runs):
+    import json
+
+    _, runs = layout_runs
+    run = runs["pp2_dp2"]
+    config = json.loads((run / "run_config.json").read_text())
+    assert config["topology"] == {
+        "world_size": 4,
+        "pipeline_stages": 2,
+        "data_parallel": 2,
+        "stage_layer_bounds": config["topology"]["stage_layer_bounds"],
+        "micro_batches_per_step": 2,
+    }
+    assert config["deepspeed"]["train_batch_size"] == 8 and config["parameters"] > 0
+    assert (run / "tokenizer" / "tokenizer.json").exists()
+    metrics = read_metrics(run)
+    assert all({"step", "loss", "lr", "grad_norm", "tokens_per_sec", "samples_per_sec"} <= m.keys() for m in metrics)
+    assert [m["step"] for m in metrics if "eval_ppl" in m] == [3, 6]
