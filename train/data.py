@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Value, concatenate_datasets, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from train.errors import ConfigError
@@ -91,11 +91,11 @@ def load_texts(sources: list[Source], text_column: str) -> Dataset:
         if column not in ds.column_names:
             where = source.hub_name or ", ".join(source.files[:3])
             raise ConfigError(f"{where} has no column {column!r} (columns: {ds.column_names}); pass --text-column")
-        parts.append(
-            ds.select_columns([column]).rename_column(column, "text")
-            if column != "text"
-            else ds.select_columns(["text"])
-        )
+        ds = ds.select_columns([column])
+        if column != "text":
+            ds = ds.rename_column(column, "text")
+        # Builders disagree on string vs large_string; one type lets the sources concatenate.
+        parts.append(ds.cast_column("text", Value("string")))
     texts = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(texts) == 0:
         raise ConfigError("the training corpus is empty")

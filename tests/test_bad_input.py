@@ -1,0 +1,106 @@
+"""Bad input: one clear error line, exit code 2, before any rank starts working."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.helpers import REPO, free_port, launch, write_ds_config
+from train.preflight import main as preflight
+
+
+@pytest.fixture
+def good(tmp_path, corpus):
+    return {"config": write_ds_config(tmp_path / "ds.json"), "data": corpus}
+
+
+def run_preflight(capsys, world_size: int, *args) -> str:
+    code = preflight(["--world-size", str(world_size), *map(str, args)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_missing_deepspeed_config(capsys, good, tmp_path):
+    line = run_preflight(capsys, 2, "--deepspeed_config", tmp_path / "nope.json", "--data", good["data"])
+    assert "cannot read DeepSpeed config" in line and "nope.json" in line
+
+
+def test_invalid_deepspeed_json(capsys, good, tmp_path):
+    (tmp_path / "bad.json").write_text('{"train_batch_size": 8,, }')
+    line = run_preflight(capsys, 2, "--deepspeed_config", tmp_path / "bad.json", "--data", good["data"])
+    assert "not valid JSON" in line and "line 1" in line
+
+
+def test_batch_sizes_that_do_not_multiply_out(capsys, good, tmp_path):
+    config = write_ds_config(tmp_path / "b.json", train_batch=10, micro=4)
+    line = run_preflight(capsys, 2, "--deepspeed_config", config, "--data", good["data"])
+    assert "train_batch_size 10 is not divisible" in line
+
+
+def test_explicit_accumulation_that_contradicts_the_batch(capsys, good, tmp_path):
+    config = write_ds_config(tmp_path / "b.json", train_batch=16, micro=2, gradient_accumulation_steps=2)
+    line = run_preflight(capsys, 4, "--deepspeed_config", config, "--data", good["data"])
+    assert "train_batch_size 16 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2" in line
+
+
+def test_world_size_not_divisible_by_stages(capsys, good):
+    line = run_preflight(capsys, 3, "--deepspeed_config", good["config"], "--data", good["data"])
+    assert "world size 3 is not divisible by --pipeline-stages 2" in line
+
+
+def test_more_stages_than_layers(capsys, good):
+    line = run_preflight(
+        capsys, 5, "--pipeline-stages", 5, "--deepspeed_config", good["config"], "--data", good["data"]
+    )
+    assert "more than the model's 4 transformer blocks" in line
+
+
+def test_zero_stage_2_with_pipeline(capsys, good, tmp_path):
+    config = write_ds_config(tmp_path / "z.json", zero_optimization={"stage": 2})
+    line = run_preflight(capsys, 2, "--deepspeed_config", config, "--data", good["data"])
+    assert "ZeRO stage 2 is incompatible with pipeline parallelism" in line
+
+
+def test_seq_len_above_model_positions(capsys, good):
+    line = run_preflight(capsys, 2, "--seq-len", 1024, "--deepspeed_config", good["config"], "--data", good["data"])
+    assert "--seq-len 1024 exceeds the model's 256 positions" in line
+
+
+def test_missing_data_file(capsys, good, tmp_path):
+    line = run_preflight(capsys, 2, "--deepspeed_config", good["config"], "--data", tmp_path / "missing.jsonl")
+    assert "data file not found" in line and "missing.jsonl" in line
+
+
+def test_missing_text_column(capsys, good, tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"content": "In the beginning"}) + "\n")
+    line = run_preflight(capsys, 2, "--deepspeed_config", good["config"], "--data", tmp_path / "c.jsonl")
+    assert "has no column 'text'" in line and "--text-column" in line
+
+
+def test_unknown_preset(capsys, good):
+    line = run_preflight(capsys, 2, "--model-config", "gpt5", "--deepspeed_config", good["config"])
+    assert "neither a preset" in line
+
+
+def test_launch_stops_before_starting_ranks(good, tmp_path):
+    proc = launch(["--deepspeed_config", tmp_path / "nope.json", "--data", good["data"]], ranks=2, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read DeepSpeed config")
+    assert "spawned" not in proc.stdout + proc.stderr
+
+
+def test_ranks_launched_directly_fail_together_with_one_line(good, tmp_path):
+    """Without launch.sh's preflight, the ranks detect the bad column and all exit, none hangs."""
+    (tmp_path / "c.jsonl").write_text(json.dumps({"content": "In the beginning"}) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "train.main",
+         "--data", tmp_path / "c.jsonl", "--deepspeed_config", good["config"], "--output-dir", tmp_path / "run"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "has no column 'text'" in errors[0], proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,0 +1,113 @@
+"""Sources of every format through `datasets`, packing, caching and the per-rank batch order."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from train.batches import TrainMicroBatches
+from train.data import embedded_corpus, load_texts, packed_dataset, resolve_sources
+from train.errors import ConfigError
+from train.tokenizer import load_tokenizer
+
+DOCS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.", "   "]
+
+
+def write_all_formats(folder):
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n".join(DOCS) + "\n")
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    pd.DataFrame({"text": DOCS}).to_parquet(folder / "c.parquet")
+    pd.DataFrame({"text": DOCS}).to_csv(folder / "d.csv", index=False)
+    return folder
+
+
+def test_every_format_folder_and_glob(tmp_path):
+    folder = write_all_formats(tmp_path / "data")
+    by_folder = resolve_sources([str(folder)])
+    assert sorted(s.builder for s in by_folder) == ["csv", "json", "parquet", "text"]
+    texts = load_texts(by_folder, "text")
+    assert texts.column_names == ["text"]
+    assert sum(t == DOCS[0] for t in texts["text"]) == 4
+    assert [s.builder for s in resolve_sources([str(folder / "*.jsonl")])] == ["json"]
+
+
+def test_embedded_corpus_is_the_king_james_bible():
+    texts = load_texts(resolve_sources([embedded_corpus()]), "text")
+    assert len(texts) > 30_000
+    assert texts[0]["text"].startswith("In the beginning God created")
+
+
+def test_unreadable_sources_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no data files match"):
+        resolve_sources([str(tmp_path / "*.jsonl")])
+    (tmp_path / "x.docx").write_text("x")
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve_sources([str(tmp_path / "x.docx")])
+
+
+def test_packing_separates_documents_with_eos(tmp_path, tokenizer_dir):
+    folder = write_all_formats(tmp_path / "data")
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    splits = packed_dataset(resolve_sources([str(folder / "b.jsonl")]), "text", tokenizer, 8, 0.2, tmp_path / "c")
+    blocks = torch.cat([splits["train"][:]["input_ids"], splits["validation"][:]["input_ids"]]).flatten().tolist()
+    expected = []
+    for doc in DOCS[:2]:  # the whitespace-only document is skipped
+        expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert blocks == expected[: len(expected) // 8 * 8]
+    assert splits["train"][:]["input_ids"].shape[1] == 8
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, tokenizer_dir, corpus):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    data = tmp_path / "corpus.jsonl"
+    data.write_text(corpus.read_text())
+    cache = tmp_path / "cache"
+    first = packed_dataset(resolve_sources([str(data)]), "text", tokenizer, 32, 0.1, cache)
+    again = packed_dataset(resolve_sources([str(data)]), "text", tokenizer, 32, 0.1, cache)
+    assert len(list(cache.iterdir())) == 1, "second call re-tokenized instead of reading the cache"
+    assert torch.equal(first["train"][:]["input_ids"], again["train"][:]["input_ids"])
+    with open(data, "a") as f:
+        f.write(json.dumps({"text": "Amen."}) + "\n")
+    packed_dataset(resolve_sources([str(data)]), "text", tokenizer, 32, 0.1, cache)
+    packed_dataset(resolve_sources([str(data)]), "text", tokenizer, 64, 0.1, cache)
+    assert len(list(cache.iterdir())) == 3, "a changed file or seq_len was served from a stale cache"
+
+
+class _Blocks:
+    """Stand-in block store: block i holds the token i, so indices can be read back from batches."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, indices):
+        return {"input_ids": torch.tensor(indices).unsqueeze(1)}
+
+
+def consumed(dp_rank: int, dp_size: int, steps: int, start_step: int = 0) -> list[list[int]]:
+    """Block indices each step feeds one replica: global batch 12 = micro-batch 2 x (6 / dp_size) x dp_size."""
+    micro_batches = 6 // dp_size
+    batches = TrainMicroBatches(_Blocks(100), 2, micro_batches, dp_rank, dp_size, seed=5, start_step=start_step)
+    it = iter(batches)
+    return [[int(t) for _ in range(micro_batches) for t in next(it)[0].flatten()] for _ in range(steps)]
+
+
+def test_replicas_are_disjoint_and_cover_the_global_batch():
+    replicas = [consumed(r, 2, steps=20) for r in range(2)]
+    one_replica = consumed(0, 1, steps=20)
+    for step in range(20):
+        a, b = replicas[0][step], replicas[1][step]
+        assert not set(a) & set(b)
+        assert a + b == one_replica[step]
+
+
+def test_epochs_wrap_with_a_fresh_shuffle_and_resume_is_exact():
+    steps = consumed(0, 1, steps=16)  # 100 // 12 = 8 steps per epoch
+    first_epoch = [i for s in steps[:8] for i in s]
+    assert len(set(first_epoch)) == 96
+    assert steps[8] != steps[0]
+    assert consumed(0, 1, steps=6, start_step=10) == steps[10:16]
