@@ -51,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (and at the end)")
     train.add_argument("--eval-blocks", type=int, default=None, help="validation blocks per evaluation (default: all)")
     train.add_argument("--log-interval", type=int, default=10)
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    ckpt.add_argument("--keep-last", type=int, default=2, help="complete checkpoints kept (0: all)")
+    ckpt.add_argument(
+        "--load", type=Path, default=None, help="resume from a checkpoint folder (its `latest`) or one tag folder"
+    )
+    ckpt.add_argument(
+        "--reset-optimizer",
+        action="store_true",
+        help="load only the weights (needed when resuming with another stage or replica count)",
+    )
     out = p.add_argument_group("outputs")
     out.add_argument("--output-dir", type=Path, default=REPO / "runs" / "default")
     out.add_argument("--wandb-project", default="pipegpt")

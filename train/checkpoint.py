@@ -1,24 +1,144 @@
-"""Saving the pipeline through DeepSpeed, and turning the saved layers into a Hugging Face model."""
+"""Checkpoints through DeepSpeed's `save_checkpoint`, made crash-safe, resumable and exportable.
 
+A tag folder `<root>/step_<N>` is written by DeepSpeed on every rank; only when all ranks
+are done does rank 0 write `pipegpt_manifest.json` (every file and its size, the layout,
+the model config) and then point `latest` at it (write + rename). A crash during a save
+therefore leaves `latest` on the previous, complete checkpoint. Loading checks the
+manifest first, so a truncated or missing file is named instead of failing deep in torch.
+"""
+
+import json
+import os
+import random
+import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from transformers import GPT2Config, PreTrainedTokenizerBase
+from transformers import GPT2Config
 
-from models.hf_weights import export_hf_model
+from train.distributed import raise_if_any_failed
+from train.errors import ConfigError
+
+MANIFEST = "pipegpt_manifest.json"
+LATEST = "latest"
 
 
-def save_and_export(
-    engine: PipelineEngine, output_dir: Path, config: GPT2Config, tokenizer: PreTrainedTokenizerBase, step: int
-) -> Path:
-    """DeepSpeed checkpoint `<output_dir>/checkpoints/step_<N>`, then an HF export in `<output_dir>/hf`."""
-    checkpoints = output_dir / "checkpoints"
+def layout_of(engine: PipelineEngine) -> dict:
+    return {"pipeline_stages": engine.num_stages, "data_parallel": engine.grid.data_parallel_size}
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def latest_tag(root: Path) -> str | None:
+    path = root / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine: PipelineEngine, root: Path, step: int, client_state: dict, model_config: GPT2Config,
+                    keep_last: int) -> Path:  # fmt: skip
+    """Save step `step` under `root/step_<step>`; make it `latest` only once every rank has written it."""
     tag = f"step_{step}"
-    engine.save_checkpoint(str(checkpoints), tag=tag, client_state={"step": step})
-    dist.barrier()  # every stage's layer files are on disk before rank 0 reads them
-    hf_dir = output_dir / "hf"
-    if dist.get_rank() == 0:
-        export_hf_model(checkpoints / tag, config, hf_dir, tokenizer)
+    error = None
+    try:  # fail together, before DeepSpeed starts writing, when the folder cannot be written
+        (root / tag).mkdir(parents=True, exist_ok=True)
+        probe = root / tag / f".write_probe_{dist.get_rank()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        error = f"cannot write checkpoint to {root / tag}: {e.strerror}; the previous checkpoint is kept"
+    raise_if_any_failed(error)
+    state = {**client_state, "step": step, "layout": layout_of(engine), "rng": rng_state()}
+    if os.environ.get("PIPEGPT_FAULT_DURING_SAVE") == tag:  # test hook: die mid-save, as a node would
+        engine.module.save_state_dict(str(root / tag), engine.checkpoint_engine)
+        os.kill(os.getpid(), 9)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    except OSError as e:
+        # Peers may be inside DeepSpeed's collectives: exit hard so the launcher stops them all.
+        print(f"error: writing checkpoint {root / tag} failed: {e}; `latest` still names the previous one", flush=True)
+        os._exit(3)
     dist.barrier()
-    return hf_dir
+    if dist.get_rank() == 0:
+        files = {p.name: p.stat().st_size for p in sorted((root / tag).iterdir()) if p.name != MANIFEST}
+        manifest = {"step": step, "layout": layout_of(engine), "model_config": model_config.to_dict(), "files": files}
+        _write_atomically(root / tag / MANIFEST, json.dumps(manifest, indent=1))
+        _write_atomically(root / LATEST, tag)
+        prune(root, keep_last)
+    dist.barrier()
+    return root / tag
+
+
+def prune(root: Path, keep_last: int) -> None:
+    tags = sorted((p for p in root.glob("step_*") if (p / MANIFEST).exists()), key=lambda p: int(p.name[5:]))
+    for old in tags[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verified_tag_dir(load: Path) -> Path:
+    """The checkpoint folder to load: `load` itself if it is a tag, else the one `latest` names; checked."""
+    if (load / MANIFEST).exists():
+        tag_dir = load
+    elif (tag := latest_tag(load)) is not None:
+        tag_dir = load / tag
+    else:
+        raise ConfigError(f"{load} holds no complete checkpoint (no `{LATEST}` file and no {MANIFEST})")
+    if not (tag_dir / MANIFEST).exists():
+        raise ConfigError(f"checkpoint {tag_dir} is incomplete: {MANIFEST} is missing (the save did not finish)")
+    manifest = json.loads((tag_dir / MANIFEST).read_text())
+    for name, size in manifest["files"].items():
+        path = tag_dir / name
+        if not path.exists():
+            raise ConfigError(f"checkpoint {tag_dir} is missing {name}; resume from an earlier tag")
+        if path.stat().st_size != size:
+            raise ConfigError(f"checkpoint file {path} is corrupt ({path.stat().st_size} bytes, expected {size})")
+    return tag_dir
+
+
+def read_manifest(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / MANIFEST).read_text())
+
+
+def load_checkpoint(engine: PipelineEngine, load: Path, reset_optimizer: bool) -> dict:
+    """Restore weights (and, in the same layout, optimizer, LR schedule and RNG); returns the client state."""
+    tag_dir = verified_tag_dir(load)
+    manifest = read_manifest(tag_dir)
+    same_layout = manifest["layout"] == layout_of(engine)
+    if not same_layout and not reset_optimizer:
+        raise ConfigError(
+            f"checkpoint {tag_dir} was written with {manifest['layout']} but this run is {layout_of(engine)}: "
+            "ZeRO optimizer state cannot be re-partitioned; pass --reset-optimizer to load the weights only"
+        )
+    try:
+        if same_layout and not reset_optimizer:
+            _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            set_rng_state(client_state["rng"])
+            return client_state
+        # Weights only: the per-layer files are layout-independent; DeepSpeed's fp32 copies follow them.
+        engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine)
+        if hasattr(engine.optimizer, "refresh_fp32_params"):
+            engine.optimizer.refresh_fp32_params()
+    except (RuntimeError, OSError, KeyError) as e:
+        raise ConfigError(f"cannot load checkpoint {tag_dir}: {str(e).splitlines()[0]}") from None
+    state = torch.load(next(tag_dir.glob("mp_rank_00_model_states.pt")), map_location="cpu", weights_only=False)
+    client_state = {k: state[k] for k in ("step", "consumed_samples", "wandb_run_id", "lr_scheduler") if k in state}
+    if engine.lr_scheduler is not None and "lr_scheduler" in client_state:
+        engine.lr_scheduler.load_state_dict(client_state["lr_scheduler"])
+    engine.global_steps = client_state["step"]
+    return client_state

@@ -1,2 +1,6 @@
-class ConfigError(ValueError):
-    """Bad user input (flags, DeepSpeed JSON, data, checkpoints): reported as one line, exit code 2."""
+class RunError(Exception):
+    """A run that cannot go on (bad input, a non-finite loss): reported as one `error:` line, exit code 2."""
+
+
+class ConfigError(RunError, ValueError):
+    """Bad user input: flags, DeepSpeed JSON, data, checkpoints."""

@@ -1,6 +1,11 @@
-"""Sample text from a Hugging Face export: `python -m train.generate RUN/hf --prompt "..."`."""
+"""Sample text from a Hugging Face export or a pipeline checkpoint.
+
+python -m train.generate runs/default/hf --prompt "And God said"
+python -m train.generate runs/default/checkpoints --prompt "And God said"
+"""
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,7 +40,7 @@ def generate_text(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("model_dir", type=Path, help="a save_pretrained folder, e.g. runs/default/hf")
+    p.add_argument("model_dir", type=Path, help="a save_pretrained folder or a checkpoint folder")
     p.add_argument("--prompt", default="And God said")
     p.add_argument("--max-new-tokens", type=int, default=60)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -43,7 +48,13 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    print(generate_text(a.model_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed))
+    model_dir = a.model_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        if not (model_dir / "config.json").exists():  # a pipeline checkpoint: export it first
+            from train.export import export_checkpoint
+
+            model_dir = export_checkpoint(model_dir, Path(tmp) / "hf")
+        print(generate_text(model_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Phases: check inputs -> tokenizer -> packed data -> pipeline model -> DeepSpeed 
 """
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,13 +15,13 @@ import torch
 import torch.distributed as dist
 
 from models.gpt2_pipe import build_gpt2_pipeline
-from models.hf_weights import load_hf_weights, resolve_model_dir
+from models.hf_weights import export_hf_model, load_hf_weights, resolve_model_dir
 from train.args import parse_args
 from train.batches import TrainMicroBatches
-from train.checkpoint import save_and_export
+from train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from train.data import default_cache_dir, load_texts, packed_dataset
 from train.distributed import init_distributed, raise_if_any_failed, rank, rank_zero_first
-from train.errors import ConfigError
+from train.errors import ConfigError, RunError
 from train.evaluate import evaluate
 from train.generate import generate_text
 from train.metrics import MetricsLog, eval_metrics, wandb_mode
@@ -54,6 +55,8 @@ def unique_parameter_count(engine) -> int:
 
 def prepare_tokenizer(args, output_dir: Path):
     tokenizer_dir = output_dir / "tokenizer"
+    if args.load and not args.tokenizer and (tokenizer_dir / "tokenizer.json").exists():
+        return load_tokenizer(str(tokenizer_dir))  # a resumed run keeps its tokenizer
     if args.tokenizer or args.model:
         tokenizer = load_tokenizer(args.tokenizer or str(resolve_model_dir(args.model)))
         if rank() == 0:
@@ -137,47 +140,59 @@ def run(args) -> None:
         f"model: {run_config['parameters']:,} parameters, {args.pipeline_stages} stages x {dp_size} data-parallel, "
         f"layer bounds {run_config['topology']['stage_layer_bounds']}, {micro_batches} micro-batches of {micro}"
     )
-    log = MetricsLog(
-        output_dir,
-        rank() == 0,
-        args.train_steps,
-        run_config,
-        args.wandb_project,
-        args.wandb_run_name,
-        wandb_mode(args.wandb_mode),
-    )
+    # Phase 4: resume, if asked. Weights, optimizer, LR schedule, RNG and data position come back.
+    start_step, wandb_run_id = 0, None
+    if args.load:
+        error, client_state = None, {}
+        try:
+            client_state = load_checkpoint(engine, args.load, args.reset_optimizer)
+        except ConfigError as e:
+            error = str(e)
+        raise_if_any_failed(error)
+        start_step, wandb_run_id = client_state["step"], client_state.get("wandb_run_id")
+        say(f"resumed from {args.load} at step {start_step}")
+        if start_step >= args.train_steps:
+            raise ConfigError(f"the checkpoint is at step {start_step}; raise --train-steps above it to train further")
+    log = MetricsLog(output_dir, rank() == 0, args.train_steps, run_config, args.wandb_project,
+                     args.wandb_run_name, wandb_mode(args.wandb_mode), start_step, wandb_run_id)  # fmt: skip
 
-    # Phase 4: the loop. Only the first and last stage read data; both compute the same batches.
+    # Phase 5: the loop. Only the first and last stage read data; both compute the same batches.
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
-    batches = TrainMicroBatches(splits["train"], micro, micro_batches, dp_rank, dp_size, args.seed)
+    batches = TrainMicroBatches(splits["train"], micro, micro_batches, dp_rank, dp_size, args.seed, start_step)
     data_iter = iter(batches) if feeds_data else None
+    checkpoints = output_dir / "checkpoints"
     tokens_per_step = global_batch * args.seq_len
-    for step in range(1, args.train_steps + 1):
+    for step in range(start_step + 1, args.train_steps + 1):
         start = time.perf_counter()
         loss = engine.train_batch(data_iter=data_iter).item()
         elapsed = time.perf_counter() - start
-        if step % args.log_interval and step % args.eval_interval and step != args.train_steps:
-            continue
-        grad_norm = engine.get_global_grad_norm()
-        metrics = {
-            "loss": loss,
-            "lr": engine.get_lr()[0],
-            "grad_norm": float(grad_norm or 0.0),
-            "tokens_per_sec": tokens_per_step / elapsed,
-            "samples_per_sec": global_batch / elapsed,
-            "step_time": elapsed,
-        }
-        if step % args.eval_interval == 0 or step == args.train_steps:
-            metrics.update(eval_metrics(evaluate(engine, splits["validation"], micro, micro_batches, eval_blocks)))
-        if step == args.train_steps:
-            metrics["tied_embedding_max_diff"] = engine.module.tied_weight_max_diff()
-        log.log(step, metrics)
-        log.progress(step, metrics)
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        # Without fp16 loss scaling a non-finite gradient is no overflow to skip: the run has diverged.
+        if not math.isfinite(loss) or (not engine.fp16_enabled() and not math.isfinite(grad_norm)):
+            raise RunError(
+                f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: stopped without saving; the last "
+                f"checkpoint is {latest_tag(checkpoints) or 'none'} (lower the LR or check the data)"
+            )
+        last = step == args.train_steps
+        if step % args.log_interval == 0 or step % args.eval_interval == 0 or last:
+            metrics = {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
+                       "tokens_per_sec": tokens_per_step / elapsed, "samples_per_sec": global_batch / elapsed,
+                       "step_time": elapsed}  # fmt: skip
+            if step % args.eval_interval == 0 or last:
+                metrics.update(eval_metrics(evaluate(engine, splits["validation"], micro, micro_batches, eval_blocks)))
+            if last:
+                metrics["tied_embedding_max_diff"] = engine.module.tied_weight_max_diff()
+            log.log(step, metrics)
+            log.progress(step, metrics)
+        if last or (args.save_interval and step % args.save_interval == 0):
+            client_state = {"consumed_samples": step * global_batch, "wandb_run_id": log.run_id, "data_seed": args.seed}
+            tag_dir = save_checkpoint(engine, checkpoints, step, client_state, model_config, args.keep_last)
     log.finish()
 
-    # Phase 5: checkpoint, Hugging Face export, a sample of what the model learned.
-    hf_dir = save_and_export(engine, output_dir, model_config, tokenizer, step=args.train_steps)
+    # Phase 6: Hugging Face export of the final checkpoint, and a sample of what the model learned.
+    hf_dir = output_dir / "hf"
     if rank() == 0:
+        export_hf_model(tag_dir, model_config, hf_dir, tokenizer)
         say(f"Hugging Face export: {hf_dir}")
         say("sample: " + generate_text(hf_dir, args.sample_prompt, args.sample_tokens, seed=args.seed))
 
@@ -186,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except ConfigError as e:
+    except RunError as e:
         if not dist.is_initialized() or rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

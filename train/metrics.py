@@ -34,14 +34,22 @@ class MetricsLog:
         wandb_project: str,
         wandb_run_name: str | None,
         wandb_mode_: str,
+        resume_step: int = 0,
+        wandb_run_id: str | None = None,
     ):
         self.enabled = enabled
+        self.resume_step = resume_step
         self.total_steps = total_steps
         self.start = time.perf_counter()
         self.wandb = None
+        self.run_id = None
         if not enabled:
             return
-        self.file = open(output_dir / "metrics.jsonl", "a")
+        path = output_dir / "metrics.jsonl"
+        if path.exists():  # a resumed run rewinds to its checkpoint: steps after it are trained again
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")  # noqa: SIM115 (closed in finish)
         if wandb_mode_ != "disabled":
             import wandb
 
@@ -51,7 +59,10 @@ class MetricsLog:
                 mode=wandb_mode_,
                 dir=str(output_dir),
                 config=run_config,
+                id=wandb_run_id,
+                resume="allow" if wandb_run_id else None,
             )
+            self.run_id = self.wandb.id
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -66,7 +77,7 @@ class MetricsLog:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (self.total_steps - step)
+        eta = elapsed / (step - self.resume_step) * (self.total_steps - step)
         line = (
             f"step {step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {metrics['loss']:.4f} | "
             f"lr {metrics['lr']:.2e} | grad norm {metrics['grad_norm']:.3f} | "
