@@ -33,9 +33,10 @@ def write_ds_config(path: Path, train_batch: int = 8, micro: int = 2, **override
     return path
 
 
-def launch(args: list[str], ranks: int, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def launch(args: list, ranks: int, check: bool = True, timeout: int = 600, env: dict | None = None
+           ) -> subprocess.CompletedProcess:  # fmt: skip
     """`launch.sh ARGS` with `ranks` CPU ranks: real processes, real gloo collectives."""
-    env = {**os.environ, "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(
         [str(REPO / "launch.sh"), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -113,3 +113,12 @@ def test_run_folder_holds_config_tokenizer_and_metrics(layout_runs):
     metrics = read_metrics(run)
     assert all({"step", "loss", "lr", "grad_norm", "tokens_per_sec", "samples_per_sec"} <= m.keys() for m in metrics)
     assert [m["step"] for m in metrics if "eval_ppl" in m] == [3, 6]
+
+
+def test_exports_of_pp2_and_pp1_runs_agree(layout_runs):
+    from safetensors.torch import load_file
+
+    _, runs = layout_runs
+    pp1, pp2 = (load_file(runs[name] / "hf" / "model.safetensors") for name in ("pp1", "pp2"))
+    assert pp1.keys() == pp2.keys()
+    assert max((pp1[k] - pp2[k]).abs().max().item() for k in pp1) <= 1e-5

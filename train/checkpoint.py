@@ -93,12 +93,12 @@ def prune(root: Path, keep_last: int) -> None:
 
 def verified_tag_dir(load: Path) -> Path:
     """The checkpoint folder to load: `load` itself if it is a tag, else the one `latest` names; checked."""
-    if (load / MANIFEST).exists():
-        tag_dir = load
-    elif (tag := latest_tag(load)) is not None:
+    if (tag := latest_tag(load)) is not None:
         tag_dir = load / tag
+    elif (load / MANIFEST).exists() or any(load.glob("*model_states.pt")):
+        tag_dir = load
     else:
-        raise ConfigError(f"{load} holds no complete checkpoint (no `{LATEST}` file and no {MANIFEST})")
+        raise ConfigError(f"{load} holds no checkpoint (no `{LATEST}` file, no model states)")
     if not (tag_dir / MANIFEST).exists():
         raise ConfigError(f"checkpoint {tag_dir} is incomplete: {MANIFEST} is missing (the save did not finish)")
     manifest = json.loads((tag_dir / MANIFEST).read_text())

@@ -1,0 +1,164 @@
+"""Checkpoints survive a killed rank and a crash mid-save, resume exactly, change layout, export losslessly."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import deepspeed
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from models.gpt2_pipe import build_gpt2_pipeline
+from models.hf_weights import load_hf_weights
+from tests.helpers import REPO, free_port, launch, read_metrics, write_ds_config
+from train.checkpoint import latest_tag, save_checkpoint, verified_tag_dir
+from train.errors import ConfigError
+from train.export import export_checkpoint
+
+STEPS = 40
+MODEL = {"model_type": "gpt2", "n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 64,
+         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(corpus, tokenizer_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    (tmp / "model.json").write_text(json.dumps(MODEL))
+    args = ["--data", corpus, "--tokenizer", tokenizer_dir, "--model-config", tmp / "model.json", "--seq-len", 32,
+            "--train-steps", STEPS, "--log-interval", 1, "--eval-interval", STEPS, "--eval-blocks", 8,
+            "--save-interval", 5, "--keep-last", 0, "--deepspeed_config", write_ds_config(tmp / "ds.json"),
+            "--data-cache-dir", tmp / "cache", "--wandb-mode", "disabled", "--sample-tokens", 2]  # fmt: skip
+    return tmp, [str(a) for a in args]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The uninterrupted pp=2 run, every step logged, every 5th step checkpointed."""
+    tmp, args = setup
+    out = tmp / "reference"
+    launch([*args, "--output-dir", out], ranks=2)
+    return {m["step"]: m["loss"] for m in read_metrics(out)}, out
+
+
+def kill_one_rank_after_first_checkpoint(args: list[str], ranks: int, out) -> None:
+    env = {**os.environ, "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(REPO / "launch.sh"), *args, "--output-dir", str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while latest_tag(out / "checkpoints") is None:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    victim = subprocess.run(["pgrep", "-f", f"train.main --local_rank={ranks - 1} .*{out}"], capture_output=True,
+                            text=True).stdout.split()  # fmt: skip
+    assert victim, "rank process not found"
+    os.kill(int(victim[0]), signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+
+
+@pytest.mark.parametrize("ranks", [2, 4], ids=["pp2", "pp2_dp2"])
+def test_sigkilled_rank_then_resume_equals_uninterrupted_run(setup, reference, ranks):
+    tmp, args = setup
+    losses, _ = reference
+    out = tmp / f"killed_{ranks}"
+    kill_one_rank_after_first_checkpoint(args, ranks, out)
+    resumed_at = int(latest_tag(out / "checkpoints").removeprefix("step_"))
+    assert resumed_at < STEPS, "the rank was killed only after the run had finished"
+    proc = launch([*args, "--output-dir", out, "--load", out / "checkpoints"], ranks=ranks)
+    assert f"at step {resumed_at}" in proc.stdout
+    after = {m["step"]: m["loss"] for m in read_metrics(out)}
+    assert sorted(after) == list(range(1, STEPS + 1))
+    for step in range(resumed_at + 1, STEPS + 1):
+        if ranks == 2:  # torch_adam resumes bit-exactly
+            assert after[step] == losses[step], step
+        else:  # same samples, another reduction order across replicas
+            assert after[step] == pytest.approx(losses[step], rel=1e-4), step
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
+    tmp, args = setup
+    losses, _ = reference
+    out = tmp / "crash_in_save"
+    proc = launch([*args, "--output-dir", out], ranks=2, check=False, env={"PIPEGPT_FAULT_DURING_SAVE": "step_10"})
+    assert proc.returncode != 0
+    assert latest_tag(out / "checkpoints") == "step_5"
+    assert list((out / "checkpoints" / "step_10").glob("layer_*")), "the crash came before any file was written"
+    with pytest.raises(ConfigError, match="incomplete"):
+        verified_tag_dir(out / "checkpoints" / "step_10")
+    proc = launch([*args, "--output-dir", out, "--load", out / "checkpoints"], ranks=2)
+    assert "at step 5" in proc.stdout
+    assert {m["step"]: m["loss"] for m in read_metrics(out)}[6] == losses[6]
+
+
+@pytest.mark.parametrize("stages,ranks", [(1, 1), (2, 4)], ids=["as_pp1", "as_pp2_dp2"])
+def test_resume_pp2_checkpoint_in_another_layout(setup, reference, stages, ranks):
+    tmp, args = setup
+    losses, ref_dir = reference
+    out = tmp / f"relayout_{stages}_{ranks}"
+    load = ["--load", ref_dir / "checkpoints" / "step_5", "--pipeline-stages", stages, "--output-dir", out]
+    refused = launch([*args, *load], ranks=ranks, check=False)
+    assert refused.returncode == 2
+    assert "pass --reset-optimizer" in refused.stderr.strip().splitlines()[-1] + refused.stdout
+    launch([*args, *load, "--reset-optimizer"], ranks=ranks)
+    after = {m["step"]: m["loss"] for m in read_metrics(out)}
+    # Step 6's loss is computed with the weights after step 5, before the fresh optimizer acts.
+    assert after[6] == pytest.approx(losses[6], rel=1e-4)
+    assert after[STEPS] < losses[1]
+
+
+def test_export_cli_output_loads_without_key_warnings(reference, tmp_path):
+    _, ref_dir = reference
+    hf_dir = export_checkpoint(ref_dir / "checkpoints", tmp_path / "hf")
+    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (hf_dir / "tokenizer.json").exists() and (hf_dir / "generation_config.json").exists()
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+
+
+def test_corrupt_or_missing_files_are_named(reference, tmp_path):
+    _, ref_dir = reference
+    tag = tmp_path / "step_5"
+    shutil.copytree(ref_dir / "checkpoints" / "step_5", tag)
+    with open(tag / "layer_02-model_states.pt", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ConfigError, match="layer_02-model_states.pt is corrupt"):
+        verified_tag_dir(tag)
+    (tag / "layer_02-model_states.pt").unlink()
+    with pytest.raises(ConfigError, match="missing layer_02-model_states.pt"):
+        verified_tag_dir(tag)
+
+
+def test_diverging_run_stops_without_saving(setup, tmp_path):
+    _, args = setup
+    ds = write_ds_config(tmp_path / "diverge.json", gradient_clipping=0.0,
+                         optimizer={"type": "AdamW", "params": {"lr": 1e5, "torch_adam": True}})  # fmt: skip
+    args = [*args, "--deepspeed_config", ds, "--save-interval", 2, "--output-dir", tmp_path / "run"]
+    proc = launch(args, ranks=2, check=False)
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: loss") and "stopped without saving" in error
+    step = int(error.split(" at step ")[1].split(":")[0])
+    assert latest_tag(tmp_path / "run" / "checkpoints") == f"step_{(step - 1) // 2 * 2}"
+
+
+def test_hf_to_pipeline_to_hf_is_the_identity(one_rank_group, tmp_path):
+    config = GPT2Config(vocab_size=120, n_layer=2, n_embd=32, n_head=2, n_positions=32)
+    torch.manual_seed(3)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "in")
+    pipe = build_gpt2_pipeline(config, num_stages=1)
+    load_hf_weights(pipe, tmp_path / "in", config.n_layer)
+    engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(),
+                                      config=json.loads(write_ds_config(tmp_path / "ds.json").read_text().replace(
+                                          '"auto"', "10")))  # fmt: skip
+    with pytest.raises(ConfigError, match="cannot write checkpoint"):
+        (tmp_path / "a_file").write_text("")
+        save_checkpoint(engine, tmp_path / "a_file" / "ckpt", 0, {}, config, keep_last=0)
+    save_checkpoint(engine, tmp_path / "ckpt", 0, {}, config, keep_last=0)
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "out")
+    before, after = load_file(tmp_path / "in" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
