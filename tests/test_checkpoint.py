@@ -162,3 +162,30 @@ def test_hf_to_pipeline_to_hf_is_the_identity(one_rank_group, tmp_path):
     before, after = load_file(tmp_path / "in" / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, tokenizer_dir, tmp_path):
+    """Step 1 of a pp=2 run from a sharded save_pretrained folder has the HF model's loss on that batch."""
+    from datasets import load_from_disk
+
+    from train.batches import TrainMicroBatches
+
+    tmp, args = setup
+    config = GPT2Config(**{k: v for k, v in MODEL.items() if k != "model_type"}, vocab_size=512)
+    torch.manual_seed(11)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path / "pretrained", max_shard_size="100KB")
+    assert (tmp_path / "pretrained" / "model.safetensors.index.json").exists()
+    out = tmp_path / "finetune"
+    argv = [a for a in args if a != str(tmp / "model.json") and a != "--model-config"]
+    proc = launch([*argv, "--model", tmp_path / "pretrained", "--train-steps", 1, "--output-dir", out], ranks=2)
+    loaded = sorted(
+        int(line.split(" loaded ")[1].split()[0]) for line in proc.stdout.splitlines() if " loaded " in line
+    )
+    assert len(loaded) == 2 and sum(loaded) < len(model.state_dict()) + 2  # no stage read the whole model
+    cache = next(p for p in (tmp / "cache").iterdir() if p.is_dir())
+    blocks = load_from_disk(str(cache))["train"].with_format("torch")
+    micro_batches = TrainMicroBatches(blocks, 2, 4, dp_rank=0, dp_size=1, seed=1234).step_indices(0)
+    with torch.no_grad():
+        first = [model(ids, labels=ids).loss.item() for ids in (blocks[i]["input_ids"].long() for i in micro_batches)]
+    assert read_metrics(out)[0]["loss"] == pytest.approx(sum(first) / len(first), rel=1e-5)
