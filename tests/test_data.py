@@ -9,7 +9,7 @@ import torch
 from train.batches import TrainMicroBatches
 from train.data import embedded_corpus, load_texts, packed_dataset, resolve_sources
 from train.errors import ConfigError
-from train.tokenizer import load_tokenizer
+from train.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 DOCS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.", "   "]
 
@@ -25,16 +25,16 @@ def write_all_formats(folder):
 
 def test_every_format_folder_and_glob(tmp_path):
     folder = write_all_formats(tmp_path / "data")
-    by_folder = resolve_sources([str(folder)])
-    assert sorted(s.builder for s in by_folder) == ["csv", "json", "parquet", "text"]
+    (by_folder,) = resolve_sources([str(folder)])
+    assert sorted(by_folder.files) == ["csv", "json", "parquet", "text"]
     texts = load_texts(by_folder, "text")
     assert texts.column_names == ["text"]
     assert sum(t == DOCS[0] for t in texts["text"]) == 4
-    assert [s.builder for s in resolve_sources([str(folder / "*.jsonl")])] == ["json"]
+    assert list(resolve_sources([str(folder / "*.jsonl")])[0].files) == ["json"]
 
 
 def test_embedded_corpus_is_the_king_james_bible():
-    texts = load_texts(resolve_sources([embedded_corpus()]), "text")
+    texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
     assert len(texts) > 30_000
     assert texts[0]["text"].startswith("In the beginning God created")
 
@@ -73,6 +73,47 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer_dir, corpus):
     packed_dataset(resolve_sources([str(data)]), "text", tokenizer, 32, 0.1, cache)
     packed_dataset(resolve_sources([str(data)]), "text", tokenizer, 64, 0.1, cache)
     assert len(list(cache.iterdir())) == 3, "a changed file or seq_len was served from a stale cache"
+    other = train_bpe_tokenizer(iter([DOCS[:2]]), vocab_size=300, out_dir=tmp_path / "other_tokenizer")
+    packed_dataset(resolve_sources([str(data)]), "text", other, 64, 0.1, cache)
+    assert len(list(cache.iterdir())) == 4, "another tokenizer was served a stale cache"
+
+
+def test_weighted_mixture_and_explicit_validation(tmp_path, tokenizer_dir, corpus):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    lines = corpus.read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:2000]) + "\n")
+    pd.DataFrame({"body": [json.loads(x)["text"] for x in lines[2000:2500]]}).to_parquet(tmp_path / "b.parquet")
+    (tmp_path / "val.txt").write_text("\n".join(json.loads(x)["text"] for x in lines[3500:]) + "\n")
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="every --data entry a weight"):
+        resolve_sources([f"{tmp_path / 'a.jsonl'}:0.5", str(tmp_path / "b.parquet")])
+    a = packed_dataset(resolve_sources([str(tmp_path / "a.jsonl")]), "text", tokenizer, 32, 0.1, cache)["train"]
+    sources = resolve_sources([f"{tmp_path / 'a.jsonl'}:0.5", f"{tmp_path / 'b.parquet'}:0.5"])
+    with pytest.raises(ConfigError, match="has no column 'text'"):
+        packed_dataset(sources, "text", tokenizer, 32, 0.1, cache)
+    (tmp_path / "b.parquet").rename(tmp_path / "b2.parquet")
+    pd.DataFrame({"text": [json.loads(x)["text"] for x in lines[2000:2500]]}).to_parquet(tmp_path / "b.parquet")
+    sources = resolve_sources([f"{tmp_path / 'a.jsonl'}:0.5", f"{tmp_path / 'b.parquet'}:0.5"])
+    val = resolve_sources([str(tmp_path / "val.txt")])
+    splits = packed_dataset(sources, "text", tokenizer, 32, 0.1, cache, val_sources=val, seed=3)
+    train = splits["train"][:]["input_ids"]
+    in_a = {tuple(r) for r in packed_dataset(resolve_sources([str(tmp_path / "a.jsonl")]), "text", tokenizer, 32,
+                                             0.0001, cache)["train"][:]["input_ids"].tolist()}  # fmt: skip
+    from_a = sum(tuple(r) in in_a for r in train.tolist())
+    assert abs(from_a / len(train) - 0.5) < 0.02, "weights 0.5/0.5 not honoured"
+    assert len(a) < len(train)
+    val_text = tokenizer.decode(splits["validation"][:]["input_ids"][0])
+    assert val_text.split()[0] in (tmp_path / "val.txt").read_text()
+
+
+def test_non_utf8_and_empty_sources_are_one_line_errors(tmp_path, tokenizer_dir):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe not utf-8\n")
+    with pytest.raises(ConfigError, match="convert it to UTF-8"):
+        packed_dataset(resolve_sources([str(tmp_path / "bad.txt")]), "text", tokenizer, 8, 0.1, tmp_path / "c")
+    (tmp_path / "blank.txt").write_text("\n   \n\n")
+    with pytest.raises(ConfigError, match="blank.txt"):
+        packed_dataset(resolve_sources([str(tmp_path / "blank.txt")]), "text", tokenizer, 8, 0.1, tmp_path / "c")
 
 
 class _Blocks:

@@ -41,6 +41,7 @@ def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
         "disabled",
         "--sample-tokens",
         5,
+        "--trace-batches",
     ]
 
 
@@ -122,3 +123,23 @@ def test_exports_of_pp2_and_pp1_runs_agree(layout_runs):
     pp1, pp2 = (load_file(runs[name] / "hf" / "model.safetensors") for name in ("pp1", "pp2"))
     assert pp1.keys() == pp2.keys()
     assert max((pp1[k] - pp2[k]).abs().max().item() for k in pp1) <= 1e-5
+
+
+def test_pipeline_stages_see_identical_batches_and_replicas_disjoint_ones(layout_runs):
+    """What the engines of real ranks actually pulled from their data iterators."""
+    import json
+
+    _, runs = layout_runs
+
+    def trace(run, name):
+        return [json.loads(line) for line in (run / "batches" / name).read_text().splitlines()]
+
+    (single,) = [trace(runs["pp1"], "stage0_dp0.jsonl")]
+    for run, replicas in ((runs["pp2"], 1), (runs["pp2_dp2"], 2)):
+        for dp in range(replicas):  # the first and the last stage of a replica consume the same micro-batches
+            assert trace(run, f"stage0_dp{dp}.jsonl") == trace(run, f"stage1_dp{dp}.jsonl")
+        for step in range(1, STEPS + 1):
+            shares = [[b for r in trace(run, f"stage0_dp{dp}.jsonl") if r["step"] == step for b in r["blocks"]]
+                      for dp in range(replicas)]  # fmt: skip
+            assert not set(shares[0]) & set(shares[-1]) or replicas == 1
+            assert sorted(sum(shares, [])) == sorted(b for r in single if r["step"] == step for b in r["blocks"])

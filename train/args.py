@@ -30,14 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         nargs="+",
         default=None,
-        help="files, globs, folders (.txt/.json/.jsonl/.parquet/.csv) or hub dataset names; "
-        "default: the embedded King James Bible",
+        help="files, globs, folders (.txt/.json/.jsonl/.parquet/.csv, .gz/.zst) or hub datasets "
+        "(NAME[#CONFIG][@SPLIT]), each optionally weighted (path:0.7); default: the embedded King James Bible",
+    )
+    data.add_argument(
+        "--val-data",
+        nargs="+",
+        default=None,
+        help="explicit validation sources (same forms as --data); default: --val-fraction held out",
     )
     data.add_argument("--text-column", default="text")
     data.add_argument("--seq-len", type=int, default=128)
     data.add_argument("--val-fraction", type=float, default=0.02, help="last fraction of packed blocks held out")
     data.add_argument("--data-cache-dir", type=Path, default=None, help="packed-data cache (default ~/.cache/pipegpt)")
-    data.add_argument("--num-proc", type=int, default=None, help="processes for tokenization (default: none)")
+    data.add_argument("--trace-batches", action="store_true",
+                      help="record the block indices every data-reading rank feeds, in <output-dir>/batches/")
+    data.add_argument("--num-proc", type=int, default=None, help="processes for tokenization (default: all cores)")
     train = p.add_argument_group("training")
     train.add_argument(
         "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=str(DEFAULT_DS_CONFIG)

@@ -7,7 +7,9 @@ same indices, so they always agree; replicas are disjoint and together cover the
 batch. The position is a pure function of the step, which makes resuming exact.
 """
 
+import json
 from collections.abc import Iterator
+from typing import TextIO
 
 import torch
 from datasets import Dataset
@@ -36,6 +38,7 @@ class TrainMicroBatches:
             raise ValueError(f"{len(blocks)} training blocks are fewer than one global batch of {self.global_batch}")
         self.seed = seed
         self.step = start_step
+        self.trace: TextIO | None = None  # when set, every micro-batch handed to the engine is recorded
         self._order: tuple[int, torch.Tensor] | None = None
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -54,7 +57,10 @@ class TrainMicroBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
-            for indices in self.step_indices(self.step):
+            for micro, indices in enumerate(self.step_indices(self.step)):
+                if self.trace is not None:
+                    self.trace.write(json.dumps({"step": self.step + 1, "micro": micro, "blocks": indices}) + "\n")
+                    self.trace.flush()
                 input_ids = self.blocks[indices]["input_ids"].long()
                 yield input_ids, input_ids
             self.step += 1

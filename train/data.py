@@ -11,11 +11,12 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Value, concatenate_datasets, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from train.errors import ConfigError
@@ -27,16 +28,19 @@ MAP_BATCH = 1000
 
 @dataclass
 class Source:
-    """One `load_dataset` call: a builder with local files, or a hub dataset name."""
+    """One `--data` entry: local files (grouped by builder) or a hub dataset, with an optional mixing weight."""
 
-    builder: str
-    files: list[str]
+    spec: str
+    files: dict[str, list[str]] = field(default_factory=dict)  # builder -> files
     hub_name: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    weight: float | None = None
 
     def fingerprint(self) -> list:
         if self.hub_name:
-            return [self.hub_name]
-        return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in self.files]
+            return [self.hub_name, self.hub_config, self.hub_split]
+        return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for fs in self.files.values() for f in fs]
 
 
 def embedded_corpus() -> str:
@@ -52,44 +56,67 @@ def _builder(path: str) -> str | None:
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def resolve_sources(specs: list[str]) -> list[Source]:
-    """Files, globs, folders (by extension) or hub dataset names -> sources grouped by builder."""
-    by_builder: dict[str, list[str]] = {}
-    hub: list[Source] = []
-    for spec in specs:
-        if Path(spec).is_dir():
-            files = [str(p) for p in sorted(Path(spec).rglob("*")) if p.is_file() and _builder(str(p))]
-            if not files:
-                raise ConfigError(f"data folder {spec} holds no {', '.join(BUILDERS)} files")
-        elif glob.has_magic(spec):
-            files = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-            if not files:
-                raise ConfigError(f"no data files match {spec}")
-        elif Path(spec).is_file():
-            files = [spec]
-        elif _builder(spec) or os.sep in spec.strip("/") and spec.startswith((".", "/", "~")):
-            raise ConfigError(f"data file not found: {spec}; check the --data path")
-        else:
-            hub.append(Source("hub", [], hub_name=spec))
-            continue
-        for f in files:
-            if _builder(f) is None:
-                raise ConfigError(f"cannot read {f}: use {', '.join(BUILDERS)} files (optionally .gz/.zst)")
-            by_builder.setdefault(_builder(f), []).append(os.path.abspath(f))
-    return [Source(b, files) for b, files in by_builder.items()] + hub
+def _split_weight(spec: str) -> tuple[str, float | None]:
+    head, _, tail = spec.rpartition(":")
+    try:
+        weight = float(tail) if head else None
+    except ValueError:
+        return spec, None
+    if weight is not None and weight <= 0:
+        raise ConfigError(f"--data {spec}: a mixing weight must be positive")
+    return (head, weight) if weight is not None else (spec, None)
 
 
-def load_texts(sources: list[Source], text_column: str) -> Dataset:
-    """All sources as one `datasets.Dataset` with a single `text` column."""
+def resolve_source(entry: str) -> Source:
+    """`PATH_OR_GLOB_OR_FOLDER[:WEIGHT]` or `HUB_NAME[#CONFIG][@SPLIT][:WEIGHT]` -> Source."""
+    spec, weight = _split_weight(entry)
+    if Path(spec).is_dir():
+        files = [str(p) for p in sorted(Path(spec).rglob("*")) if p.is_file() and _builder(str(p))]
+        if not files:
+            raise ConfigError(f"data folder {spec} holds no {', '.join(BUILDERS)} files")
+    elif glob.has_magic(spec):
+        files = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+        if not files:
+            raise ConfigError(f"no data files match {spec}")
+    elif Path(spec).is_file():
+        files = [spec]
+    elif _builder(spec) or spec.startswith((".", "/", "~")):
+        raise ConfigError(f"data file not found: {spec}; check the --data path")
+    else:
+        name, _, split = spec.partition("@")
+        name, _, config = name.partition("#")
+        return Source(entry, hub_name=name, hub_config=config or None, hub_split=split or "train", weight=weight)
+    source = Source(entry, weight=weight)
+    for f in files:
+        if _builder(f) is None:
+            raise ConfigError(f"cannot read {f}: use {', '.join(BUILDERS)} files (optionally .gz/.zst)")
+        source.files.setdefault(_builder(f), []).append(os.path.abspath(f))
+    return source
+
+
+def resolve_sources(entries: list[str]) -> list[Source]:
+    sources = [resolve_source(e) for e in entries]
+    if any(s.weight is not None for s in sources) and not all(s.weight is not None for s in sources):
+        raise ConfigError("give every --data entry a weight (path:0.7) or none of them")
+    return sources
+
+
+def load_texts(source: Source, text_column: str) -> Dataset:
+    """One source as a `datasets.Dataset` with a single string column `text`."""
     parts = []
-    for source in sources:
-        if source.hub_name:
-            ds = load_dataset(source.hub_name, split="train")
-        else:
-            ds = load_dataset(source.builder, data_files=source.files, split="train")
-        column = "text" if source.builder == "text" else text_column
+    loads = [(source.hub_name, None)] if source.hub_name else list(source.files.items())
+    for builder, files in loads:
+        where = source.hub_name or ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
+        try:
+            if source.hub_name:
+                ds = load_dataset(source.hub_name, source.hub_config, split=source.hub_split)
+            else:
+                ds = load_dataset(builder, data_files=files, split="train")
+        except (UnicodeDecodeError, DatasetGenerationError) as e:
+            cause = e.__cause__ or e
+            raise ConfigError(f"cannot read {where}: {cause}; convert it to UTF-8 text") from None
+        column = "text" if builder == "text" else text_column
         if column not in ds.column_names:
-            where = source.hub_name or ", ".join(source.files[:3])
             raise ConfigError(f"{where} has no column {column!r} (columns: {ds.column_names}); pass --text-column")
         ds = ds.select_columns([column])
         if column != "text":
@@ -98,7 +125,7 @@ def load_texts(sources: list[Source], text_column: str) -> Dataset:
         parts.append(ds.cast_column("text", Value("string")))
     texts = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(texts) == 0:
-        raise ConfigError("the training corpus is empty")
+        raise ConfigError(f"{source.spec} holds no documents")
     return texts
 
 
@@ -128,57 +155,61 @@ def tokenize_and_pack(
     )
 
 
-def cache_key(
-    sources: list[Source], text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, val_fraction: float
-) -> str:
+def cache_key(source: Source, text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> str:
     tokenizer_state = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(tokenizer.get_vocab())
-    blob = json.dumps(
-        [
-            CACHE_FORMAT,
-            [s.fingerprint() for s in sources],
-            text_column,
-            tokenizer_state,
-            tokenizer.eos_token_id,
-            seq_len,
-            val_fraction,
-        ]
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    blob = [CACHE_FORMAT, source.fingerprint(), text_column, tokenizer_state, tokenizer.eos_token_id, seq_len]
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:20]
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PIPEGPT_CACHE", Path.home() / ".cache" / "pipegpt")) / "packed"
 
 
-def packed_dataset(
-    sources: list[Source],
-    text_column: str,
-    tokenizer: PreTrainedTokenizerBase,
-    seq_len: int,
-    val_fraction: float,
-    cache_dir: Path,
-    num_proc: int | None = None,
-) -> DatasetDict:
-    """Train/validation blocks, built once per (sources, tokenizer, seq_len, split) and memory-mapped after.
-
-    The validation split is the last `val_fraction` of the blocks, never shuffled into training.
-    """
-    path = cache_dir / cache_key(sources, text_column, tokenizer, seq_len, val_fraction)
+def packed_source(source: Source, text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                  cache_dir: Path, num_proc: int | None = None) -> Dataset:  # fmt: skip
+    """All blocks of one source, tokenized once per (source files, tokenizer, seq_len) and memory-mapped after."""
+    path = cache_dir / cache_key(source, text_column, tokenizer, seq_len)
     if not path.exists():
-        blocks = tokenize_and_pack(load_texts(sources, text_column), tokenizer, seq_len, num_proc)
-        n_val = max(1, round(len(blocks) * val_fraction))
-        if len(blocks) - n_val < 1:
-            raise ConfigError(
-                f"the corpus packs into only {len(blocks)} blocks of {seq_len} tokens: too small to train on"
-            )
-        dropped = int(np.sum(blocks["dropped"]))
-        splits = DatasetDict(
-            train=blocks.select(range(len(blocks) - n_val)).remove_columns("dropped"),
-            validation=blocks.select(range(len(blocks) - n_val, len(blocks))).remove_columns("dropped"),
-        )
+        blocks = tokenize_and_pack(load_texts(source, text_column), tokenizer, seq_len, num_proc)
+        if len(blocks) == 0:
+            raise ConfigError(f"{source.spec} holds fewer than {seq_len} tokens of text: nothing to train on")
+        stats = {"blocks": len(blocks), "dropped_tokens": int(np.sum(blocks["dropped"])), "source": source.spec}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        splits.save_to_disk(str(tmp))
-        (tmp / "pipegpt_stats.json").write_text(json.dumps({"dropped_tokens": dropped}))
+        blocks.remove_columns("dropped").save_to_disk(str(tmp))
+        (tmp / "pipegpt_stats.json").write_text(json.dumps(stats))
         os.replace(tmp, path) if not path.exists() else shutil.rmtree(tmp)
-    splits = load_from_disk(str(path))
+    return load_from_disk(str(path))
+
+
+def mix(parts: list[Dataset], weights: list[float] | None, seed: int) -> Dataset:
+    """Concatenate sources; with weights, resample each to its share of the total (seeded, deterministic)."""
+    if weights is None or len(parts) == 1:
+        return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    total = sum(len(p) for p in parts)
+    mixed = []
+    for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
+        n = max(1, round(total * weight / sum(weights)))
+        order = np.random.default_rng([seed, i]).permutation(len(part))
+        mixed.append(part.select(np.resize(order, n)))  # repeats a small source, subsamples a large one
+    return concatenate_datasets(mixed)
+
+
+def packed_dataset(sources: list[Source], text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                   val_fraction: float, cache_dir: Path, num_proc: int | None = None,
+                   val_sources: list[Source] | None = None, seed: int = 0) -> DatasetDict:  # fmt: skip
+    """Train/validation blocks. Validation is `val_sources` if given, else the last `val_fraction` of
+    every training source; it is never shuffled into training."""
+    train, validation = [], []
+    for source in sources:
+        blocks = packed_source(source, text_column, tokenizer, seq_len, cache_dir, num_proc)
+        n_val = 0 if val_sources else max(1, round(len(blocks) * val_fraction))
+        if len(blocks) - n_val < 1:
+            raise ConfigError(f"{source.spec} packs into only {len(blocks)} blocks of {seq_len} tokens: too small")
+        train.append(blocks.select(range(len(blocks) - n_val)))
+        if n_val:
+            validation.append(blocks.select(range(len(blocks) - n_val, len(blocks))))
+    if val_sources:
+        validation = [packed_source(s, text_column, tokenizer, seq_len, cache_dir, num_proc) for s in val_sources]
+    weights = [s.weight for s in sources] if sources[0].weight is not None else None
+    splits = DatasetDict(train=mix(train, weights, seed), validation=mix(validation, None, seed))
     return splits.with_format("torch")

@@ -19,14 +19,13 @@ from models.hf_weights import export_hf_model, load_hf_weights, resolve_model_di
 from train.args import parse_args
 from train.batches import TrainMicroBatches
 from train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
-from train.data import default_cache_dir, load_texts, packed_dataset
 from train.distributed import init_distributed, raise_if_any_failed, rank, rank_zero_first
 from train.errors import ConfigError, RunError
 from train.evaluate import evaluate
 from train.generate import generate_text
 from train.metrics import MetricsLog, eval_metrics, wandb_mode
 from train.preflight import check_inputs
-from train.tokenizer import load_tokenizer, train_bpe_tokenizer
+from train.prepare import prepare_data, prepare_tokenizer
 
 
 def say(message: str) -> None:
@@ -53,23 +52,6 @@ def unique_parameter_count(engine) -> int:
     return sum(n for dp_id, n in counts if dp_id == 0)
 
 
-def prepare_tokenizer(args, output_dir: Path):
-    tokenizer_dir = output_dir / "tokenizer"
-    if args.load and not args.tokenizer and (tokenizer_dir / "tokenizer.json").exists():
-        return load_tokenizer(str(tokenizer_dir))  # a resumed run keeps its tokenizer
-    if args.tokenizer or args.model:
-        tokenizer = load_tokenizer(args.tokenizer or str(resolve_model_dir(args.model)))
-        if rank() == 0:
-            tokenizer.save_pretrained(tokenizer_dir)  # the run folder is self-contained
-        return tokenizer
-    if rank() != 0:  # rank 0 has trained and saved it
-        return load_tokenizer(str(tokenizer_dir))
-    say(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on the training text")
-    texts = load_texts(args.sources, args.text_column)
-    batches = (b["text"] for b in texts.iter(batch_size=1000))
-    return train_bpe_tokenizer(batches, args.vocab_size, tokenizer_dir)
-
-
 def run(args) -> None:
     init_distributed()
     world_size = dist.get_world_size()
@@ -87,7 +69,7 @@ def run(args) -> None:
     torch.manual_seed(args.seed)
 
     # Phase 2: tokenizer and packed data, built by rank 0 and then read from disk by the others.
-    tokenizer = rank_zero_first(lambda: prepare_tokenizer(args, output_dir))
+    tokenizer = rank_zero_first(lambda: prepare_tokenizer(args, output_dir, build=rank() == 0))
     if args.model is None:
         model_config.vocab_size = len(tokenizer)
         model_config.bos_token_id = model_config.eos_token_id = tokenizer.eos_token_id
@@ -95,12 +77,9 @@ def run(args) -> None:
         raise ConfigError(
             f"tokenizer has {len(tokenizer)} tokens but the model's embedding only {model_config.vocab_size}"
         )
-    cache_dir = args.data_cache_dir or default_cache_dir()
-    splits = rank_zero_first(
-        lambda: packed_dataset(
-            args.sources, args.text_column, tokenizer, args.seq_len, args.val_fraction, cache_dir, args.num_proc
-        )
-    )
+    splits = rank_zero_first(lambda: prepare_data(args, tokenizer))
+    if len(tokenizer) < model_config.vocab_size:
+        say(f"embedding has {model_config.vocab_size} rows for {len(tokenizer)} tokens (padded vocabulary)")
     eval_per_step = global_batch
     eval_blocks = min(args.eval_blocks or len(splits["validation"]), len(splits["validation"]))
     eval_blocks -= eval_blocks % eval_per_step
@@ -159,6 +138,10 @@ def run(args) -> None:
     # Phase 5: the loop. Only the first and last stage read data; both compute the same batches.
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
     batches = TrainMicroBatches(splits["train"], micro, micro_batches, dp_rank, dp_size, args.seed, start_step)
+    if args.trace_batches and feeds_data:
+        (output_dir / "batches").mkdir(exist_ok=True)
+        stage = engine.stage_id
+        batches.trace = open(output_dir / "batches" / f"stage{stage}_dp{dp_rank}.jsonl", "a")  # noqa: SIM115
     data_iter = iter(batches) if feeds_data else None
     checkpoints = output_dir / "checkpoints"
     tokens_per_step = global_batch * args.seq_len

@@ -20,17 +20,17 @@ from train.errors import ConfigError
 def check_text_column(sources: list[Source], text_column: str) -> None:
     """Peek at the first record of each local source (streaming: nothing is materialised)."""
     for source in sources:
-        if source.hub_name or source.builder == "text":
-            continue
-        first = next(
-            iter(load_dataset(source.builder, data_files=source.files[:1], split="train", streaming=True)), None
-        )
-        if first is None:
-            raise ConfigError(f"{source.files[0]} holds no records")
-        if text_column not in first:
-            raise ConfigError(
-                f"{source.files[0]} has no column {text_column!r} (columns: {list(first)}); pass --text-column"
-            )
+        for builder, files in source.files.items():
+            if builder == "text":
+                continue
+            records = load_dataset(builder, data_files=files[:1], split="train", streaming=True)
+            first = next(iter(records), None)
+            if first is None:
+                raise ConfigError(f"{files[0]} holds no records")
+            if text_column not in first:
+                raise ConfigError(
+                    f"{files[0]} has no column {text_column!r} (columns: {list(first)}); pass --text-column"
+                )
 
 
 def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, list[Source], tuple[int, int, int]]:
@@ -49,6 +49,8 @@ def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, li
     if args.seq_len > model_config.n_positions:
         raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {model_config.n_positions} positions")
     sources = resolve_sources(args.data or [embedded_corpus()])
+    if args.val_data:
+        resolve_sources(args.val_data)
     return ds_config, model_config, sources, layout
 
 
@@ -59,7 +61,7 @@ def main(argv: list[str]) -> int:
     try:
         args = parse_args(argv)
         _, _, sources, _ = check_inputs(args, world_size)
-        check_text_column(sources, args.text_column)
+        check_text_column(sources + (resolve_sources(args.val_data) if args.val_data else []), args.text_column)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
