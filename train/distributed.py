@@ -40,14 +40,17 @@ def raise_if_any_failed(error: str | None) -> None:
 
 
 def rank_zero_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on global rank 0 (which fills caches, trains the tokenizer, downloads), then on the others."""
-    result, error = None, None
-    if rank() == 0:
-        try:
-            result = fn()
-        except (ConfigError, FileNotFoundError, ValueError) as e:
-            error = str(e)
-    raise_if_any_failed(error)
-    if rank() != 0:
-        result = fn()
+    """Run `fn` on global rank 0 (it fills caches, trains the tokenizer, downloads), then on the first rank
+    of every other node (which finds the work done on a shared filesystem, or does it once for its node),
+    then on all the others, which read what is on disk. An error on any rank stops every rank."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    result = None
+    for turn in (rank() == 0, rank() != 0 and local_rank == 0, local_rank != 0):
+        error = None
+        if turn:
+            try:
+                result = fn()
+            except (ConfigError, FileNotFoundError, ValueError) as e:
+                error = str(e)
+        raise_if_any_failed(error)
     return result
