@@ -48,7 +48,7 @@ def main() -> None:
     tokenizer = train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), 8192, work / "tokenizer")
     corpora = {"embedded KJV (4.4 MB)": embedded_corpus(),
                f"synthetic ({args.synthetic_mb} MB)": str(synthetic_corpus(work / "syn.jsonl", args.synthetic_mb))}
-    print(f"| corpus | tokens | raw tokenizer tok/s | tokenize+pack tok/s | ratio | cached reload s |")
+    print("| corpus | tokens | raw tokenizer tok/s | tokenize+pack tok/s | ratio | cached reload s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, path in corpora.items():
         source = resolve_sources([path])[0]
