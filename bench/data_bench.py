@@ -46,8 +46,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pipegpt_bench_"))
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
     tokenizer = train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), 8192, work / "tokenizer")
-    corpora = {"embedded KJV (4.4 MB)": embedded_corpus(),
-               f"synthetic ({args.synthetic_mb} MB)": str(synthetic_corpus(work / "syn.jsonl", args.synthetic_mb))}
+    corpora = {
+        "embedded KJV (4.4 MB)": embedded_corpus(),
+        f"synthetic ({args.synthetic_mb} MB)": str(synthetic_corpus(work / "syn.jsonl", args.synthetic_mb)),
+    }
     print("| corpus | tokens | raw tokenizer tok/s | tokenize+pack tok/s | ratio | cached reload s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, path in corpora.items():

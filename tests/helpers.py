@@ -47,3 +47,43 @@ def launch(args: list, ranks: int, check: bool = True, timeout: int = 600, env: 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_wandb_offline_run(run_dir: Path) -> tuple[dict, list[dict], list[str]]:
+    """(config, history rows, table keys) of the offline W&B run under `run_dir/wandb`.
+
+    Reads the run's transaction log (`run-<id>.wandb`: a 7-byte header, then 32 KiB blocks of
+    records, each with a 7-byte header: CRC, length, type full/first/middle/last) and decodes
+    each record with wandb's own protobuf classes. wandb 0.31 ships no public offline reader.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    data, pos, block, chunks, records = log.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            records.append(chunks + chunk)
+            chunks = b""
+        elif kind in (2, 3):
+            chunks += chunk
+    config, history, tables = {}, [], set()
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "history":
+            row = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            tables |= {k.removesuffix("._type") for k, v in row.items() if k.endswith("._type") and v == "table-file"}
+            history.append(row)
+    return config, history, sorted(tables)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from train.batches import TrainMicroBatches
-from train.data import embedded_corpus, load_texts, packed_dataset, resolve_sources
+from train.data import embedded_corpus, load_texts, packed_dataset, resolve_sources, tokenize_and_pack
 from train.errors import ConfigError
 from train.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -152,3 +152,14 @@ def test_epochs_wrap_with_a_fresh_shuffle_and_resume_is_exact():
     assert len(set(first_epoch)) == 96
     assert steps[8] != steps[0]
     assert consumed(0, 1, steps=6, start_step=10) == steps[10:16]
+
+
+def test_blocks_do_not_depend_on_the_number_of_processes(tmp_path, tokenizer_dir, corpus):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    texts = load_texts(resolve_sources([str(corpus)])[0], "text")
+    one, left_one = tokenize_and_pack(texts, tokenizer, 64, num_proc=None)
+    two, left_two = tokenize_and_pack(texts, tokenizer, 64, num_proc=2)
+    assert left_one == left_two < 64
+    assert one["input_ids"][:] == two["input_ids"][:]
+    n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts["text"] if t.strip())
+    assert len(one) * 64 + left_one == n_tokens

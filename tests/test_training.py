@@ -42,6 +42,8 @@ def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
         "--sample-tokens",
         5,
         "--trace-batches",
+        "--profile-steps",
+        2,
     ]
 
 
@@ -102,14 +104,15 @@ def test_run_folder_holds_config_tokenizer_and_metrics(layout_runs):
     _, runs = layout_runs
     run = runs["pp2_dp2"]
     config = json.loads((run / "run_config.json").read_text())
-    assert config["topology"] == {
-        "world_size": 4,
-        "pipeline_stages": 2,
-        "data_parallel": 2,
-        "stage_layer_bounds": config["topology"]["stage_layer_bounds"],
-        "micro_batches_per_step": 2,
-    }
-    assert config["deepspeed"]["train_batch_size"] == 8 and config["parameters"] > 0
+    topology = config["topology"]
+    assert (topology["world_size"], topology["pipeline_stages"], topology["data_parallel"]) == (4, 2, 2)
+    assert topology["micro_batches_per_step"] == 2
+    stages = topology["stages"]
+    assert [s["layers"][0] for s in stages] == ["EmbeddingPipe", "BlockPipe"]
+    assert stages[1]["layers"][-2:] == ["FinalNormPipe", "EmbeddingPipe"]  # the tied head closes the last stage
+    hf_params = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(run / "hf").parameters())
+    assert config["parameters"] == sum(s["parameters"] for s in stages) == hf_params
+    assert config["deepspeed"]["train_batch_size"] == 8
     assert (run / "tokenizer" / "tokenizer.json").exists()
     metrics = read_metrics(run)
     assert all({"step", "loss", "lr", "grad_norm", "tokens_per_sec", "samples_per_sec"} <= m.keys() for m in metrics)
@@ -143,3 +146,23 @@ def test_pipeline_stages_see_identical_batches_and_replicas_disjoint_ones(layout
                       for dp in range(replicas)]  # fmt: skip
             assert not set(shares[0]) & set(shares[-1]) or replicas == 1
             assert sorted(sum(shares, [])) == sorted(b for r in single if r["step"] == step for b in r["blocks"])
+
+
+def test_timeline_shows_1f1b_on_every_stage(layout_runs):
+    import json
+
+    _, runs = layout_runs
+    for name, stages, micro_batches in (("pp2", 2, 4), ("pp2_dp2", 2, 2)):
+        timeline = runs[name] / "timeline"
+        assert (timeline / "step_2.png").stat().st_size > 10_000
+        events = json.loads((timeline / "step_2.trace.json").read_text())["traceEvents"]
+        bubble = json.loads((timeline / "step_2.bubble.json").read_text())
+        assert bubble["theory"] == (stages - 1) / (micro_batches + stages - 1)
+        for stage in range(stages):
+            for dp in {e["tid"] for e in events if e["ph"] == "X"}:
+                order = "".join(e["name"][0] for e in events if e["ph"] == "X" and e["pid"] == stage
+                                and e["tid"] == dp and e["name"] in ("ForwardPass", "BackwardPass"))  # fmt: skip
+                warmup = min(stages - stage, micro_batches)  # micro-batches in flight, never all m as in GPipe
+                assert order == "F" * warmup + "BF" * (micro_batches - warmup) + "B" * warmup, (name, stage, order)
+                names = {e["name"] for e in events if e["pid"] == stage and e.get("tid") == dp}
+                assert {"LoadMicroBatch", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep"} <= names or stage > 0

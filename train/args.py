@@ -43,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seq-len", type=int, default=128)
     data.add_argument("--val-fraction", type=float, default=0.02, help="last fraction of packed blocks held out")
     data.add_argument("--data-cache-dir", type=Path, default=None, help="packed-data cache (default ~/.cache/pipegpt)")
-    data.add_argument("--trace-batches", action="store_true",
-                      help="record the block indices every data-reading rank feeds, in <output-dir>/batches/")
+    data.add_argument(
+        "--trace-batches",
+        action="store_true",
+        help="record the block indices every data-reading rank feeds, in <output-dir>/batches/",
+    )
     data.add_argument("--num-proc", type=int, default=None, help="processes for tokenization (default: all cores)")
     train = p.add_argument_group("training")
     train.add_argument(
@@ -79,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["online", "offline", "disabled"],
         default=None,
         help="default: online when WANDB_API_KEY is set, else offline",
+    )
+    out.add_argument(
+        "--profile-steps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="steps whose 1F1B schedule is recorded (Chrome trace + PNG in <output-dir>/timeline)",
+    )
+    out.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak TFLOP/s for MFU (default: looked up from the device name; none on CPU)",
     )
     out.add_argument("--sample-prompt", default="And God said", help="prompt for the sample printed at the end")
     out.add_argument("--sample-tokens", type=int, default=40)

@@ -8,6 +8,7 @@ batch. The position is a pure function of the step, which makes resuming exact.
 """
 
 import json
+import time
 from collections.abc import Iterator
 from typing import TextIO
 
@@ -39,6 +40,7 @@ class TrainMicroBatches:
         self.seed = seed
         self.step = start_step
         self.trace: TextIO | None = None  # when set, every micro-batch handed to the engine is recorded
+        self.wait_seconds = 0.0  # time the engine spent waiting on us, read and reset by the loop
         self._order: tuple[int, torch.Tensor] | None = None
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -58,10 +60,12 @@ class TrainMicroBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             for micro, indices in enumerate(self.step_indices(self.step)):
+                start = time.perf_counter()
                 if self.trace is not None:
                     self.trace.write(json.dumps({"step": self.step + 1, "micro": micro, "blocks": indices}) + "\n")
                     self.trace.flush()
                 input_ids = self.blocks[indices]["input_ids"].long()
+                self.wait_seconds += time.perf_counter() - start
                 yield input_ids, input_ids
             self.step += 1
 

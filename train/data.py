@@ -1,8 +1,8 @@
 """Text sources -> `datasets` -> tokenized, packed blocks of `seq_len` tokens, cached on disk.
 
 Documents are joined with EOS and cut into blocks; each block is both the input and
-the label (the loss shifts by one, as `GPT2LMHeadModel` does). Tokens left over at the
-end of each `map` batch (fewer than one block) are dropped and counted.
+the label (the loss shifts by one, as `GPT2LMHeadModel` does). The tokens left over at the
+end of a source (fewer than one block) are dropped and counted.
 """
 
 import glob
@@ -15,15 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Value, concatenate_datasets, load_dataset, load_from_disk
+import pyarrow as pa
+from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from train.errors import ConfigError
 
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-CACHE_FORMAT = 1  # bump when the packing changes, so that old caches are not served
+CACHE_FORMAT = 2  # bump when the packing changes, so that old caches are not served
 MAP_BATCH = 1000
+PACK_BATCH = 10_000
 
 
 @dataclass
@@ -131,28 +133,44 @@ def load_texts(source: Source, text_column: str) -> Dataset:
 
 def tokenize_and_pack(
     texts: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None
-) -> Dataset:
-    """Tokenize (batched `map`), append EOS to every document, and pack into `seq_len` blocks."""
+) -> tuple[Dataset, int]:
+    """Tokenize (batched, multi-process `map`), append EOS to every document, then pack the token
+    stream into `seq_len` blocks in order. Returns the blocks and the number of tokens left over
+    at the very end (fewer than one block). The blocks do not depend on `num_proc`."""
     eos = tokenizer.eos_token_id
 
-    def pack_into_blocks(batch: dict) -> dict:
+    def tokenize(batch: dict) -> dict:
         docs = [t for t in batch["text"] if t and t.strip()]
-        ids = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
-        flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int32)
-        n_blocks = len(flat) // seq_len
-        return {
-            "input_ids": flat[: n_blocks * seq_len].reshape(n_blocks, seq_len),
-            "dropped": [len(flat) - n_blocks * seq_len] + [0] * (n_blocks - 1) if n_blocks else [],
-        }
+        ids = tokenizer(docs, add_special_tokens=False, return_attention_mask=False)["input_ids"] if docs else []
+        return {"input_ids": [doc + [eos] for doc in ids]}
 
-    return texts.map(
-        pack_into_blocks,
+    tokenized = texts.map(
+        tokenize,
         batched=True,
         batch_size=MAP_BATCH,
         remove_columns=texts.column_names,
+        features=Features({"input_ids": Sequence(Value("int32"))}),
         num_proc=num_proc if num_proc and num_proc > 1 and len(texts) > MAP_BATCH * num_proc else None,
-        desc=f"tokenizing and packing into {seq_len}-token blocks",
+        desc="tokenizing",
     )
+    carry = np.empty(0, dtype=np.int32)  # tokens of the current, unfinished block
+
+    def pack_into_blocks(batch: pa.Table) -> dict:
+        nonlocal carry
+        flat = np.concatenate([carry, batch["input_ids"].combine_chunks().flatten().to_numpy()])
+        n_blocks = len(flat) // seq_len
+        carry = flat[n_blocks * seq_len :]
+        return {"input_ids": flat[: n_blocks * seq_len].reshape(n_blocks, seq_len)}
+
+    blocks = tokenized.with_format("arrow").map(
+        pack_into_blocks,
+        batched=True,
+        batch_size=PACK_BATCH,
+        load_from_cache_file=False,  # the leftover count is computed while packing
+        features=Features({"input_ids": Sequence(Value("int32"), length=seq_len)}),
+        desc=f"packing into {seq_len}-token blocks",
+    )
+    return blocks.with_format(None), len(carry)
 
 
 def cache_key(source: Source, text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> str:
@@ -170,12 +188,13 @@ def packed_source(source: Source, text_column: str, tokenizer: PreTrainedTokeniz
     """All blocks of one source, tokenized once per (source files, tokenizer, seq_len) and memory-mapped after."""
     path = cache_dir / cache_key(source, text_column, tokenizer, seq_len)
     if not path.exists():
-        blocks = tokenize_and_pack(load_texts(source, text_column), tokenizer, seq_len, num_proc)
+        blocks, dropped = tokenize_and_pack(load_texts(source, text_column), tokenizer, seq_len, num_proc)
         if len(blocks) == 0:
             raise ConfigError(f"{source.spec} holds fewer than {seq_len} tokens of text: nothing to train on")
-        stats = {"blocks": len(blocks), "dropped_tokens": int(np.sum(blocks["dropped"])), "source": source.spec}
+        stats = {"blocks": len(blocks), "tokens": len(blocks) * seq_len, "dropped_tokens": dropped}
+        print(f"{source.spec}: {stats['tokens']:,} tokens in {len(blocks):,} blocks, {dropped} left over", flush=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        blocks.remove_columns("dropped").save_to_disk(str(tmp))
+        blocks.save_to_disk(str(tmp))
         (tmp / "pipegpt_stats.json").write_text(json.dumps(stats))
         os.replace(tmp, path) if not path.exists() else shutil.rmtree(tmp)
     return load_from_disk(str(path))

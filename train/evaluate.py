@@ -1,6 +1,9 @@
-"""Validation loss with the pipeline engine's own forward-only schedule."""
+"""Validation loss and text samples, with the pipeline engine's own forward-only schedule."""
 
+import torch
+import torch.distributed as dist
 from datasets import Dataset
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from train.batches import eval_micro_batches
@@ -20,3 +23,40 @@ def evaluate(
         engine.eval_batch(iter(batches[i : i + micro_batches])).item() for i in range(0, len(batches), micro_batches)
     ]
     return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def sample_through_pipeline(
+    engine: PipelineEngine, tokenizer, prompt: str, new_tokens: int, seq_len: int, micro_batch_size: int,
+    seed: int, top_k: int = 50, temperature: float = 0.8,
+) -> list[str]:  # fmt: skip
+    """`micro_batch_size` samples of `prompt`, decoded by the pipeline itself (no export needed).
+
+    Every new token is one forward-only pass of a fixed (micro_batch_size, seq_len) block, so the
+    engine's activation buffers keep their training shape; the last stage samples and broadcasts
+    the tokens to the other stages. Causal attention makes the padding after each row invisible.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][: seq_len - 1] or [tokenizer.eos_token_id]
+    block = torch.full((micro_batch_size, seq_len), tokenizer.eos_token_id, dtype=torch.long)
+    block[:, : len(prompt_ids)] = torch.tensor(prompt_ids)
+    length = len(prompt_ids)
+    device = get_accelerator().current_device_name()
+    last_stage = engine.grid.stage_to_global(engine.num_stages - 1, data=engine.grid.data_parallel_id)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(min(new_tokens, seq_len - length)):
+        # eval_batch adds every output to `total_loss` and never resets it: a scalar left by the
+        # last loss evaluation cannot take logits, so start from nothing (train_batch does the same).
+        engine.total_loss = None
+        out = engine.eval_batch(iter([(block, block)]), compute_loss=False, reduce_output=None, bcast_loss=False,
+                                num_micro_batches=1)  # fmt: skip
+        next_ids = torch.zeros(micro_batch_size, dtype=torch.long, device=device)
+        if engine.is_last_stage():
+            logits = out[0][:, length - 1].float().cpu() / temperature
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+            probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+            next_ids.copy_(torch.multinomial(probs, 1, generator=generator).squeeze(1))
+        dist.broadcast(next_ids, src=last_stage, group=engine.grid.get_pipe_parallel_group())
+        block[:, length] = next_ids.cpu()
+        length += 1
+    engine.total_loss = None
+    return [tokenizer.decode(row[:length]) for row in block]

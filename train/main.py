@@ -21,11 +21,13 @@ from train.batches import TrainMicroBatches
 from train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from train.distributed import init_distributed, raise_if_any_failed, rank, rank_zero_first
 from train.errors import ConfigError, RunError
-from train.evaluate import evaluate
+from train.evaluate import evaluate, sample_through_pipeline
+from train.flops import flops_per_token, peak_tflops, tflops_and_mfu, training_dtype
 from train.generate import generate_text
-from train.metrics import MetricsLog, eval_metrics, wandb_mode
+from train.metrics import MetricsLog, eval_metrics, peak_memory_per_stage, perplexity, run_environment, wandb_mode
 from train.preflight import check_inputs
 from train.prepare import prepare_data, prepare_tokenizer
+from train.timeline import ScheduleProfiler, summary_line
 
 
 def say(message: str) -> None:
@@ -42,14 +44,16 @@ def parameter_groups(module: torch.nn.Module) -> list[dict]:
     ]
 
 
-def unique_parameter_count(engine) -> int:
-    """Parameters of the whole model: every stage counted once, the tied embedding once."""
+def stages_summary(engine) -> list[dict]:
+    """Layers and parameters of every stage (the tied embedding counted on the first stage only)."""
     pipe = engine.module
     tied = {id(p) for m in pipe.tied_modules.values() for p in m.parameters()}
-    local = sum(p.numel() for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
-    counts = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, (engine.grid.data_parallel_id, local))
-    return sum(n for dp_id, n in counts if dp_id == 0)
+    params = sum(p.numel() for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
+    layers = [spec.typename.__name__ for spec in pipe._layer_specs[pipe._local_start : pipe._local_stop]]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (engine.grid.data_parallel_id, engine.stage_id, layers, params))
+    return [{"stage": stage, "layers": layers, "parameters": n}
+            for dp, stage, layers, n in sorted(everyone, key=lambda x: x[1]) if dp == 0]  # fmt: skip
 
 
 def run(args) -> None:
@@ -109,10 +113,13 @@ def run(args) -> None:
             "data_parallel": dp_size,
             "stage_layer_bounds": [int(b) for b in pipe.parts],
             "micro_batches_per_step": micro_batches,
+            "stages": stages_summary(engine),
         },
-        "parameters": unique_parameter_count(engine),
         "model": model_config.to_dict(),
+        "flops_per_token": flops_per_token(model_config, args.seq_len),
+        **run_environment(),
     }
+    run_config["parameters"] = sum(s["parameters"] for s in run_config["topology"]["stages"])
     if rank() == 0:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
     say(
@@ -145,10 +152,18 @@ def run(args) -> None:
     data_iter = iter(batches) if feeds_data else None
     checkpoints = output_dir / "checkpoints"
     tokens_per_step = global_batch * args.seq_len
+    peak = peak_tflops(training_dtype(ds_config), args.peak_tflops)
+    profiler = ScheduleProfiler(engine, set(args.profile_steps)) if args.profile_steps else None
     for step in range(start_step + 1, args.train_steps + 1):
+        if profiler:
+            profiler.begin(step)
         start = time.perf_counter()
         loss = engine.train_batch(data_iter=data_iter).item()
         elapsed = time.perf_counter() - start
+        data_wait, batches.wait_seconds = batches.wait_seconds, 0.0
+        bubble = profiler.end(output_dir) if profiler else None
+        if bubble:
+            say(f"step {step} timeline in {output_dir / 'timeline'}: {summary_line(bubble)}")
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         # Without fp16 loss scaling a non-finite gradient is no overflow to skip: the run has diverged.
         if not math.isfinite(loss) or (not engine.fp16_enabled() and not math.isfinite(grad_norm)):
@@ -158,11 +173,18 @@ def run(args) -> None:
             )
         last = step == args.train_steps
         if step % args.log_interval == 0 or step % args.eval_interval == 0 or last:
-            metrics = {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
+            metrics = {"loss": loss, "ppl": perplexity(loss), "lr": engine.get_lr()[0], "grad_norm": grad_norm,
                        "tokens_per_sec": tokens_per_step / elapsed, "samples_per_sec": global_batch / elapsed,
-                       "step_time": elapsed}  # fmt: skip
+                       "step_time": elapsed, "data_wait": data_wait,
+                       **tflops_and_mfu(run_config["flops_per_token"], tokens_per_step / elapsed, world_size, peak),
+                       **peak_memory_per_stage(engine)}  # fmt: skip
+            if bubble:
+                metrics.update({f"bubble/stage{s}": b for s, b in bubble["measured"].items()})
             if step % args.eval_interval == 0 or last:
                 metrics.update(eval_metrics(evaluate(engine, splits["validation"], micro, micro_batches, eval_blocks)))
+                samples = sample_through_pipeline(engine, tokenizer, args.sample_prompt, args.sample_tokens,
+                                                  args.seq_len, micro, seed=args.seed + step)  # fmt: skip
+                log.samples(step, samples[:3])
             if last:
                 metrics["tied_embedding_max_diff"] = engine.module.tied_weight_max_diff()
             log.log(step, metrics)

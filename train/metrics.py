@@ -3,8 +3,47 @@
 import json
 import math
 import os
+import resource
+import subprocess
 import time
 from pathlib import Path
+
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+
+def peak_memory_per_stage(engine) -> dict[str, float]:
+    """Peak memory (MB) of every stage, the largest over its replicas: device memory on an
+    accelerator, peak resident set size of the process on CPU. A collective."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:
+        peak = accelerator.max_memory_allocated()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (engine.stage_id, peak))
+    per_stage: dict[str, float] = {}
+    for stage, value in everyone:
+        key = f"peak_mem_mb/stage{stage}"
+        per_stage[key] = max(per_stage.get(key, 0.0), value / 2**20)
+    return per_stage
+
+
+def run_environment() -> dict:
+    """Library versions and the git revision, for the run's config."""
+    import datasets
+    import deepspeed
+    import torch
+    import transformers
+
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  cwd=Path(__file__).parent, timeout=10).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    return {"versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                         "transformers": transformers.__version__, "datasets": datasets.__version__},
+            "git_revision": revision, "device": get_accelerator().device_name()}  # fmt: skip
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -13,8 +52,12 @@ def wandb_mode(requested: str | None) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
 def eval_metrics(eval_loss: float) -> dict:
-    return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))}
+    return {"eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
 
 
 def format_duration(seconds: float) -> str:
@@ -38,7 +81,9 @@ class MetricsLog:
         wandb_run_id: str | None = None,
     ):
         self.enabled = enabled
+        self.output_dir = output_dir
         self.resume_step = resume_step
+        self.sample_rows: list[list] = []
         self.total_steps = total_steps
         self.start = time.perf_counter()
         self.wandb = None
@@ -71,7 +116,19 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def samples(self, step: int, texts: list[str]) -> None:
+        """Generated text at an evaluation: samples.jsonl and a W&B table that grows over the run."""
+        if not self.enabled:
+            return
+        with open(self.output_dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": step, "sample": t}) + "\n" for t in texts)
+        if self.wandb is not None:
+            import wandb
+
+            self.sample_rows += [[step, t] for t in texts]
+            self.wandb.log({"samples": wandb.Table(columns=["step", "sample"], data=self.sample_rows)}, step=step)
 
     def progress(self, step: int, metrics: dict) -> None:
         if not self.enabled:
