@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime import utils as ds_utils
 from torch import nn
 from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
+from models.flops import layer_flops
 from models.loss import next_token_cross_entropy
 
 TIED_EMBEDDING_KEY = "embed"
@@ -116,6 +118,23 @@ def gpt2_layer_specs(config: GPT2Config) -> list[LayerSpec]:
 
 
 class GPT2Pipeline(PipelineModule):
+    """DeepSpeed's PipelineModule plus a `flops` partition method that balances compute.
+
+    DeepSpeed balances parameters (the tied head has none on the last stage, yet does the
+    largest matmul and the loss), layer counts or layer types; its `profile` method is not
+    implemented. `flops` gives DeepSpeed's own balanced-partition solver per-layer costs.
+    """
+
+    def __init__(self, *args, layer_costs: list[float] | None = None, **kwargs):
+        self.layer_costs = layer_costs
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        if method.lower() != "flops":
+            return super()._partition_layers(method)
+        self.parts = ds_utils.partition_balanced(weights=self.layer_costs, num_parts=self.num_stages)
+        self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+
     @torch.no_grad()
     def _synchronize_tied_weights(self) -> None:
         # DeepSpeed broadcasts the tied embedding with grad enabled, which records the in-place
@@ -151,6 +170,7 @@ def build_gpt2_pipeline(
     partition_method: str = "parameters",
     seed: int = 1234,
     activation_checkpoint_interval: int = 0,
+    seq_len: int | None = None,
 ) -> GPT2Pipeline:
     """GPT-2 as a `PipelineModule`. Each layer is seeded from (seed, layer index), so the
     initial weights are the same whatever the number of stages."""
@@ -164,4 +184,5 @@ def build_gpt2_pipeline(
         base_seed=seed,
         activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=[BlockPipe.__name__],
+        layer_costs=layer_flops(config, seq_len or config.n_positions),
     )

@@ -49,7 +49,8 @@ def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
 
 @pytest.fixture(scope="module")
 def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
-    """The same 6 steps as pp=1, pp=2 and pp=2 x dp=2 (global batch 8, micro-batch 2, fp32)."""
+    """The same 6 steps as pp=1, pp=2, pp=2 x dp=2 and pp=2 balanced by FLOPs with activation checkpointing
+    (global batch 8, micro-batch 2, fp32)."""
     tmp = tmp_path_factory.mktemp("layouts")
     (tmp / "model.json").write_text(
         '{"model_type": "gpt2", "n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 64,'
@@ -57,12 +58,12 @@ def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
     )
     ds_config = write_ds_config(tmp / "ds.json")
     runs = {}
-    for name, stages, ranks in [("pp1", 1, 1), ("pp2", 2, 2), ("pp2_dp2", 2, 4)]:
+    balanced = ["--partition-method", "flops", "--activation-checkpoint-interval", 1]
+    layouts = [("pp1", 1, 1, []), ("pp2", 2, 2, []), ("pp2_dp2", 2, 4, []), ("pp2_flops_ac", 2, 2, balanced)]
+    for name, stages, ranks, extra in layouts:
         out = tmp / name
-        launch(
-            [*common_args(corpus, tokenizer_dir, tmp, ds_config), "--pipeline-stages", stages, "--output-dir", out],
-            ranks,
-        )
+        args = [*common_args(corpus, tokenizer_dir, tmp, ds_config), "--pipeline-stages", stages, "--output-dir", out]
+        launch([*args, *extra], ranks)
         runs[name] = out
     return tmp, runs
 
@@ -72,7 +73,7 @@ def test_layouts_train_the_same_losses(layout_runs):
     losses = {name: [m["loss"] for m in read_metrics(out)] for name, out in runs.items()}
     assert len(losses["pp1"]) == STEPS
     assert losses["pp1"][-1] < losses["pp1"][0], "loss did not fall"
-    for name in ("pp2", "pp2_dp2"):
+    for name in ("pp2", "pp2_dp2", "pp2_flops_ac"):
         for ours, reference in zip(losses[name], losses["pp1"], strict=True):
             assert abs(ours - reference) <= 1e-4 * abs(reference), (name, losses[name], losses["pp1"])
 
@@ -166,3 +167,31 @@ def test_timeline_shows_1f1b_on_every_stage(layout_runs):
                 assert order == "F" * warmup + "BF" * (micro_batches - warmup) + "B" * warmup, (name, stage, order)
                 names = {e["name"] for e in events if e["pid"] == stage and e.get("tid") == dp}
                 assert {"LoadMicroBatch", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep"} <= names or stage > 0
+
+
+def test_flops_partition_is_the_balanced_split_of_layer_costs(layout_runs):
+    import json
+
+    from deepspeed.runtime.utils import partition_balanced
+    from transformers import GPT2Config
+
+    from models.flops import layer_flops
+
+    _, runs = layout_runs
+    config = json.loads((runs["pp2_flops_ac"] / "run_config.json").read_text())
+    expected = partition_balanced(layer_flops(GPT2Config.from_dict(config["model"]), 32), 2)
+    assert config["topology"]["stage_layer_bounds"] == [int(b) for b in expected]
+
+
+def test_flops_partition_unloads_the_head_stage_of_the_default_model():
+    """gpt2-tiny: the tied head (8192 x 128) costs ~4.5 blocks; parameters put 2 blocks beside it."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    from models.flops import layer_flops
+    from models.presets import resolve_model_config
+
+    config = resolve_model_config("gpt2-tiny", None, 8192)
+    costs = layer_flops(config, 128)
+    bounds = [int(b) for b in partition_balanced(costs, 2)]
+    assert bounds == [0, 6, 7]  # embedding, 4 blocks, final norm | the head and loss
+    assert max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)) < sum(costs[3:])  # beats [0, 3, 7]

@@ -55,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--pipeline-stages", type=int, default=2)
     train.add_argument(
-        "--partition-method", default="parameters", help="DeepSpeed's: parameters, uniform, type:<regex>"
+        "--partition-method",
+        default="parameters",
+        help="flops (balance forward+backward FLOPs), or DeepSpeed's parameters, uniform, type:<regex>",
+    )
+    train.add_argument(
+        "--activation-checkpoint-interval",
+        type=int,
+        default=0,
+        help="recompute every N transformer blocks in backward instead of storing their activations",
     )
     train.add_argument("--train-steps", type=int, default=300)
     train.add_argument("--seed", type=int, default=1234)

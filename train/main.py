@@ -14,6 +14,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from models.flops import flops_per_token
 from models.gpt2_pipe import build_gpt2_pipeline
 from models.hf_weights import export_hf_model, load_hf_weights, resolve_model_dir
 from train.args import parse_args
@@ -22,9 +23,9 @@ from train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from train.distributed import init_distributed, raise_if_any_failed, rank, rank_zero_first
 from train.errors import ConfigError, RunError
 from train.evaluate import evaluate, sample_through_pipeline
-from train.flops import flops_per_token, peak_tflops, tflops_and_mfu, training_dtype
 from train.generate import generate_text
 from train.metrics import MetricsLog, eval_metrics, peak_memory_per_stage, perplexity, run_environment, wandb_mode
+from train.mfu import peak_tflops, tflops_and_mfu, training_dtype
 from train.preflight import check_inputs
 from train.prepare import prepare_data, prepare_tokenizer
 from train.timeline import ScheduleProfiler, summary_line
@@ -98,7 +99,14 @@ def run(args) -> None:
     )
 
     # Phase 3: the pipeline model and DeepSpeed engine.
-    pipe = build_gpt2_pipeline(model_config, args.pipeline_stages, args.partition_method, args.seed)
+    pipe = build_gpt2_pipeline(
+        model_config,
+        args.pipeline_stages,
+        args.partition_method,
+        args.seed,
+        args.activation_checkpoint_interval,
+        args.seq_len,
+    )
     if args.model:
         n = load_hf_weights(pipe, resolve_model_dir(args.model), model_config.n_layer)
         print(f"rank {rank()}: loaded {n} pretrained tensors for layers {pipe._local_start}-{pipe._local_stop - 1}")

@@ -38,6 +38,13 @@ def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, li
     for flag in ("train_steps", "seq_len", "eval_interval", "log_interval"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    method = args.partition_method.lower()
+    if method not in ("parameters", "uniform", "flops") and not method.startswith("type:"):
+        raise ConfigError(
+            f"--partition-method {args.partition_method!r}: use flops, parameters, uniform or type:<regex>"
+        )
+    if args.activation_checkpoint_interval < 0:
+        raise ConfigError("--activation-checkpoint-interval must be 0 (off) or positive")
     if not 0 < args.val_fraction < 1:
         raise ConfigError("--val-fraction must be between 0 and 1")
     ds_config = load_ds_config(args.deepspeed_config, args.train_steps)

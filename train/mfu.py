@@ -1,17 +1,9 @@
-"""Model FLOPs per token, accelerator peaks, and MFU.
+"""Accelerator peak FLOP/s and MFU = achieved model FLOP/s per device / the device's dense peak.
 
-FLOPs per trained token (forward + backward), after Chowdhery et al. 2022 (PaLM), appendix B:
-
-    6 * N + 12 * n_layer * d_model * seq_len
-
-N counts the parameters that take part in matrix multiplies: the transformer blocks and the
-(tied) LM head, vocab x d_model; position embeddings and the token lookup do no FLOPs. The
-second term is attention's QK^T and AV, counted for the full (not causally halved) matrix.
-MFU = achieved model FLOPs per second per device / the device's dense peak for the dtype.
+The model FLOPs per token come from `models/flops.py` (PaLM's 6N + 12 L d T).
 """
 
 from deepspeed.accelerator import get_accelerator
-from transformers import GPT2Config
 
 # Dense (no sparsity) peak TFLOP/s per device from the vendors' datasheets; first match wins.
 PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
@@ -25,14 +17,6 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("MI300X", {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4}),
     ("MI250X", {"bf16": 383.0, "fp16": 383.0, "fp32": 47.9}),
 ]
-
-
-def flops_per_token(config: GPT2Config, seq_len: int) -> float:
-    d, layers = config.n_embd, config.n_layer
-    inner = config.n_inner or 4 * d
-    block_matmul_params = 4 * d * d + 2 * d * inner  # qkv + attention out + MLP in/out
-    n = layers * block_matmul_params + config.vocab_size * d
-    return 6 * n + 12 * layers * d * seq_len
 
 
 def training_dtype(ds_config: dict) -> str:

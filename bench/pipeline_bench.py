@@ -1,0 +1,137 @@
+"""Pipeline throughput on CPU: plain transformers loop vs ours (1 and 2 stages) vs torch.distributed.pipelining.
+
+    python -m bench.pipeline_bench [--layers 4 8] [--steps 12] [--repeats 2]
+
+GPT-2 d=256, vocab 1024, seq 128, micro-batch 2, 16 micro-batches per step, fp32, AdamW,
+clipping 1.0. Every variant runs `--repeats` times in this invocation; the table gives the
+median seconds per step after 2 warm-up steps. Pipeline efficiency = ideal / measured, with
+ideal = (plain loop on 1 thread) / p x (m + p - 1) / m: what p perfect stages would take.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MICRO, MICROS, SEQ = 2, 16, 128
+
+
+def plain_loop(layers: int, threads: int, steps: int) -> float:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    config = GPT2Config(n_layer=layers, n_embd=256, n_head=4, n_positions=SEQ, vocab_size=1024,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, 1024, (MICROS, MICRO, SEQ), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        for micro in batch:
+            (model(micro, labels=micro).loss / MICROS).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode:
+        sys.exit(f"benchmark command failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def ours(layers: int, stages: int, steps: int, work: Path, tokenizer: Path, partition: str) -> float:
+    model = work / f"gpt2_{layers}.json"
+    model.write_text(json.dumps({"model_type": "gpt2", "n_layer": layers, "n_embd": 256, "n_head": 4,  # noqa: E501
+                                 "n_positions": SEQ, "vocab_size": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                 "attn_pdrop": 0.0}))  # fmt: skip
+    ds = work / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": MICRO * MICROS, "train_micro_batch_size_per_gpu": MICRO,
+                              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+                              "gradient_clipping": 1.0, "zero_optimization": {"stage": 1},
+                              "steps_per_print": 10**9}))  # fmt: skip
+    out = work / f"run_{layers}_{stages}_{partition}_{time.time_ns()}"
+    threads = str(2 // stages)
+    run(["deepspeed", "--num_gpus", str(stages), "--master_port", "29655", "--module", "train.main",
+         "--model-config", str(model), "--tokenizer", str(tokenizer), "--seq-len", str(SEQ),
+         "--pipeline-stages", str(stages), "--partition-method", partition, "--deepspeed_config", str(ds),
+         "--train-steps", str(steps), "--log-interval", "1", "--eval-interval", str(10**6), "--eval-blocks", "32",
+         "--output-dir", str(out), "--wandb-mode", "disabled", "--sample-tokens", "1",
+         "--data-cache-dir", str(work / "cache")],
+        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads})  # fmt: skip
+    times = [json.loads(line)["step_time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(times[2:])
+
+
+def torch_pipelining(layers: int, schedule: str, steps: int) -> float:
+    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", "29656", "-m", "bench.torch_pipelining",
+                "--layers", str(layers), "--schedule", schedule, "--steps", str(steps)])  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])["s_per_step"]
+
+
+VARIANTS = [
+    "plain transformers loop, 2 threads",
+    "plain transformers loop, 1 thread",
+    "ours, 1 stage, 2 threads",
+    "ours, 2 stages (parameters)",
+    "ours, 2 stages (flops)",
+    "torch Schedule1F1B, 2 stages",
+    "torch ScheduleGPipe, 2 stages",
+]
+
+
+def measure(name: str, layers: int, steps: int, work: Path) -> float:
+    if name.startswith("plain"):
+        threads = "2" if "2 threads" in name else "1"
+        cmd = [sys.executable, "-m", "bench.pipeline_bench", "--plain", str(layers), threads, "--steps", str(steps)]
+        return float(run(cmd).stdout)
+    if name.startswith("ours"):
+        stages = 1 if "1 stage" in name else 2
+        return ours(layers, stages, steps, work, work / "tokenizer", "flops" if "flops" in name else "parameters")
+    return torch_pipelining(layers, "1f1b" if "1F1B" in name else "gpipe", steps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--plain", nargs=2, type=int, help=argparse.SUPPRESS)  # internal: layers threads
+    a = p.parse_args()
+    if a.plain:
+        print(plain_loop(a.plain[0], a.plain[1], a.steps))
+        return
+    from train.data import embedded_corpus, load_texts, resolve_sources
+    from train.tokenizer import train_bpe_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="pipegpt_pipe_bench_"))
+    texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
+    train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), 1024, work / "tokenizer")
+    print("| blocks | variant | s/step | tokens/s | vs plain (2 threads) | pipeline efficiency |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for layers in a.layers:
+        results = {name: [measure(name, layers, a.steps, work) for _ in range(a.repeats)] for name in VARIANTS}
+        plain2 = statistics.median(results["plain transformers loop, 2 threads"])
+        ideal = statistics.median(results["plain transformers loop, 1 thread"]) / 2 * (MICROS + 1) / MICROS
+        for name, times in results.items():
+            for t in times:
+                eff = f"{ideal / t:.2f}" if "2 stages" in name else ""
+                print(f"| {layers} | {name} | {t:.3f} | {MICRO * MICROS * SEQ / t:,.0f} | {plain2 / t:.2f} | {eff} |",
+                      flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
