@@ -5,6 +5,7 @@ Phases: check inputs -> tokenizer -> packed data -> pipeline model -> DeepSpeed 
 """
 
 import json
+import logging
 import math
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import logger as ds_logger
 
 from models.flops import flops_per_token
 from models.gpt2_pipe import build_gpt2_pipeline
@@ -29,6 +31,21 @@ from train.mfu import peak_tflops, tflops_and_mfu, training_dtype
 from train.preflight import check_inputs
 from train.prepare import prepare_data, prepare_tokenizer
 from train.timeline import ScheduleProfiler, summary_line
+
+
+class DropMessage(logging.Filter):
+    """Drops one known-harmless library message, leaving every other warning visible."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# deepspeed.initialize reads the LR before the scheduler's first step and warns about it.
+ds_logger.addFilter(DropMessage("Attempting to get learning rate from scheduler before it has started"))
 
 
 def say(message: str) -> None:
