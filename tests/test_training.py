@@ -195,3 +195,22 @@ def test_flops_partition_unloads_the_head_stage_of_the_default_model():
     bounds = [int(b) for b in partition_balanced(costs, 2)]
     assert bounds == [0, 6, 7]  # embedding, 4 blocks, final norm | the head and loss
     assert max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)) < sum(costs[3:])  # beats [0, 3, 7]
+
+
+def test_planner_partition_and_parameters_equal_what_the_pipeline_built(layout_runs):
+    import json
+
+    from transformers import GPT2Config
+
+    from train.plan import plan_stages, stage_bounds
+
+    _, runs = layout_runs
+    for name, method in (("pp1", "parameters"), ("pp2", "parameters"), ("pp2_dp2", "parameters"),
+                         ("pp2_flops_ac", "flops")):  # fmt: skip
+        config = json.loads((runs[name] / "run_config.json").read_text())
+        topology, model = config["topology"], GPT2Config.from_dict(config["model"])
+        stages, dp = topology["pipeline_stages"], topology["data_parallel"]
+        assert stage_bounds(model, stages, method, 32) == topology["stage_layer_bounds"], name
+        plans = plan_stages(model, config["deepspeed"], stages, dp, 32, method)
+        assert [p.parameters for p in plans] == [s["held_parameters"] for s in topology["stages"]], name
+        assert [p.layers for p in plans] == [s["layers"] for s in topology["stages"]], name

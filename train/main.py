@@ -63,15 +63,17 @@ def parameter_groups(module: torch.nn.Module) -> list[dict]:
 
 
 def stages_summary(engine) -> list[dict]:
-    """Layers and parameters of every stage (the tied embedding counted on the first stage only)."""
+    """Layers and parameters of every stage: `parameters` counts the tied embedding on the first stage
+    only (they add up to the model), `held_parameters` is what the stage keeps in memory."""
     pipe = engine.module
     tied = {id(p) for m in pipe.tied_modules.values() for p in m.parameters()}
     params = sum(p.numel() for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
     layers = [spec.typename.__name__ for spec in pipe._layer_specs[pipe._local_start : pipe._local_stop]]
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (engine.grid.data_parallel_id, engine.stage_id, layers, params))
-    return [{"stage": stage, "layers": layers, "parameters": n}
-            for dp, stage, layers, n in sorted(everyone, key=lambda x: x[1]) if dp == 0]  # fmt: skip
+    held = sum(p.numel() for p in pipe.parameters())
+    dist.all_gather_object(everyone, (engine.grid.data_parallel_id, engine.stage_id, layers, params, held))
+    return [{"stage": stage, "layers": layers, "parameters": n, "held_parameters": h}
+            for dp, stage, layers, n, h in sorted(everyone, key=lambda x: x[1]) if dp == 0]  # fmt: skip
 
 
 def run(args) -> None:

@@ -1,0 +1,189 @@
+"""Plan a run before renting the cluster: partition, memory per GPU, bubble, step time.
+
+    python -m train.plan --model-config gpt2-xl --nodes 4 --gpus-per-node 8 --gpu H100 \
+        --deepspeed_config ds_configs/gpu_bf16.json --seq-len 1024 [--pipeline-stages 4] [--mfu 0.4]
+
+The partition is the one DeepSpeed will make (the same solver on the same per-layer weights).
+Memory per GPU of stage s, in bytes (Korthikanti et al. 2022 for activations):
+
+    weights      P_s x (2 for bf16/fp16, 4 for fp32)
+    gradients    P_s x 4 with fp32 accumulation, else as weights
+    optimizer    P_s x (4 fp32 master, omitted in fp32 + 8 Adam moments) / data-parallel replicas (ZeRO-1)
+    activations  in_flight_s x n_blocks_s x (34 s b h + 5 a s^2 b) x bytes/2, in flight = min(p - s, m);
+                 with activation checkpointing only each block's input, 2 s b h x bytes/2, is kept,
+                 plus one block's full activations during its recomputation
+    logits       on the last stage, b s V x (bytes + 4) for the fp32 loss
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from deepspeed.runtime.utils import partition_balanced, partition_uniform
+from transformers import GPT2Config
+
+from models.flops import flops_per_token, layer_flops
+from models.presets import resolve_model_config
+from train.ds_config import batch_layout, load_ds_config
+from train.errors import ConfigError
+from train.mfu import PEAK_TFLOPS, training_dtype
+
+GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A100": 80, "A100-40GB": 40, "L40S": 48, "A10G": 24, "V100": 32,
+                  "MI300X": 192, "MI250X": 128}  # fmt: skip
+
+
+def layer_parameters(config: GPT2Config) -> list[int]:
+    """Parameters of every pipeline layer as DeepSpeed counts them for `parameters` partitioning
+    (it builds each spec, so the tied head counts its own copy of the token embedding)."""
+    d, inner = config.n_embd, config.n_inner or 4 * config.n_embd
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d)
+    return [config.vocab_size * d + config.n_positions * d, *[block] * config.n_layer, 2 * d, config.vocab_size * d]
+
+
+def stage_bounds(config: GPT2Config, stages: int, method: str, seq_len: int) -> list[int]:
+    method = method.lower()
+    if method == "uniform":
+        bounds = partition_uniform(config.n_layer + 3, stages)
+    elif method == "parameters":
+        bounds = partition_balanced(layer_parameters(config), stages)
+    elif method == "flops":
+        bounds = partition_balanced(layer_flops(config, seq_len), stages)
+    elif method == "type:blockpipe":
+        bounds = partition_balanced([0, *[1] * config.n_layer, 0, 0], stages)
+    else:
+        raise ConfigError(f"the planner knows flops, parameters, uniform and type:BlockPipe, not {method!r}")
+    return [int(b) for b in bounds]
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    layers: list[str]
+    parameters: int  # what this stage holds (the tied embedding on both ends)
+    memory: dict[str, float]  # bytes by kind
+
+
+def plan_stages(config: GPT2Config, ds_config: dict, stages: int, data_parallel: int, seq_len: int, method: str,
+                checkpoint_interval: int = 0) -> list[StagePlan]:  # fmt: skip
+    _, micro, micro_batches = batch_layout(ds_config, data_parallel)
+    dtype = training_dtype(ds_config)
+    width = 4 if dtype == "fp32" else 2
+    grad_width = 4 if dtype == "fp32" or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else width
+    optimizer_width = (8 if dtype == "fp32" else 12) / (data_parallel if ds_config.get("zero_optimization", {}).get(
+        "stage", 0) >= 1 else 1)  # fmt: skip
+    names = ["EmbeddingPipe", *["BlockPipe"] * config.n_layer, "FinalNormPipe", "EmbeddingPipe"]
+    counts = layer_parameters(config)
+    counts[-1] = config.vocab_size * config.n_embd  # the head's copy holds the token embedding only
+    s, b, h, a = seq_len, micro, config.n_embd, config.n_head
+    block_activations = (34 * s * b * h + 5 * a * s * s * b) * width / 2
+    plans = []
+    bounds = stage_bounds(config, stages, method, seq_len)
+    for stage in range(stages):
+        start, stop = bounds[stage], bounds[stage + 1]
+        layers = names[start:stop]
+        if stages == 1:
+            counts_here = counts[start : stop - 1]  # one stage: the head reuses the embedding
+        else:
+            counts_here = counts[start:stop]
+        params = sum(counts_here)
+        blocks = layers.count("BlockPipe")
+        in_flight = min(stages - stage, micro_batches)
+        if checkpoint_interval:
+            activations = in_flight * blocks * 2 * s * b * h * width / 2 + block_activations * min(blocks, 1)
+        else:
+            activations = in_flight * blocks * block_activations
+        if stop == len(names):
+            activations += b * s * config.vocab_size * (width + 4)
+        memory = {"weights": params * width, "gradients": params * grad_width, "optimizer": params * optimizer_width,
+                  "activations": activations}  # fmt: skip
+        plans.append(StagePlan(stage, layers, params, memory))
+    return plans
+
+
+def fits(plans: list[StagePlan], gpu_bytes: float) -> bool:
+    return all(sum(p.memory.values()) <= 0.9 * gpu_bytes for p in plans)  # 10% for the framework and allocator
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-config", default="gpt2")
+    p.add_argument("--vocab-size", type=int, default=None, help="override the config's vocabulary (your tokenizer's)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)}")
+    p.add_argument(
+        "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="ds_configs/gpu_bf16.json"
+    )
+    p.add_argument("--pipeline-stages", type=int, default=None, help="default: the fewest stages that fit")
+    p.add_argument("--partition-method", default="flops")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--activation-checkpoint-interval", type=int, default=0)
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
+    p.add_argument("--train-steps", type=int, default=1)
+    a = p.parse_args(argv)
+    try:
+        config = resolve_model_config(a.model_config, None, a.vocab_size)
+        ds_config = load_ds_config(a.deepspeed_config, a.train_steps)
+        world = a.nodes * a.gpus_per_node
+        gpu = a.gpu.upper()
+        if gpu not in GPU_MEMORY_GIB:
+            raise ConfigError(f"unknown --gpu {a.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
+        gpu_bytes = GPU_MEMORY_GIB[gpu] * 2**30
+        candidates = [a.pipeline_stages] if a.pipeline_stages else [
+            s for s in range(1, config.n_layer + 1) if world % s == 0]  # fmt: skip
+        chosen = None
+        for stages in candidates:
+            plans = plan_stages(config, ds_config, stages, world // stages, a.seq_len, a.partition_method,
+                                a.activation_checkpoint_interval)  # fmt: skip
+            chosen = (stages, plans)
+            if fits(plans, gpu_bytes):
+                break
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stages, plans = chosen
+    dp = world // stages
+    train_batch, micro, micro_batches = batch_layout(ds_config, dp)
+    bubble = (stages - 1) / (micro_batches + stages - 1)
+    flops_step = flops_per_token(config, a.seq_len) * train_batch * a.seq_len
+    peak = next((v for k, v in PEAK_TFLOPS if k.upper() == gpu), {}).get(training_dtype(ds_config), 0)
+    step_time = flops_step / (world * peak * 1e12 * a.mfu) if peak else float("nan")
+    print(
+        f"{a.model_config}: {config.n_layer} blocks, d={config.n_embd}, vocab {config.vocab_size}, seq {a.seq_len}; "
+        f"{a.nodes} x {a.gpus_per_node} {gpu} ({GPU_MEMORY_GIB[gpu]} GiB), {training_dtype(ds_config)}"
+    )
+    print(
+        f"layout: {stages} pipeline stages x {dp} data-parallel replicas, {micro_batches} micro-batches of {micro} "
+        f"(global batch {train_batch}), partition {a.partition_method}"
+    )
+    print("| stage | layers | parameters | weights GiB | grads GiB | optimizer GiB | activations GiB | total GiB |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for plan in plans:
+        m = {k: v / 2**30 for k, v in plan.memory.items()}
+        layers = f"{plan.layers[0]} .. {plan.layers[-1]} ({len(plan.layers)})"
+        print(
+            f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {m['weights']:.2f} | {m['gradients']:.2f} | "
+            f"{m['optimizer']:.2f} | {m['activations']:.2f} | {sum(m.values()):.2f} |"
+        )
+    print(
+        f"bubble (p-1)/(m+p-1) = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
+        f"step time at {a.mfu:.0%} MFU: {step_time:.2f} s"
+    )
+    if not fits(plans, gpu_bytes):
+        print(
+            f"warning: a stage needs more than 90% of the {GPU_MEMORY_GIB[gpu]} GiB: more stages, activation "
+            "checkpointing or a smaller micro-batch"
+        )
+    if micro_batches < 4 * stages:
+        print(
+            f"warning: {micro_batches} micro-batches < 4 x {stages} stages: the bubble is large; raise "
+            "gradient_accumulation_steps (train_batch_size) in the DeepSpeed config"
+        )
+    print(json.dumps({"stages": stages, "data_parallel": dp, "bubble": bubble,
+                      "stage_parameters": [p.parameters for p in plans]}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
