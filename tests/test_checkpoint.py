@@ -164,11 +164,11 @@ def test_hf_to_pipeline_to_hf_is_the_identity(one_rank_group, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, tokenizer_dir, tmp_path):
+def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, corpus, tokenizer_dir, tmp_path):
     """Step 1 of a pp=2 run from a sharded save_pretrained folder has the HF model's loss on that batch."""
-    from datasets import load_from_disk
-
     from train.batches import TrainMicroBatches
+    from train.data import packed_dataset, resolve_sources
+    from train.tokenizer import load_tokenizer
 
     tmp, args = setup
     config = GPT2Config(**{k: v for k, v in MODEL.items() if k != "model_type"}, vocab_size=512)
@@ -183,8 +183,8 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, t
         int(line.split(" loaded ")[1].split()[0]) for line in proc.stdout.splitlines() if " loaded " in line
     )
     assert len(loaded) == 2 and sum(loaded) < len(model.state_dict()) + 2  # no stage read the whole model
-    cache = next(p for p in (tmp / "cache").iterdir() if p.is_dir())
-    blocks = load_from_disk(str(cache))["train"].with_format("torch")
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    blocks = packed_dataset(resolve_sources([str(corpus)]), "text", tokenizer, 32, 0.02, tmp / "cache")["train"]
     micro_batches = TrainMicroBatches(blocks, 2, 4, dp_rank=0, dp_size=1, seed=1234).step_indices(0)
     with torch.no_grad():
         first = [model(ids, labels=ids).loss.item() for ids in (blocks[i]["input_ids"].long() for i in micro_batches)]

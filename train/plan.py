@@ -7,8 +7,8 @@ The partition is the one DeepSpeed will make (the same solver on the same per-la
 Memory per GPU of stage s, in bytes (Korthikanti et al. 2022 for activations):
 
     weights      P_s x (2 for bf16/fp16, 4 for fp32)
-    gradients    P_s x 4 with fp32 accumulation, else as weights
-    optimizer    P_s x (4 fp32 master, omitted in fp32 + 8 Adam moments) / data-parallel replicas (ZeRO-1)
+    gradients    P_s x (4 with fp32 accumulation, else as weights) + P_s x 4 / replicas (ZeRO-1's reduced partition)
+    optimizer    P_s x (4 fp32 master + 8 Adam moments) / data-parallel replicas (ZeRO-1)
     activations  in_flight_s x n_blocks_s x (34 s b h + 5 a s^2 b) x bytes/2, in flight = min(p - s, m);
                  with activation checkpointing only each block's input, 2 s b h x bytes/2, is kept,
                  plus one block's full activations during its recomputation
@@ -70,8 +70,12 @@ def plan_stages(config: GPT2Config, ds_config: dict, stages: int, data_parallel:
     dtype = training_dtype(ds_config)
     width = 4 if dtype == "fp32" else 2
     grad_width = 4 if dtype == "fp32" or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else width
-    optimizer_width = (8 if dtype == "fp32" else 12) / (data_parallel if ds_config.get("zero_optimization", {}).get(
-        "stage", 0) >= 1 else 1)  # fmt: skip
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0) >= 1
+    # ZeRO-1 keeps an fp32 master copy of its partition even in fp32 runs, plus Adam's two moments,
+    # and an fp32 copy of the reduced gradient partition.
+    shard = data_parallel if zero else 1
+    optimizer_width = 12 / shard
+    grad_width += 4 / shard
     names = ["EmbeddingPipe", *["BlockPipe"] * config.n_layer, "FinalNormPipe", "EmbeddingPipe"]
     counts = layer_parameters(config)
     counts[-1] = config.vocab_size * config.n_embd  # the head's copy holds the token embedding only
