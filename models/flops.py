@@ -34,3 +34,16 @@ def layer_flops(config: GPT2Config, seq_len: int) -> list[float]:
     small = 1e-3 * block_flops_per_token(config, seq_len)
     blocks = [block_flops_per_token(config, seq_len)] * config.n_layer
     return [small, *blocks, small, head_flops_per_token(config)]
+
+
+def flops_partition(config: GPT2Config, seq_len: int, stages: int) -> list[int]:
+    """Stage bounds over the pipeline layers that balance `layer_flops`, keeping the final LayerNorm
+    with the head: a last stage holding only the tied head has no parameters of its own, and
+    DeepSpeed 0.19.8 then deadlocks in its first step (mismatched gradient collectives)."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    costs = layer_flops(config, seq_len)
+    merged = [*costs[:-2], costs[-2] + costs[-1]]
+    bounds = [int(b) for b in partition_balanced(merged, stages)]
+    bounds[-1] += 1
+    return bounds

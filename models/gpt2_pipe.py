@@ -19,12 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from deepspeed.runtime import utils as ds_utils
 from torch import nn
 from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from models.flops import layer_flops
+from models.flops import flops_partition
 from models.loss import next_token_cross_entropy
 
 TIED_EMBEDDING_KEY = "embed"
@@ -125,15 +124,22 @@ class GPT2Pipeline(PipelineModule):
     implemented. `flops` gives DeepSpeed's own balanced-partition solver per-layer costs.
     """
 
-    def __init__(self, *args, layer_costs: list[float] | None = None, **kwargs):
-        self.layer_costs = layer_costs
+    def __init__(self, *args, config: GPT2Config, seq_len: int, **kwargs):
+        self.config, self.seq_len = config, seq_len
         super().__init__(*args, **kwargs)
 
     def _partition_layers(self, method: str = "uniform") -> None:
-        if method.lower() != "flops":
-            return super()._partition_layers(method)
-        self.parts = ds_utils.partition_balanced(weights=self.layer_costs, num_parts=self.num_stages)
-        self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+        if method.lower() == "flops":
+            self.parts = flops_partition(self.config, self.seq_len, self.num_stages)
+            self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+        else:
+            super()._partition_layers(method)
+        if self.parts[-2] == len(self._layer_specs) - 1:
+            # Only replicated tied weights on the last stage deadlock DeepSpeed's first step.
+            raise ValueError(
+                f"partition {method!r} leaves only the tied LM head on the last stage "
+                f"(bounds {[int(b) for b in self.parts]}); use fewer stages or --partition-method flops"
+            )
 
     @torch.no_grad()
     def _synchronize_tied_weights(self) -> None:
@@ -184,5 +190,6 @@ def build_gpt2_pipeline(
         base_seed=seed,
         activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=[BlockPipe.__name__],
-        layer_costs=layer_flops(config, seq_len or config.n_positions),
+        config=config,
+        seq_len=seq_len or config.n_positions,
     )

@@ -58,8 +58,10 @@ def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
     )
     ds_config = write_ds_config(tmp / "ds.json")
     runs = {}
+    by_params = ["--partition-method", "parameters"]
     balanced = ["--partition-method", "flops", "--activation-checkpoint-interval", 1]
-    layouts = [("pp1", 1, 1, []), ("pp2", 2, 2, []), ("pp2_dp2", 2, 4, []), ("pp2_flops_ac", 2, 2, balanced)]
+    layouts = [("pp1", 1, 1, by_params), ("pp2", 2, 2, by_params), ("pp2_dp2", 2, 4, []),
+               ("pp2_flops_ac", 2, 2, balanced)]  # fmt: skip
     for name, stages, ranks, extra in layouts:
         out = tmp / name
         args = [*common_args(corpus, tokenizer_dir, tmp, ds_config), "--pipeline-stages", stages, "--output-dir", out]
@@ -172,28 +174,25 @@ def test_timeline_shows_1f1b_on_every_stage(layout_runs):
 def test_flops_partition_is_the_balanced_split_of_layer_costs(layout_runs):
     import json
 
-    from deepspeed.runtime.utils import partition_balanced
     from transformers import GPT2Config
 
-    from models.flops import layer_flops
+    from models.flops import flops_partition
 
     _, runs = layout_runs
     config = json.loads((runs["pp2_flops_ac"] / "run_config.json").read_text())
-    expected = partition_balanced(layer_flops(GPT2Config.from_dict(config["model"]), 32), 2)
-    assert config["topology"]["stage_layer_bounds"] == [int(b) for b in expected]
+    expected = flops_partition(GPT2Config.from_dict(config["model"]), 32, 2)
+    assert config["topology"]["stage_layer_bounds"] == expected
 
 
 def test_flops_partition_unloads_the_head_stage_of_the_default_model():
     """gpt2-tiny: the tied head (8192 x 128) costs ~4.5 blocks; parameters put 2 blocks beside it."""
-    from deepspeed.runtime.utils import partition_balanced
-
-    from models.flops import layer_flops
+    from models.flops import flops_partition, layer_flops
     from models.presets import resolve_model_config
 
     config = resolve_model_config("gpt2-tiny", None, 8192)
     costs = layer_flops(config, 128)
-    bounds = [int(b) for b in partition_balanced(costs, 2)]
-    assert bounds == [0, 6, 7]  # embedding, 4 blocks, final norm | the head and loss
+    bounds = flops_partition(config, 128, 2)
+    assert bounds == [0, 5, 7]  # embedding and 4 blocks | final norm, head and loss
     assert max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)) < sum(costs[3:])  # beats [0, 3, 7]
 
 
@@ -205,9 +204,9 @@ def test_planner_partition_and_parameters_equal_what_the_pipeline_built(layout_r
     from train.plan import plan_stages, stage_bounds
 
     _, runs = layout_runs
-    for name, method in (("pp1", "parameters"), ("pp2", "parameters"), ("pp2_dp2", "parameters"),
-                         ("pp2_flops_ac", "flops")):  # fmt: skip
+    for name in runs:
         config = json.loads((runs[name] / "run_config.json").read_text())
+        method = config["args"]["partition_method"]
         topology, model = config["topology"], GPT2Config.from_dict(config["model"])
         stages, dp = topology["pipeline_stages"], topology["data_parallel"]
         assert stage_bounds(model, stages, method, 32) == topology["stage_layer_bounds"], name

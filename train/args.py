@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--pipeline-stages", type=int, default=2)
     train.add_argument(
         "--partition-method",
-        default="parameters",
+        default="flops",
         help="flops (balance forward+backward FLOPs), or DeepSpeed's parameters, uniform, type:<regex>",
     )
     train.add_argument(

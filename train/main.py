@@ -56,10 +56,12 @@ def say(message: str) -> None:
 def parameter_groups(module: torch.nn.Module) -> list[dict]:
     """Weight decay (its amount set in the DeepSpeed JSON) on matrices only, not on biases and LayerNorms."""
     params = [p for p in module.parameters() if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in params if p.dim() >= 2]},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    # A stage may hold no vectors at all (only the tied head): an empty group hangs ZeRO's set-up.
+    return [g for g in groups if g["params"]]
 
 
 def stages_summary(engine) -> list[dict]:
@@ -118,14 +120,17 @@ def run(args) -> None:
     )
 
     # Phase 3: the pipeline model and DeepSpeed engine.
-    pipe = build_gpt2_pipeline(
-        model_config,
-        args.pipeline_stages,
-        args.partition_method,
-        args.seed,
-        args.activation_checkpoint_interval,
-        args.seq_len,
-    )
+    try:
+        pipe = build_gpt2_pipeline(
+            model_config,
+            args.pipeline_stages,
+            args.partition_method,
+            args.seed,
+            args.activation_checkpoint_interval,
+            args.seq_len,
+        )
+    except ValueError as e:  # a partition DeepSpeed cannot run
+        raise ConfigError(str(e)) from None
     if args.model:
         n = load_hf_weights(pipe, resolve_model_dir(args.model), model_config.n_layer)
         print(f"rank {rank()}: loaded {n} pretrained tensors for layers {pipe._local_start}-{pipe._local_stop - 1}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 from transformers import GPT2Config
 
-from models.flops import flops_per_token, layer_flops
+from models.flops import flops_partition, flops_per_token
 from models.presets import resolve_model_config
 from train.ds_config import batch_layout, load_ds_config
 from train.errors import ConfigError
@@ -48,7 +48,7 @@ def stage_bounds(config: GPT2Config, stages: int, method: str, seq_len: int) -> 
     elif method == "parameters":
         bounds = partition_balanced(layer_parameters(config), stages)
     elif method == "flops":
-        bounds = partition_balanced(layer_flops(config, seq_len), stages)
+        bounds = flops_partition(config, seq_len, stages)
     elif method == "type:blockpipe":
         bounds = partition_balanced([0, *[1] * config.n_layer, 0, 0], stages)
     else:
