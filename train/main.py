@@ -106,9 +106,8 @@ def run(args) -> None:
     splits = rank_zero_first(lambda: prepare_data(args, tokenizer))
     if len(tokenizer) < model_config.vocab_size:
         say(f"embedding has {model_config.vocab_size} rows for {len(tokenizer)} tokens (padded vocabulary)")
-    eval_per_step = global_batch
     eval_blocks = min(args.eval_blocks or len(splits["validation"]), len(splits["validation"]))
-    eval_blocks -= eval_blocks % eval_per_step
+    eval_blocks -= eval_blocks % global_batch  # every evaluation step consumes one global batch
     if eval_blocks == 0 or len(splits["train"]) < global_batch:
         raise ConfigError(
             f"{len(splits['train'])} training / {len(splits['validation'])} validation blocks of {args.seq_len} tokens "
