@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -179,9 +180,8 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
     out = tmp_path / "finetune"
     argv = [a for a in args if a != str(tmp / "model.json") and a != "--model-config"]
     proc = launch([*argv, "--model", tmp_path / "pretrained", "--train-steps", 1, "--output-dir", out], ranks=2)
-    loaded = sorted(
-        int(line.split(" loaded ")[1].split()[0]) for line in proc.stdout.splitlines() if " loaded " in line
-    )
+    # Ranks share stdout: find the reports anywhere, not line by line.
+    loaded = sorted(int(n) for n in re.findall(r"rank \d+: loaded (\d+) pretrained tensors", proc.stdout))
     assert len(loaded) == 2 and sum(loaded) < len(model.state_dict()) + 2  # no stage read the whole model
     tokenizer = load_tokenizer(str(tokenizer_dir))
     blocks = packed_dataset(resolve_sources([str(corpus)]), "text", tokenizer, 32, 0.02, tmp / "cache")["train"]

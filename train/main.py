@@ -132,7 +132,10 @@ def run(args) -> None:
         raise ConfigError(str(e)) from None
     if args.model:
         n = load_hf_weights(pipe, resolve_model_dir(args.model), model_config.n_layer)
-        print(f"rank {rank()}: loaded {n} pretrained tensors for layers {pipe._local_start}-{pipe._local_stop - 1}")
+        # One write, so that the ranks' reports do not interleave on the shared stdout.
+        sys.stdout.write(
+            f"rank {rank()}: loaded {n} pretrained tensors for layers {pipe._local_start}-{pipe._local_stop - 1}\n"
+        )
     engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=parameter_groups(pipe), config=ds_config)
     dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
     run_config = {
