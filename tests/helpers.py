@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -33,13 +34,32 @@ def write_ds_config(path: Path, train_batch: int = 8, micro: int = 2, **override
     return path
 
 
+def run_process_group(cmd: list, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run `cmd` (a launcher and its ranks) in its own process group; on timeout kill the whole group,
+    so that no orphaned rank holds a port, a lock or a core while the next tests run."""
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_group(proc)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{cmd[0]} still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def kill_process_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def launch(args: list, ranks: int, check: bool = True, timeout: int = 600, env: dict | None = None
            ) -> subprocess.CompletedProcess:  # fmt: skip
     """`launch.sh ARGS` with `ranks` CPU ranks: real processes, real gloo collectives."""
     env = {**os.environ, "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(
-        [str(REPO / "launch.sh"), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    proc = run_process_group([REPO / "launch.sh", *args], env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.sh failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -2,11 +2,10 @@
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from tests.helpers import REPO, free_port, launch, write_ds_config
+from tests.helpers import REPO, free_port, launch, run_process_group, write_ds_config
 from train.preflight import main as preflight
 
 
@@ -93,14 +92,30 @@ def test_launch_stops_before_starting_ranks(good, tmp_path):
 
 
 def test_ranks_launched_directly_fail_together_with_one_line(good, tmp_path):
-    """Without launch.sh's preflight, the ranks detect the bad column and all exit, none hangs."""
+    """Without launch.sh's preflight, the ranks detect the bad column and all exit, none hangs.
+
+    The ranks also find the lock of a JIT build of DeepSpeed's shared-memory all-reduce that never ends
+    (as a killed build leaves it): CPU ranks must not build or wait for that op, training does not use it."""
     (tmp_path / "c.jsonl").write_text(json.dumps({"content": "In the beginning"}) + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "train.main",
+    (tmp_path / "ext" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "ext" / "deepspeed_shm_comm" / "lock").touch()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    proc = run_process_group(
+        ["deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "train.main",
          "--data", tmp_path / "c.jsonl", "--deepspeed_config", good["config"], "--output-dir", tmp_path / "run"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        env, timeout=180,
     )  # fmt: skip
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "has no column 'text'" in errors[0], proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_stale_jit_build_lock_is_named(capsys, good, tmp_path, monkeypatch):
+    lock = tmp_path / "ext" / "fused_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (0, 0))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert preflight(["--world-size", "2", "--deepspeed_config", str(good["config"]), "--data", str(good["data"])]) == 0
+    (warning,) = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith(f"warning: {lock} is ") and "delete it" in warning

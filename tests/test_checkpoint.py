@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from models.gpt2_pipe import build_gpt2_pipeline
 from models.hf_weights import load_hf_weights
-from tests.helpers import REPO, free_port, launch, read_metrics, write_ds_config
+from tests.helpers import REPO, free_port, kill_process_group, launch, read_metrics, write_ds_config
 from train.checkpoint import latest_tag, save_checkpoint, verified_tag_dir
 from train.errors import ConfigError
 from train.export import export_checkpoint
@@ -49,16 +49,19 @@ def reference(setup):
 def kill_one_rank_after_first_checkpoint(args: list[str], ranks: int, out) -> None:
     env = {**os.environ, "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([str(REPO / "launch.sh"), *args, "--output-dir", str(out)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while latest_tag(out / "checkpoints") is None:
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    victim = subprocess.run(["pgrep", "-f", f"train.main --local_rank={ranks - 1} .*{out}"], capture_output=True,
-                            text=True).stdout.split()  # fmt: skip
-    assert victim, "rank process not found"
-    os.kill(int(victim[0]), signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while latest_tag(out / "checkpoints") is None:
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.02)
+        victim = subprocess.run(["pgrep", "-f", f"train.main --local_rank={ranks - 1} .*{out}"], capture_output=True,
+                                text=True).stdout.split()  # fmt: skip
+        assert victim, "rank process not found"
+        os.kill(int(victim[0]), signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        kill_process_group(proc)
 
 
 @pytest.mark.parametrize("ranks", [2, 4], ids=["pp2", "pp2_dp2"])

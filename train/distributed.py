@@ -12,15 +12,21 @@ from deepspeed.accelerator import get_accelerator
 from train.errors import ConfigError
 
 T = TypeVar("T")
+SHARED_MEMORY_ALL_REDUCE_OP = "deepspeed_shm_comm"
 
 
 def init_distributed() -> None:
     """Backend and device from DeepSpeed's accelerator (NCCL on CUDA, gloo or oneCCL on CPU)."""
     accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # CPU fallback: ranks share the machine's cores; oversubscribing them only thrashes.
-        local_ranks = int(os.environ.get("LOCAL_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    if accelerator.device_name() == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:
+            # CPU fallback: ranks share the machine's cores; oversubscribing them only thrashes.
+            local_ranks = int(os.environ.get("LOCAL_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        # DeepSpeed JIT-compiles its shared-memory all-reduce at init on CPU, although only inference uses it.
+        # torch guards that build with a lock file in ~/.cache/torch_extensions which a rank killed at the
+        # wrong moment leaves behind, and every later launch then waits on it forever, printing nothing.
+        deepspeed.ops.__compatible_ops__[SHARED_MEMORY_ALL_REDUCE_OP] = False
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -4,8 +4,11 @@
 input costs one line and no rank start-up; every rank runs the same checks again.
 """
 
+import os
 import sys
+import time
 from argparse import Namespace
+from pathlib import Path
 
 from datasets import load_dataset
 from transformers import GPT2Config
@@ -61,6 +64,19 @@ def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, li
     return ds_config, model_config, sources, layout
 
 
+def warn_about_stale_build_locks(older_than_s: float = 600) -> None:
+    """torch builds DeepSpeed's JIT ops (fused Adam, ...) under a lock file that a killed build leaves behind;
+    every rank then waits on it forever without a word. Name old ones before the ranks start."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        age_min = (time.time() - lock.stat().st_mtime) / 60
+        if age_min * 60 > older_than_s:
+            print(f"warning: {lock} is {age_min:.0f} min old; unless a build is running, a killed build left it "
+                  "and ranks that load this op will wait forever: delete it", file=sys.stderr)  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     world_size = 1
     if argv[:1] == ["--world-size"]:
@@ -72,6 +88,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warn_about_stale_build_locks()
     return 0
 
 
