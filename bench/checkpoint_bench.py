@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from models.gpt2_pipe import build_gpt2_pipeline  # noqa: E402
 from models.presets import resolve_model_config  # noqa: E402
 from train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from train.distributed import init_distributed  # noqa: E402
 from train.export import export_checkpoint  # noqa: E402
 
 DS_CONFIG = {
@@ -34,7 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["gpt2-tiny", "gpt2"])
     args = p.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     print("| model | parameters | checkpoint MB | save s | load s | HF export s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models:

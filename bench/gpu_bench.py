@@ -21,6 +21,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from models.flops import flops_per_token  # noqa: E402
 from models.gpt2_pipe import build_gpt2_pipeline  # noqa: E402
 from models.presets import resolve_model_config  # noqa: E402
+from train.distributed import init_distributed  # noqa: E402
 from train.mfu import device_name, peak_tflops, tflops_and_mfu  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     a = p.parse_args()
     accelerator = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    init_distributed()
     peak = peak_tflops("bf16")
     print(f"device: {device_name()}, bf16 peak {peak} TFLOP/s")
     print("| model | parameters | tokens/s | TFLOP/s | MFU | peak memory GiB |")

@@ -37,10 +37,11 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def one_rank_group():
     """A real single-rank gloo process group, for building PipelineModules and engines in-process."""
-    import deepspeed
     import torch.distributed as dist
+
+    from train.distributed import init_distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed()
     yield

@@ -34,7 +34,8 @@ def test_wandb_offline_run_holds_config_and_step_metrics(tmp_path):
     rows = [r for r in history if "loss" in r]
     assert [r["_step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     expected = {"loss", "ppl", "lr", "grad_norm", "tokens_per_sec", "samples_per_sec", "step_time",
-                "tflops_per_device", "data_wait", "peak_mem_mb/stage0", "peak_mem_mb/stage1"}  # fmt: skip
+                "tflops_per_device", "data_wait", "peak_mem_mb/stage0", "peak_mem_mb/stage1", "model_mem_mb/stage0",
+                "model_mem_mb/stage1"}  # fmt: skip
     assert all(expected <= r.keys() for r in rows)
     assert all("mfu" not in r for r in rows), "MFU on a CPU must be n/a unless --peak-tflops is given"
     assert {"eval_loss", "eval_ppl"} <= next(r for r in rows if r["_step"] == 3).keys()

@@ -26,7 +26,15 @@ from train.distributed import init_distributed, raise_if_any_failed, rank, rank_
 from train.errors import ConfigError, RunError
 from train.evaluate import evaluate, sample_through_pipeline
 from train.generate import generate_text
-from train.metrics import MetricsLog, eval_metrics, peak_memory_per_stage, perplexity, run_environment, wandb_mode
+from train.metrics import (
+    MetricsLog,
+    eval_metrics,
+    memory_in_use,
+    peak_memory_per_stage,
+    perplexity,
+    run_environment,
+    wandb_mode,
+)
 from train.mfu import peak_tflops, tflops_and_mfu, training_dtype
 from train.preflight import check_inputs
 from train.prepare import prepare_data, prepare_tokenizer
@@ -119,6 +127,7 @@ def run(args) -> None:
     )
 
     # Phase 3: the pipeline model and DeepSpeed engine.
+    memory_before_model = memory_in_use()
     try:
         pipe = build_gpt2_pipeline(
             model_config,
@@ -211,7 +220,7 @@ def run(args) -> None:
                        "tokens_per_sec": tokens_per_step / elapsed, "samples_per_sec": global_batch / elapsed,
                        "step_time": elapsed, "data_wait": data_wait,
                        **tflops_and_mfu(run_config["flops_per_token"], tokens_per_step / elapsed, world_size, peak),
-                       **peak_memory_per_stage(engine)}  # fmt: skip
+                       **peak_memory_per_stage(engine, memory_before_model)}  # fmt: skip
             if bubble:
                 metrics.update({f"bubble/stage{s}": b for s, b in bubble["measured"].items()})
             if step % args.eval_interval == 0 or last:

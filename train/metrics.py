@@ -12,20 +12,33 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 
-def peak_memory_per_stage(engine) -> dict[str, float]:
-    """Peak memory (MB) of every stage, the largest over its replicas: device memory on an
-    accelerator, peak resident set size of the process on CPU. A collective."""
+def memory_in_use() -> int:
+    """Bytes in use now: allocated device memory on an accelerator, resident set size on CPU."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return accelerator.memory_allocated()
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux: the peak is the best we have
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory_per_stage(engine, before_model: int) -> dict[str, float]:
+    """Per stage, the largest over its replicas (MB): `peak_mem_mb`, the peak (device memory on an
+    accelerator, resident set size on CPU), and `model_mem_mb`, that peak less what was in use before the
+    model was built: weights, gradients, optimizer states and activations, what `train.plan` estimates.
+    A collective."""
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     else:
         peak = accelerator.max_memory_allocated()
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (engine.stage_id, peak))
+    dist.all_gather_object(everyone, (engine.stage_id, peak, peak - before_model))
     per_stage: dict[str, float] = {}
-    for stage, value in everyone:
-        key = f"peak_mem_mb/stage{stage}"
-        per_stage[key] = max(per_stage.get(key, 0.0), value / 2**20)
+    for stage, value, growth in everyone:
+        for key, v in ((f"peak_mem_mb/stage{stage}", value), (f"model_mem_mb/stage{stage}", growth)):
+            per_stage[key] = max(per_stage.get(key, 0.0), v / 2**20)
     return per_stage
 
 
