@@ -1,0 +1,84 @@
+"""Memory: the planner's estimate beside what training really holds, with and without activation checkpointing.
+
+    python -m bench.memory_bench [--steps 4]
+
+Each row trains a CPU-sized GPT-2 for a few steps through `train.main` (real ranks, fp32, ZeRO-1,
+AdamW) and reads `model_mem_mb/stage<i>`: peak resident memory less what the rank held before the
+model was built. Beside it, `train.plan`'s estimate for the same model, layout and DeepSpeed config,
+and the median seconds per step, so the cost of activation checkpointing shows next to its saving.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from transformers import GPT2Config
+
+from bench.pipeline_bench import run
+from train.plan import plan_stages
+
+SEQ, VOCAB = 256, 8192  # the vocabulary is the BPE tokenizer's, trained here on the embedded corpus
+# (blocks, width, heads, stages, micro-batch, micro-batches)
+CASES = [(8, 384, 6, 1, 8, 4), (8, 384, 6, 2, 8, 8), (6, 512, 8, 2, 4, 8)]
+
+
+def train_and_read_memory(work: Path, case: tuple, checkpoint_interval: int, steps: int) -> tuple[dict, float, dict]:
+    layers, d, heads, stages, micro, micro_batches = case
+    config = {"model_type": "gpt2", "n_layer": layers, "n_embd": d, "n_head": heads, "n_positions": SEQ,
+              "vocab_size": VOCAB, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    ds_config = {"train_batch_size": micro * micro_batches, "train_micro_batch_size_per_gpu": micro,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+                 "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}  # fmt: skip
+    name = f"{layers}x{d}_pp{stages}_ac{checkpoint_interval}"
+    (work / f"{name}.json").write_text(json.dumps(config))
+    (work / f"{name}_ds.json").write_text(json.dumps(ds_config))
+    out = work / f"run_{name}_{time.time_ns()}"
+    run(["deepspeed", "--num_gpus", str(stages), "--master_port", "29658", "--module", "train.main",
+         "--model-config", str(work / f"{name}.json"), "--tokenizer", str(work / "tokenizer"),
+         "--seq-len", str(SEQ), "--pipeline-stages", str(stages), "--deepspeed_config", str(work / f"{name}_ds.json"),
+         "--activation-checkpoint-interval", str(checkpoint_interval), "--train-steps", str(steps),
+         "--log-interval", "1", "--eval-interval", str(10**6), "--eval-blocks", str(micro * micro_batches),
+         "--output-dir", str(out), "--wandb-mode", "disabled", "--sample-tokens", "1",
+         "--data-cache-dir", str(work / "cache")],
+        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages)})  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    measured = {s: rows[-1][f"model_mem_mb/stage{s}"] for s in range(stages)}
+    plans = plan_stages(GPT2Config(**config), ds_config, stages, 1, SEQ, "flops", checkpoint_interval)
+    planned = {p.stage: {k: v / 2**20 for k, v in p.memory.items()} for p in plans}
+    return measured, statistics.median(r["step_time"] for r in rows[1:]), planned
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=4)
+    a = p.parse_args()
+    from train.data import embedded_corpus, load_texts, resolve_sources
+    from train.tokenizer import train_bpe_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="pipegpt_memory_bench_"))
+    texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
+    train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), VOCAB, work / "tokenizer")
+    print(
+        "| model | stages | micro-batches | act. ckpt | stage | planned MB (weights+grads+optim / activations) "
+        "| measured MB | planned / measured | s/step |"
+    )
+    print("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |")
+    for case in CASES:
+        layers, d, _, stages, micro, micro_batches = case
+        for interval in (0, 1):
+            measured, step_time, planned = train_and_read_memory(work, case, interval, a.steps)
+            for stage, mb in measured.items():
+                plan = planned[stage]
+                total = sum(plan.values())
+                states = plan["weights"] + plan["gradients"] + plan["optimizer"]
+                print(f"| {layers} x {d} | {stages} | {micro_batches} x {micro} | "
+                      f"{'every block' if interval else 'off'} | {stage} | {total:,.0f} ({states:,.0f} / "
+                      f"{plan['activations']:,.0f}) | {mb:,.0f} | {total / mb:.2f} | {step_time:.2f} |",
+                      flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
