@@ -2,11 +2,14 @@
 Training on GPU Clusters Using Megatron-LM"), whose GPT models are GPT-2 shaped (vocab 51,200,
 sequence 2,048), and against memory measured on real CPU ranks."""
 
+import json
+
 import pytest
 from transformers import GPT2Config
 
 from models.flops import flops_per_token, head_flops_per_token
-from train.plan import layer_parameters
+from tests.helpers import launch, read_metrics, write_ds_config
+from train.plan import layer_parameters, plan_stages
 
 
 def narayanan_gpt(layers: int, hidden: int, heads: int) -> GPT2Config:
@@ -41,3 +44,26 @@ def test_gpt3_175b_end_to_end_time_is_34_days():
     with_recomputation = (flops_per_token(config, 2048) - head) * 4 / 3 + head
     days = 300e9 * with_recomputation / (1024 * 140e12) / 86400
     assert days == pytest.approx(34, rel=0.05)
+
+
+@pytest.mark.parametrize("width,stages", [(768, 1), (640, 2)], ids=["57M_pp1", "40M_pp2"])
+def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tokenizer_dir, width, stages):
+    """Real ranks train 3 steps (fp32, ZeRO-1, AdamW); `model_mem_mb` is each stage's peak RSS less
+    what it held before the model was built. glibc's mmap threshold is pinned so that freed tensors
+    leave the RSS, as they leave a GPU allocator's counters; the planner counts live tensors."""
+    seq, micro, micro_batches = 64, 2, 2
+    model = {"model_type": "gpt2", "n_layer": 8, "n_embd": width, "n_head": width // 64, "n_positions": seq,
+             "vocab_size": 512, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    ds = write_ds_config(tmp_path / "ds.json", train_batch=micro * micro_batches, micro=micro)
+    launch(["--model-config", tmp_path / "model.json", "--tokenizer", tokenizer_dir, "--data", corpus,
+            "--seq-len", seq, "--pipeline-stages", stages, "--deepspeed_config", ds, "--train-steps", 3,
+            "--log-interval", 1, "--eval-interval", 100, "--eval-blocks", 4, "--val-fraction", 0.05,
+            "--output-dir", tmp_path / "run", "--wandb-mode", "disabled", "--sample-tokens", 1,
+            "--data-cache-dir", tmp_path / "cache"],
+           ranks=stages, env={"MALLOC_MMAP_THRESHOLD_": "131072"})  # fmt: skip
+    measured = read_metrics(tmp_path / "run")[-1]
+    plans = plan_stages(GPT2Config(**model), json.loads(ds.read_text()), stages, 1, seq, "flops")
+    for plan in plans:
+        mb = measured[f"model_mem_mb/stage{plan.stage}"]
+        assert plan.peak / 2**20 == pytest.approx(mb, rel=0.15), (plan.stage, plan.memory, mb)

@@ -4,15 +4,24 @@
         --deepspeed_config ds_configs/gpu_bf16.json --seq-len 1024 [--pipeline-stages 4] [--mfu 0.4]
 
 The partition is the one DeepSpeed will make (the same solver on the same per-layer weights).
-Memory per GPU of stage s, in bytes (Korthikanti et al. 2022 for activations):
+Memory per GPU of stage s holding P_s parameters, in bytes, as DeepSpeed 0.19.8 allocates it
+(w = 2 for bf16/fp16, 4 for fp32; g = 4 with fp32 gradient accumulation, else w; r replicas):
 
-    weights      P_s x (2 for bf16/fp16, 4 for fp32)
-    gradients    P_s x (4 with fp32 accumulation, else as weights) + P_s x 4 / replicas (ZeRO-1's reduced partition)
-    optimizer    P_s x (4 fp32 master + 8 Adam moments) / data-parallel replicas (ZeRO-1)
-    activations  in_flight_s x n_blocks_s x (34 s b h + 5 a s^2 b) x bytes/2, in flight = min(p - s, m);
-                 with activation checkpointing only each block's input, 2 s b h x bytes/2, is kept,
-                 plus one block's full activations during its recomputation
-    logits       on the last stage, b s V x (bytes + 4) for the fp32 loss
+    weights      P_s x w
+    optimizer    P_s x (4 fp32 master + 8 Adam moments) / r with ZeRO-1 (without ZeRO, 8 + 4 unless fp32)
+    reduction    min(P_s, reduce_bucket_size) x g: ZeRO's contiguous gradient bucket, kept between steps
+    gradients    during backward: P_s x g (param.grad, accumulated over the micro-batches);
+                 in the optimizer step: P_s x 4 / r (the fp32 gradient of this rank's partition)
+                 plus Adam's two fp32 temporaries of it, 8 x P_s / r (4 x P_s without ZeRO)
+    activations  per block and micro-batch, the bytes autograd saves in one forward of transformers'
+                 GPT2Block (counted on a real block at a small size, scaled to b x s tokens), times
+                 the micro-batches in flight under 1F1B, min(p - s, m); with activation checkpointing
+                 only each block's input, plus one block's full set during its recomputation; on the
+                 last stage also b s V x (w + 4) of logits for the fp32 loss
+
+The peak is the larger of the backward pass (weights, optimizer, bucket, accumulated gradients,
+activations) and the optimizer step (weights, optimizer, bucket, step gradients): activations are
+freed before the step. Checked against measured memory in `bench/memory_bench.py` and the tests.
 """
 
 import argparse
@@ -61,7 +70,44 @@ class StagePlan:
     stage: int
     layers: list[str]
     parameters: int  # what this stage holds (the tied embedding on both ends)
-    memory: dict[str, float]  # bytes by kind
+    memory: dict[str, float]  # bytes by kind: weights, optimizer, reduction, backward/step gradients, activations
+
+    @property
+    def peak(self) -> float:
+        m = self.memory
+        held = m["weights"] + m["optimizer"] + m["reduction"]
+        return held + max(m["backward_gradients"] + m["activations"], m["step_gradients"])
+
+
+def saved_bytes_per_token(config: GPT2Config, dtype: str) -> float:
+    """Bytes autograd keeps per token for one GPT2Block's backward, counted on a real block.
+
+    Every tensor saved for backward is recorded once (by storage), parameters excluded. This is
+    what the block really stores, e.g. the four 4h-wide tensors of GPT-2's tanh GELU, which the
+    usual 34 s b h estimate (Korthikanti et al. 2022) leaves out; SDPA stores no s x s scores.
+    """
+    import torch
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    from models.gpt2_pipe import pipeline_config
+
+    tokens = 64
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    with torch.device("cpu"):
+        block = GPT2Block(pipeline_config(config)).to(torch_dtype).train()
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    hidden = torch.randn(1, tokens, config.n_embd, dtype=torch_dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(hidden)
+    return sum(seen.values()) / tokens
 
 
 def plan_stages(config: GPT2Config, ds_config: dict, stages: int, data_parallel: int, seq_len: int, method: str,
@@ -70,43 +116,40 @@ def plan_stages(config: GPT2Config, ds_config: dict, stages: int, data_parallel:
     dtype = training_dtype(ds_config)
     width = 4 if dtype == "fp32" else 2
     grad_width = 4 if dtype == "fp32" or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else width
-    zero = ds_config.get("zero_optimization", {}).get("stage", 0) >= 1
-    # ZeRO-1 keeps an fp32 master copy of its partition even in fp32 runs, plus Adam's two moments,
-    # and an fp32 copy of the reduced gradient partition.
-    shard = data_parallel if zero else 1
-    optimizer_width = 12 / shard
-    grad_width += 4 / shard
+    zero_config = ds_config.get("zero_optimization", {})
+    zero = zero_config.get("stage", 0) >= 1
+    bucket = int(float(zero_config.get("reduce_bucket_size", 5e8))) if zero else 0
+    replicas = data_parallel if zero else 1
+    optimizer_width = 12 / replicas if zero or dtype != "fp32" else 8
     names = ["EmbeddingPipe", *["BlockPipe"] * config.n_layer, "FinalNormPipe", "EmbeddingPipe"]
     counts = layer_parameters(config)
     counts[-1] = config.vocab_size * config.n_embd  # the head's copy holds the token embedding only
-    s, b, h, a = seq_len, micro, config.n_embd, config.n_head
-    block_activations = (34 * s * b * h + 5 * a * s * s * b) * width / 2
+    tokens, h = seq_len * micro, config.n_embd
+    block_activations = saved_bytes_per_token(config, dtype) * tokens
     plans = []
     bounds = stage_bounds(config, stages, method, seq_len)
     for stage in range(stages):
         start, stop = bounds[stage], bounds[stage + 1]
         layers = names[start:stop]
-        if stages == 1:
-            counts_here = counts[start : stop - 1]  # one stage: the head reuses the embedding
-        else:
-            counts_here = counts[start:stop]
+        counts_here = counts[start : stop - 1] if stages == 1 else counts[start:stop]  # one stage: one embedding
         params = sum(counts_here)
         blocks = layers.count("BlockPipe")
         in_flight = min(stages - stage, micro_batches)
         if checkpoint_interval:
-            activations = in_flight * blocks * 2 * s * b * h * width / 2 + block_activations * min(blocks, 1)
+            activations = in_flight * blocks * tokens * h * width + block_activations * min(blocks, 1)
         else:
             activations = in_flight * blocks * block_activations
         if stop == len(names):
-            activations += b * s * config.vocab_size * (width + 4)
-        memory = {"weights": params * width, "gradients": params * grad_width, "optimizer": params * optimizer_width,
-                  "activations": activations}  # fmt: skip
+            activations += tokens * config.vocab_size * (width + 4)
+        memory = {"weights": params * width, "optimizer": params * optimizer_width,
+                  "reduction": min(params, bucket) * grad_width, "backward_gradients": params * grad_width,
+                  "step_gradients": params * (12 / replicas if zero else 4), "activations": activations}  # fmt: skip
         plans.append(StagePlan(stage, layers, params, memory))
     return plans
 
 
 def fits(plans: list[StagePlan], gpu_bytes: float) -> bool:
-    return all(sum(p.memory.values()) <= 0.9 * gpu_bytes for p in plans)  # 10% for the framework and allocator
+    return all(p.peak <= 0.9 * gpu_bytes for p in plans)  # 10% for the framework and allocator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,14 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         f"layout: {stages} pipeline stages x {dp} data-parallel replicas, {micro_batches} micro-batches of {micro} "
         f"(global batch {train_batch}), partition {a.partition_method}"
     )
-    print("| stage | layers | parameters | weights GiB | grads GiB | optimizer GiB | activations GiB | total GiB |")
+    print("| stage | layers | parameters | weights GiB | optimizer GiB | gradients GiB (backward / step) "
+          "| activations GiB | peak GiB |")  # fmt: skip
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for plan in plans:
         m = {k: v / 2**30 for k, v in plan.memory.items()}
         layers = f"{plan.layers[0]} .. {plan.layers[-1]} ({len(plan.layers)})"
         print(
-            f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {m['weights']:.2f} | {m['gradients']:.2f} | "
-            f"{m['optimizer']:.2f} | {m['activations']:.2f} | {sum(m.values()):.2f} |"
+            f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {m['weights']:.2f} | {m['optimizer']:.2f} | "
+            f"{m['reduction'] + m['backward_gradients']:.2f} / {m['reduction'] + m['step_gradients']:.2f} | "
+            f"{m['activations']:.2f} | {plan.peak / 2**30:.2f} |"
         )
     print(
         f"bubble (p-1)/(m+p-1) = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
