@@ -21,9 +21,9 @@ from transformers import GPT2Config
 from bench.pipeline_bench import run
 from train.plan import plan_stages
 
-SEQ, VOCAB = 256, 8192  # the vocabulary is the BPE tokenizer's, trained here on the embedded corpus
+SEQ, VOCAB = 128, 8192  # the vocabulary is the BPE tokenizer's, trained here on the embedded corpus
 # (blocks, width, heads, stages, micro-batch, micro-batches)
-CASES = [(8, 384, 6, 1, 8, 4), (8, 384, 6, 2, 8, 8), (6, 512, 8, 2, 4, 8)]
+CASES = [(8, 384, 6, 1, 4, 4), (8, 384, 6, 2, 4, 8), (6, 512, 8, 2, 4, 8)]
 
 
 def train_and_read_memory(work: Path, case: tuple, checkpoint_interval: int, steps: int) -> tuple[dict, float, dict]:

@@ -11,10 +11,11 @@ def next_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torc
     the shift happens here. Positions labelled -100 are ignored. Computed in fp32 so that
     bf16/fp16 runs report a comparable loss.
     """
-    shift_logits = logits[..., :-1, :].float()
-    shift_labels = labels[..., 1:].to(shift_logits.device)
+    # Shift the labels, not the logits (as transformers does): slicing the logits would copy them and
+    # make backward allocate a second full-size gradient, on the stage that already holds the most.
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(logits.device)
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
+        logits.float().reshape(-1, logits.size(-1)),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
     )

@@ -17,7 +17,8 @@ Memory per GPU of stage s holding P_s parameters, in bytes, as DeepSpeed 0.19.8 
                  GPT2Block (counted on a real block at a small size, scaled to b x s tokens), times
                  the micro-batches in flight under 1F1B, min(p - s, m); with activation checkpointing
                  only each block's input, plus one block's full set during its recomputation; on the
-                 last stage also b s V x (w + 4) of logits for the fp32 loss
+                 last stage also b s V x (w + 8) of logits, log-softmax and its gradient (+ 4 + w for
+                 the fp32 copy of bf16/fp16 logits)
 
 The peak is the larger of the backward pass (weights, optimizer, bucket, accumulated gradients,
 activations) and the optimizer step (weights, optimizer, bucket, step gradients): activations are
@@ -139,8 +140,8 @@ def plan_stages(config: GPT2Config, ds_config: dict, stages: int, data_parallel:
             activations = in_flight * blocks * tokens * h * width + block_activations * min(blocks, 1)
         else:
             activations = in_flight * blocks * block_activations
-        if stop == len(names):
-            activations += tokens * config.vocab_size * (width + 4)
+        if stop == len(names):  # logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient
+            activations += tokens * config.vocab_size * (width + 8 + (0 if width == 4 else 4 + width))
         memory = {"weights": params * width, "optimizer": params * optimizer_width,
                   "reduction": min(params, bucket) * grad_width, "backward_gradients": params * grad_width,
                   "step_gradients": params * (12 / replicas if zero else 4), "activations": activations}  # fmt: skip
