@@ -26,6 +26,7 @@ freed before the step. Checked against measured memory in `bench/memory_bench.py
 """
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -81,21 +82,35 @@ class StagePlan:
 
 
 def saved_bytes_per_token(config: GPT2Config, dtype: str) -> float:
-    """Bytes autograd keeps per token for one GPT2Block's backward, counted on a real block.
+    """Bytes autograd keeps per token for one GPT2Block's backward, counted on real blocks.
 
     Every tensor saved for backward is recorded once (by storage), parameters excluded. This is
     what the block really stores, e.g. the four 4h-wide tensors of GPT-2's tanh GELU, which the
     usual 34 s b h estimate (Korthikanti et al. 2022) leaves out; SDPA stores no s x s scores.
+    The count is linear in the width for a fixed head count and MLP ratio, so two narrow blocks
+    (head sizes 8 and 16) give it exactly without building a block of the real, possibly huge, size.
     """
+    heads = config.n_head
+    key = (heads, (config.n_inner or 4 * config.n_embd) / config.n_embd, config.activation_function,
+           config.resid_pdrop > 0, config.attn_pdrop > 0, dtype)  # fmt: skip
+    narrow, wide = _saved_bytes_per_token(8 * heads, *key), _saved_bytes_per_token(16 * heads, *key)
+    return narrow + (wide - narrow) / (8 * heads) * (config.n_embd - 8 * heads)
+
+
+@functools.lru_cache
+def _saved_bytes_per_token(width: int, heads: int, mlp_ratio: float, activation: str, resid_dropout: bool,
+                           attn_dropout: bool, dtype: str) -> float:  # fmt: skip
     import torch
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
     from models.gpt2_pipe import pipeline_config
 
     tokens = 64
+    config = GPT2Config(n_embd=width, n_head=heads, n_inner=round(mlp_ratio * width), n_positions=tokens,
+                        activation_function=activation, resid_pdrop=0.1 * resid_dropout,
+                        attn_pdrop=0.1 * attn_dropout)  # fmt: skip
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    with torch.device("cpu"):
-        block = GPT2Block(pipeline_config(config)).to(torch_dtype).train()
+    block = GPT2Block(pipeline_config(config)).to(torch_dtype).train()
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     seen: dict[int, int] = {}
 
@@ -105,7 +120,7 @@ def saved_bytes_per_token(config: GPT2Config, dtype: str) -> float:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    hidden = torch.randn(1, tokens, config.n_embd, dtype=torch_dtype, requires_grad=True)
+    hidden = torch.randn(1, tokens, width, dtype=torch_dtype, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(hidden)
     return sum(seen.values()) / tokens
@@ -225,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: a stage needs more than 90% of the {GPU_MEMORY_GIB[gpu]} GiB: more stages, activation "
             "checkpointing or a smaller micro-batch"
         )
-    if micro_batches < 4 * stages:
+    if stages > 1 and micro_batches < 4 * stages:
         print(
             f"warning: {micro_batches} micro-batches < 4 x {stages} stages: the bubble is large; raise "
             "gradient_accumulation_steps (train_batch_size) in the DeepSpeed config"
