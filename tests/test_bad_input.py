@@ -63,6 +63,11 @@ def test_zero_stage_2_with_pipeline(capsys, good, tmp_path):
     assert "ZeRO stage 2 is incompatible with pipeline parallelism" in line
 
 
+def test_eval_blocks_under_one_global_batch(capsys, good):
+    line = run_preflight(capsys, 2, "--deepspeed_config", good["config"], "--data", good["data"], "--eval-blocks", 3)
+    assert "--eval-blocks 3 is under one global batch" in line
+
+
 def test_seq_len_above_model_positions(capsys, good):
     line = run_preflight(capsys, 2, "--seq-len", 1024, "--deepspeed_config", good["config"], "--data", good["data"])
     assert "--seq-len 1024 exceeds the model's 256 positions" in line

@@ -1,6 +1,7 @@
 """Process group set-up and the few collectives the trainer needs around DeepSpeed."""
 
 import os
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -27,9 +28,22 @@ def init_distributed() -> None:
         # torch guards that build with a lock file in ~/.cache/torch_extensions which a rank killed at the
         # wrong moment leaves behind, and every later launch then waits on it forever, printing nothing.
         deepspeed.ops.__compatible_ops__[SHARED_MEMORY_ALL_REDUCE_OP] = False
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
-    if accelerator.device_name() != "cpu":
+    else:
+        _drop_arch_suffixes_deepspeed_cannot_parse()
+        # Before the process group: NCCL binds each rank's communicator to the current device.
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+
+
+def _drop_arch_suffixes_deepspeed_cannot_parse() -> None:
+    """DeepSpeed 0.19.8's JIT builder (FusedAdam) sorts TORCH_CUDA_ARCH_LIST numerically and crashes on
+    Hopper/Blackwell feature suffixes ("9.0a", "10.0f"), which CUDA images commonly set; its kernels need none."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    plain = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", archs)
+    if plain != archs:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = plain
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"note: TORCH_CUDA_ARCH_LIST {archs!r} -> {plain!r} for DeepSpeed's JIT-built ops", flush=True)
 
 
 def rank() -> int:

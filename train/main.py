@@ -116,10 +116,15 @@ def run(args) -> None:
         say(f"embedding has {model_config.vocab_size} rows for {len(tokenizer)} tokens (padded vocabulary)")
     eval_blocks = min(args.eval_blocks or len(splits["validation"]), len(splits["validation"]))
     eval_blocks -= eval_blocks % global_batch  # every evaluation step consumes one global batch
-    if eval_blocks == 0 or len(splits["train"]) < global_batch:
+    if len(splits["train"]) < global_batch:
         raise ConfigError(
-            f"{len(splits['train'])} training / {len(splits['validation'])} validation blocks of {args.seq_len} tokens "
-            f"do not fill a global batch of {global_batch}: use more data, a larger --val-fraction or smaller batches"
+            f"{len(splits['train'])} training blocks of {args.seq_len} tokens do not fill one global batch of "
+            f"{global_batch} sequences: use more data, a shorter --seq-len or a smaller train_batch_size"
+        )
+    if eval_blocks == 0:
+        raise ConfigError(
+            f"{len(splits['validation'])} validation blocks of {args.seq_len} tokens do not fill one global batch of "
+            f"{global_batch} sequences: use a larger --val-fraction, --val-data, or a smaller train_batch_size"
         )
     say(
         f"data: {len(splits['train']):,} training and {len(splits['validation']):,} validation blocks of "

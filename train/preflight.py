@@ -56,6 +56,8 @@ def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, li
     except (OSError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     layout = check_layout(ds_config, world_size, args.pipeline_stages, model_config.n_layer)
+    if args.eval_blocks is not None and args.eval_blocks < layout[0]:
+        raise ConfigError(f"--eval-blocks {args.eval_blocks} is under one global batch: use at least {layout[0]}")
     if args.seq_len > model_config.n_positions:
         raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {model_config.n_positions} positions")
     sources = resolve_sources(args.data or [embedded_corpus()])
