@@ -174,6 +174,8 @@ def run(args) -> None:
         f"model: {run_config['parameters']:,} parameters, {args.pipeline_stages} stages x {dp_size} data-parallel, "
         f"layer bounds {run_config['topology']['stage_layer_bounds']}, {micro_batches} micro-batches of {micro}"
     )
+    if dp_size == 1 and ds_config.get("zero_optimization", {}).get("stage", 0) >= 1:
+        say("note: ZeRO with 1 data-parallel replica shards nothing: zero_optimization.stage 0 skips its copies")
     # Phase 4: resume, if asked. Weights, optimizer, LR schedule, RNG and data position come back.
     start_step, wandb_run_id = 0, None
     if args.load:
