@@ -124,3 +124,17 @@ def test_stale_jit_build_lock_is_named(capsys, good, tmp_path, monkeypatch):
     assert preflight(["--world-size", "2", "--deepspeed_config", str(good["config"]), "--data", str(good["data"])]) == 0
     (warning,) = capsys.readouterr().err.strip().splitlines()
     assert warning.startswith(f"warning: {lock} is ") and "delete it" in warning
+
+
+def test_cuda_arch_suffixes_deepspeed_cannot_parse_are_dropped(monkeypatch, capsys):
+    """CUDA images set TORCH_CUDA_ARCH_LIST="9.0a"; DeepSpeed 0.19.8's JIT build of FusedAdam crashes on it
+    (int("0a"), seen on a lent H200). The sanitised list is one DeepSpeed's own sort accepts."""
+    from train.distributed import _drop_arch_suffixes_deepspeed_cannot_parse
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 10.0f+PTX")
+    _drop_arch_suffixes_deepspeed_cannot_parse()
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    assert archs == "8.0;9.0 10.0+PTX"
+    ccs = archs.replace(" ", ";").split(";")
+    assert sorted(ccs, key=lambda cc: tuple(int(part.split("+")[0]) for part in cc.split(".")))  # DeepSpeed's key
+    assert "9.0a" in capsys.readouterr().out
