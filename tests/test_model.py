@@ -1,5 +1,6 @@
 """The pipeline computes exactly what the Hugging Face GPT-2 computes."""
 
+import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -76,3 +77,14 @@ def test_initial_weights_depend_only_on_the_seed(one_rank_group):
     c = dict(build_gpt2_pipeline(config, num_stages=1, seed=8).named_parameters())
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["1.attn.c_attn.weight"], c["1.attn.c_attn.weight"])
+
+
+def test_layer_seeding_draws_what_torch_manual_seed_draws():
+    """DeepSpeed reseeds every layer before every micro-batch; our cheap seeding (no lazy CUDA/XPU/MTIA
+    seeds) must leave the CPU generator exactly where torch.manual_seed leaves it."""
+    from models.gpt2_pipe import _seed_layer
+
+    torch.manual_seed(1234 * 7 + 3)
+    expected = torch.rand(5), torch.randn(3, 3)
+    _seed_layer(np.int64(1234 * 7 + 3))
+    assert all(torch.equal(e, d) for e, d in zip(expected, (torch.rand(5), torch.randn(3, 3)), strict=True))
