@@ -60,6 +60,10 @@ def batch_layout(config: dict, data_parallel_size: int) -> tuple[int, int, int]:
     return train_batch, micro, accumulation
 
 
+def zero_stage(config: dict) -> int:
+    return config.get("zero_optimization", {}).get("stage", 0)
+
+
 def check_layout(config: dict, world_size: int, pipeline_stages: int, n_layer: int) -> tuple[int, int, int]:
     """Check parallel layout against the config; returns the batch layout."""
     if pipeline_stages < 1:
@@ -71,10 +75,9 @@ def check_layout(config: dict, world_size: int, pipeline_stages: int, n_layer: i
         )
     if pipeline_stages > n_layer:
         raise ConfigError(f"--pipeline-stages {pipeline_stages} is more than the model's {n_layer} transformer blocks")
-    zero_stage = config.get("zero_optimization", {}).get("stage", 0)
-    if zero_stage >= 2 and pipeline_stages > 1:
+    if zero_stage(config) >= 2 and pipeline_stages > 1:
         raise ConfigError(
-            f"ZeRO stage {zero_stage} is incompatible with pipeline parallelism in DeepSpeed; "
+            f"ZeRO stage {zero_stage(config)} is incompatible with pipeline parallelism in DeepSpeed; "
             'set "zero_optimization": {"stage": 1} (or 0)'
         )
     if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):

@@ -23,6 +23,7 @@ from train.args import parse_args
 from train.batches import TrainMicroBatches
 from train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from train.distributed import init_distributed, raise_if_any_failed, rank, rank_zero_first
+from train.ds_config import zero_stage
 from train.errors import ConfigError, RunError
 from train.evaluate import evaluate, sample_through_pipeline
 from train.generate import generate_text
@@ -174,7 +175,7 @@ def run(args) -> None:
         f"model: {run_config['parameters']:,} parameters, {args.pipeline_stages} stages x {dp_size} data-parallel, "
         f"layer bounds {run_config['topology']['stage_layer_bounds']}, {micro_batches} micro-batches of {micro}"
     )
-    if dp_size == 1 and ds_config.get("zero_optimization", {}).get("stage", 0) >= 1:
+    if dp_size == 1 and zero_stage(ds_config) >= 1:
         say("note: ZeRO with 1 data-parallel replica shards nothing: zero_optimization.stage 0 skips its copies")
     # Phase 4: resume, if asked. Weights, optimizer, LR schedule, RNG and data position come back.
     start_step, wandb_run_id = 0, None
