@@ -16,7 +16,8 @@ os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
-from models.gpt2_pipe import build_gpt2_pipeline  # noqa: E402
+from models.architecture import discover  # noqa: E402
+from models.pipeline import build_pipeline  # noqa: E402
 from models.presets import resolve_model_config  # noqa: E402
 from train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from train.distributed import init_distributed  # noqa: E402
@@ -39,8 +40,8 @@ def main() -> None:
     print("| model | parameters | checkpoint MB | save s | load s | HF export s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models:
-        config = resolve_model_config(name, None, 50257 if name != "gpt2-tiny" else 8192)
-        pipe = build_gpt2_pipeline(config, num_stages=1)
+        config = resolve_model_config(name, None, 8192 if name.endswith("-tiny") else None)
+        pipe = build_pipeline(discover(config), num_stages=1)
         engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=DS_CONFIG)
         ids = torch.randint(0, config.vocab_size, (1, 1, 64))
         engine.train_batch(iter([(ids[0], ids[0])]))  # creates the Adam states

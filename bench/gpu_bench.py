@@ -23,8 +23,9 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
+from models.architecture import discover  # noqa: E402
 from models.flops import flops_per_token  # noqa: E402
-from models.gpt2_pipe import build_gpt2_pipeline  # noqa: E402
+from models.pipeline import build_pipeline  # noqa: E402
 from models.presets import resolve_model_config  # noqa: E402
 from train.distributed import init_distributed  # noqa: E402
 from train.mfu import device_name, peak_tflops, tflops_and_mfu  # noqa: E402
@@ -35,7 +36,7 @@ GPU_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "gpu_bf16.j
 
 def bench_one(name: str, checkpoint_interval: int, a: argparse.Namespace, peak: float | None) -> str:
     accelerator = get_accelerator()
-    config = resolve_model_config(name, None, 50257)
+    arch = discover(resolve_model_config(name, None, None))
     optimizer = json.loads(GPU_CONFIG.read_text())["optimizer"]
     if a.torch_adam:
         optimizer["params"]["torch_adam"] = True
@@ -52,10 +53,10 @@ def bench_one(name: str, checkpoint_interval: int, a: argparse.Namespace, peak: 
     accelerator.empty_cache()
     before = accelerator.memory_allocated()
     accelerator.reset_peak_memory_stats()
-    pipe = build_gpt2_pipeline(config, num_stages=1, activation_checkpoint_interval=checkpoint_interval,
+    pipe = build_pipeline(arch, num_stages=1, activation_checkpoint_interval=checkpoint_interval,
                                seq_len=a.seq_len)  # fmt: skip
     engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds_config)
-    ids = torch.randint(0, config.vocab_size, (a.micro_batch_size, a.seq_len))
+    ids = torch.randint(0, arch.config.vocab_size, (a.micro_batch_size, a.seq_len))
     batches = itertools.repeat((ids, ids))
     times = []
     for _ in range(a.steps):
@@ -65,9 +66,9 @@ def bench_one(name: str, checkpoint_interval: int, a: argparse.Namespace, peak: 
         accelerator.synchronize()
         times.append(time.perf_counter() - start)
     measured = (accelerator.max_memory_allocated() - before) / 2**30
-    planned = plan_stages(config, ds_config, 1, 1, a.seq_len, "flops", checkpoint_interval)[0]
+    planned = plan_stages(arch, ds_config, 1, 1, a.seq_len, "flops", checkpoint_interval)[0]
     tokens_per_sec = a.micro_batch_size * a.micro_batches * a.seq_len / statistics.median(times[3:])
-    perf = tflops_and_mfu(flops_per_token(config, a.seq_len), tokens_per_sec, 1, peak)
+    perf = tflops_and_mfu(flops_per_token(arch, a.seq_len), tokens_per_sec, 1, peak)
     mfu = f"{perf['mfu']:.1%}" if perf["mfu"] is not None else "n/a"
     params = sum(p.numel() for p in pipe.parameters()) / 1e6
     del engine, pipe

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import GPT2Config
-
 from bench.pipeline_bench import run
+from models.architecture import discover
+from models.hf_weights import config_from_dict
 from train.plan import plan_stages
 
 SEQ, VOCAB = 128, 8192  # the vocabulary is the BPE tokenizer's, trained here on the embedded corpus
@@ -48,7 +48,7 @@ def train_and_read_memory(work: Path, case: tuple, checkpoint_interval: int, ste
              "MALLOC_MMAP_THRESHOLD_": "131072"})  # fmt: skip
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = {s: rows[-1][f"model_mem_mb/stage{s}"] for s in range(stages)}
-    plans = plan_stages(GPT2Config(**config), ds_config, stages, 1, SEQ, "flops", checkpoint_interval)
+    plans = plan_stages(discover(config_from_dict(config)), ds_config, stages, 1, SEQ, "flops", checkpoint_interval)
     planned = {p.stage: (p.peak / 2**20, p.memory["activations"] / 2**20) for p in plans}
     return measured, statistics.median(r["step_time"] for r in rows[1:]), planned
 

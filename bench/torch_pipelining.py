@@ -20,7 +20,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from models.gpt2_pipe import pipeline_config
+from models.architecture import pipeline_config
 
 
 class Half(nn.Module):

@@ -1,8 +1,8 @@
-"""Conversion between Hugging Face GPT-2 weights and pipeline layers: a renaming.
+"""Conversion between Hugging Face weights and pipeline layers: a renaming, for every family.
 
-Pipeline parameter names are `<layer index>.<name inside the layer>` (and
-`tied_modules.embed.<name>` for the tied embedding); `GPT2LMHeadModel` names them
-`transformer.<...>`. `hf_name` is the whole mapping.
+Pipeline parameter names are `<layer index>.<name inside the layer>` (and `tied_modules.embed.<name>`
+for a tied embedding). Each pipeline layer keeps its HF pieces under their HF names, so the HF key is
+a per-layer prefix plus that name (a decoder layer's `layer.` stands for `<prefix>.layers.<i>.`).
 """
 
 import json
@@ -11,28 +11,37 @@ from pathlib import Path
 import torch
 from deepspeed.pipe import PipelineModule
 from safetensors import safe_open
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
-from models.gpt2_pipe import TIED_EMBEDDING_KEY
+from models.architecture import Architecture, discover
+from models.pipeline import TIED_EMBEDDING_KEY
 
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 
 
-def hf_name(layer_idx: int, name: str, n_layer: int) -> str:
+def hf_name(arch: Architecture, layer_idx: int, name: str) -> str:
     """HF state-dict key of parameter `name` of pipeline layer `layer_idx`."""
-    if layer_idx == 0 or layer_idx == n_layer + 1:  # embedding or final LayerNorm
-        return f"transformer.{name}"
-    if 1 <= layer_idx <= n_layer:
-        return f"transformer.h.{layer_idx - 1}.{name}"
+    n = arch.num_layers
+    if layer_idx == 0 or layer_idx == n + 1:  # embedding or final norm
+        return f"{arch.prefix}.{name}"
+    if 1 <= layer_idx <= n:
+        return f"{arch.layer_path(layer_idx - 1)}.{name.removeprefix('layer.')}"
+    if layer_idx == n + 2 and not arch.tied:
+        return name  # the head is a child of the causal-LM model itself
     raise ValueError(f"pipeline layer {layer_idx} has no parameters of its own (the tied LM head)")
 
 
-def pipeline_param_to_hf(pipe_name: str, n_layer: int) -> str:
+def pipeline_param_to_hf(arch: Architecture, pipe_name: str) -> str:
     """HF key of a `PipelineModule.named_parameters()` name."""
     if pipe_name.startswith(_TIED_PREFIX):
-        return hf_name(0, pipe_name[len(_TIED_PREFIX) :], n_layer)
+        return hf_name(arch, 0, pipe_name[len(_TIED_PREFIX) :])
     layer, name = pipe_name.split(".", 1)
-    return hf_name(int(layer), name, n_layer)
+    return hf_name(arch, int(layer), name)
+
+
+def config_from_dict(settings: dict) -> PretrainedConfig:
+    """The config class of `settings["model_type"]`, filled from a `to_dict()` (a checkpoint manifest)."""
+    return CONFIG_MAPPING[settings["model_type"]].from_dict(settings)
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -45,10 +54,32 @@ def resolve_model_dir(model: str) -> Path:
     return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
 
 
-class SafetensorsCheckpoint:
-    """Reads single tensors by HF name from one or several (sharded) safetensors files."""
+def _checkpoint_key_renamer(arch: Architecture):
+    """transformers' own load-time renaming of checkpoint keys onto the model's (e.g. Pythia's `embed_out.` ->
+    `lm_head.`, OpenAI GPT-2 keys without `transformer.`), as `from_pretrained` applies it.
 
-    def __init__(self, model_dir: Path):
+    These are private transformers 5.24 functions (conversion_mapping, core_model_loading), used only here.
+    Families whose checkpoints need tensor surgery (fused or split weights: WeightConverter) are refused.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    model = arch.meta_model()
+    transforms = get_model_conversion_mapping(model)
+    if converters := [t for t in transforms if not isinstance(t, WeightRenaming)]:
+        raise ValueError(f"{arch.config.model_type} checkpoints need weight conversions {converters}: not supported")
+    model_keys = dict.fromkeys(model.state_dict())
+
+    def rename(key: str) -> str:
+        return rename_source_key(key, transforms, [], model.base_model_prefix, model_keys)[0]
+
+    return rename
+
+
+class SafetensorsCheckpoint:
+    """Reads single tensors by the model's HF key from one or several (sharded) safetensors files."""
+
+    def __init__(self, model_dir: Path, arch: Architecture):
         index = model_dir / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -59,31 +90,29 @@ class SafetensorsCheckpoint:
             raise FileNotFoundError(
                 f"{model_dir} has no model.safetensors: re-save it with save_pretrained(safe_serialization=True)"
             )
-        self.model_dir = model_dir
-        # Original OpenAI checkpoints name tensors without the "transformer." prefix.
-        self.files = {
-            (k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): (v, k)
-            for k, v in weight_map.items()
-        }
+        self.model_dir, self.model_type = model_dir, arch.config.model_type
+        rename = _checkpoint_key_renamer(arch)
+        self.files = {rename(k): (v, k) for k, v in weight_map.items()}
 
     def get(self, hf_key: str) -> torch.Tensor:
         if hf_key not in self.files:
-            raise KeyError(f"{self.model_dir} has no tensor {hf_key}: not a GPT-2 checkpoint of this shape")
+            raise KeyError(f"{self.model_dir} has no tensor {hf_key}: not a {self.model_type} checkpoint of this shape")
         filename, stored_key = self.files[hf_key]
         with safe_open(self.model_dir / filename, framework="pt") as f:
             return f.get_tensor(stored_key)
 
 
 @torch.no_grad()
-def load_hf_weights(pipe: PipelineModule, model_dir: Path, n_layer: int) -> int:
+def load_hf_weights(pipe: PipelineModule, model_dir: Path, arch: Architecture) -> int:
     """Copy pretrained weights into this stage's layers, reading only this stage's tensors.
 
+    A tied head reads the token embedding, so checkpoints that store no `lm_head.weight` load.
     Returns the number of tensors loaded.
     """
-    checkpoint = SafetensorsCheckpoint(model_dir)
+    checkpoint = SafetensorsCheckpoint(model_dir, arch)
     loaded = 0
     for pipe_name, param in pipe.named_parameters():
-        tensor = checkpoint.get(pipeline_param_to_hf(pipe_name, n_layer))
+        tensor = checkpoint.get(pipeline_param_to_hf(arch, pipe_name))
         if tensor.shape != param.shape:
             raise ValueError(f"{pipe_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
         param.copy_(tensor)
@@ -99,36 +128,35 @@ def layer_files(checkpoint_dir: Path) -> dict[int, Path]:
     return files
 
 
-def hf_state_dict_from_pipeline_checkpoint(checkpoint_dir: Path, config: GPT2Config) -> dict[str, torch.Tensor]:
-    """Full GPT-2 state dict (HF names, fp32) from a DeepSpeed pipeline checkpoint tag folder.
+def hf_state_dict_from_pipeline_checkpoint(checkpoint_dir: Path, arch: Architecture) -> dict[str, torch.Tensor]:
+    """Full state dict (HF names, fp32) from a DeepSpeed pipeline checkpoint tag folder.
 
     DeepSpeed's zero_to_fp32.py does not understand pipeline checkpoints; the per-layer
     files written by the first data-parallel replica of every stage hold the whole model.
     """
     files = layer_files(checkpoint_dir)
-    expected = set(range(config.n_layer + 2))
+    expected = set(range(arch.num_layers + (2 if arch.tied else 3)))
     if missing := sorted(expected - files.keys()):
         raise FileNotFoundError(
-            f"{checkpoint_dir} lacks layer files {missing}: incomplete or not a GPT-2 pipeline checkpoint"
+            f"{checkpoint_dir} lacks layer files {missing}: incomplete or not a pipeline checkpoint of this model"
         )
     state = {}
     for layer_idx in sorted(expected):
         layer_state = torch.load(files[layer_idx], map_location="cpu", weights_only=True)
         for name, tensor in layer_state.items():
-            state[hf_name(layer_idx, name, config.n_layer)] = tensor.float()
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+            state[hf_name(arch, layer_idx, name)] = tensor.float()
+    if arch.tied:
+        state[f"{arch.head}.weight"] = state[f"{arch.prefix}.{arch.token_embedding}.weight"]
     return state
 
 
-def export_hf_model(checkpoint_dir: Path, config: GPT2Config, out_dir: Path, tokenizer=None) -> Path:
+def export_hf_model(checkpoint_dir: Path, config: PretrainedConfig, out_dir: Path, tokenizer=None) -> Path:
     """Write a `save_pretrained` folder (safetensors, config, tokenizer) from a pipeline checkpoint."""
-    config = GPT2Config.from_dict(config.to_dict())
-    config.tie_word_embeddings = True
+    arch = discover(config)
     with torch.device("meta"):
-        model = GPT2LMHeadModel(config)
-    model.load_state_dict(hf_state_dict_from_pipeline_checkpoint(checkpoint_dir, config), strict=True, assign=True)
-    model.tie_weights()
-    model.save_pretrained(out_dir)
+        model = AutoModelForCausalLM.from_config(arch.config)
+    state = hf_state_dict_from_pipeline_checkpoint(checkpoint_dir, arch)
+    model.save_pretrained(out_dir, state_dict=state)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir

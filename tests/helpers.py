@@ -34,6 +34,15 @@ def write_ds_config(path: Path, train_batch: int = 8, micro: int = 2, **override
     return path
 
 
+def small_run_args(corpus: Path, tokenizer_dir: Path, tmp_path: Path, ds_config: Path, model_config: Path | str,
+                   steps: int) -> list:  # fmt: skip
+    """Flags of a short run on the test corpus: 32-token blocks, a loss every step, two evaluations."""
+    return ["--data", corpus, "--tokenizer", tokenizer_dir, "--model-config", model_config, "--seq-len", 32,
+            "--train-steps", steps, "--log-interval", 1, "--eval-interval", 3, "--val-fraction", 0.05,
+            "--eval-blocks", 32, "--deepspeed_config", ds_config, "--data-cache-dir", tmp_path / "cache",
+            "--wandb-mode", "disabled", "--sample-tokens", 5]  # fmt: skip
+
+
 def run_process_group(cmd: list, env: dict, timeout: int) -> subprocess.CompletedProcess:
     """Run `cmd` (a launcher and its ranks) in its own process group; on timeout kill the whole group,
     so that no orphaned rank holds a port, a lock or a core while the next tests run."""

@@ -54,7 +54,7 @@ def test_more_stages_than_layers(capsys, good):
     line = run_preflight(
         capsys, 5, "--pipeline-stages", 5, "--deepspeed_config", good["config"], "--data", good["data"]
     )
-    assert "more than the model's 4 transformer blocks" in line
+    assert "more than the model's 4 decoder layers" in line
 
 
 def test_zero_stage_2_with_pipeline(capsys, good, tmp_path):
@@ -71,6 +71,34 @@ def test_eval_blocks_under_one_global_batch(capsys, good):
 def test_seq_len_above_model_positions(capsys, good):
     line = run_preflight(capsys, 2, "--seq-len", 1024, "--deepspeed_config", good["config"], "--data", good["data"])
     assert "--seq-len 1024 exceeds the model's 256 positions" in line
+
+
+def model_json(tmp_path, **settings):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+                                "num_attention_heads": 4, "max_position_embeddings": 256, **settings}))  # fmt: skip
+    return path
+
+
+def test_unsupported_model_type_lists_the_supported_ones(capsys, good, tmp_path):
+    config = model_json(tmp_path, model_type="opt")
+    line = run_preflight(capsys, 2, "--model-config", config, "--deepspeed_config", good["config"],
+                         "--data", good["data"])  # fmt: skip
+    assert "model_type 'opt' is not supported" in line and "llama" in line and "gpt_neox" in line
+
+
+def test_eager_attention_is_refused(capsys, good, tmp_path):
+    config = model_json(tmp_path, model_type="llama", attn_implementation="eager")
+    line = run_preflight(capsys, 2, "--model-config", config, "--deepspeed_config", good["config"],
+                         "--data", good["data"])  # fmt: skip
+    assert "'eager' attention" in line and "sdpa" in line
+
+
+def test_seq_len_above_the_sliding_window(capsys, good, tmp_path):
+    config = model_json(tmp_path, model_type="mistral", sliding_window=64)
+    line = run_preflight(capsys, 2, "--model-config", config, "--seq-len", 128, "--deepspeed_config", good["config"],
+                         "--data", good["data"])  # fmt: skip
+    assert "--seq-len 128 exceeds the model's 64-token sliding attention window" in line
 
 
 def test_missing_data_file(capsys, good, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import launch, read_metrics, write_ds_config
+from tests.helpers import launch, read_metrics, small_run_args, write_ds_config
 from train.data import packed_dataset, resolve_sources
 from train.tokenizer import load_tokenizer
 
@@ -14,37 +14,8 @@ STEPS = 6
 
 
 def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
-    return [
-        "--data",
-        corpus,
-        "--tokenizer",
-        tokenizer_dir,
-        "--model-config",
-        tmp_path / "model.json",
-        "--seq-len",
-        32,
-        "--train-steps",
-        STEPS,
-        "--log-interval",
-        1,
-        "--eval-interval",
-        3,
-        "--val-fraction",
-        0.05,
-        "--eval-blocks",
-        32,
-        "--deepspeed_config",
-        ds_config,
-        "--data-cache-dir",
-        tmp_path / "cache",
-        "--wandb-mode",
-        "disabled",
-        "--sample-tokens",
-        5,
-        "--trace-batches",
-        "--profile-steps",
-        2,
-    ]
+    return [*small_run_args(corpus, tokenizer_dir, tmp_path, ds_config, tmp_path / "model.json", STEPS),
+            "--trace-batches", "--profile-steps", 2]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +82,7 @@ def test_run_folder_holds_config_tokenizer_and_metrics(layout_runs):
     assert (topology["world_size"], topology["pipeline_stages"], topology["data_parallel"]) == (4, 2, 2)
     assert topology["micro_batches_per_step"] == 2
     stages = topology["stages"]
-    assert [s["layers"][0] for s in stages] == ["EmbeddingPipe", "BlockPipe"]
+    assert [s["layers"][0] for s in stages] == ["EmbeddingPipe", "DecoderLayerPipe"]
     assert stages[1]["layers"][-2:] == ["FinalNormPipe", "EmbeddingPipe"]  # the tied head closes the last stage
     hf_params = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(run / "hf").parameters())
     assert config["parameters"] == sum(s["parameters"] for s in stages) == hf_params
@@ -174,22 +145,23 @@ def test_timeline_shows_1f1b_on_every_stage(layout_runs):
 def test_flops_partition_is_the_balanced_split_of_layer_costs(layout_runs):
     import json
 
-    from transformers import GPT2Config
-
+    from models.architecture import discover
     from models.flops import flops_partition
+    from models.hf_weights import config_from_dict
 
     _, runs = layout_runs
     config = json.loads((runs["pp2_flops_ac"] / "run_config.json").read_text())
-    expected = flops_partition(GPT2Config.from_dict(config["model"]), 32, 2)
+    expected = flops_partition(discover(config_from_dict(config["model"])), 32, 2)
     assert config["topology"]["stage_layer_bounds"] == expected
 
 
 def test_flops_partition_unloads_the_head_stage_of_the_default_model():
     """gpt2-tiny: the tied head (8192 x 128) costs ~4.5 blocks; parameters put 2 blocks beside it."""
+    from models.architecture import discover
     from models.flops import flops_partition, layer_flops
     from models.presets import resolve_model_config
 
-    config = resolve_model_config("gpt2-tiny", None, 8192)
+    config = discover(resolve_model_config("gpt2-tiny", None, 8192))
     costs = layer_flops(config, 128)
     bounds = flops_partition(config, 128, 2)
     assert bounds == [0, 5, 7]  # embedding and 4 blocks | final norm, head and loss
@@ -199,15 +171,15 @@ def test_flops_partition_unloads_the_head_stage_of_the_default_model():
 def test_planner_partition_and_parameters_equal_what_the_pipeline_built(layout_runs):
     import json
 
-    from transformers import GPT2Config
-
+    from models.architecture import discover
+    from models.hf_weights import config_from_dict
     from train.plan import plan_stages, stage_bounds
 
     _, runs = layout_runs
     for name in runs:
         config = json.loads((runs[name] / "run_config.json").read_text())
         method = config["args"]["partition_method"]
-        topology, model = config["topology"], GPT2Config.from_dict(config["model"])
+        topology, model = config["topology"], discover(config_from_dict(config["model"]))
         stages, dp = topology["pipeline_stages"], topology["data_parallel"]
         assert stage_bounds(model, stages, method, 32) == topology["stage_layer_bounds"], name
         plans = plan_stages(model, config["deepspeed"], stages, dp, 32, method)

@@ -3,18 +3,20 @@
 import argparse
 from pathlib import Path
 
+from models.presets import PRESETS
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = REPO / "ds_configs" / "cpu_pp2.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipegpt", description="Train a GPT-2 as a DeepSpeed pipeline.")
+    p = argparse.ArgumentParser(prog="pipegpt", description="Train a Hugging Face causal LM as a DeepSpeed pipeline.")
     model = p.add_argument_group("model")
     model.add_argument(
         "--model-config",
         default=None,
-        help="preset (gpt2-tiny, gpt2-small-cpu, gpt2, gpt2-medium, gpt2-large, gpt2-xl), config.json or "
-        "HF config dir; default gpt2-tiny when --model is not given",
+        help=f"preset ({', '.join(PRESETS)}), config.json or HF config dir; default gpt2-tiny when --model "
+        "is not given",
     )
     model.add_argument(
         "--model", default=None, help="pretrained HF model (save_pretrained dir or hub name) to start from"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from transformers import GPT2Config
+from transformers import PretrainedConfig
 
 from train.distributed import raise_if_any_failed
 from train.errors import ConfigError
@@ -51,7 +51,7 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine: PipelineEngine, root: Path, step: int, client_state: dict, model_config: GPT2Config,
+def save_checkpoint(engine: PipelineEngine, root: Path, step: int, client_state: dict, model_config: PretrainedConfig,
                     keep_last: int) -> Path:  # fmt: skip
     """Save step `step` under `root/step_<step>`; make it `latest` only once every rank has written it."""
     tag = f"step_{step}"

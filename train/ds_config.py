@@ -64,7 +64,7 @@ def zero_stage(config: dict) -> int:
     return config.get("zero_optimization", {}).get("stage", 0)
 
 
-def check_layout(config: dict, world_size: int, pipeline_stages: int, n_layer: int) -> tuple[int, int, int]:
+def check_layout(config: dict, world_size: int, pipeline_stages: int, num_layers: int) -> tuple[int, int, int]:
     """Check parallel layout against the config; returns the batch layout."""
     if pipeline_stages < 1:
         raise ConfigError("--pipeline-stages must be at least 1")
@@ -73,8 +73,8 @@ def check_layout(config: dict, world_size: int, pipeline_stages: int, n_layer: i
             f"world size {world_size} is not divisible by --pipeline-stages {pipeline_stages}; "
             "launch a multiple of the stage count of ranks"
         )
-    if pipeline_stages > n_layer:
-        raise ConfigError(f"--pipeline-stages {pipeline_stages} is more than the model's {n_layer} transformer blocks")
+    if pipeline_stages > num_layers:
+        raise ConfigError(f"--pipeline-stages {pipeline_stages} is more than the model's {num_layers} decoder layers")
     if zero_stage(config) >= 2 and pipeline_stages > 1:
         raise ConfigError(
             f"ZeRO stage {zero_stage(config)} is incompatible with pipeline parallelism in DeepSpeed; "

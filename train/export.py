@@ -11,9 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from transformers import GPT2Config
-
-from models.hf_weights import export_hf_model
+from models.hf_weights import config_from_dict, export_hf_model
 from train.checkpoint import read_manifest, verified_tag_dir
 from train.errors import ConfigError
 from train.tokenizer import load_tokenizer
@@ -21,7 +19,7 @@ from train.tokenizer import load_tokenizer
 
 def export_checkpoint(checkpoint: Path, out: Path, tokenizer_dir: Path | None = None) -> Path:
     tag_dir = verified_tag_dir(checkpoint)
-    config = GPT2Config.from_dict(read_manifest(tag_dir)["model_config"])
+    config = config_from_dict(read_manifest(tag_dir)["model_config"])
     run_tokenizer = tag_dir.parent.parent / "tokenizer"  # <run>/checkpoints/<tag>
     tokenizer_dir = tokenizer_dir or (run_tokenizer if run_tokenizer.exists() else None)
     tokenizer = load_tokenizer(str(tokenizer_dir)) if tokenizer_dir else None

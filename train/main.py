@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import logger as ds_logger
 
+from models.architecture import discover
 from models.flops import flops_per_token
-from models.gpt2_pipe import build_gpt2_pipeline
 from models.hf_weights import export_hf_model, load_hf_weights, resolve_model_dir
+from models.pipeline import build_pipeline
 from train.args import parse_args
 from train.batches import TrainMicroBatches
 from train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
@@ -112,6 +113,7 @@ def run(args) -> None:
         raise ConfigError(
             f"tokenizer has {len(tokenizer)} tokens but the model's embedding only {model_config.vocab_size}"
         )
+    arch = discover(model_config)
     splits = rank_zero_first(lambda: prepare_data(args, tokenizer))
     if len(tokenizer) < model_config.vocab_size:
         say(f"embedding has {model_config.vocab_size} rows for {len(tokenizer)} tokens (padded vocabulary)")
@@ -135,8 +137,8 @@ def run(args) -> None:
     # Phase 3: the pipeline model and DeepSpeed engine.
     memory_before_model = memory_in_use()
     try:
-        pipe = build_gpt2_pipeline(
-            model_config,
+        pipe = build_pipeline(
+            arch,
             args.pipeline_stages,
             args.partition_method,
             args.seed,
@@ -146,7 +148,7 @@ def run(args) -> None:
     except ValueError as e:  # a partition DeepSpeed cannot run
         raise ConfigError(str(e)) from None
     if args.model:
-        n = load_hf_weights(pipe, resolve_model_dir(args.model), model_config.n_layer)
+        n = load_hf_weights(pipe, resolve_model_dir(args.model), arch)
         # One write, so that the ranks' reports do not interleave on the shared stdout.
         sys.stdout.write(
             f"rank {rank()}: loaded {n} pretrained tensors for layers {pipe._local_start}-{pipe._local_stop - 1}\n"
@@ -165,14 +167,15 @@ def run(args) -> None:
             "stages": stages_summary(engine),
         },
         "model": model_config.to_dict(),
-        "flops_per_token": flops_per_token(model_config, args.seq_len),
+        "flops_per_token": flops_per_token(arch, args.seq_len),
         **run_environment(),
     }
     run_config["parameters"] = sum(s["parameters"] for s in run_config["topology"]["stages"])
     if rank() == 0:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
     say(
-        f"model: {run_config['parameters']:,} parameters, {args.pipeline_stages} stages x {dp_size} data-parallel, "
+        f"model: {model_config.model_type}, {run_config['parameters']:,} parameters, "
+        f"{args.pipeline_stages} stages x {dp_size} data-parallel, "
         f"layer bounds {run_config['topology']['stage_layer_bounds']}, {micro_batches} micro-batches of {micro}"
     )
     if dp_size == 1 and zero_stage(ds_config) >= 1:

@@ -32,8 +32,8 @@ import sys
 from dataclasses import dataclass
 
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
-from transformers import GPT2Config
 
+from models.architecture import Architecture, discover
 from models.flops import flops_partition, flops_per_token
 from models.presets import resolve_model_config
 from train.ds_config import batch_layout, load_ds_config
@@ -42,28 +42,39 @@ from train.mfu import PEAK_TFLOPS, training_dtype
 
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A100": 80, "A100-40GB": 40, "L40S": 48, "A10G": 24, "V100": 32,
                   "MI300X": 192, "MI250X": 128}  # fmt: skip
+LAYER_NAMES = ("EmbeddingPipe", "DecoderLayerPipe", "FinalNormPipe")
 
 
-def layer_parameters(config: GPT2Config) -> list[int]:
+def layer_names(arch: Architecture) -> list[str]:
+    head = "EmbeddingPipe" if arch.tied else "HeadPipe"
+    return [LAYER_NAMES[0], *[LAYER_NAMES[1]] * arch.num_layers, LAYER_NAMES[2], head]
+
+
+def layer_parameters(arch: Architecture) -> list[int]:
     """Parameters of every pipeline layer as DeepSpeed counts them for `parameters` partitioning
-    (it builds each spec, so the tied head counts its own copy of the token embedding)."""
-    d, inner = config.n_embd, config.n_inner or 4 * config.n_embd
-    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d)
-    return [config.vocab_size * d + config.n_positions * d, *[block] * config.n_layer, 2 * d, config.vocab_size * d]
+    (it builds each spec, so a tied head counts its own copy of the token embedding)."""
+    head = (arch.parameters_of(f"{arch.prefix}.{arch.token_embedding}") if arch.tied
+            else arch.parameters_of(arch.head))  # fmt: skip
+    return [
+        sum(arch.parameters_of(f"{arch.prefix}.{name}") for name in arch.embedding),
+        *[arch.parameters_of(arch.layer_path(i)) for i in range(arch.num_layers)],
+        arch.parameters_of(f"{arch.prefix}.{arch.final_norm}"),
+        head,
+    ]
 
 
-def stage_bounds(config: GPT2Config, stages: int, method: str, seq_len: int) -> list[int]:
+def stage_bounds(arch: Architecture, stages: int, method: str, seq_len: int) -> list[int]:
     method = method.lower()
     if method == "uniform":
-        bounds = partition_uniform(config.n_layer + 3, stages)
+        bounds = partition_uniform(arch.num_layers + 3, stages)
     elif method == "parameters":
-        bounds = partition_balanced(layer_parameters(config), stages)
+        bounds = partition_balanced(layer_parameters(arch), stages)
     elif method == "flops":
-        bounds = flops_partition(config, seq_len, stages)
-    elif method == "type:blockpipe":
-        bounds = partition_balanced([0, *[1] * config.n_layer, 0, 0], stages)
+        bounds = flops_partition(arch, seq_len, stages)
+    elif method == "type:decoderlayerpipe":
+        bounds = partition_balanced([0, *[1] * arch.num_layers, 0, 0], stages)
     else:
-        raise ConfigError(f"the planner knows flops, parameters, uniform and type:BlockPipe, not {method!r}")
+        raise ConfigError(f"the planner knows flops, parameters, uniform and type:DecoderLayerPipe, not {method!r}")
     return [int(b) for b in bounds]
 
 
@@ -71,7 +82,7 @@ def stage_bounds(config: GPT2Config, stages: int, method: str, seq_len: int) -> 
 class StagePlan:
     stage: int
     layers: list[str]
-    parameters: int  # what this stage holds (the tied embedding on both ends)
+    parameters: int  # what this stage holds (a tied embedding on both ends)
     memory: dict[str, float]  # bytes by kind: weights, optimizer, reduction, backward/step gradients, activations
 
     @property
@@ -81,37 +92,39 @@ class StagePlan:
         return held + max(m["backward_gradients"] + m["activations"], m["step_gradients"])
 
 
-def saved_bytes_per_token(config: GPT2Config, dtype: str) -> float:
-    """Bytes autograd keeps per token for one GPT2Block's backward, counted on real blocks.
+def saved_bytes_per_token(arch: Architecture, dtype: str) -> float:
+    """Bytes autograd keeps per token for one decoder layer's backward, counted on real layers.
 
-    Every tensor saved for backward is recorded once (by storage), parameters excluded. This is
-    what the block really stores, e.g. the four 4h-wide tensors of GPT-2's tanh GELU, which the
-    usual 34 s b h estimate (Korthikanti et al. 2022) leaves out; SDPA stores no s x s scores.
-    The count is linear in the width for a fixed head count and MLP ratio, so two narrow blocks
-    (head sizes 8 and 16) give it exactly without building a block of the real, possibly huge, size.
+    Every tensor saved for backward is recorded once (by storage), parameters excluded. This is what
+    the layer really stores, e.g. the four 4h-wide tensors of GPT-2's tanh GELU or SwiGLU's three,
+    which the usual 34 s b h estimate (Korthikanti et al. 2022) leaves out; SDPA stores no s x s scores.
+    With the head count fixed, the count is linear in the head size (every width scales with it), so
+    two narrow copies of the layer (head sizes 8 and 16) give it exactly without building a layer of
+    the real, possibly huge, size.
     """
-    heads = config.n_head
-    key = (heads, (config.n_inner or 4 * config.n_embd) / config.n_embd, config.activation_function,
-           config.resid_pdrop > 0, config.attn_pdrop > 0, dtype)  # fmt: skip
-    narrow, wide = _saved_bytes_per_token(8 * heads, *key), _saved_bytes_per_token(16 * heads, *key)
-    return narrow + (wide - narrow) / (8 * heads) * (config.n_embd - 8 * heads)
+    config = arch.config
+    head_dim = arch.attention_width / config.num_attention_heads
+    settings = config.to_json_string(use_diff=False)
+    narrow, wide = (_saved_bytes_per_token(settings, size / head_dim, dtype) for size in (8, 16))
+    return narrow + (wide - narrow) / 8 * (head_dim - 8)
 
 
 @functools.lru_cache
-def _saved_bytes_per_token(width: int, heads: int, mlp_ratio: float, activation: str, resid_dropout: bool,
-                           attn_dropout: bool, dtype: str) -> float:  # fmt: skip
+def _saved_bytes_per_token(config_json: str, scale: float, dtype: str) -> float:
     import torch
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-    from models.gpt2_pipe import pipeline_config
+    from models.hf_weights import config_from_dict
+    from models.pipeline import DecoderLayerPipe
 
+    config = config_from_dict(json.loads(config_json))
+    config.num_hidden_layers = 1
+    for width in ("hidden_size", "intermediate_size", "n_inner", "head_dim"):
+        if getattr(config, width, None) is not None:
+            setattr(config, width, round(getattr(config, width) * scale))
     tokens = 64
-    config = GPT2Config(n_embd=width, n_head=heads, n_inner=round(mlp_ratio * width), n_positions=tokens,
-                        activation_function=activation, resid_pdrop=0.1 * resid_dropout,
-                        attn_pdrop=0.1 * attn_dropout)  # fmt: skip
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    block = GPT2Block(pipeline_config(config)).to(torch_dtype).train()
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    layer = DecoderLayerPipe(discover(config), 0).to(torch_dtype).train()
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -120,13 +133,13 @@ def _saved_bytes_per_token(width: int, heads: int, mlp_ratio: float, activation:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    hidden = torch.randn(1, tokens, width, dtype=torch_dtype, requires_grad=True)
+    hidden = torch.randn(1, tokens, config.hidden_size, dtype=torch_dtype, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(hidden)
+        layer(hidden)
     return sum(seen.values()) / tokens
 
 
-def plan_stages(config: GPT2Config, ds_config: dict, stages: int, data_parallel: int, seq_len: int, method: str,
+def plan_stages(arch: Architecture, ds_config: dict, stages: int, data_parallel: int, seq_len: int, method: str,
                 checkpoint_interval: int = 0) -> list[StagePlan]:  # fmt: skip
     _, micro, micro_batches = batch_layout(ds_config, data_parallel)
     dtype = training_dtype(ds_config)
@@ -137,26 +150,26 @@ def plan_stages(config: GPT2Config, ds_config: dict, stages: int, data_parallel:
     bucket = int(float(zero_config.get("reduce_bucket_size", 5e8))) if zero else 0
     replicas = data_parallel if zero else 1
     optimizer_width = 12 / replicas if zero or dtype != "fp32" else 8
-    names = ["EmbeddingPipe", *["BlockPipe"] * config.n_layer, "FinalNormPipe", "EmbeddingPipe"]
-    counts = layer_parameters(config)
-    counts[-1] = config.vocab_size * config.n_embd  # the head's copy holds the token embedding only
-    tokens, h = seq_len * micro, config.n_embd
-    block_activations = saved_bytes_per_token(config, dtype) * tokens
+    names = layer_names(arch)
+    counts = layer_parameters(arch)
+    tokens, h, vocab = seq_len * micro, arch.hidden_size, arch.config.vocab_size
+    block_activations = saved_bytes_per_token(arch, dtype) * tokens
     plans = []
-    bounds = stage_bounds(config, stages, method, seq_len)
+    bounds = stage_bounds(arch, stages, method, seq_len)
     for stage in range(stages):
         start, stop = bounds[stage], bounds[stage + 1]
         layers = names[start:stop]
-        counts_here = counts[start : stop - 1] if stages == 1 else counts[start:stop]  # one stage: one embedding
+        # One stage holds a tied embedding once.
+        counts_here = counts[start : stop - 1] if stages == 1 and arch.tied else counts[start:stop]
         params = sum(counts_here)
-        blocks = layers.count("BlockPipe")
+        blocks = layers.count(LAYER_NAMES[1])
         in_flight = min(stages - stage, micro_batches)
         if checkpoint_interval:
             activations = in_flight * blocks * tokens * h * width + block_activations * min(blocks, 1)
         else:
             activations = in_flight * blocks * block_activations
         if stop == len(names):  # logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient
-            activations += tokens * config.vocab_size * (width + 8 + (0 if width == 4 else 4 + width))
+            activations += tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
         memory = {"weights": params * width, "optimizer": params * optimizer_width,
                   "reduction": min(params, bucket) * grad_width, "backward_gradients": params * grad_width,
                   "step_gradients": params * (12 / replicas if zero else 4), "activations": activations}  # fmt: skip
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=1)
     a = p.parse_args(argv)
     try:
-        config = resolve_model_config(a.model_config, None, a.vocab_size)
+        arch = discover(resolve_model_config(a.model_config, None, a.vocab_size))
         ds_config = load_ds_config(a.deepspeed_config, a.train_steps)
         world = a.nodes * a.gpus_per_node
         gpu = a.gpu.upper()
@@ -194,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown --gpu {a.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
         gpu_bytes = GPU_MEMORY_GIB[gpu] * 2**30
         candidates = [a.pipeline_stages] if a.pipeline_stages else [
-            s for s in range(1, config.n_layer + 1) if world % s == 0]  # fmt: skip
+            s for s in range(1, arch.num_layers + 1) if world % s == 0]  # fmt: skip
         chosen = None
         for stages in candidates:
-            plans = plan_stages(config, ds_config, stages, world // stages, a.seq_len, a.partition_method,
+            plans = plan_stages(arch, ds_config, stages, world // stages, a.seq_len, a.partition_method,
                                 a.activation_checkpoint_interval)  # fmt: skip
             chosen = (stages, plans)
             if fits(plans, gpu_bytes):
@@ -209,11 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     dp = world // stages
     train_batch, micro, micro_batches = batch_layout(ds_config, dp)
     bubble = (stages - 1) / (micro_batches + stages - 1)
-    flops_step = flops_per_token(config, a.seq_len) * train_batch * a.seq_len
+    flops_step = flops_per_token(arch, a.seq_len) * train_batch * a.seq_len
     peak = next((v for k, v in PEAK_TFLOPS if k.upper() == gpu), {}).get(training_dtype(ds_config), 0)
     step_time = flops_step / (world * peak * 1e12 * a.mfu) if peak else float("nan")
     print(
-        f"{a.model_config}: {config.n_layer} blocks, d={config.n_embd}, vocab {config.vocab_size}, seq {a.seq_len}; "
+        f"{a.model_config} ({arch.config.model_type}): {arch.num_layers} layers, d={arch.hidden_size}, "
+        f"vocab {arch.config.vocab_size}, {sum(layer_parameters(arch)[:-1 if arch.tied else None]) / 1e9:.2f}B "
+        f"parameters, seq {a.seq_len}; "
         f"{a.nodes} x {a.gpus_per_node} {gpu} ({GPU_MEMORY_GIB[gpu]} GiB), {training_dtype(ds_config)}"
     )
     print(

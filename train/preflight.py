@@ -11,8 +11,9 @@ from argparse import Namespace
 from pathlib import Path
 
 from datasets import load_dataset
-from transformers import GPT2Config
+from transformers import PretrainedConfig
 
+from models.architecture import discover
 from models.presets import resolve_model_config
 from train.args import parse_args
 from train.data import Source, embedded_corpus, resolve_sources
@@ -36,7 +37,19 @@ def check_text_column(sources: list[Source], text_column: str) -> None:
                 )
 
 
-def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, list[Source], tuple[int, int, int]]:
+def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:
+    arch = discover(model_config)
+    if arch.max_positions() is not None and seq_len > arch.max_positions():
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's {arch.max_positions()} positions")
+    if (window := arch.sliding_window()) is not None and seq_len > window:
+        # Without a mask SDPA attends to every earlier token: beyond the window that is not the model.
+        raise ConfigError(
+            f"--seq-len {seq_len} exceeds the model's {window}-token sliding attention window, which the pipeline "
+            f"does not mask; use --seq-len {window} or less"
+        )
+
+
+def check_inputs(args: Namespace, world_size: int) -> tuple[dict, PretrainedConfig, list[Source], tuple[int, int, int]]:
     """(DeepSpeed config, model config, data sources, batch layout), or a ConfigError naming the fix."""
     for flag in ("train_steps", "seq_len", "eval_interval", "log_interval"):
         if getattr(args, flag) < 1:
@@ -55,11 +68,10 @@ def check_inputs(args: Namespace, world_size: int) -> tuple[dict, GPT2Config, li
         model_config = resolve_model_config(args.model_config, args.model, args.vocab_size)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
-    layout = check_layout(ds_config, world_size, args.pipeline_stages, model_config.n_layer)
+    layout = check_layout(ds_config, world_size, args.pipeline_stages, model_config.num_hidden_layers)
     if args.eval_blocks is not None and args.eval_blocks < layout[0]:
         raise ConfigError(f"--eval-blocks {args.eval_blocks} is under one global batch: use at least {layout[0]}")
-    if args.seq_len > model_config.n_positions:
-        raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {model_config.n_positions} positions")
+    check_seq_len(model_config, args.seq_len)
     sources = resolve_sources(args.data or [embedded_corpus()])
     if args.val_data:
         resolve_sources(args.val_data)

@@ -1,0 +1,171 @@
+"""What a Hugging Face causal LM is made of, read from the model's own structure.
+
+One description serves every family: the model is built on the meta device (no memory, ~1 s for
+70B) from its config, and its pieces are found the way transformers itself finds them:
+`base_model_prefix` and `base_model` for the decoder, the one `nn.ModuleList` in it for the
+decoder layers, `get_input_embeddings` / `get_output_embeddings` for the token embedding and the
+LM head, `tie_word_embeddings` (checked against the built model) for the tie. What stands before the
+layers (token and position embeddings, dropout) forms the embedding stage, the module after them
+with parameters is the final norm, and a `...RotaryEmbedding` is recomputed inside every decoder
+layer so that only the hidden states travel between stages.
+
+A pipeline layer gets a real copy of one piece: deep-copied from the meta model, allocated, and
+initialised by the family's own `_init_weights` (which also recomputes rotary frequencies).
+"""
+
+import copy
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+# model_type -> what the README calls it. Each is tested against its transformers model (tests/test_families.py).
+SUPPORTED_FAMILIES = {
+    "gpt2": "GPT-2",
+    "llama": "Llama 2/3",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2/2.5",
+    "qwen3": "Qwen3",
+    "gpt_neox": "GPT-NeoX/Pythia",
+    "phi3": "Phi-3",
+    "gemma": "Gemma",
+    "olmo2": "OLMo 2",
+}
+# Attention kernels that are causal when called without a mask (eager is not: it attends to the future).
+CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Names of a model's pieces, relative to the causal-LM model (`prefix` is the decoder's)."""
+
+    config: PretrainedConfig  # attention forced to a kernel that is causal without a mask
+    prefix: str  # "model", "transformer", "gpt_neox"
+    layers: str  # the decoder-layer list inside the decoder: "layers", "h"
+    embedding: tuple[str, ...]  # the decoder's modules before the layers, in order: ("wte", "wpe", "drop")
+    token_embedding: str  # "embed_tokens", "wte", "embed_in"
+    position_embedding: str | None  # learned absolute positions ("wpe"), added to the token embedding
+    final_norm: str  # "norm", "ln_f", "final_layer_norm"
+    rotary: str | None  # "rotary_emb", recomputed in every decoder layer
+    head: str  # the LM head, a child of the causal-LM model: "lm_head"
+    tied: bool  # the head uses the token embedding's weight
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def attention_width(self) -> int:
+        """Query heads x head size (the hidden size, except where `head_dim` says otherwise)."""
+        heads = self.config.num_attention_heads
+        return heads * (getattr(self.config, "head_dim", None) or self.hidden_size // heads)
+
+    def meta_model(self) -> nn.Module:
+        return meta_model(self.config)
+
+    def new_module(self, path: str) -> nn.Module:
+        """A real, initialised copy of the model's submodule at `path` (e.g. "model.layers.3")."""
+        model = self.meta_model()
+        module = copy.deepcopy(model.get_submodule(path)).to_empty(device="cpu")
+        module.apply(model._init_weights)  # children first, as HF does: GPT-2's scaled c_proj wins
+        return module
+
+    def parameters_of(self, path: str) -> int:
+        return sum(p.numel() for p in self.meta_model().get_submodule(path).parameters())
+
+    def layer_path(self, index: int) -> str:
+        return f"{self.prefix}.{self.layers}.{index}"
+
+    def sliding_window(self) -> int | None:
+        """The attention window of any layer, if the model uses one (SDPA without a mask ignores it)."""
+        window = getattr(self.config, "sliding_window", None)
+        layer_types = getattr(self.config, "layer_types", None)
+        if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+            return None
+        return window
+
+    def max_positions(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+
+_META_MODELS: dict[str, nn.Module] = {}
+
+
+def meta_model(config: PretrainedConfig) -> nn.Module:
+    """The causal-LM model of `config` on the meta device (kept: pipeline layers copy their pieces from it)."""
+    key = json.dumps(config.to_dict(), sort_keys=True, default=str) + str(config._attn_implementation)
+    if key not in _META_MODELS:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+        _META_MODELS[key] = model
+    return _META_MODELS[key]
+
+
+def pipeline_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of `config` whose attention is causal when a decoder layer is called alone, with no mask.
+
+    A standalone layer built from a raw config falls back to eager attention, which without a mask
+    attends to future tokens. SDPA (and flash attention) with no mask take `is_causal=True`, which is
+    what the whole model computes for unpadded blocks. A flash kernel the user asked for is kept.
+    """
+    config = copy.deepcopy(config)
+    requested = getattr(config, "_attn_implementation", None)
+    if requested not in (None, *CAUSAL_WITHOUT_MASK):
+        raise ValueError(
+            f"the model config asks for {requested!r} attention, which attends to future tokens without a mask; "
+            "remove attn_implementation from it (pipegpt uses sdpa) or set it to sdpa or flash_attention_2"
+        )
+    config._attn_implementation = requested or "sdpa"
+    return config
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    return next(name for name, module in parent.named_children() if module is child)
+
+
+def discover(config: PretrainedConfig) -> Architecture:
+    """The `Architecture` of `config`'s causal-LM model, or a ValueError naming what is not supported."""
+    model_type = config.model_type
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)} "
+            "(decoder-only models whose layers take only the hidden states and rotary embeddings)"
+        )
+    config = pipeline_config(config)
+    try:
+        model = meta_model(config)
+    except (ValueError, ImportError) as e:  # e.g. a model without SDPA, or flash attention not installed
+        raise ValueError(
+            f"{model_type} cannot run with {config._attn_implementation} attention ({str(e).splitlines()[0]}); "
+            "pipegpt needs an attention kernel that is causal without a mask (sdpa or flash attention), not eager"
+        ) from None
+    base = model.base_model
+    children = dict(base.named_children())
+    (layers,) = [name for name, module in children.items() if isinstance(module, nn.ModuleList)]
+    order = list(children)
+    before, after = order[: order.index(layers)], order[order.index(layers) + 1 :]
+    token = _child_name(base, model.get_input_embeddings())
+    rotary = [n for n in before + after if type(children[n]).__name__.endswith("RotaryEmbedding")]
+    positions = [n for n in before if n != token and isinstance(children[n], nn.Embedding)]
+    norms = [n for n in after if n not in rotary and any(True for _ in children[n].parameters())]
+    if len(norms) != 1 or len(rotary) > 1 or len(positions) > 1:
+        raise ValueError(f"{model_type}: cannot tell the final norm, rotary and position embeddings apart in {order}")
+    head_module = model.get_output_embeddings()
+    return Architecture(
+        config=config,
+        prefix=model.base_model_prefix,
+        layers=layers,
+        embedding=tuple(n for n in before if n not in rotary),
+        token_embedding=token,
+        position_embedding=positions[0] if positions else None,
+        final_norm=norms[0],
+        rotary=rotary[0] if rotary else None,
+        head=_child_name(model, head_module),
+        tied=head_module.weight is model.get_input_embeddings().weight,
+    )

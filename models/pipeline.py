@@ -1,0 +1,195 @@
+"""Any supported Hugging Face causal LM as a flat list of DeepSpeed pipeline layers.
+
+    layer 0        EmbeddingPipe     the decoder's modules before its layers (token embedding, positions, dropout)
+    layer 1..n     DecoderLayerPipe  transformers' own decoder layer, one per layer, with its own rotary module
+    layer n+1      FinalNormPipe     the final norm
+    layer n+2      the LM head       untied: HeadPipe; tied: the layer-0 module again (TiedLayerSpec),
+                                     used as F.linear(h, token_embedding.weight)
+
+Only the hidden states cross stages: each decoder layer computes its rotary cos/sin from the positions
+0..S-1 itself (DeepSpeed 0.19.8 would mark received cos/sin `requires_grad` and assert a gradient for
+them). Parameter names are the HF names below a per-layer prefix (see `models/hf_weights.py`).
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from torch import nn
+
+from models.architecture import Architecture
+from models.flops import flops_partition
+from models.loss import next_token_cross_entropy
+
+TIED_EMBEDDING_KEY = "embed"
+
+
+class EmbeddingPipe(nn.Module):
+    """input_ids -> the first hidden states. Also the tied LM head's weight holder (`token_only`)."""
+
+    def __init__(self, arch: Architecture, token_only: bool = False):
+        super().__init__()
+        self.token_embedding, self.position_embedding = arch.token_embedding, arch.position_embedding
+        # The last stage builds this module only for the tied head: it needs no positions or dropout.
+        for name in (arch.token_embedding,) if token_only else arch.embedding:
+            self.add_module(name, arch.new_module(f"{arch.prefix}.{name}"))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = getattr(self, self.token_embedding)(input_ids)
+        for name, module in self.named_children():
+            if name == self.position_embedding:
+                hidden = hidden + module(torch.arange(input_ids.shape[-1], device=input_ids.device))
+            elif name != self.token_embedding:
+                hidden = module(hidden)  # dropout
+        return hidden
+
+    def tied_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: logits from the token embedding's weight."""
+        return F.linear(hidden, getattr(self, self.token_embedding).weight)
+
+
+class DecoderLayerPipe(nn.Module):
+    """transformers' decoder layer with the one-tensor-in, one-tensor-out interface of a pipeline layer."""
+
+    def __init__(self, arch: Architecture, index: int):
+        super().__init__()
+        self.layer = arch.new_module(arch.layer_path(index))
+        self.rotary = arch.new_module(f"{arch.prefix}.{arch.rotary}") if arch.rotary else None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        kwargs = {}
+        if self.rotary is not None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            kwargs = {"position_ids": position_ids, "position_embeddings": self.rotary(hidden, position_ids)}
+        out = self.layer(hidden, **kwargs)  # no mask: the attention is causal (see pipeline_config)
+        return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return a tuple
+
+    def _apply(self, fn, recurse=True):
+        # Keep the rotary frequencies in fp32 when DeepSpeed casts the model to bf16/fp16: only move them.
+        # (HF's rotary forward upcasts `inv_freq` but cannot restore the precision a cast lost.)
+        buffers = dict(self.rotary.named_buffers()) if self.rotary is not None else {}
+        super()._apply(fn, recurse)
+        for name, fp32 in buffers.items():
+            setattr(self.rotary, name, fp32.to(getattr(self.rotary, name).device))
+        return self
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.name = arch.final_norm
+        self.add_module(arch.final_norm, arch.new_module(f"{arch.prefix}.{arch.final_norm}"))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.name)(hidden)
+
+
+class HeadPipe(nn.Module):
+    """An untied LM head (Llama-3-8B, Mistral, Pythia), holding its own weight."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.name = arch.head
+        self.add_module(arch.head, arch.new_module(arch.head))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.name)(hidden)
+
+
+def layer_specs(arch: Architecture) -> list[LayerSpec]:
+    """The flat list of layer specs that `PipelineModule` partitions into stages."""
+    tied_weight = [f"{arch.token_embedding}.weight"]
+    first = (TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, arch, tied_weight_attr=tied_weight) if arch.tied
+             else LayerSpec(EmbeddingPipe, arch))  # fmt: skip
+    head = (TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, arch, token_only=True, forward_fn=EmbeddingPipe.tied_head,
+                          tied_weight_attr=tied_weight) if arch.tied else LayerSpec(HeadPipe, arch))  # fmt: skip
+    blocks = [LayerSpec(DecoderLayerPipe, arch, i) for i in range(arch.num_layers)]
+    return [first, *blocks, LayerSpec(FinalNormPipe, arch), head]
+
+
+class CausalLMPipeline(PipelineModule):
+    """DeepSpeed's PipelineModule plus a `flops` partition method that balances compute.
+
+    DeepSpeed balances parameters (a tied head has none on the last stage, yet does the largest matmul
+    and the loss), layer counts or layer types; its `profile` method is not implemented. `flops` gives
+    DeepSpeed's own balanced-partition solver per-layer costs.
+    """
+
+    def __init__(self, *args, arch: Architecture, seq_len: int, **kwargs):
+        self.arch, self.seq_len = arch, seq_len
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        if method.lower() == "flops":
+            self.parts = flops_partition(self.arch, self.seq_len, self.num_stages)
+            self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+        else:
+            super()._partition_layers(method)
+        if self.parts[-2] == len(self._layer_specs) - 1:
+            # A last stage holding only the head deadlocks DeepSpeed's first step (mismatched collectives).
+            raise ValueError(
+                f"partition {method!r} leaves only the LM head on the last stage "
+                f"(bounds {[int(b) for b in self.parts]}); use fewer stages or --partition-method flops"
+            )
+
+    @torch.no_grad()
+    def _synchronize_tied_weights(self) -> None:
+        # DeepSpeed broadcasts the tied embedding with grad enabled, which records the in-place
+        # broadcast in autograd and makes every backward warn; the broadcast is not differentiable.
+        super()._synchronize_tied_weights()
+
+    @torch.no_grad()
+    def tied_weight_max_diff(self) -> float:
+        """Largest |difference| between a stage's copy of a tied weight and the first stage's.
+
+        0.0 when the tie holds (and for untied models). A collective: every rank must call it.
+        """
+        device = next(self.parameters()).device
+        diff = torch.zeros((), device=device)
+        for comm in self.tied_comms.values():
+            for attr in comm["weight_attr"]:
+                mine = self._recursive_getattr(comm["module"], attr)
+                first = mine.clone()
+                dist.broadcast(first, src=min(comm["ranks"]), group=comm["group"])
+                diff = torch.maximum(diff, (first - mine).abs().max().float())
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return diff.item()
+
+
+def _seed_layer(seed: int) -> None:
+    """Seed the generators a layer draws from: the CPU one (initialisation) and the device's (dropout).
+
+    DeepSpeed calls this before every layer of every micro-batch's forward. `torch.manual_seed` would also
+    queue lazy seeds for CUDA, XPU and MTIA where they are not initialised, formatting a stack trace for
+    each: about 1 ms a call on CPU, 5-10% of a small model's step."""
+    seed = int(seed)  # DeepSpeed hands numpy integers from its partition bounds
+    torch.default_generator.manual_seed(seed)
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.manual_seed(seed)
+
+
+def build_pipeline(
+    arch: Architecture,
+    num_stages: int,
+    partition_method: str = "parameters",
+    seed: int = 1234,
+    activation_checkpoint_interval: int = 0,
+    seq_len: int | None = None,
+) -> CausalLMPipeline:
+    """The model as a `PipelineModule`. Each layer is seeded from (seed, layer index), so the initial
+    weights are the same whatever the number of stages."""
+    return CausalLMPipeline(
+        layers=layer_specs(arch),
+        num_stages=num_stages,
+        loss_fn=next_token_cross_entropy,
+        partition_method=partition_method,
+        seed_layers=True,
+        seed_fn=_seed_layer,
+        base_seed=seed,
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        checkpointable_layers=[DecoderLayerPipe.__name__],
+        arch=arch,
+        seq_len=seq_len or arch.max_positions() or 2048,
+    )

@@ -1,0 +1,146 @@
+"""Every supported family computes, in the pipeline, exactly what its Hugging Face model computes.
+
+Each case is a tiny random model built from transformers' own config class (4 layers; norm weights and
+biases moved off their 1/0 initialisation), saved with `save_pretrained` and loaded into a one-stage
+pipeline: logits, loss and every parameter's gradient equal HF's, attention is causal, and
+HF -> pipeline checkpoint -> HF is the identity.
+"""
+
+import json
+
+import deepspeed
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+from models.architecture import SUPPORTED_FAMILIES, discover
+from models.hf_weights import load_hf_weights, pipeline_param_to_hf
+from models.loss import next_token_cross_entropy
+from models.pipeline import build_pipeline
+from tests.helpers import write_ds_config
+from train.checkpoint import save_checkpoint
+from train.export import export_checkpoint
+
+VOCAB, SEQ = 128, 24
+_SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              max_position_embeddings=64)  # fmt: skip
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+# (model_type, what the case exercises, config) — every required family, tied and untied where it has both.
+CASES = [
+    ("gpt2", "tied, learned positions, Conv1D", dict(n_layer=4, n_embd=64, n_head=4, n_positions=64,
+                                                      vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)),  # fmt: skip
+    ("llama", "untied, GQA, llama3 rope scaling", dict(_SHAPE, num_key_value_heads=2, rope_parameters=_LLAMA3_ROPE)),
+    ("llama", "tied (Llama-3.2 style)", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
+    ("mistral", "untied, GQA, sliding window", dict(_SHAPE, num_key_value_heads=2, sliding_window=64)),
+    ("qwen2", "tied, qkv bias", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
+    ("qwen2", "untied (Qwen2.5-7B style)", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
+    ("qwen3", "q/k norm, head_dim != hidden/heads", dict(_SHAPE, num_key_value_heads=2, head_dim=32)),
+    ("gpt_neox", "parallel residual, partial rotary, untied embed_out", dict(_SHAPE, rotary_pct=0.25)),
+    ("gpt_neox", "sequential residual", dict(_SHAPE, rotary_pct=0.5, use_parallel_residual=False)),
+    ("phi3", "fused qkv and gate_up", dict(_SHAPE, num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
+                                           eos_token_id=0)),  # fmt: skip
+    ("gemma", "scaled embedding, (1 + w) RMSNorm, tied", dict(_SHAPE, num_key_value_heads=2, head_dim=16)),
+    ("olmo2", "post-norms, q/k norm", dict(_SHAPE, num_key_value_heads=2, eos_token_id=0, pad_token_id=0)),
+]
+IDS = [f"{family}-{i}" for i, (family, _, _) in enumerate(CASES)]
+
+
+def hf_model(family: str, settings: dict, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[family](**settings), attn_implementation="sdpa")
+    with torch.no_grad():  # norms off 1, biases off 0: a swapped or skipped one must show
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=IDS)
+def pair(request, tmp_path_factory, one_rank_group):
+    family, _, settings = request.param
+    hf = hf_model(family, settings)
+    folder = tmp_path_factory.mktemp(family) / "hf"
+    hf.save_pretrained(folder)
+    arch = discover(hf.config)
+    pipe = build_pipeline(arch, num_stages=1, seq_len=SEQ)
+    assert load_hf_weights(pipe, folder, arch) == len(list(pipe.parameters()))
+    return hf, pipe.eval(), arch, folder
+
+
+def test_every_required_family_is_covered():
+    required = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox"}
+    assert required <= {family for family, _, _ in CASES} <= set(SUPPORTED_FAMILIES)
+
+
+def test_logits_and_loss_equal_hf(pair):
+    hf, pipe, _, _ = pair
+    ids = torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = pipe(ids), hf(ids, labels=ids)
+    assert (ours - theirs.logits).abs().max().item() <= 1e-5
+    assert next_token_cross_entropy(ours, ids).item() == pytest.approx(theirs.loss.item(), abs=1e-5)
+
+
+def test_every_gradient_equals_hf(pair):
+    hf, pipe, arch, _ = pair
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    hf.zero_grad()
+    pipe.zero_grad()
+    hf(ids, labels=ids).loss.backward()
+    next_token_cross_entropy(pipe(ids), ids).backward()
+    theirs = dict(hf.named_parameters())
+    for name, param in pipe.named_parameters():
+        expected = theirs[pipeline_param_to_hf(arch, name)].grad
+        scale = expected.abs().max().item()
+        assert scale > 0, name
+        assert (param.grad - expected).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_attention_is_causal(pair):
+    _, pipe, _, _ = pair
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    changed = ids.clone()
+    changed[:, 15:] = (changed[:, 15:] + 7) % VOCAB
+    with torch.no_grad():
+        a, b = pipe(ids), pipe(changed)
+    assert torch.equal(a[:, :15], b[:, :15]), "a later token changed an earlier position's logits"
+    assert not torch.equal(a[:, 15:], b[:, 15:])
+
+
+def test_hf_to_pipeline_to_hf_is_the_identity(pair, tmp_path):
+    """Through the real path: DeepSpeed's engine saves the checkpoint, `train.export` writes the HF folder."""
+    hf, _, arch, folder = pair
+    pipe = build_pipeline(arch, num_stages=1, seq_len=SEQ)
+    load_hf_weights(pipe, folder, arch)
+    ds_config = json.loads(write_ds_config(tmp_path / "ds.json").read_text().replace('"auto"', "10"))
+    engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds_config)
+    save_checkpoint(engine, tmp_path / "ckpt", 0, {}, hf.config, keep_last=0)
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "out")
+    before, after = load_file(folder / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == arch.tied
+
+
+def test_pipeline_names_map_one_to_one_onto_hf(pair):
+    hf, pipe, arch, _ = pair
+    mapped = [pipeline_param_to_hf(arch, name) for name, _ in pipe.named_parameters()]
+    hf_names = {name for name, _ in hf.named_parameters()}  # a tied head's weight is the embedding's
+    assert len(mapped) == len(set(mapped)) and set(mapped) == hf_names
+
+
+def test_rotary_frequencies_stay_fp32_when_the_model_is_cast_to_bf16(one_rank_group):
+    """DeepSpeed casts the whole module to bf16; a bf16 `inv_freq` would blur positions (8 mantissa bits)."""
+    family, _, settings = CASES[1]
+    arch = discover(CONFIG_MAPPING[family](**settings))
+    pipe = build_pipeline(arch, num_stages=1, seq_len=SEQ)
+    expected = pipe.forward_funcs[1].rotary.inv_freq.clone()
+    pipe.to(torch.bfloat16)
+    layer = pipe.forward_funcs[1]
+    assert layer.layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert layer.rotary.inv_freq.dtype == torch.float32 and torch.equal(layer.rotary.inv_freq, expected)
+    hidden = torch.randn(2, SEQ, arch.hidden_size, dtype=torch.bfloat16)
+    assert layer(hidden).dtype == torch.bfloat16
