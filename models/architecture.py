@@ -79,6 +79,21 @@ class Architecture:
     def parameters_of(self, path: str) -> int:
         return sum(p.numel() for p in self.meta_model().get_submodule(path).parameters())
 
+    def layer_parameters(self) -> list[int]:
+        """Parameters of every pipeline layer as DeepSpeed counts them for `parameters` partitioning: a
+        tied head counts its own copy of the token embedding (so the model has all but the last)."""
+        head = self.parameters_of(f"{self.prefix}.{self.token_embedding}" if self.tied else self.head)
+        return [
+            sum(self.parameters_of(f"{self.prefix}.{name}") for name in self.embedding),
+            *[self.parameters_of(self.layer_path(i)) for i in range(self.num_layers)],
+            self.parameters_of(f"{self.prefix}.{self.final_norm}"),
+            head,
+        ]
+
+    def parameters(self) -> int:
+        counts = self.layer_parameters()
+        return sum(counts[:-1]) if self.tied else sum(counts)
+
     def layer_path(self, index: int) -> str:
         return f"{self.prefix}.{self.layers}.{index}"
 

@@ -133,6 +133,11 @@ class CausalLMPipeline(PipelineModule):
                 f"(bounds {[int(b) for b in self.parts]}); use fewer stages or --partition-method flops"
             )
 
+    def _count_layer_params(self) -> list[int]:
+        # DeepSpeed 0.19.8 builds every layer of the model, one at a time on every rank, to count its
+        # parameters for the `parameters` partition (minutes for a 70B model); the meta model has the counts.
+        return self.arch.layer_parameters()
+
     @torch.no_grad()
     def _synchronize_tied_weights(self) -> None:
         # DeepSpeed broadcasts the tied embedding with grad enabled, which records the in-place

@@ -144,3 +144,11 @@ def test_rotary_frequencies_stay_fp32_when_the_model_is_cast_to_bf16(one_rank_gr
     assert layer.rotary.inv_freq.dtype == torch.float32 and torch.equal(layer.rotary.inv_freq, expected)
     hidden = torch.randn(2, SEQ, arch.hidden_size, dtype=torch.bfloat16)
     assert layer(hidden).dtype == torch.bfloat16
+
+
+def test_layer_parameter_counts_equal_what_deepspeed_counts_by_building_every_layer(pair):
+    """Our `parameters`-partition counts come from the meta model; DeepSpeed's own method builds each layer."""
+    from deepspeed.pipe import PipelineModule
+
+    _, pipe, arch, _ = pair
+    assert pipe._count_layer_params() == PipelineModule._count_layer_params(pipe) == arch.layer_parameters()

@@ -12,7 +12,7 @@ from models.architecture import Architecture, discover
 from models.flops import flops_per_token, head_flops_per_token
 from models.presets import PRESETS, resolve_model_config
 from tests.helpers import launch, read_metrics, write_ds_config
-from train.plan import layer_parameters, plan_stages
+from train.plan import plan_stages
 
 
 def narayanan_gpt(layers: int, hidden: int, heads: int) -> Architecture:
@@ -24,8 +24,7 @@ def narayanan_gpt(layers: int, hidden: int, heads: int) -> Architecture:
     [(24, 2304, 24, 1.7), (48, 8192, 64, 39.1), (80, 12288, 96, 145.6), (128, 25600, 160, 1008.0)],  # fmt: skip
 )
 def test_parameter_counts_equal_table_1(layers, hidden, heads, billions):
-    counts = layer_parameters(narayanan_gpt(layers, hidden, heads))
-    parameters = sum(counts[:-1])  # the last entry is the tied head's copy of the embedding
+    parameters = narayanan_gpt(layers, hidden, heads).parameters()
     assert parameters / 1e9 == pytest.approx(billions, abs=0.05)
 
 
@@ -86,8 +85,7 @@ def test_real_shape_presets_count_the_hf_models_parameters(preset):
     from transformers import AutoModelForCausalLM
 
     arch = discover(resolve_model_config(preset, None, None))
-    counts = layer_parameters(arch)
-    planned = sum(counts[:-1]) if arch.tied else sum(counts)
+    planned = arch.parameters()
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(arch.config)
     assert planned == sum(p.numel() for p in hf.parameters())

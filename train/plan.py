@@ -50,25 +50,12 @@ def layer_names(arch: Architecture) -> list[str]:
     return [LAYER_NAMES[0], *[LAYER_NAMES[1]] * arch.num_layers, LAYER_NAMES[2], head]
 
 
-def layer_parameters(arch: Architecture) -> list[int]:
-    """Parameters of every pipeline layer as DeepSpeed counts them for `parameters` partitioning
-    (it builds each spec, so a tied head counts its own copy of the token embedding)."""
-    head = (arch.parameters_of(f"{arch.prefix}.{arch.token_embedding}") if arch.tied
-            else arch.parameters_of(arch.head))  # fmt: skip
-    return [
-        sum(arch.parameters_of(f"{arch.prefix}.{name}") for name in arch.embedding),
-        *[arch.parameters_of(arch.layer_path(i)) for i in range(arch.num_layers)],
-        arch.parameters_of(f"{arch.prefix}.{arch.final_norm}"),
-        head,
-    ]
-
-
 def stage_bounds(arch: Architecture, stages: int, method: str, seq_len: int) -> list[int]:
     method = method.lower()
     if method == "uniform":
         bounds = partition_uniform(arch.num_layers + 3, stages)
     elif method == "parameters":
-        bounds = partition_balanced(layer_parameters(arch), stages)
+        bounds = partition_balanced(arch.layer_parameters(), stages)
     elif method == "flops":
         bounds = flops_partition(arch, seq_len, stages)
     elif method == "type:decoderlayerpipe":
@@ -151,7 +138,7 @@ def plan_stages(arch: Architecture, ds_config: dict, stages: int, data_parallel:
     replicas = data_parallel if zero else 1
     optimizer_width = 12 / replicas if zero or dtype != "fp32" else 8
     names = layer_names(arch)
-    counts = layer_parameters(arch)
+    counts = arch.layer_parameters()
     tokens, h, vocab = seq_len * micro, arch.hidden_size, arch.config.vocab_size
     block_activations = saved_bytes_per_token(arch, dtype) * tokens
     plans = []
@@ -227,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     step_time = flops_step / (world * peak * 1e12 * a.mfu) if peak else float("nan")
     print(
         f"{a.model_config} ({arch.config.model_type}): {arch.num_layers} layers, d={arch.hidden_size}, "
-        f"vocab {arch.config.vocab_size}, {sum(layer_parameters(arch)[:-1 if arch.tied else None]) / 1e9:.2f}B "
+        f"vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B "
         f"parameters, seq {a.seq_len}; "
         f"{a.nodes} x {a.gpus_per_node} {gpu} ({GPU_MEMORY_GIB[gpu]} GiB), {training_dtype(ds_config)}"
     )
