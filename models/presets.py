@@ -17,13 +17,30 @@ def _rope(theta: float, **scaling) -> dict:
     return {"rope_type": "llama3" if scaling else "default", "rope_theta": theta, **scaling}
 
 
-_LLAMA3_SCALING = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-_LLAMA3 = dict(model_type="llama", vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-               num_key_value_heads=8, bos_token_id=128000, eos_token_id=128001)  # fmt: skip
-_QWEN = dict(vocab_size=151936, max_position_embeddings=32768, rope_parameters=_rope(1e6), rms_norm_eps=1e-6,
-             bos_token_id=151643, eos_token_id=151643)  # fmt: skip
-_PYTHIA = dict(model_type="gpt_neox", vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25,
-               use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)  # fmt: skip
+def _llama3(hidden: int, intermediate: int, layers: int, heads: int, tied: bool, rope_factor: float) -> dict:
+    """Llama 3.x: 128k vocabulary, 8 k/v heads, 3.1's long-context rope scaling (3.2 1B/3B tie the head)."""
+    scaling = dict(factor=rope_factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    return dict(model_type="llama", vocab_size=128256, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8,
+                max_position_embeddings=131072, rope_parameters=_rope(5e5, **scaling), rms_norm_eps=1e-5,
+                tie_word_embeddings=tied, bos_token_id=128000, eos_token_id=128001)  # fmt: skip
+
+
+def _qwen(model_type: str, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool,
+          **extra) -> dict:  # fmt: skip
+    return dict(model_type=model_type, vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=32768, rope_parameters=_rope(1e6), rms_norm_eps=1e-6,
+                tie_word_embeddings=tied, bos_token_id=151643, eos_token_id=151643) | extra  # fmt: skip
+
+
+def _pythia(hidden: int, layers: int, heads: int, vocab: int = 50304) -> dict:
+    """Pythia (Biderman et al. 2023): GPT-NeoX, parallel residual, rotary on a quarter of each head, untied."""
+    return dict(model_type="gpt_neox", vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=2048, rotary_pct=0.25,
+                use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)  # fmt: skip
+
+
 _TINY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
 
@@ -42,51 +59,27 @@ PRESETS: dict[str, dict] = {
     "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024),
     "gpt2-large": dict(model_type="gpt2", n_layer=36, n_embd=1280, n_head=20, n_positions=1024),
     "gpt2-xl": dict(model_type="gpt2", n_layer=48, n_embd=1600, n_head=25, n_positions=1024),
-    # Llama 3.x (3.1's long-context rope scaling; 3.2 1B/3B tie the head).
-    "llama-3.2-1b": dict(**_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, tie_word_embeddings=True,
-                         rope_parameters=_rope(5e5, factor=32.0, **_LLAMA3_SCALING)),  # fmt: skip
-    "llama-3.2-3b": dict(**_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, tie_word_embeddings=True,
-                         rope_parameters=_rope(5e5, factor=32.0, **_LLAMA3_SCALING)),  # fmt: skip
-    "llama-3-8b": dict(**_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, tie_word_embeddings=False,
-                       rope_parameters=_rope(5e5, factor=8.0, **_LLAMA3_SCALING)),  # fmt: skip
-    "llama-3-70b": dict(**_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, tie_word_embeddings=False,
-                        rope_parameters=_rope(5e5, factor=8.0, **_LLAMA3_SCALING)),  # fmt: skip
+    "llama-3.2-1b": _llama3(2048, 8192, 16, 32, tied=True, rope_factor=32.0),
+    "llama-3.2-3b": _llama3(3072, 8192, 28, 24, tied=True, rope_factor=32.0),
+    "llama-3-8b": _llama3(4096, 14336, 32, 32, tied=False, rope_factor=8.0),
+    "llama-3-70b": _llama3(8192, 28672, 80, 64, tied=False, rope_factor=8.0),
     # Mistral 7B v0.1 (4,096-token sliding window).
     "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        max_position_embeddings=32768, sliding_window=4096, rope_parameters=_rope(1e4),
                        rms_norm_eps=1e-5, tie_word_embeddings=False),  # fmt: skip
-    # Qwen2.5 and Qwen3.
-    "qwen2.5-0.5b": dict(model_type="qwen2", **_QWEN, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),  # fmt: skip
-    "qwen2.5-7b": dict(model_type="qwen2", **{**_QWEN, "vocab_size": 152064}, hidden_size=3584,
-                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       tie_word_embeddings=False),  # fmt: skip
-    "qwen3-0.6b": dict(model_type="qwen3", **{**_QWEN, "max_position_embeddings": 40960}, hidden_size=1024,
-                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, tie_word_embeddings=True),  # fmt: skip
-    "qwen3-8b": dict(model_type="qwen3", **{**_QWEN, "max_position_embeddings": 40960}, hidden_size=4096,
-                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, tie_word_embeddings=False),  # fmt: skip
-    # Pythia (Biderman et al. 2023): GPT-NeoX, parallel residual, rotary on a quarter of each head.
-    "pythia-70m": dict(**_PYTHIA, hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8),
-    "pythia-160m": dict(**_PYTHIA, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                        num_attention_heads=12),  # fmt: skip
-    "pythia-410m": dict(**_PYTHIA, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                        num_attention_heads=16),  # fmt: skip
-    "pythia-1b": dict(**_PYTHIA, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=8),
-    "pythia-1.4b": dict(**_PYTHIA, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                        num_attention_heads=16),  # fmt: skip
-    "pythia-2.8b": dict(**_PYTHIA, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-                        num_attention_heads=32),  # fmt: skip
-    "pythia-6.9b": dict(**{**_PYTHIA, "vocab_size": 50432}, hidden_size=4096, intermediate_size=16384,
-                        num_hidden_layers=32, num_attention_heads=32),  # fmt: skip
-    "pythia-12b": dict(**{**_PYTHIA, "vocab_size": 50688}, hidden_size=5120, intermediate_size=20480,
-                       num_hidden_layers=36, num_attention_heads=40),  # fmt: skip
+    "qwen2.5-0.5b": _qwen("qwen2", 896, 4864, 24, 14, 2, tied=True),
+    "qwen2.5-7b": _qwen("qwen2", 3584, 18944, 28, 28, 4, tied=False, vocab_size=152064),
+    "qwen3-0.6b": _qwen("qwen3", 1024, 3072, 28, 16, 8, tied=True, head_dim=128, max_position_embeddings=40960),
+    "qwen3-8b": _qwen("qwen3", 4096, 12288, 36, 32, 8, tied=False, head_dim=128, max_position_embeddings=40960),
+    "pythia-70m": _pythia(512, 6, 8),
+    "pythia-160m": _pythia(768, 12, 12),
+    "pythia-410m": _pythia(1024, 24, 16),
+    "pythia-1b": _pythia(2048, 16, 8),
+    "pythia-1.4b": _pythia(2048, 24, 16),
+    "pythia-2.8b": _pythia(2560, 32, 32),
+    "pythia-6.9b": _pythia(4096, 32, 32, vocab=50432),
+    "pythia-12b": _pythia(5120, 36, 40, vocab=50688),
 }
 
 # Pretraining from scratch: no dropout (as in most modern reproductions; GPT-2's config defaults to 0.1).
