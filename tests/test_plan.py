@@ -10,6 +10,7 @@ from transformers import GPT2Config
 
 from models.architecture import Architecture, discover
 from models.flops import flops_per_token, head_flops_per_token
+from models.hf_weights import config_from_dict
 from models.presets import PRESETS, resolve_model_config
 from tests.helpers import launch, read_metrics, write_ds_config
 from train.plan import plan_stages
@@ -48,14 +49,19 @@ def test_gpt3_175b_end_to_end_time_is_34_days():
     assert days == pytest.approx(34, rel=0.05)
 
 
-@pytest.mark.parametrize("width,stages", [(768, 1), (640, 2)], ids=["57M_pp1", "40M_pp2"])
-def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tokenizer_dir, width, stages):
+@pytest.mark.parametrize("family,width,stages", [("gpt2", 768, 1), ("gpt2", 640, 2), ("llama", 640, 2)],
+                         ids=["gpt2_57M_pp1", "gpt2_40M_pp2", "llama_43M_pp2"])  # fmt: skip
+def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tokenizer_dir, family, width, stages):
     """Real ranks train 3 steps (fp32, ZeRO-1, AdamW); `model_mem_mb` is each stage's peak RSS less
     what it held before the model was built. glibc's mmap threshold is pinned so that freed tensors
-    leave the RSS, as they leave a GPU allocator's counters; the planner counts live tensors."""
+    leave the RSS, as they leave a GPU allocator's counters; the planner counts live tensors.
+    The Llama case has GQA, a SwiGLU MLP and an untied head."""
     seq, micro, micro_batches = 64, 2, 2
-    model = {"model_type": "gpt2", "n_layer": 8, "n_embd": width, "n_head": width // 64, "n_positions": seq,
-             "vocab_size": 512, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    model = ({"model_type": "gpt2", "n_layer": 8, "n_embd": width, "n_head": width // 64, "n_positions": seq,
+              "vocab_size": 512, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if family == "gpt2" else
+             {"model_type": "llama", "num_hidden_layers": 8, "hidden_size": width, "intermediate_size": 2 * width,
+              "num_attention_heads": width // 64, "num_key_value_heads": width // 128, "max_position_embeddings": seq,
+              "vocab_size": 512})  # fmt: skip
     (tmp_path / "model.json").write_text(json.dumps(model))
     ds = write_ds_config(tmp_path / "ds.json", train_batch=micro * micro_batches, micro=micro)
     launch(["--model-config", tmp_path / "model.json", "--tokenizer", tokenizer_dir, "--data", corpus,
@@ -65,7 +71,7 @@ def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tok
             "--data-cache-dir", tmp_path / "cache"],
            ranks=stages, env={"MALLOC_MMAP_THRESHOLD_": "131072"})  # fmt: skip
     measured = read_metrics(tmp_path / "run")[-1]
-    plans = plan_stages(discover(GPT2Config(**model)), json.loads(ds.read_text()), stages, 1, seq, "flops")
+    plans = plan_stages(discover(config_from_dict(model)), json.loads(ds.read_text()), stages, 1, seq, "flops")
     for plan in plans:
         mb = measured[f"model_mem_mb/stage{plan.stage}"]
         assert plan.peak / 2**20 == pytest.approx(mb, rel=0.15), (plan.stage, plan.memory, mb)
