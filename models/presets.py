@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from models.architecture import SUPPORTED_FAMILIES, discover
+from models.hf_weights import check_hub_name, check_model_dir, not_found
 
 
 def _rope(theta: float, **scaling) -> dict:
@@ -97,15 +98,38 @@ def preset_config(name: str, vocab_size: int | None = None) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type](**settings)
 
 
-def _config_file(path: Path) -> PretrainedConfig:
-    if path.is_dir():
-        return AutoConfig.from_pretrained(path)
-    settings = json.loads(path.read_text())
-    if "model_type" not in settings:
+def _config_file(path: Path, vocab_size: int | None) -> PretrainedConfig:
+    """A config.json (or its folder) for a from-scratch run. With `vocab_size` (the tokenizer's), special-token ids
+    the file does not set are cleared rather than left at the family's defaults (GPT-2's 50256), which lie outside
+    a small vocabulary and make transformers warn on every rank; the trainer sets them from the tokenizer."""
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        settings = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"--model-config {path}: cannot read {file} ({e}); pass a config.json of a supported model"
+        ) from None
+    if not isinstance(settings, dict) or "model_type" not in settings:
         raise ValueError(f"{path} has no model_type: add one of {', '.join(SUPPORTED_FAMILIES)}")
     if settings["model_type"] not in CONFIG_MAPPING:
         raise ValueError(f"{path}: model_type {settings['model_type']!r} is unknown to transformers")
+    if vocab_size is not None:
+        settings = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **settings,
+                    "vocab_size": vocab_size}  # fmt: skip
     return CONFIG_MAPPING[settings["model_type"]].from_dict(settings)
+
+
+def _pretrained_config(model: str) -> PretrainedConfig:
+    """The config of `--model`: a local save_pretrained folder (checked for weights too), or a hub name (only its
+    config.json is fetched here; the ranks download the weights)."""
+    if Path(model).exists():
+        check_model_dir(Path(model))
+    else:
+        check_hub_name("--model", model)
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise ValueError(not_found("--model", model, e)) from None
 
 
 def resolve_model_config(model_config: str | None, model: str | None, vocab_size: int | None) -> PretrainedConfig:
@@ -115,7 +139,7 @@ def resolve_model_config(model_config: str | None, model: str | None, vocab_size
     its own. Raises ValueError for a family the pipeline does not support.
     """
     if model is not None:
-        config = AutoConfig.from_pretrained(model)
+        config = _pretrained_config(model)
     elif model_config in PRESETS:
         config = preset_config(model_config, vocab_size)
     elif model_config is not None:
@@ -125,9 +149,7 @@ def resolve_model_config(model_config: str | None, model: str | None, vocab_size
                 f"--model-config {model_config!r} is neither a preset ({', '.join(PRESETS)}) "
                 "nor an existing config.json or config directory"
             )
-        config = _config_file(path)
-        if vocab_size is not None:
-            config.vocab_size = vocab_size
+        config = _config_file(path, vocab_size)
     else:
         raise ValueError("give --model-config (a preset or config.json) or --model (pretrained weights)")
     discover(config)  # refuses unsupported families and attention kernels

@@ -166,3 +166,145 @@ def test_cuda_arch_suffixes_deepspeed_cannot_parse_are_dropped(monkeypatch, caps
     ccs = archs.replace(" ", ";").split(";")
     assert sorted(ccs, key=lambda cc: tuple(int(part.split("+")[0]) for part in cc.split(".")))  # DeepSpeed's key
     assert "9.0a" in capsys.readouterr().out
+
+
+# The inventory of inputs (docs/inputs.md): one row per way an input can be bad, checked by the one-process
+# preflight that launch.sh runs before any rank. Each row: (id, flags given the good DeepSpeed JSON and data
+# and a scratch folder, what the error line must say). Every case also passes --output-dir and --data-cache-dir
+# inside the scratch folder, and nothing may be written there.
+def _file(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _dir(path):
+    path.mkdir(parents=True)
+    return path
+
+
+INVENTORY = [
+    ("flag-type", lambda t, g: ["--seq-len", "abc"], "argument --seq-len: invalid int value"),
+    ("flag-unknown", lambda t, g: ["--sequence-length", 128], "unrecognized arguments: --sequence-length"),
+    ("flag-range-steps", lambda t, g: ["--train-steps", 0], "--train-steps must be at least 1"),
+    ("flag-range-seq-len", lambda t, g: ["--seq-len", -5], "--seq-len must be at least 1"),
+    ("flag-range-val-fraction", lambda t, g: ["--val-fraction", 1.5], "--val-fraction must be between 0 and 1"),
+    ("flag-range-checkpointing", lambda t, g: ["--activation-checkpoint-interval", -1], "must be 0 (off) or positive"),
+    ("flag-partition-method", lambda t, g: ["--partition-method", "best"], "--partition-method 'best'"),
+    ("flag-stages-zero", lambda t, g: ["--pipeline-stages", 0], "--pipeline-stages must be at least 1"),
+    ("ds-not-object", lambda t, g: ["--deepspeed_config", _file(t / "l.json", "[1, 2]")], "must be a JSON object"),
+    ("ds-no-micro-batch", lambda t, g: ["--deepspeed_config", _file(t / "m.json", '{"train_batch_size": 8}')],
+     "must set train_micro_batch_size_per_gpu"),
+    ("ds-two-precisions", lambda t, g: ["--deepspeed_config", write_ds_config(
+        t / "p.json", bf16={"enabled": True}, fp16={"enabled": True})], "enables both bf16 and fp16"),
+    ("ds-wall-clock", lambda t, g: ["--deepspeed_config", write_ds_config(t / "w.json", wall_clock_breakdown=True)],
+     "wall_clock_breakdown crashes DeepSpeed"),
+    ("model-config-bad-json", lambda t, g: ["--model-config", _file(t / "c.json", "{'n_layer': 4}")],
+     "cannot read"),
+    ("model-config-no-type", lambda t, g: ["--model-config", _file(t / "c.json", '{"n_layer": 4}')],
+     "has no model_type"),
+    ("model-mistyped-folder", lambda t, g: ["--model", "runs/my-modle"],
+     "--model runs/my-modle: no such local folder, and the Hugging Face Hub did not serve it"),
+    ("model-missing-path", lambda t, g: ["--model", t / "nowhere" / "model"], "no such folder; check the path"),
+    ("model-no-config", lambda t, g: ["--model", _dir(t / "empty")], "has no config.json"),
+    ("model-no-safetensors", lambda t, g: ["--model", _file(t / "m" / "config.json", '{"model_type": "gpt2"}').parent],
+     "has no model.safetensors"),
+    ("tokenizer-missing-folder", lambda t, g: ["--tokenizer", t / "no" / "tokenizer"], "--tokenizer"),
+    ("tokenizer-hub-unreachable", lambda t, g: ["--tokenizer", "some-org/some-tokenizer"],
+     "the Hugging Face Hub did not serve it"),
+    ("tokenizer-empty-folder", lambda t, g: ["--tokenizer", _dir(t / "tok")],
+     "cannot load a tokenizer from it"),
+    ("data-glob-no-match", lambda t, g: ["--data", t / "*.jsonl"], "no data files match"),
+    ("data-folder-empty", lambda t, g: ["--data", _dir(t / "d")], "holds no"),
+    ("data-extension", lambda t, g: ["--data", _file(t / "x.docx", "x")], "cannot read"),
+    ("data-malformed-json", lambda t, g: ["--data", _file(t / "b.jsonl", '{"text": "a"}\n{"text": "b",, }\n')],
+     "fix or remove the malformed record"),
+    ("data-weights-partial", lambda t, g: ["--data", f"{g['data']}:0.5", g["data"]], "give every --data entry"),
+    ("data-weight-not-positive", lambda t, g: ["--data", f"{g['data']}:-1"], "a mixing weight must be positive"),
+    ("data-hub-unreachable", lambda t, g: ["--data", "wikitext#wikitext-2-raw-v1@train"],
+     "--data wikitext: no such local folder, and the Hugging Face Hub did not serve it"),
+    ("val-data-missing", lambda t, g: ["--val-data", t / "val.jsonl"], "data file not found"),
+    ("load-missing-folder", lambda t, g: ["--load", t / "old" / "checkpoints"], "--load"),
+    ("load-no-checkpoint", lambda t, g: ["--load", _dir(t / "ck")], "holds no checkpoint"),
+    ("load-incomplete", lambda t, g: ["--load", _file(t / "ck" / "step_5" / "mp_rank_00_model_states.pt", "").parent],
+     "is incomplete"),
+    ("output-dir-under-a-file", lambda t, g: ["--output-dir", _file(t / "a_file", "") / "run"], "is a file"),
+]
+
+
+@pytest.mark.parametrize("make_args,expected", [r[1:] for r in INVENTORY], ids=[r[0] for r in INVENTORY])
+def test_inventory_row_is_one_error_line_before_any_rank(capsys, good, tmp_path, make_args, expected):
+    args = make_args(tmp_path, good)
+    defaults = {"--deepspeed_config": good["config"], "--data": good["data"], "--output-dir": tmp_path / "out"}
+    given = [str(a) for a in args]
+    extra = [str(x) for flag, value in defaults.items() if flag not in given for x in (flag, value)]
+    before = set(tmp_path.rglob("*"))
+    line = run_preflight(capsys, 2, *given, *extra, "--data-cache-dir", tmp_path / "cache")
+    assert expected in line, line
+    assert set(tmp_path.rglob("*")) == before, "the preflight wrote something"
+
+
+def test_every_inventory_row_is_documented():
+    documented = (REPO / "docs" / "inputs.md").read_text()
+    assert all(f"`{row}`" in documented for row, _, _ in INVENTORY)
+
+
+@pytest.mark.parametrize("flag,name", [("--model", "runs/my-modle"), ("--tokenizer", "some-org/tok"),
+                                       ("--data", "wikitext#wikitext-2-raw-v1@train")])  # fmt: skip
+def test_hub_names_fail_within_seconds_when_the_hub_is_unreachable(good, tmp_path, flag, name):
+    """Not in offline mode: the preflight asks the hub once (5 s at most) instead of the libraries' ~20 s of
+    retries. This machine has no route to the hub, like a compute node without internet."""
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf_home"))  # an empty cache
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "train.preflight", "--world-size", "2", flag, name,
+                           "--deepspeed_config", str(good["config"]), "--output-dir", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    seconds = time.perf_counter() - start
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "no such local folder, and the Hugging Face Hub did not serve it" in errors[0]
+    assert "Traceback" not in proc.stderr and seconds < 20, seconds  # Python start-up and imports: ~5 s here
+
+
+def test_config_json_without_special_tokens_makes_no_warning(capsys, good, tmp_path):
+    """A small-vocabulary GPT-2 config.json without bos/eos ids: transformers' default 50256 used to make every
+    rank warn 'bos_token_id must be None or an integer within the vocabulary'."""
+    config = _file(tmp_path / "c.json", json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2,
+                                                     "vocab_size": 512}))  # fmt: skip
+    assert preflight(["--world-size", "2", "--model-config", str(config), "--deepspeed_config", str(good["config"]),
+                      "--data", str(good["data"]), "--output-dir", str(tmp_path / "out")]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert "token_id" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [({"NUM_GPUS": "two"}, "NUM_GPUS 'two' must be a whole number"),
+     ({"MASTER_PORT": "http"}, "MASTER_PORT 'http' is not a port number"),
+     ({"HOSTFILE": "/nonexistent/hostfile"}, "HOSTFILE /nonexistent/hostfile does not exist"),
+     ({"HOSTFILE": "BAD"}, "every line must read 'hostname slots=N'"),
+     ({"MASTER_PORT": "BUSY"}, "is in use")],
+    ids=["env-num-gpus", "env-master-port-type", "env-hostfile-missing", "env-hostfile-malformed",
+         "env-master-port-in-use"],
+)  # fmt: skip
+def test_launcher_environment_rows(good, tmp_path, env, expected):
+    import socket
+
+    env = dict(env)
+    if env.get("HOSTFILE") == "BAD":
+        env["HOSTFILE"] = str(_file(tmp_path / "hosts", "node0 slots=2\nnode1\n"))
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        if env.get("MASTER_PORT") == "BUSY":
+            env["MASTER_PORT"] = str(busy.getsockname()[1])
+        proc = launch(["--deepspeed_config", good["config"], "--data", good["data"], "--output-dir", tmp_path / "out"],
+                      ranks=2, check=False, env=env)  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "spawned" not in proc.stdout + proc.stderr

@@ -9,8 +9,15 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = REPO / "ds_configs" / "cpu_pp2.json"
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse prints the whole usage before its error; bad flags get one `error:` line like all bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (--help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipegpt", description="Train a Hugging Face causal LM as a DeepSpeed pipeline.")
+    p = OneLineErrors(prog="pipegpt", description="Train a Hugging Face causal LM as a DeepSpeed pipeline.")
     model = p.add_argument_group("model")
     model.add_argument(
         "--model-config",

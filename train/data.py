@@ -20,6 +20,7 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenat
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
+from models.hf_weights import not_found
 from train.errors import ConfigError
 
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -103,6 +104,15 @@ def resolve_sources(entries: list[str]) -> list[Source]:
     return sources
 
 
+def unreadable(where: str, builder: str | None, error: BaseException) -> str:
+    """One line for a data file `datasets` cannot parse, with the fix that fits the cause."""
+    cause = error.__cause__ or error
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    if isinstance(cause, UnicodeDecodeError):
+        return f"cannot read {where}: {reason}; convert it to UTF-8 text"
+    return f"cannot read {where} as {builder} ({reason}); fix or remove the malformed record"
+
+
 def load_texts(source: Source, text_column: str) -> Dataset:
     """One source as a `datasets.Dataset` with a single string column `text`."""
     parts = []
@@ -114,9 +124,12 @@ def load_texts(source: Source, text_column: str) -> Dataset:
                 ds = load_dataset(source.hub_name, source.hub_config, split=source.hub_split)
             else:
                 ds = load_dataset(builder, data_files=files, split="train")
-        except (UnicodeDecodeError, DatasetGenerationError) as e:
-            cause = e.__cause__ or e
-            raise ConfigError(f"cannot read {where}: {cause}; convert it to UTF-8 text") from None
+        except (UnicodeDecodeError, DatasetGenerationError, pa.ArrowInvalid) as e:
+            raise ConfigError(unreadable(where, builder, e)) from None
+        except Exception as e:  # the hub: offline, unknown name, config or split (many exception types)
+            if not source.hub_name:
+                raise
+            raise ConfigError(not_found("--data", source.hub_name, e)) from None
         column = "text" if builder == "text" else text_column
         if column not in ds.column_names:
             raise ConfigError(f"{where} has no column {column!r} (columns: {ds.column_names}); pass --text-column")

@@ -148,7 +148,12 @@ def run(args) -> None:
     except ValueError as e:  # a partition DeepSpeed cannot run
         raise ConfigError(str(e)) from None
     if args.model:
-        n = load_hf_weights(pipe, resolve_model_dir(args.model), arch)
+        error, n = None, 0
+        try:  # a missing or misshapen tensor: every rank stops with the first rank's line
+            n = load_hf_weights(pipe, resolve_model_dir(args.model), arch)
+        except (OSError, ValueError) as e:
+            error = f"cannot load --model {args.model}: {str(e).splitlines()[0]}"
+        raise_if_any_failed(error)
         # One write, so that the ranks' reports do not interleave on the shared stdout.
         sys.stdout.write(
             f"rank {rank()}: loaded {n} pretrained tensors for layers {pipe._local_start}-{pipe._local_stop - 1}\n"

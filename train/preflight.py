@@ -5,30 +5,60 @@ input costs one line and no rank start-up; every rank runs the same checks again
 """
 
 import os
+import socket
 import sys
 import time
 from argparse import Namespace
 from pathlib import Path
 
 from datasets import load_dataset
+from datasets.exceptions import DatasetGenerationError
 from transformers import PretrainedConfig
 
 from models.architecture import discover
+from models.hf_weights import check_hub_name, not_found
 from models.presets import resolve_model_config
 from train.args import parse_args
-from train.data import Source, embedded_corpus, resolve_sources
+from train.checkpoint import verified_tag_dir
+from train.data import Source, embedded_corpus, resolve_sources, unreadable
 from train.ds_config import check_layout, load_ds_config
 from train.errors import ConfigError
+from train.tokenizer import load_tokenizer
 
 
-def check_text_column(sources: list[Source], text_column: str) -> None:
-    """Peek at the first record of each local source (streaming: nothing is materialised)."""
+def check_hub_dataset(source: Source, text_column: str) -> None:
+    """The dataset's metadata (from the hub, or the local cache offline): it exists, has the split and column."""
+    from datasets import load_dataset_builder
+
+    try:
+        check_hub_name("--data", source.hub_name, repo_type="dataset")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        builder = load_dataset_builder(source.hub_name, source.hub_config)
+    except Exception as e:  # offline, unknown name or config: many exception types, one meaning here
+        raise ConfigError(not_found("--data", source.hub_name, e)) from None
+    splits, features = builder.info.splits, builder.info.features
+    if splits and source.hub_split not in splits:
+        raise ConfigError(f"--data {source.spec}: no split {source.hub_split!r} (splits: {list(splits)}); use @SPLIT")
+    if features and text_column not in features:
+        raise ConfigError(f"--data {source.spec}: no column {text_column!r} (columns: {list(features)}); "
+                          "pass --text-column")  # fmt: skip
+
+
+def check_sources(sources: list[Source], text_column: str) -> None:
+    """Peek at the first record of each local source (streaming: nothing is materialised) and at each hub
+    dataset's metadata. A malformed record later in a large file is reported by the ranks, in one line too."""
     for source in sources:
+        if source.hub_name:
+            check_hub_dataset(source, text_column)
         for builder, files in source.files.items():
             if builder == "text":
                 continue
-            records = load_dataset(builder, data_files=files[:1], split="train", streaming=True)
-            first = next(iter(records), None)
+            try:
+                first = next(iter(load_dataset(builder, data_files=files[:1], split="train", streaming=True)), None)
+            except (ValueError, DatasetGenerationError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise ConfigError(unreadable(files[0], builder, e)) from None
             if first is None:
                 raise ConfigError(f"{files[0]} holds no records")
             if text_column not in first:
@@ -72,6 +102,10 @@ def check_inputs(args: Namespace, world_size: int) -> tuple[dict, PretrainedConf
     if args.eval_blocks is not None and args.eval_blocks < layout[0]:
         raise ConfigError(f"--eval-blocks {args.eval_blocks} is under one global batch: use at least {layout[0]}")
     check_seq_len(model_config, args.seq_len)
+    if args.load is not None:
+        if not args.load.exists():
+            raise ConfigError(f"--load {args.load}: no such folder; pass a run's checkpoints folder or a step_N in it")
+        verified_tag_dir(args.load)
     sources = resolve_sources(args.data or [embedded_corpus()])
     if args.val_data:
         resolve_sources(args.val_data)
@@ -91,14 +125,45 @@ def warn_about_stale_build_locks(older_than_s: float = 600) -> None:
                   "and ranks that load this op will wait forever: delete it", file=sys.stderr)  # fmt: skip
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """The run folder, or the nearest folder above it that exists, can be written (nothing is created here)."""
+    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is a file" if not existing.is_dir() else "cannot be written"
+        raise ConfigError(f"--output-dir {output_dir}: {existing} {what}; pass a folder you can write")
+
+
+def check_port_free(port: int) -> None:
+    """The rendezvous port on this machine (a second run on the same port fails deep in torch's TCPStore)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            raise ConfigError(f"MASTER_PORT {port} is in use (another run?): set MASTER_PORT to a free port") from None
+
+
 def main(argv: list[str]) -> int:
-    world_size = 1
-    if argv[:1] == ["--world-size"]:
-        world_size, argv = int(argv[1]), argv[2:]
+    """`python -m train.preflight [--world-size N] [--master-port P] ARGS`: the checks of every rank, plus those
+    that cost seconds or the network (tokenizer, hub names, data records, output folder, port), done once."""
+    world_size, port = 1, None
+    while argv[:1] in (["--world-size"], ["--master-port"]):
+        if argv[0] == "--world-size":
+            world_size = int(argv[1])
+        else:
+            port = int(argv[1])
+        argv = argv[2:]
     try:
         args = parse_args(argv)
+    except SystemExit as e:  # a bad flag (its one line is printed) or --help
+        return int(e.code or 0)
+    try:
         _, _, sources, _ = check_inputs(args, world_size)
-        check_text_column(sources + (resolve_sources(args.val_data) if args.val_data else []), args.text_column)
+        if args.tokenizer or args.model:
+            load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
+        check_sources(sources + (resolve_sources(args.val_data) if args.val_data else []), args.text_column)
+        check_output_dir(args.output_dir)
+        if port is not None:
+            check_port_free(port)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,8 @@ def prepare_tokenizer(args: Namespace, output_dir: Path, build: bool) -> PreTrai
     if not build or (args.load and not args.tokenizer and (tokenizer_dir / "tokenizer.json").exists()):
         return load_tokenizer(str(tokenizer_dir))  # saved by the builder, or kept by a resumed run
     if args.tokenizer or args.model:
-        tokenizer = load_tokenizer(args.tokenizer or str(resolve_model_dir(args.model)))
+        tokenizer = (load_tokenizer(args.tokenizer) if args.tokenizer
+                     else load_tokenizer(str(resolve_model_dir(args.model)), flag="--model"))
         tokenizer.save_pretrained(tokenizer_dir)  # the run folder is self-contained
         return tokenizer
     print(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on the training text", flush=True)

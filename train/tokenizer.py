@@ -6,13 +6,29 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from models.hf_weights import check_hub_name, not_found
+from train.errors import ConfigError
+
 EOS_TOKEN = "<|endoftext|>"
 
 
-def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+def load_tokenizer(name_or_dir: str, flag: str = "--tokenizer") -> PreTrainedTokenizerBase:
+    """A tokenizer folder or hub name (`flag` names where it came from in errors)."""
+    try:
+        if not Path(name_or_dir).exists():
+            check_hub_name(flag, str(name_or_dir))
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    except Exception as e:  # transformers and the hub raise many types; a mistyped folder is a "repo id" error
+        if isinstance(e, ValueError) and str(e).startswith(flag):
+            raise ConfigError(str(e)) from None
+        if not Path(name_or_dir).exists():
+            raise ConfigError(not_found(flag, str(name_or_dir), e)) from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"{flag} {name_or_dir}: cannot load a tokenizer from it ({reason}); pass --tokenizer"
+        ) from None
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {name_or_dir} has no EOS token: documents could not be separated when packing")
+        raise ConfigError(f"tokenizer {name_or_dir} has no EOS token: documents could not be separated when packing")
     return tokenizer
 
 
