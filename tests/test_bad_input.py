@@ -188,6 +188,10 @@ INVENTORY = [
     ("flag-unknown", lambda t, g: ["--sequence-length", 128], "unrecognized arguments: --sequence-length"),
     ("flag-range-steps", lambda t, g: ["--train-steps", 0], "--train-steps must be at least 1"),
     ("flag-range-seq-len", lambda t, g: ["--seq-len", -5], "--seq-len must be at least 1"),
+    ("flag-range-save-interval", lambda t, g: ["--save-interval", -5], "--save-interval must be at least 0"),
+    ("flag-range-seed", lambda t, g: ["--seed", -1], "--seed must be at least 0"),
+    ("flag-range-vocab-size", lambda t, g: ["--vocab-size", 100], "--vocab-size must be at least 257"),
+    ("flag-range-peak-tflops", lambda t, g: ["--peak-tflops", 0], "--peak-tflops must be positive"),
     ("flag-range-val-fraction", lambda t, g: ["--val-fraction", 1.5], "--val-fraction must be between 0 and 1"),
     ("flag-range-checkpointing", lambda t, g: ["--activation-checkpoint-interval", -1], "must be 0 (off) or positive"),
     ("flag-partition-method", lambda t, g: ["--partition-method", "best"], "--partition-method 'best'"),
@@ -197,6 +201,10 @@ INVENTORY = [
      "must set train_micro_batch_size_per_gpu"),
     ("ds-two-precisions", lambda t, g: ["--deepspeed_config", write_ds_config(
         t / "p.json", bf16={"enabled": True}, fp16={"enabled": True})], "enables both bf16 and fp16"),
+    ("ds-unknown-optimizer", lambda t, g: ["--deepspeed_config", write_ds_config(
+        t / "o.json", optimizer={"type": "AdamWW", "params": {"lr": 1e-3}})], "unknown optimizer type 'AdamWW'"),
+    ("ds-unknown-scheduler", lambda t, g: ["--deepspeed_config", write_ds_config(
+        t / "s.json", scheduler={"type": "Cosine", "params": {}})], "unknown scheduler type 'Cosine'"),
     ("ds-wall-clock", lambda t, g: ["--deepspeed_config", write_ds_config(t / "w.json", wall_clock_breakdown=True)],
      "wall_clock_breakdown crashes DeepSpeed"),
     ("model-config-bad-json", lambda t, g: ["--model-config", _file(t / "c.json", "{'n_layer': 4}")],

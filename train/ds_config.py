@@ -29,7 +29,26 @@ def load_ds_config(path: str | Path, train_steps: int) -> dict:
             scheduler_params[key] = train_steps
     # DeepSpeed clips at 1.0 when the key is absent; make the value visible in the resolved config.
     config.setdefault("gradient_clipping", 1.0)
+    check_optimizer_and_scheduler(config, path)
     return config
+
+
+def check_optimizer_and_scheduler(config: dict, path: Path) -> None:
+    """Names DeepSpeed 0.19.8 resolves only inside `deepspeed.initialize` (a traceback on every rank): its own
+    optimizers (case-insensitive), the 1-bit ones, or a `torch.optim` class; its LR schedules."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    optimizer = config.get("optimizer", {}).get("type")
+    known = {*DEEPSPEED_OPTIMIZERS, "onebitadam", "zerooneadam", "onebitlamb"}
+    if optimizer is not None and optimizer.lower() not in known and not hasattr(torch.optim, str(optimizer)):
+        raise ConfigError(f"DeepSpeed config {path}: unknown optimizer type {optimizer!r}; use one of "
+                          f"{', '.join(sorted(known))} or a torch.optim class name")  # fmt: skip
+    scheduler = config.get("scheduler", {}).get("type")
+    if scheduler is not None and scheduler not in VALID_LR_SCHEDULES:
+        raise ConfigError(f"DeepSpeed config {path}: unknown scheduler type {scheduler!r}; use one of "
+                          f"{', '.join(VALID_LR_SCHEDULES)}")  # fmt: skip
 
 
 def batch_layout(config: dict, data_parallel_size: int) -> tuple[int, int, int]:

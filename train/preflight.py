@@ -81,9 +81,13 @@ def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:
 
 def check_inputs(args: Namespace, world_size: int) -> tuple[dict, PretrainedConfig, list[Source], tuple[int, int, int]]:
     """(DeepSpeed config, model config, data sources, batch layout), or a ConfigError naming the fix."""
-    for flag in ("train_steps", "seq_len", "eval_interval", "log_interval"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    lowest = {"train_steps": 1, "seq_len": 1, "eval_interval": 1, "log_interval": 1, "save_interval": 0,
+              "keep_last": 0, "seed": 0, "sample_tokens": 0, "vocab_size": 257}  # BPE: 256 bytes + EOS  # fmt: skip
+    for flag, low in lowest.items():
+        if getattr(args, flag) < low:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least {low}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ConfigError("--peak-tflops must be positive (the device's dense peak for the training dtype)")
     method = args.partition_method.lower()
     if method not in ("parameters", "uniform", "flops") and not method.startswith("type:"):
         raise ConfigError(
