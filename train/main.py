@@ -268,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         if not dist.is_initialized() or rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            # Every rank stops here together (the error was agreed on by a collective). Left to interpreter exit,
+            # gloo's threads sometimes abort the process ("terminate called without an active exception"), and
+            # the launcher then reports exit code 250 instead of 2.
+            dist.destroy_process_group()
         return 2
     return 0
 
