@@ -140,6 +140,8 @@ def check_output_dir(output_dir: Path) -> None:
 def check_port_free(port: int) -> None:
     """The rendezvous port on this machine (a second run on the same port fails deep in torch's TCPStore)."""
     with socket.socket() as s:
+        # As torch's TCPStore does: a port whose last run's connections linger in TIME_WAIT is free to listen on.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError:
