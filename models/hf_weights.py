@@ -159,6 +159,22 @@ class SafetensorsCheckpoint:
             return f.get_tensor(stored_key)
 
 
+def check_weights_fit(model_dir: Path, arch: Architecture) -> None:
+    """Every tensor the pipeline will read is in the checkpoint, with the model's shape: read from the safetensors
+    headers only (seconds for any size), so a mismatched folder fails before the ranks start."""
+    checkpoint = SafetensorsCheckpoint(model_dir, arch)
+    for key, param in arch.meta_model().named_parameters():  # a tied head's weight is listed once, as the embedding
+        if key not in checkpoint.files:
+            raise ValueError(f"--model {model_dir} has no tensor {key}: not a {arch.config.model_type} checkpoint "
+                             "of this shape")  # fmt: skip
+        filename, stored_key = checkpoint.files[key]
+        with safe_open(model_dir / filename, framework="pt") as f:
+            shape = tuple(f.get_slice(stored_key).get_shape())
+        if shape != tuple(param.shape):
+            raise ValueError(f"--model {model_dir}: {key} is {shape} in the checkpoint but {tuple(param.shape)} in "
+                             "its config.json; the weights and the config do not belong together")  # fmt: skip
+
+
 @torch.no_grad()
 def load_hf_weights(pipe: PipelineModule, model_dir: Path, arch: Architecture) -> int:
     """Copy pretrained weights into this stage's layers, reading only this stage's tensors.

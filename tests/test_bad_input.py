@@ -10,8 +10,8 @@ from train.preflight import main as preflight
 
 
 @pytest.fixture
-def good(tmp_path, corpus):
-    return {"config": write_ds_config(tmp_path / "ds.json"), "data": corpus}
+def good(tmp_path, corpus, tokenizer_dir):
+    return {"config": write_ds_config(tmp_path / "ds.json"), "data": corpus, "tokenizer": tokenizer_dir}
 
 
 def run_preflight(capsys, world_size: int, *args) -> str:
@@ -178,6 +178,28 @@ def _file(path, text):
     return path
 
 
+def _tiny_gpt2(path, vocab_size=100, **config_changes):
+    """A save_pretrained GPT-2 folder; `config_changes` are written into its config.json afterwards."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=2, n_positions=256,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(path)  # fmt: skip
+    if config_changes:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return path
+
+
+def _tokenizer_without_eos(path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "in": 1, "the": 2, "beginning": 3}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                            unk_token="[UNK]").save_pretrained(path)  # fmt: skip
+    return path
+
+
 def _dir(path):
     path.mkdir(parents=True)
     return path
@@ -217,6 +239,12 @@ INVENTORY = [
     ("model-no-config", lambda t, g: ["--model", _dir(t / "empty")], "has no config.json"),
     ("model-no-safetensors", lambda t, g: ["--model", _file(t / "m" / "config.json", '{"model_type": "gpt2"}').parent],
      "has no model.safetensors"),
+    ("model-weights-do-not-fit-config", lambda t, g: ["--model", _tiny_gpt2(t / "m", n_embd=64)],
+     "the weights and the config do not belong together"),
+    ("model-tokenizer-larger-than-embedding", lambda t, g: ["--model", _tiny_gpt2(t / "m"), "--tokenizer",
+                                                            g["tokenizer"]],
+     "512 tokens but the model's embedding only 100"),
+    ("tokenizer-without-eos", lambda t, g: ["--tokenizer", _tokenizer_without_eos(t / "tok")], "has no EOS token"),
     ("tokenizer-missing-folder", lambda t, g: ["--tokenizer", t / "no" / "tokenizer"], "--tokenizer"),
     ("tokenizer-hub-unreachable", lambda t, g: ["--tokenizer", "some-org/some-tokenizer"],
      "the Hugging Face Hub did not serve it"),
@@ -243,6 +271,7 @@ INVENTORY = [
 @pytest.mark.parametrize("make_args,expected", [r[1:] for r in INVENTORY], ids=[r[0] for r in INVENTORY])
 def test_inventory_row_is_one_error_line_before_any_rank(capsys, good, tmp_path, make_args, expected):
     args = make_args(tmp_path, good)
+    capsys.readouterr()  # what making the inputs printed (save_pretrained's progress bar)
     defaults = {"--deepspeed_config": good["config"], "--data": good["data"], "--output-dir": tmp_path / "out"}
     given = [str(a) for a in args]
     extra = [str(x) for flag, value in defaults.items() if flag not in given for x in (flag, value)]

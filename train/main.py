@@ -41,6 +41,7 @@ from train.mfu import peak_tflops, tflops_and_mfu, training_dtype
 from train.preflight import check_inputs
 from train.prepare import prepare_data, prepare_tokenizer
 from train.timeline import ScheduleProfiler, summary_line
+from train.tokenizer import tokenizer_too_large
 
 
 class DropMessage(logging.Filter):
@@ -110,9 +111,7 @@ def run(args) -> None:
         model_config.vocab_size = len(tokenizer)
         model_config.bos_token_id = model_config.eos_token_id = tokenizer.eos_token_id
     elif len(tokenizer) > model_config.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's embedding only {model_config.vocab_size}"
-        )
+        raise ConfigError(tokenizer_too_large(len(tokenizer), model_config.vocab_size))
     arch = discover(model_config)
     splits = rank_zero_first(lambda: prepare_data(args, tokenizer))
     if len(tokenizer) < model_config.vocab_size:

@@ -16,14 +16,14 @@ from datasets.exceptions import DatasetGenerationError
 from transformers import PretrainedConfig
 
 from models.architecture import discover
-from models.hf_weights import check_hub_name, not_found
+from models.hf_weights import check_hub_name, check_weights_fit, not_found
 from models.presets import resolve_model_config
 from train.args import parse_args
 from train.checkpoint import verified_tag_dir
 from train.data import Source, embedded_corpus, resolve_sources, unreadable
 from train.ds_config import check_layout, load_ds_config
 from train.errors import ConfigError
-from train.tokenizer import load_tokenizer
+from train.tokenizer import load_tokenizer, tokenizer_too_large
 
 
 def check_hub_dataset(source: Source, text_column: str) -> None:
@@ -129,6 +129,19 @@ def warn_about_stale_build_locks(older_than_s: float = 600) -> None:
                   "and ranks that load this op will wait forever: delete it", file=sys.stderr)  # fmt: skip
 
 
+def check_pretrained(args: Namespace, model_config: PretrainedConfig) -> None:
+    """A local `--model` folder's weights fit its config (safetensors headers only), and the tokenizer fits the
+    model's embedding."""
+    if Path(args.model).is_dir():
+        try:
+            check_weights_fit(Path(args.model), discover(model_config))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    tokenizer = load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
+    if len(tokenizer) > model_config.vocab_size:
+        raise ConfigError(tokenizer_too_large(len(tokenizer), model_config.vocab_size))
+
+
 def check_output_dir(output_dir: Path) -> None:
     """The run folder, or the nearest folder above it that exists, can be written (nothing is created here)."""
     existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
@@ -163,9 +176,11 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:  # a bad flag (its one line is printed) or --help
         return int(e.code or 0)
     try:
-        _, _, sources, _ = check_inputs(args, world_size)
-        if args.tokenizer or args.model:
-            load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
+        _, model_config, sources, _ = check_inputs(args, world_size)
+        if args.model:
+            check_pretrained(args, model_config)
+        elif args.tokenizer:
+            load_tokenizer(args.tokenizer)
         check_sources(sources + (resolve_sources(args.val_data) if args.val_data else []), args.text_column)
         check_output_dir(args.output_dir)
         if port is not None:

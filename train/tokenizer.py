@@ -32,6 +32,11 @@ def load_tokenizer(name_or_dir: str, flag: str = "--tokenizer") -> PreTrainedTok
     return tokenizer
 
 
+def tokenizer_too_large(tokens: int, vocab_size: int) -> str:
+    return (f"the tokenizer has {tokens} tokens but the model's embedding only {vocab_size} rows: pass the model's "
+            "own tokenizer (or none: --model's is used)")  # fmt: skip
+
+
 def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerBase:
     """Train GPT-2-style byte-level BPE (EOS = <|endoftext|>) and save it with `save_pretrained`."""
     bpe = Tokenizer(models.BPE())
