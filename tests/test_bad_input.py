@@ -143,6 +143,19 @@ def test_ranks_launched_directly_fail_together_with_one_line(good, tmp_path):
     assert len(errors) == 1 and "has no column 'text'" in errors[0], proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def test_corpus_smaller_than_one_global_batch_stops_every_rank(good, tmp_path):
+    """Only the ranks know how many blocks the data packs into: every rank stops with the same line, no traceback."""
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps({"text": "In the beginning God created"}) + "\n"
+                                                  for _ in range(40)))  # fmt: skip
+    proc = launch(["--data", tmp_path / "small.jsonl", "--tokenizer", good["tokenizer"], "--seq-len", 32,
+                   "--deepspeed_config", good["config"], "--output-dir", tmp_path / "run", "--wandb-mode", "disabled",
+                   "--data-cache-dir", tmp_path / "cache"], ranks=2, check=False)  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "do not fill one global batch" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_stale_jit_build_lock_is_named(capsys, good, tmp_path, monkeypatch):
     lock = tmp_path / "ext" / "fused_adam" / "lock"
     lock.parent.mkdir(parents=True)

@@ -116,6 +116,25 @@ def test_non_utf8_and_empty_sources_are_one_line_errors(tmp_path, tokenizer_dir)
         packed_dataset(resolve_sources([str(tmp_path / "blank.txt")]), "text", tokenizer, 8, 0.1, tmp_path / "c")
 
 
+def test_malformed_record_read_by_the_ranks_is_one_line(tmp_path):
+    """The preflight peeks at the first records only; the ranks read everything (`load_texts`)."""
+    lines = [json.dumps({"text": f"verse {i}"}) for i in range(5000)] + ['{"text": "broken",, }']
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"big.jsonl as json .*fix or remove the malformed record"):
+        load_texts(resolve_sources([str(tmp_path / "big.jsonl")])[0], "text")
+
+
+def test_too_small_sources_are_one_line_errors(tmp_path, tokenizer_dir):
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    (tmp_path / "short.txt").write_text("In the beginning\n")
+    with pytest.raises(ConfigError, match="holds fewer than 64 tokens of text"):
+        packed_dataset(resolve_sources([str(tmp_path / "short.txt")]), "text", tokenizer, 64, 0.1, tmp_path / "c")
+    one_block = len(tokenizer("In the beginning", add_special_tokens=False)["input_ids"]) + 1  # and EOS
+    with pytest.raises(ConfigError, match=f"packs into only 1 blocks of {one_block} tokens: too small"):
+        packed_dataset(resolve_sources([str(tmp_path / "short.txt")]), "text", tokenizer, one_block, 0.1,
+                       tmp_path / "c")  # fmt: skip
+
+
 class _Blocks:
     """Stand-in block store: block i holds the token i, so indices can be read back from batches."""
 
