@@ -236,6 +236,12 @@ INVENTORY = [
      "must set train_micro_batch_size_per_gpu"),
     ("ds-two-precisions", lambda t, g: ["--deepspeed_config", write_ds_config(
         t / "p.json", bf16={"enabled": True}, fp16={"enabled": True})], "enables both bf16 and fp16"),
+    ("ds-batch-size-string", lambda t, g: ["--deepspeed_config", write_ds_config(t / "b.json", train_batch="8")],
+     '"train_batch_size" must be a whole number, not "8"'),
+    ("ds-section-not-object", lambda t, g: ["--deepspeed_config", write_ds_config(t / "f.json", bf16=True)],
+     '"bf16" must be an object'),
+    ("ds-zero-stage-string", lambda t, g: ["--deepspeed_config", write_ds_config(
+        t / "z.json", zero_optimization={"stage": "1"})], '"zero_optimization.stage" must be a whole number'),
     ("ds-unknown-optimizer", lambda t, g: ["--deepspeed_config", write_ds_config(
         t / "o.json", optimizer={"type": "AdamWW", "params": {"lr": 1e-3}})], "unknown optimizer type 'AdamWW'"),
     ("ds-unknown-scheduler", lambda t, g: ["--deepspeed_config", write_ds_config(

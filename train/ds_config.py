@@ -23,6 +23,7 @@ def load_ds_config(path: str | Path, train_steps: int) -> dict:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    check_types(config, path)
     scheduler_params = config.get("scheduler", {}).get("params", {})
     for key in ("total_num_steps", "warmup_max_steps"):  # names used by DeepSpeed's schedules
         if scheduler_params.get(key) == "auto":
@@ -31,6 +32,25 @@ def load_ds_config(path: str | Path, train_steps: int) -> dict:
     config.setdefault("gradient_clipping", 1.0)
     check_optimizer_and_scheduler(config, path)
     return config
+
+
+SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16", "data_types", "checkpoint", "pipeline")
+COUNTS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def check_types(config: dict, path: Path) -> None:
+    """The values we and DeepSpeed read before its own validation: objects where objects belong, whole numbers
+    for the batch sizes and the ZeRO stage (a string "8" would fail deep inside as a TypeError)."""
+    for key in SECTIONS:
+        if key in config and not isinstance(config[key], dict):
+            raise ConfigError(f'DeepSpeed config {path}: "{key}" must be an object, e.g. "{key}": {{...}}, '
+                              f"not {json.dumps(config[key])}")  # fmt: skip
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    for key, value in [*((k, config[k]) for k in COUNTS if k in config), ("zero_optimization.stage", stage)]:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f'DeepSpeed config {path}: "{key}" must be a whole number, not {json.dumps(value)}')
+    if "gradient_clipping" in config and not isinstance(config["gradient_clipping"], int | float):
+        raise ConfigError(f'DeepSpeed config {path}: "gradient_clipping" must be a number')
 
 
 def check_optimizer_and_scheduler(config: dict, path: Path) -> None:
