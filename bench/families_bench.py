@@ -19,13 +19,34 @@ from bench.pipeline_bench import run
 
 def train(model: str, stages: int, steps: int, work: Path, tokenizer: Path | None) -> Path:
     out = work / f"{model}_{len(list(work.glob(f'{model}_*')))}"
-    args = ["--model-config", model, "--pipeline-stages", str(stages), "--train-steps", str(steps),
-            "--log-interval", "1", "--eval-interval", str(10**6), "--eval-blocks", "16", "--sample-tokens", "1",
-            "--output-dir", str(out), "--wandb-mode", "disabled", "--data-cache-dir", str(work / "cache")]  # fmt: skip
+    args = [
+        "--model-config",
+        model,
+        "--pipeline-stages",
+        str(stages),
+        "--train-steps",
+        str(steps),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        str(10**6),
+        "--eval-blocks",
+        "16",
+        "--sample-tokens",
+        "1",
+        "--output-dir",
+        str(out),
+        "--wandb-mode",
+        "disabled",
+        "--data-cache-dir",
+        str(work / "cache"),
+    ]
     if tokenizer is not None:
         args += ["--tokenizer", str(tokenizer)]
-    run(["deepspeed", "--num_gpus", str(stages), "--master_port", "29671", "--module", "train.main", *args],
-        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    run(
+        ["deepspeed", "--num_gpus", str(stages), "--master_port", "29671", "--module", "train.main", *args],
+        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    )
     return out
 
 
@@ -52,8 +73,10 @@ def main() -> None:
         config = runs[0][0]
         speeds = [s for _, s in runs]
         flops = config["flops_per_token"]
-        print(f"| {model} | {config['model']['model_type']} | {config['parameters'] / 1e6:.2f}M | {flops / 1e6:.1f} | "
-              f"{' / '.join(f'{s:,.0f}' for s in speeds)} | {flops * statistics.median(speeds) / 1e9:.1f} |")
+        print(
+            f"| {model} | {config['model']['model_type']} | {config['parameters'] / 1e6:.2f}M | {flops / 1e6:.1f} | "
+            f"{' / '.join(f'{s:,.0f}' for s in speeds)} | {flops * statistics.median(speeds) / 1e9:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,7 @@ def bench_one(name: str, checkpoint_interval: int, a: argparse.Namespace, peak: 
     accelerator.empty_cache()
     before = accelerator.memory_allocated()
     accelerator.reset_peak_memory_stats()
-    pipe = build_pipeline(arch, num_stages=1, activation_checkpoint_interval=checkpoint_interval,
-                               seq_len=a.seq_len)  # fmt: skip
+    pipe = build_pipeline(arch, num_stages=1, activation_checkpoint_interval=checkpoint_interval, seq_len=a.seq_len)
     engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds_config)
     ids = torch.randint(0, arch.config.vocab_size, (a.micro_batch_size, a.seq_len))
     batches = itertools.repeat((ids, ids))
@@ -72,9 +71,11 @@ def bench_one(name: str, checkpoint_interval: int, a: argparse.Namespace, peak: 
     mfu = f"{perf['mfu']:.1%}" if perf["mfu"] is not None else "n/a"
     params = sum(p.numel() for p in pipe.parameters()) / 1e6
     del engine, pipe
-    return (f"| {name} | {params:.0f}M | {'every block' if checkpoint_interval else 'off'} | {tokens_per_sec:,.0f} | "
-            f"{perf['tflops_per_device']:.1f} | {mfu} | {measured:.1f} | {planned.peak / 2**30:.1f} "
-            f"({planned.memory['activations'] / 2**30:.1f}) | {planned.peak / 2**30 / measured:.2f} |")  # fmt: skip
+    return (
+        f"| {name} | {params:.0f}M | {'every block' if checkpoint_interval else 'off'} | {tokens_per_sec:,.0f} | "
+        f"{perf['tflops_per_device']:.1f} | {mfu} | {measured:.1f} | {planned.peak / 2**30:.1f} "
+        f"({planned.memory['activations'] / 2**30:.1f}) | {planned.peak / 2**30 / measured:.2f} |"
+    )
 
 
 def main() -> None:
@@ -88,10 +89,14 @@ def main() -> None:
     a = p.parse_args()
     init_distributed()
     peak = peak_tflops("bf16")
-    print(f"device: {device_name()}, bf16 peak {peak} TFLOP/s, torch {torch.__version__}, "
-          f"micro-batch {a.micro_batch_size} x {a.micro_batches}, seq {a.seq_len}")  # fmt: skip
-    print("| model | parameters | activation checkpointing | tokens/s | TFLOP/s | MFU | peak memory GiB "
-          "| planned GiB (activations) | planned / measured |")  # fmt: skip
+    print(
+        f"device: {device_name()}, bf16 peak {peak} TFLOP/s, torch {torch.__version__}, "
+        f"micro-batch {a.micro_batch_size} x {a.micro_batches}, seq {a.seq_len}"
+    )
+    print(
+        "| model | parameters | activation checkpointing | tokens/s | TFLOP/s | MFU | peak memory GiB "
+        "| planned GiB (activations) | planned / measured |"
+    )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in a.models:
         for checkpoint_interval in (0, 1):

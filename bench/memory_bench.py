@@ -28,24 +28,69 @@ CASES = [(8, 384, 6, 1, 4, 4), (8, 384, 6, 2, 4, 8), (6, 512, 8, 2, 4, 8)]
 
 def train_and_read_memory(work: Path, case: tuple, checkpoint_interval: int, steps: int) -> tuple[dict, float, dict]:
     layers, d, heads, stages, micro, micro_batches = case
-    config = {"model_type": "gpt2", "n_layer": layers, "n_embd": d, "n_head": heads, "n_positions": SEQ,
-              "vocab_size": VOCAB, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
-    ds_config = {"train_batch_size": micro * micro_batches, "train_micro_batch_size_per_gpu": micro,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-                 "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}  # fmt: skip
+    config = {
+        "model_type": "gpt2",
+        "n_layer": layers,
+        "n_embd": d,
+        "n_head": heads,
+        "n_positions": SEQ,
+        "vocab_size": VOCAB,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
+    ds_config = {
+        "train_batch_size": micro * micro_batches,
+        "train_micro_batch_size_per_gpu": micro,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 10**9,
+    }
     name = f"{layers}x{d}_pp{stages}_ac{checkpoint_interval}"
     (work / f"{name}.json").write_text(json.dumps(config))
     (work / f"{name}_ds.json").write_text(json.dumps(ds_config))
     out = work / f"run_{name}_{time.time_ns()}"
-    run(["deepspeed", "--num_gpus", str(stages), "--master_port", "29658", "--module", "train.main",
-         "--model-config", str(work / f"{name}.json"), "--tokenizer", str(work / "tokenizer"),
-         "--seq-len", str(SEQ), "--pipeline-stages", str(stages), "--deepspeed_config", str(work / f"{name}_ds.json"),
-         "--activation-checkpoint-interval", str(checkpoint_interval), "--train-steps", str(steps),
-         "--log-interval", "1", "--eval-interval", str(10**6), "--eval-blocks", str(micro * micro_batches),
-         "--output-dir", str(out), "--wandb-mode", "disabled", "--sample-tokens", "1",
-         "--data-cache-dir", str(work / "cache")],
-        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages),
-             "MALLOC_MMAP_THRESHOLD_": "131072"})  # fmt: skip
+    run(
+        [
+            "deepspeed",
+            "--num_gpus",
+            str(stages),
+            "--master_port",
+            "29658",
+            "--module",
+            "train.main",
+            "--model-config",
+            str(work / f"{name}.json"),
+            "--tokenizer",
+            str(work / "tokenizer"),
+            "--seq-len",
+            str(SEQ),
+            "--pipeline-stages",
+            str(stages),
+            "--deepspeed_config",
+            str(work / f"{name}_ds.json"),
+            "--activation-checkpoint-interval",
+            str(checkpoint_interval),
+            "--train-steps",
+            str(steps),
+            "--log-interval",
+            "1",
+            "--eval-interval",
+            str(10**6),
+            "--eval-blocks",
+            str(micro * micro_batches),
+            "--output-dir",
+            str(out),
+            "--wandb-mode",
+            "disabled",
+            "--sample-tokens",
+            "1",
+            "--data-cache-dir",
+            str(work / "cache"),
+        ],
+        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages), "MALLOC_MMAP_THRESHOLD_": "131072"},
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = {s: rows[-1][f"model_mem_mb/stage{s}"] for s in range(stages)}
     plans = plan_stages(discover(config_from_dict(config)), ds_config, stages, 1, SEQ, "flops", checkpoint_interval)
@@ -63,8 +108,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pipegpt_memory_bench_"))
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
     train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), VOCAB, work / "tokenizer")
-    print("| model | stages | micro-batches | activation checkpointing | stage | planned peak MB (activations) "
-          "| measured MB | planned / measured | s/step |")  # fmt: skip
+    print(
+        "| model | stages | micro-batches | activation checkpointing | stage | planned peak MB (activations) "
+        "| measured MB | planned / measured | s/step |"
+    )
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for case in CASES:
         layers, d, _, stages, micro, micro_batches = case
@@ -73,9 +120,11 @@ def main() -> None:
             for stage, mb in measured.items():
                 peak, activations = planned[stage]
                 checkpointing = "every block" if interval else "off"
-                print(f"| {layers} x {d} | {stages} | {micro_batches} x {micro} | {checkpointing} | {stage} "
-                      f"| {peak:,.0f} ({activations:,.0f}) | {mb:,.0f} | {peak / mb:.2f} | {step_time:.2f} |",
-                      flush=True)  # fmt: skip
+                print(
+                    f"| {layers} x {d} | {stages} | {micro_batches} x {micro} | {checkpointing} | {stage} "
+                    f"| {peak:,.0f} ({activations:,.0f}) | {mb:,.0f} | {peak / mb:.2f} | {step_time:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,16 @@ def plain_loop(layers: int, threads: int, steps: int) -> list[float]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.set_num_threads(threads)
-    config = GPT2Config(n_layer=layers, n_embd=256, n_head=4, n_positions=SEQ, vocab_size=1024,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    config = GPT2Config(
+        n_layer=layers,
+        n_embd=256,
+        n_head=4,
+        n_positions=SEQ,
+        vocab_size=1024,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     config._attn_implementation = "sdpa"
     model = GPT2LMHeadModel(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -49,8 +57,9 @@ def plain_loop(layers: int, threads: int, steps: int) -> list[float]:
 
 
 def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, capture_output=True, text=True
+    )
     if proc.returncode:
         sys.exit(f"benchmark command failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -58,30 +67,98 @@ def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
 
 def ours(layers: int, stages: int, steps: int, work: Path, tokenizer: Path, partition: str) -> list[float]:
     model = work / f"gpt2_{layers}.json"
-    model.write_text(json.dumps({"model_type": "gpt2", "n_layer": layers, "n_embd": 256, "n_head": 4,  # noqa: E501
-                                 "n_positions": SEQ, "vocab_size": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-                                 "attn_pdrop": 0.0}))  # fmt: skip
+    model.write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "n_layer": layers,
+                "n_embd": 256,
+                "n_head": 4,  # noqa: E501
+                "n_positions": SEQ,
+                "vocab_size": 1024,
+                "resid_pdrop": 0.0,
+                "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0,
+            }
+        )
+    )
     ds = work / "ds.json"
-    ds.write_text(json.dumps({"train_batch_size": MICRO * MICROS, "train_micro_batch_size_per_gpu": MICRO,
-                              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-                              "gradient_clipping": 1.0, "zero_optimization": {"stage": 0},
-                              "steps_per_print": 10**9}))  # fmt: skip
+    ds.write_text(
+        json.dumps(
+            {
+                "train_batch_size": MICRO * MICROS,
+                "train_micro_batch_size_per_gpu": MICRO,
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+                "gradient_clipping": 1.0,
+                "zero_optimization": {"stage": 0},
+                "steps_per_print": 10**9,
+            }
+        )
+    )
     out = work / f"run_{layers}_{stages}_{partition}_{time.time_ns()}"
     threads = str(2 // stages)
-    run(["deepspeed", "--num_gpus", str(stages), "--master_port", "29655", "--module", "train.main",
-         "--model-config", str(model), "--tokenizer", str(tokenizer), "--seq-len", str(SEQ),
-         "--pipeline-stages", str(stages), "--partition-method", partition, "--deepspeed_config", str(ds),
-         "--train-steps", str(steps), "--log-interval", "1", "--eval-interval", str(10**6), "--eval-blocks", "32",
-         "--output-dir", str(out), "--wandb-mode", "disabled", "--sample-tokens", "1",
-         "--data-cache-dir", str(work / "cache")],
-        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads})  # fmt: skip
+    run(
+        [
+            "deepspeed",
+            "--num_gpus",
+            str(stages),
+            "--master_port",
+            "29655",
+            "--module",
+            "train.main",
+            "--model-config",
+            str(model),
+            "--tokenizer",
+            str(tokenizer),
+            "--seq-len",
+            str(SEQ),
+            "--pipeline-stages",
+            str(stages),
+            "--partition-method",
+            partition,
+            "--deepspeed_config",
+            str(ds),
+            "--train-steps",
+            str(steps),
+            "--log-interval",
+            "1",
+            "--eval-interval",
+            str(10**6),
+            "--eval-blocks",
+            "32",
+            "--output-dir",
+            str(out),
+            "--wandb-mode",
+            "disabled",
+            "--sample-tokens",
+            "1",
+            "--data-cache-dir",
+            str(work / "cache"),
+        ],
+        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads},
+    )
     times = [json.loads(line)["step_time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return times[2:]
 
 
 def torch_pipelining(layers: int, schedule: str, steps: int) -> list[float]:
-    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", "29656", "-m", "bench.torch_pipelining",
-                "--layers", str(layers), "--schedule", schedule, "--steps", str(steps)])  # fmt: skip
+    proc = run(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29656",
+            "-m",
+            "bench.torch_pipelining",
+            "--layers",
+            str(layers),
+            "--schedule",
+            schedule,
+            "--steps",
+            str(steps),
+        ]
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])["step_times"]
 
 
@@ -124,8 +201,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pipegpt_pipe_bench_"))
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
     train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), 1024, work / "tokenizer")
-    print("| blocks | variant | s/step median | s/step fastest | tokens/s (median) | vs plain, 2 threads "
-          "| pipeline efficiency (median / fastest) |")  # fmt: skip
+    print(
+        "| blocks | variant | s/step median | s/step fastest | tokens/s (median) | vs plain, 2 threads "
+        "| pipeline efficiency (median / fastest) |"
+    )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for layers in a.layers:
         # The ideal needs the 1-thread plain loop; the ratio column needs the 2-thread one.
@@ -142,8 +221,11 @@ def main() -> None:
             for times in repeats:
                 median, fastest = statistics.median(times), min(times)
                 eff = f"{ideal / median:.2f} / {ideal_fastest / fastest:.2f}" if "2 stages" in name else ""
-                print(f"| {layers} | {name} | {median:.3f} | {fastest:.3f} | {MICRO * MICROS * SEQ / median:,.0f} "
-                      f"| {plain2 / median:.2f} | {eff} |", flush=True)  # fmt: skip
+                print(
+                    f"| {layers} | {name} | {median:.3f} | {fastest:.3f} | {MICRO * MICROS * SEQ / median:,.0f} "
+                    f"| {plain2 / median:.2f} | {eff} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

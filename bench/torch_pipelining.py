@@ -70,8 +70,16 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    config = GPT2Config(n_layer=a.layers, n_embd=256, n_head=4, n_positions=128, vocab_size=1024,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    config = GPT2Config(
+        n_layer=a.layers,
+        n_embd=256,
+        n_head=4,
+        n_positions=128,
+        vocab_size=1024,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     half = a.layers // 2
     torch.manual_seed(rank)
     module = Half(config, rank == 0, range(half) if rank == 0 else range(half, a.layers))

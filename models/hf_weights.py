@@ -165,14 +165,17 @@ def check_weights_fit(model_dir: Path, arch: Architecture) -> None:
     checkpoint = SafetensorsCheckpoint(model_dir, arch)
     for key, param in arch.meta_model().named_parameters():  # a tied head's weight is listed once, as the embedding
         if key not in checkpoint.files:
-            raise ValueError(f"--model {model_dir} has no tensor {key}: not a {arch.config.model_type} checkpoint "
-                             "of this shape")  # fmt: skip
+            raise ValueError(
+                f"--model {model_dir} has no tensor {key}: not a {arch.config.model_type} checkpoint of this shape"
+            )
         filename, stored_key = checkpoint.files[key]
         with safe_open(model_dir / filename, framework="pt") as f:
             shape = tuple(f.get_slice(stored_key).get_shape())
         if shape != tuple(param.shape):
-            raise ValueError(f"--model {model_dir}: {key} is {shape} in the checkpoint but {tuple(param.shape)} in "
-                             "its config.json; the weights and the config do not belong together")  # fmt: skip
+            raise ValueError(
+                f"--model {model_dir}: {key} is {shape} in the checkpoint but {tuple(param.shape)} in "
+                "its config.json; the weights and the config do not belong together"
+            )
 
 
 @torch.no_grad()

@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
 from models.architecture import Architecture
+from models.deepspeed_internals import PipelineModuleHooks
 from models.flops import flops_partition
 from models.loss import next_token_cross_entropy
 
@@ -100,15 +101,28 @@ class HeadPipe(nn.Module):
 def layer_specs(arch: Architecture) -> list[LayerSpec]:
     """The flat list of layer specs that `PipelineModule` partitions into stages."""
     tied_weight = [f"{arch.token_embedding}.weight"]
-    first = (TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, arch, tied_weight_attr=tied_weight) if arch.tied
-             else LayerSpec(EmbeddingPipe, arch))  # fmt: skip
-    head = (TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, arch, token_only=True, forward_fn=EmbeddingPipe.tied_head,
-                          tied_weight_attr=tied_weight) if arch.tied else LayerSpec(HeadPipe, arch))  # fmt: skip
+    first = (
+        TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, arch, tied_weight_attr=tied_weight)
+        if arch.tied
+        else LayerSpec(EmbeddingPipe, arch)
+    )
+    head = (
+        TiedLayerSpec(
+            TIED_EMBEDDING_KEY,
+            EmbeddingPipe,
+            arch,
+            token_only=True,
+            forward_fn=EmbeddingPipe.tied_head,
+            tied_weight_attr=tied_weight,
+        )
+        if arch.tied
+        else LayerSpec(HeadPipe, arch)
+    )
     blocks = [LayerSpec(DecoderLayerPipe, arch, i) for i in range(arch.num_layers)]
     return [first, *blocks, LayerSpec(FinalNormPipe, arch), head]
 
 
-class CausalLMPipeline(PipelineModule):
+class CausalLMPipeline(PipelineModuleHooks):
     """DeepSpeed's PipelineModule plus a `flops` partition method that balances compute.
 
     DeepSpeed balances parameters (a tied head has none on the last stage, yet does the largest matmul
@@ -120,29 +134,19 @@ class CausalLMPipeline(PipelineModule):
         self.arch, self.seq_len = arch, seq_len
         super().__init__(*args, **kwargs)
 
-    def _partition_layers(self, method: str = "uniform") -> None:
-        if method.lower() == "flops":
-            self.parts = flops_partition(self.arch, self.seq_len, self.num_stages)
-            self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
-        else:
-            super()._partition_layers(method)
-        if self.parts[-2] == len(self._layer_specs) - 1:
+    def custom_partition(self, method: str) -> list[int] | None:
+        return flops_partition(self.arch, self.seq_len, self.num_stages) if method.lower() == "flops" else None
+
+    def check_partition(self, method: str) -> None:
+        if self.parts[-2] == self.parts[-1] - 1:
             # A last stage holding only the head deadlocks DeepSpeed's first step (mismatched collectives).
             raise ValueError(
                 f"partition {method!r} leaves only the LM head on the last stage "
                 f"(bounds {[int(b) for b in self.parts]}); use fewer stages or --partition-method flops"
             )
 
-    def _count_layer_params(self) -> list[int]:
-        # DeepSpeed 0.19.8 builds every layer of the model, one at a time on every rank, to count its
-        # parameters for the `parameters` partition (minutes for a 70B model); the meta model has the counts.
-        return self.arch.layer_parameters()
-
-    @torch.no_grad()
-    def _synchronize_tied_weights(self) -> None:
-        # DeepSpeed broadcasts the tied embedding with grad enabled, which records the in-place
-        # broadcast in autograd and makes every backward warn; the broadcast is not differentiable.
-        super()._synchronize_tied_weights()
+    def layer_parameter_counts(self) -> list[int]:
+        return self.arch.layer_parameters()  # from the meta model: nothing is built
 
     @torch.no_grad()
     def tied_weight_max_diff(self) -> float:
@@ -152,12 +156,10 @@ class CausalLMPipeline(PipelineModule):
         """
         device = next(self.parameters()).device
         diff = torch.zeros((), device=device)
-        for comm in self.tied_comms.values():
-            for attr in comm["weight_attr"]:
-                mine = self._recursive_getattr(comm["module"], attr)
-                first = mine.clone()
-                dist.broadcast(first, src=min(comm["ranks"]), group=comm["group"])
-                diff = torch.maximum(diff, (first - mine).abs().max().float())
+        for mine, owner, group in self.tied_weights():
+            first = mine.clone()
+            dist.broadcast(first, src=owner, group=group)
+            diff = torch.maximum(diff, (first - mine).abs().max().float())
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         return diff.item()
 

@@ -21,29 +21,72 @@ def _rope(theta: float, **scaling) -> dict:
 def _llama3(hidden: int, intermediate: int, layers: int, heads: int, tied: bool, rope_factor: float) -> dict:
     """Llama 3.x: 128k vocabulary, 8 k/v heads, 3.1's long-context rope scaling (3.2 1B/3B tie the head)."""
     scaling = dict(factor=rope_factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-    return dict(model_type="llama", vocab_size=128256, hidden_size=hidden, intermediate_size=intermediate,
-                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8,
-                max_position_embeddings=131072, rope_parameters=_rope(5e5, **scaling), rms_norm_eps=1e-5,
-                tie_word_embeddings=tied, bos_token_id=128000, eos_token_id=128001)  # fmt: skip
+    return dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_parameters=_rope(5e5, **scaling),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    )
 
 
-def _qwen(model_type: str, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool,
-          **extra) -> dict:  # fmt: skip
-    return dict(model_type=model_type, vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate,
-                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                max_position_embeddings=32768, rope_parameters=_rope(1e6), rms_norm_eps=1e-6,
-                tie_word_embeddings=tied, bos_token_id=151643, eos_token_id=151643) | extra  # fmt: skip
+def _qwen(
+    model_type: str, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool, **extra
+) -> dict:
+    return (
+        dict(
+            model_type=model_type,
+            vocab_size=151936,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=32768,
+            rope_parameters=_rope(1e6),
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=tied,
+            bos_token_id=151643,
+            eos_token_id=151643,
+        )
+        | extra
+    )
 
 
 def _pythia(hidden: int, layers: int, heads: int, vocab: int = 50304) -> dict:
     """Pythia (Biderman et al. 2023): GPT-NeoX, parallel residual, rotary on a quarter of each head, untied."""
-    return dict(model_type="gpt_neox", vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=2048, rotary_pct=0.25,
-                use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return dict(
+        model_type="gpt_neox",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
-_TINY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+_TINY = dict(
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 PRESETS: dict[str, dict] = {
     # CPU-sized, for tests and the default run (vocabulary: the tokenizer's).
@@ -53,8 +96,15 @@ PRESETS: dict[str, dict] = {
     "mistral-tiny": dict(model_type="mistral", **_TINY, sliding_window=512),
     "qwen2-tiny": dict(model_type="qwen2", **_TINY, tie_word_embeddings=True),
     "qwen3-tiny": dict(model_type="qwen3", **_TINY, head_dim=32, tie_word_embeddings=True),
-    "pythia-tiny": dict(model_type="gpt_neox", hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                        num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25),  # fmt: skip
+    "pythia-tiny": dict(
+        model_type="gpt_neox",
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        rotary_pct=0.25,
+    ),
     # GPT-2 (Radford et al. 2019).
     "gpt2": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024),
     "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024),
@@ -65,10 +115,20 @@ PRESETS: dict[str, dict] = {
     "llama-3-8b": _llama3(4096, 14336, 32, 32, tied=False, rope_factor=8.0),
     "llama-3-70b": _llama3(8192, 28672, 80, 64, tied=False, rope_factor=8.0),
     # Mistral 7B v0.1 (4,096-token sliding window).
-    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       max_position_embeddings=32768, sliding_window=4096, rope_parameters=_rope(1e4),
-                       rms_norm_eps=1e-5, tie_word_embeddings=False),  # fmt: skip
+    "mistral-7b": dict(
+        model_type="mistral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        rope_parameters=_rope(1e4),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
     "qwen2.5-0.5b": _qwen("qwen2", 896, 4864, 24, 14, 2, tied=True),
     "qwen2.5-7b": _qwen("qwen2", 3584, 18944, 28, 28, 4, tied=False, vocab_size=152064),
     "qwen3-0.6b": _qwen("qwen3", 1024, 3072, 28, 16, 8, tied=True, head_dim=128, max_position_embeddings=40960),
@@ -114,8 +174,13 @@ def _config_file(path: Path, vocab_size: int | None) -> PretrainedConfig:
     if settings["model_type"] not in CONFIG_MAPPING:
         raise ValueError(f"{path}: model_type {settings['model_type']!r} is unknown to transformers")
     if vocab_size is not None:
-        settings = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **settings,
-                    "vocab_size": vocab_size}  # fmt: skip
+        settings = {
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+            **settings,
+            "vocab_size": vocab_size,
+        }
     return CONFIG_MAPPING[settings["model_type"]].from_dict(settings)
 
 

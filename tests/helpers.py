@@ -34,20 +34,53 @@ def write_ds_config(path: Path, train_batch: int = 8, micro: int = 2, **override
     return path
 
 
-def small_run_args(corpus: Path, tokenizer_dir: Path, tmp_path: Path, ds_config: Path, model_config: Path | str,
-                   steps: int) -> list:  # fmt: skip
+def small_run_args(
+    corpus: Path, tokenizer_dir: Path, tmp_path: Path, ds_config: Path, model_config: Path | str, steps: int
+) -> list:
     """Flags of a short run on the test corpus: 32-token blocks, a loss every step, two evaluations."""
-    return ["--data", corpus, "--tokenizer", tokenizer_dir, "--model-config", model_config, "--seq-len", 32,
-            "--train-steps", steps, "--log-interval", 1, "--eval-interval", 3, "--val-fraction", 0.05,
-            "--eval-blocks", 32, "--deepspeed_config", ds_config, "--data-cache-dir", tmp_path / "cache",
-            "--wandb-mode", "disabled", "--sample-tokens", 5]  # fmt: skip
+    return [
+        "--data",
+        corpus,
+        "--tokenizer",
+        tokenizer_dir,
+        "--model-config",
+        model_config,
+        "--seq-len",
+        32,
+        "--train-steps",
+        steps,
+        "--log-interval",
+        1,
+        "--eval-interval",
+        3,
+        "--val-fraction",
+        0.05,
+        "--eval-blocks",
+        32,
+        "--deepspeed_config",
+        ds_config,
+        "--data-cache-dir",
+        tmp_path / "cache",
+        "--wandb-mode",
+        "disabled",
+        "--sample-tokens",
+        5,
+    ]
 
 
 def run_process_group(cmd: list, env: dict, timeout: int) -> subprocess.CompletedProcess:
     """Run `cmd` (a launcher and its ranks) in its own process group; on timeout kill the whole group,
     so that no orphaned rank holds a port, a lock or a core while the next tests run."""
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -64,8 +97,9 @@ def kill_process_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def launch(args: list, ranks: int, check: bool = True, timeout: int = 600, env: dict | None = None
-           ) -> subprocess.CompletedProcess:  # fmt: skip
+def launch(
+    args: list, ranks: int, check: bool = True, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`launch.sh ARGS` with `ranks` CPU ranks: real processes, real gloo collectives."""
     env = {**os.environ, "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = run_process_group([REPO / "launch.sh", *args], env, timeout)

@@ -75,29 +75,51 @@ def test_seq_len_above_model_positions(capsys, good):
 
 def model_json(tmp_path, **settings):
     path = tmp_path / "model.json"
-    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
-                                "num_attention_heads": 4, "max_position_embeddings": 256, **settings}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "hidden_size": 64,
+                "intermediate_size": 96,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 4,
+                "max_position_embeddings": 256,
+                **settings,
+            }
+        )
+    )
     return path
 
 
 def test_unsupported_model_type_lists_the_supported_ones(capsys, good, tmp_path):
     config = model_json(tmp_path, model_type="opt")
-    line = run_preflight(capsys, 2, "--model-config", config, "--deepspeed_config", good["config"],
-                         "--data", good["data"])  # fmt: skip
+    line = run_preflight(
+        capsys, 2, "--model-config", config, "--deepspeed_config", good["config"], "--data", good["data"]
+    )
     assert "model_type 'opt' is not supported" in line and "llama" in line and "gpt_neox" in line
 
 
 def test_eager_attention_is_refused(capsys, good, tmp_path):
     config = model_json(tmp_path, model_type="llama", attn_implementation="eager")
-    line = run_preflight(capsys, 2, "--model-config", config, "--deepspeed_config", good["config"],
-                         "--data", good["data"])  # fmt: skip
+    line = run_preflight(
+        capsys, 2, "--model-config", config, "--deepspeed_config", good["config"], "--data", good["data"]
+    )
     assert "'eager' attention" in line and "sdpa" in line
 
 
 def test_seq_len_above_the_sliding_window(capsys, good, tmp_path):
     config = model_json(tmp_path, model_type="mistral", sliding_window=64)
-    line = run_preflight(capsys, 2, "--model-config", config, "--seq-len", 128, "--deepspeed_config", good["config"],
-                         "--data", good["data"])  # fmt: skip
+    line = run_preflight(
+        capsys,
+        2,
+        "--model-config",
+        config,
+        "--seq-len",
+        128,
+        "--deepspeed_config",
+        good["config"],
+        "--data",
+        good["data"],
+    )
     assert "--seq-len 128 exceeds the model's 64-token sliding attention window" in line
 
 
@@ -134,10 +156,24 @@ def test_ranks_launched_directly_fail_together_with_one_line(good, tmp_path):
     (tmp_path / "ext" / "deepspeed_shm_comm" / "lock").touch()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     proc = run_process_group(
-        ["deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "train.main",
-         "--data", tmp_path / "c.jsonl", "--deepspeed_config", good["config"], "--output-dir", tmp_path / "run"],
-        env, timeout=180,
-    )  # fmt: skip
+        [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            free_port(),
+            "--module",
+            "train.main",
+            "--data",
+            tmp_path / "c.jsonl",
+            "--deepspeed_config",
+            good["config"],
+            "--output-dir",
+            tmp_path / "run",
+        ],
+        env,
+        timeout=180,
+    )
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "has no column 'text'" in errors[0], proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -145,11 +181,29 @@ def test_ranks_launched_directly_fail_together_with_one_line(good, tmp_path):
 
 def test_corpus_smaller_than_one_global_batch_stops_every_rank(good, tmp_path):
     """Only the ranks know how many blocks the data packs into: every rank stops with the same line, no traceback."""
-    (tmp_path / "small.jsonl").write_text("".join(json.dumps({"text": "In the beginning God created"}) + "\n"
-                                                  for _ in range(40)))  # fmt: skip
-    proc = launch(["--data", tmp_path / "small.jsonl", "--tokenizer", good["tokenizer"], "--seq-len", 32,
-                   "--deepspeed_config", good["config"], "--output-dir", tmp_path / "run", "--wandb-mode", "disabled",
-                   "--data-cache-dir", tmp_path / "cache"], ranks=2, check=False)  # fmt: skip
+    (tmp_path / "small.jsonl").write_text(
+        "".join(json.dumps({"text": "In the beginning God created"}) + "\n" for _ in range(40))
+    )
+    proc = launch(
+        [
+            "--data",
+            tmp_path / "small.jsonl",
+            "--tokenizer",
+            good["tokenizer"],
+            "--seq-len",
+            32,
+            "--deepspeed_config",
+            good["config"],
+            "--output-dir",
+            tmp_path / "run",
+            "--wandb-mode",
+            "disabled",
+            "--data-cache-dir",
+            tmp_path / "cache",
+        ],
+        ranks=2,
+        check=False,
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "do not fill one global batch" in errors[0] and "Traceback" not in proc.stderr
@@ -195,8 +249,11 @@ def _tiny_gpt2(path, vocab_size=100, **config_changes):
     """A save_pretrained GPT-2 folder; `config_changes` are written into its config.json afterwards."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=2, n_positions=256,
-                               bos_token_id=0, eos_token_id=0)).save_pretrained(path)  # fmt: skip
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=2, n_positions=256, bos_token_id=0, eos_token_id=0
+        )
+    ).save_pretrained(path)
     if config_changes:
         config = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**config, **config_changes}))
@@ -208,8 +265,9 @@ def _tokenizer_without_eos(path):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[UNK]": 0, "in": 1, "the": 2, "beginning": 3}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
-                            unk_token="[UNK]").save_pretrained(path)  # fmt: skip
+    PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")), unk_token="[UNK]"
+    ).save_pretrained(path)
     return path
 
 
@@ -232,57 +290,111 @@ INVENTORY = [
     ("flag-partition-method", lambda t, g: ["--partition-method", "best"], "--partition-method 'best'"),
     ("flag-stages-zero", lambda t, g: ["--pipeline-stages", 0], "--pipeline-stages must be at least 1"),
     ("ds-not-object", lambda t, g: ["--deepspeed_config", _file(t / "l.json", "[1, 2]")], "must be a JSON object"),
-    ("ds-no-micro-batch", lambda t, g: ["--deepspeed_config", _file(t / "m.json", '{"train_batch_size": 8}')],
-     "must set train_micro_batch_size_per_gpu"),
-    ("ds-two-precisions", lambda t, g: ["--deepspeed_config", write_ds_config(
-        t / "p.json", bf16={"enabled": True}, fp16={"enabled": True})], "enables both bf16 and fp16"),
-    ("ds-batch-size-string", lambda t, g: ["--deepspeed_config", write_ds_config(t / "b.json", train_batch="8")],
-     '"train_batch_size" must be a whole number, not "8"'),
-    ("ds-section-not-object", lambda t, g: ["--deepspeed_config", write_ds_config(t / "f.json", bf16=True)],
-     '"bf16" must be an object'),
-    ("ds-zero-stage-string", lambda t, g: ["--deepspeed_config", write_ds_config(
-        t / "z.json", zero_optimization={"stage": "1"})], '"zero_optimization.stage" must be a whole number'),
-    ("ds-unknown-optimizer", lambda t, g: ["--deepspeed_config", write_ds_config(
-        t / "o.json", optimizer={"type": "AdamWW", "params": {"lr": 1e-3}})], "unknown optimizer type 'AdamWW'"),
-    ("ds-unknown-scheduler", lambda t, g: ["--deepspeed_config", write_ds_config(
-        t / "s.json", scheduler={"type": "Cosine", "params": {}})], "unknown scheduler type 'Cosine'"),
-    ("ds-wall-clock", lambda t, g: ["--deepspeed_config", write_ds_config(t / "w.json", wall_clock_breakdown=True)],
-     "wall_clock_breakdown crashes DeepSpeed"),
-    ("model-config-bad-json", lambda t, g: ["--model-config", _file(t / "c.json", "{'n_layer': 4}")],
-     "cannot read"),
-    ("model-config-no-type", lambda t, g: ["--model-config", _file(t / "c.json", '{"n_layer": 4}')],
-     "has no model_type"),
-    ("model-mistyped-folder", lambda t, g: ["--model", "runs/my-modle"],
-     "--model runs/my-modle: no such local folder, and the Hugging Face Hub did not serve it"),
+    (
+        "ds-no-micro-batch",
+        lambda t, g: ["--deepspeed_config", _file(t / "m.json", '{"train_batch_size": 8}')],
+        "must set train_micro_batch_size_per_gpu",
+    ),
+    (
+        "ds-two-precisions",
+        lambda t, g: [
+            "--deepspeed_config",
+            write_ds_config(t / "p.json", bf16={"enabled": True}, fp16={"enabled": True}),
+        ],
+        "enables both bf16 and fp16",
+    ),
+    (
+        "ds-batch-size-string",
+        lambda t, g: ["--deepspeed_config", write_ds_config(t / "b.json", train_batch="8")],
+        '"train_batch_size" must be a whole number, not "8"',
+    ),
+    (
+        "ds-section-not-object",
+        lambda t, g: ["--deepspeed_config", write_ds_config(t / "f.json", bf16=True)],
+        '"bf16" must be an object',
+    ),
+    (
+        "ds-zero-stage-string",
+        lambda t, g: ["--deepspeed_config", write_ds_config(t / "z.json", zero_optimization={"stage": "1"})],
+        '"zero_optimization.stage" must be a whole number',
+    ),
+    (
+        "ds-unknown-optimizer",
+        lambda t, g: [
+            "--deepspeed_config",
+            write_ds_config(t / "o.json", optimizer={"type": "AdamWW", "params": {"lr": 1e-3}}),
+        ],
+        "unknown optimizer type 'AdamWW'",
+    ),
+    (
+        "ds-unknown-scheduler",
+        lambda t, g: ["--deepspeed_config", write_ds_config(t / "s.json", scheduler={"type": "Cosine", "params": {}})],
+        "unknown scheduler type 'Cosine'",
+    ),
+    (
+        "ds-wall-clock",
+        lambda t, g: ["--deepspeed_config", write_ds_config(t / "w.json", wall_clock_breakdown=True)],
+        "wall_clock_breakdown crashes DeepSpeed",
+    ),
+    ("model-config-bad-json", lambda t, g: ["--model-config", _file(t / "c.json", "{'n_layer': 4}")], "cannot read"),
+    (
+        "model-config-no-type",
+        lambda t, g: ["--model-config", _file(t / "c.json", '{"n_layer": 4}')],
+        "has no model_type",
+    ),
+    (
+        "model-mistyped-folder",
+        lambda t, g: ["--model", "runs/my-modle"],
+        "--model runs/my-modle: no such local folder, and the Hugging Face Hub did not serve it",
+    ),
     ("model-missing-path", lambda t, g: ["--model", t / "nowhere" / "model"], "no such folder; check the path"),
     ("model-no-config", lambda t, g: ["--model", _dir(t / "empty")], "has no config.json"),
-    ("model-no-safetensors", lambda t, g: ["--model", _file(t / "m" / "config.json", '{"model_type": "gpt2"}').parent],
-     "has no model.safetensors"),
-    ("model-weights-do-not-fit-config", lambda t, g: ["--model", _tiny_gpt2(t / "m", n_embd=64)],
-     "the weights and the config do not belong together"),
-    ("model-tokenizer-larger-than-embedding", lambda t, g: ["--model", _tiny_gpt2(t / "m"), "--tokenizer",
-                                                            g["tokenizer"]],
-     "512 tokens but the model's embedding only 100"),
+    (
+        "model-no-safetensors",
+        lambda t, g: ["--model", _file(t / "m" / "config.json", '{"model_type": "gpt2"}').parent],
+        "has no model.safetensors",
+    ),
+    (
+        "model-weights-do-not-fit-config",
+        lambda t, g: ["--model", _tiny_gpt2(t / "m", n_embd=64)],
+        "the weights and the config do not belong together",
+    ),
+    (
+        "model-tokenizer-larger-than-embedding",
+        lambda t, g: ["--model", _tiny_gpt2(t / "m"), "--tokenizer", g["tokenizer"]],
+        "512 tokens but the model's embedding only 100",
+    ),
     ("tokenizer-without-eos", lambda t, g: ["--tokenizer", _tokenizer_without_eos(t / "tok")], "has no EOS token"),
     ("tokenizer-missing-folder", lambda t, g: ["--tokenizer", t / "no" / "tokenizer"], "--tokenizer"),
-    ("tokenizer-hub-unreachable", lambda t, g: ["--tokenizer", "some-org/some-tokenizer"],
-     "the Hugging Face Hub did not serve it"),
-    ("tokenizer-empty-folder", lambda t, g: ["--tokenizer", _dir(t / "tok")],
-     "cannot load a tokenizer from it"),
+    (
+        "tokenizer-hub-unreachable",
+        lambda t, g: ["--tokenizer", "some-org/some-tokenizer"],
+        "the Hugging Face Hub did not serve it",
+    ),
+    ("tokenizer-empty-folder", lambda t, g: ["--tokenizer", _dir(t / "tok")], "cannot load a tokenizer from it"),
     ("data-glob-no-match", lambda t, g: ["--data", t / "*.jsonl"], "no data files match"),
     ("data-folder-empty", lambda t, g: ["--data", _dir(t / "d")], "holds no"),
     ("data-extension", lambda t, g: ["--data", _file(t / "x.docx", "x")], "cannot read"),
-    ("data-malformed-json", lambda t, g: ["--data", _file(t / "b.jsonl", '{"text": "a"}\n{"text": "b",, }\n')],
-     "fix or remove the malformed record"),
+    (
+        "data-malformed-json",
+        lambda t, g: ["--data", _file(t / "b.jsonl", '{"text": "a"}\n{"text": "b",, }\n')],
+        "fix or remove the malformed record",
+    ),
     ("data-weights-partial", lambda t, g: ["--data", f"{g['data']}:0.5", g["data"]], "give every --data entry"),
     ("data-weight-not-positive", lambda t, g: ["--data", f"{g['data']}:-1"], "a mixing weight must be positive"),
-    ("data-hub-unreachable", lambda t, g: ["--data", "wikitext#wikitext-2-raw-v1@train"],
-     "--data wikitext: no such local folder, and the Hugging Face Hub did not serve it"),
+    (
+        "data-hub-unreachable",
+        lambda t, g: ["--data", "wikitext#wikitext-2-raw-v1@train"],
+        "--data wikitext: no such local folder, and the Hugging Face Hub did not serve it",
+    ),
     ("val-data-missing", lambda t, g: ["--val-data", t / "val.jsonl"], "data file not found"),
     ("load-missing-folder", lambda t, g: ["--load", t / "old" / "checkpoints"], "--load"),
     ("load-no-checkpoint", lambda t, g: ["--load", _dir(t / "ck")], "holds no checkpoint"),
-    ("load-incomplete", lambda t, g: ["--load", _file(t / "ck" / "step_5" / "mp_rank_00_model_states.pt", "").parent],
-     "is incomplete"),
+    (
+        "load-incomplete",
+        lambda t, g: ["--load", _file(t / "ck" / "step_5" / "mp_rank_00_model_states.pt", "").parent],
+        "is incomplete",
+    ),
     ("output-dir-under-a-file", lambda t, g: ["--output-dir", _file(t / "a_file", "") / "run"], "is a file"),
 ]
 
@@ -305,8 +417,10 @@ def test_every_inventory_row_is_documented():
     assert all(f"`{row}`" in documented for row, _, _ in INVENTORY)
 
 
-@pytest.mark.parametrize("flag,name", [("--model", "runs/my-modle"), ("--tokenizer", "some-org/tok"),
-                                       ("--data", "wikitext#wikitext-2-raw-v1@train")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag,name",
+    [("--model", "runs/my-modle"), ("--tokenizer", "some-org/tok"), ("--data", "wikitext#wikitext-2-raw-v1@train")],
+)
 def test_hub_names_fail_within_seconds_when_the_hub_is_unreachable(good, tmp_path, flag, name):
     """Not in offline mode: the preflight asks the hub once (5 s at most) instead of the libraries' ~20 s of
     retries. This machine has no route to the hub, like a compute node without internet."""
@@ -317,9 +431,25 @@ def test_hub_names_fail_within_seconds_when_the_hub_is_unreachable(good, tmp_pat
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf_home"))  # an empty cache
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "train.preflight", "--world-size", "2", flag, name,
-                           "--deepspeed_config", str(good["config"]), "--output-dir", str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.preflight",
+            "--world-size",
+            "2",
+            flag,
+            name,
+            "--deepspeed_config",
+            str(good["config"]),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.perf_counter() - start
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
@@ -330,24 +460,48 @@ def test_hub_names_fail_within_seconds_when_the_hub_is_unreachable(good, tmp_pat
 def test_config_json_without_special_tokens_makes_no_warning(capsys, good, tmp_path):
     """A small-vocabulary GPT-2 config.json without bos/eos ids: transformers' default 50256 used to make every
     rank warn 'bos_token_id must be None or an integer within the vocabulary'."""
-    config = _file(tmp_path / "c.json", json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2,
-                                                     "vocab_size": 512}))  # fmt: skip
-    assert preflight(["--world-size", "2", "--model-config", str(config), "--deepspeed_config", str(good["config"]),
-                      "--data", str(good["data"]), "--output-dir", str(tmp_path / "out")]) == 0  # fmt: skip
+    config = _file(
+        tmp_path / "c.json",
+        json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 512}),
+    )
+    assert (
+        preflight(
+            [
+                "--world-size",
+                "2",
+                "--model-config",
+                str(config),
+                "--deepspeed_config",
+                str(good["config"]),
+                "--data",
+                str(good["data"]),
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "token_id" not in captured.err + captured.out
 
 
 @pytest.mark.parametrize(
     "env,expected",
-    [({"NUM_GPUS": "two"}, "NUM_GPUS 'two' must be a whole number"),
-     ({"MASTER_PORT": "http"}, "MASTER_PORT 'http' is not a port number"),
-     ({"HOSTFILE": "/nonexistent/hostfile"}, "HOSTFILE /nonexistent/hostfile does not exist"),
-     ({"HOSTFILE": "BAD"}, "every line must read 'hostname slots=N'"),
-     ({"MASTER_PORT": "BUSY"}, "is in use")],
-    ids=["env-num-gpus", "env-master-port-type", "env-hostfile-missing", "env-hostfile-malformed",
-         "env-master-port-in-use"],
-)  # fmt: skip
+    [
+        ({"NUM_GPUS": "two"}, "NUM_GPUS 'two' must be a whole number"),
+        ({"MASTER_PORT": "http"}, "MASTER_PORT 'http' is not a port number"),
+        ({"HOSTFILE": "/nonexistent/hostfile"}, "HOSTFILE /nonexistent/hostfile does not exist"),
+        ({"HOSTFILE": "BAD"}, "every line must read 'hostname slots=N'"),
+        ({"MASTER_PORT": "BUSY"}, "is in use"),
+    ],
+    ids=[
+        "env-num-gpus",
+        "env-master-port-type",
+        "env-hostfile-missing",
+        "env-hostfile-malformed",
+        "env-master-port-in-use",
+    ],
+)
 def test_launcher_environment_rows(good, tmp_path, env, expected):
     import socket
 
@@ -359,8 +513,12 @@ def test_launcher_environment_rows(good, tmp_path, env, expected):
         busy.listen()
         if env.get("MASTER_PORT") == "BUSY":
             env["MASTER_PORT"] = str(busy.getsockname()[1])
-        proc = launch(["--deepspeed_config", good["config"], "--data", good["data"], "--output-dir", tmp_path / "out"],
-                      ranks=2, check=False, env=env)  # fmt: skip
+        proc = launch(
+            ["--deepspeed_config", good["config"], "--data", good["data"], "--output-dir", tmp_path / "out"],
+            ranks=2,
+            check=False,
+            env=env,
+        )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "spawned" not in proc.stdout + proc.stderr

@@ -97,8 +97,12 @@ def test_weighted_mixture_and_explicit_validation(tmp_path, tokenizer_dir, corpu
     val = resolve_sources([str(tmp_path / "val.txt")])
     splits = packed_dataset(sources, "text", tokenizer, 32, 0.1, cache, val_sources=val, seed=3)
     train = splits["train"][:]["input_ids"]
-    in_a = {tuple(r) for r in packed_dataset(resolve_sources([str(tmp_path / "a.jsonl")]), "text", tokenizer, 32,
-                                             0.0001, cache)["train"][:]["input_ids"].tolist()}  # fmt: skip
+    in_a = {
+        tuple(r)
+        for r in packed_dataset(resolve_sources([str(tmp_path / "a.jsonl")]), "text", tokenizer, 32, 0.0001, cache)[
+            "train"
+        ][:]["input_ids"].tolist()
+    }
     from_a = sum(tuple(r) in in_a for r in train.tolist())
     assert abs(from_a / len(train) - 0.5) < 0.02, "weights 0.5/0.5 not honoured"
     assert len(a) < len(train)
@@ -131,8 +135,9 @@ def test_too_small_sources_are_one_line_errors(tmp_path, tokenizer_dir):
         packed_dataset(resolve_sources([str(tmp_path / "short.txt")]), "text", tokenizer, 64, 0.1, tmp_path / "c")
     one_block = len(tokenizer("In the beginning", add_special_tokens=False)["input_ids"]) + 1  # and EOS
     with pytest.raises(ConfigError, match=f"packs into only 1 blocks of {one_block} tokens: too small"):
-        packed_dataset(resolve_sources([str(tmp_path / "short.txt")]), "text", tokenizer, one_block, 0.1,
-                       tmp_path / "c")  # fmt: skip
+        packed_dataset(
+            resolve_sources([str(tmp_path / "short.txt")]), "text", tokenizer, one_block, 0.1, tmp_path / "c"
+        )
 
 
 class _Blocks:

@@ -23,14 +23,29 @@ from train.checkpoint import save_checkpoint
 from train.export import export_checkpoint
 
 VOCAB, SEQ = 128, 24
-_SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-              max_position_embeddings=64)  # fmt: skip
-_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 5e5,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 # (model_type, what the case exercises, config) — every required family, tied and untied where it has both.
 CASES = [
-    ("gpt2", "tied, learned positions, Conv1D", dict(n_layer=4, n_embd=64, n_head=4, n_positions=64,
-                                                      vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)),  # fmt: skip
+    (
+        "gpt2",
+        "tied, learned positions, Conv1D",
+        dict(n_layer=4, n_embd=64, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0),
+    ),
     ("llama", "untied, GQA, llama3 rope scaling", dict(_SHAPE, num_key_value_heads=2, rope_parameters=_LLAMA3_ROPE)),
     ("llama", "tied (Llama-3.2 style)", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
     ("mistral", "untied, GQA, sliding window", dict(_SHAPE, num_key_value_heads=2, sliding_window=64)),
@@ -39,8 +54,11 @@ CASES = [
     ("qwen3", "q/k norm, head_dim != hidden/heads", dict(_SHAPE, num_key_value_heads=2, head_dim=32)),
     ("gpt_neox", "parallel residual, partial rotary, untied embed_out", dict(_SHAPE, rotary_pct=0.25)),
     ("gpt_neox", "sequential residual", dict(_SHAPE, rotary_pct=0.5, use_parallel_residual=False)),
-    ("phi3", "fused qkv and gate_up", dict(_SHAPE, num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
-                                           eos_token_id=0)),  # fmt: skip
+    (
+        "phi3",
+        "fused qkv and gate_up",
+        dict(_SHAPE, num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    ),
     ("gemma", "scaled embedding, (1 + w) RMSNorm, tied", dict(_SHAPE, num_key_value_heads=2, head_dim=16)),
     ("olmo2", "post-norms, q/k norm", dict(_SHAPE, num_key_value_heads=2, eos_token_id=0, pad_token_id=0)),
 ]

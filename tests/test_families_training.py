@@ -12,8 +12,14 @@ import pytest
 from tests.helpers import launch, read_metrics, small_run_args, write_ds_config
 
 STEPS = 6
-_SHAPE = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
 MODELS = {
     "llama": {"model_type": "llama", **_SHAPE, "tie_word_embeddings": False},  # untied head, GQA
     "qwen2": {"model_type": "qwen2", **_SHAPE, "tie_word_embeddings": True},  # tied head, qkv bias
@@ -76,7 +82,18 @@ def test_four_stage_checkpoint_resumes_on_two_stages(family_runs, corpus, tokeni
     _, runs = family_runs
     tmp = runs[1].parent
     args = small_run_args(corpus, tokenizer_dir, tmp, tmp / "ds.json", tmp / "model.json", STEPS + 1)
-    proc = launch([*args, "--pipeline-stages", 2, "--load", runs[4] / "checkpoints", "--reset-optimizer",
-                   "--output-dir", tmp_path / "resumed"], ranks=2)  # fmt: skip
+    proc = launch(
+        [
+            *args,
+            "--pipeline-stages",
+            2,
+            "--load",
+            runs[4] / "checkpoints",
+            "--reset-optimizer",
+            "--output-dir",
+            tmp_path / "resumed",
+        ],
+        ranks=2,
+    )
     assert f"resumed from {runs[4] / 'checkpoints'} at step {STEPS}" in proc.stdout
     assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == [STEPS + 1]

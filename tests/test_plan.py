@@ -22,7 +22,7 @@ def narayanan_gpt(layers: int, hidden: int, heads: int) -> Architecture:
 
 @pytest.mark.parametrize(
     "layers,hidden,heads,billions",
-    [(24, 2304, 24, 1.7), (48, 8192, 64, 39.1), (80, 12288, 96, 145.6), (128, 25600, 160, 1008.0)],  # fmt: skip
+    [(24, 2304, 24, 1.7), (48, 8192, 64, 39.1), (80, 12288, 96, 145.6), (128, 25600, 160, 1008.0)],
 )
 def test_parameter_counts_equal_table_1(layers, hidden, heads, billions):
     parameters = narayanan_gpt(layers, hidden, heads).parameters()
@@ -49,27 +49,79 @@ def test_gpt3_175b_end_to_end_time_is_34_days():
     assert days == pytest.approx(34, rel=0.05)
 
 
-@pytest.mark.parametrize("family,width,stages", [("gpt2", 768, 1), ("gpt2", 640, 2), ("llama", 640, 2)],
-                         ids=["gpt2_57M_pp1", "gpt2_40M_pp2", "llama_43M_pp2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "family,width,stages",
+    [("gpt2", 768, 1), ("gpt2", 640, 2), ("llama", 640, 2)],
+    ids=["gpt2_57M_pp1", "gpt2_40M_pp2", "llama_43M_pp2"],
+)
 def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tokenizer_dir, family, width, stages):
     """Real ranks train 3 steps (fp32, ZeRO-1, AdamW); `model_mem_mb` is each stage's peak RSS less
     what it held before the model was built. glibc's mmap threshold is pinned so that freed tensors
     leave the RSS, as they leave a GPU allocator's counters; the planner counts live tensors.
     The Llama case has GQA, a SwiGLU MLP and an untied head."""
     seq, micro, micro_batches = 64, 2, 2
-    model = ({"model_type": "gpt2", "n_layer": 8, "n_embd": width, "n_head": width // 64, "n_positions": seq,
-              "vocab_size": 512, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if family == "gpt2" else
-             {"model_type": "llama", "num_hidden_layers": 8, "hidden_size": width, "intermediate_size": 2 * width,
-              "num_attention_heads": width // 64, "num_key_value_heads": width // 128, "max_position_embeddings": seq,
-              "vocab_size": 512})  # fmt: skip
+    model = (
+        {
+            "model_type": "gpt2",
+            "n_layer": 8,
+            "n_embd": width,
+            "n_head": width // 64,
+            "n_positions": seq,
+            "vocab_size": 512,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
+        if family == "gpt2"
+        else {
+            "model_type": "llama",
+            "num_hidden_layers": 8,
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_attention_heads": width // 64,
+            "num_key_value_heads": width // 128,
+            "max_position_embeddings": seq,
+            "vocab_size": 512,
+        }
+    )
     (tmp_path / "model.json").write_text(json.dumps(model))
     ds = write_ds_config(tmp_path / "ds.json", train_batch=micro * micro_batches, micro=micro)
-    launch(["--model-config", tmp_path / "model.json", "--tokenizer", tokenizer_dir, "--data", corpus,
-            "--seq-len", seq, "--pipeline-stages", stages, "--deepspeed_config", ds, "--train-steps", 3,
-            "--log-interval", 1, "--eval-interval", 100, "--eval-blocks", 4, "--val-fraction", 0.05,
-            "--output-dir", tmp_path / "run", "--wandb-mode", "disabled", "--sample-tokens", 1,
-            "--data-cache-dir", tmp_path / "cache"],
-           ranks=stages, env={"MALLOC_MMAP_THRESHOLD_": "131072"})  # fmt: skip
+    launch(
+        [
+            "--model-config",
+            tmp_path / "model.json",
+            "--tokenizer",
+            tokenizer_dir,
+            "--data",
+            corpus,
+            "--seq-len",
+            seq,
+            "--pipeline-stages",
+            stages,
+            "--deepspeed_config",
+            ds,
+            "--train-steps",
+            3,
+            "--log-interval",
+            1,
+            "--eval-interval",
+            100,
+            "--eval-blocks",
+            4,
+            "--val-fraction",
+            0.05,
+            "--output-dir",
+            tmp_path / "run",
+            "--wandb-mode",
+            "disabled",
+            "--sample-tokens",
+            1,
+            "--data-cache-dir",
+            tmp_path / "cache",
+        ],
+        ranks=stages,
+        env={"MALLOC_MMAP_THRESHOLD_": "131072"},
+    )
     measured = read_metrics(tmp_path / "run")[-1]
     plans = plan_stages(discover(config_from_dict(model)), json.loads(ds.read_text()), stages, 1, seq, "flops")
     for plan in plans:
@@ -78,10 +130,18 @@ def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tok
 
 
 # Parameter counts the publishers report for these checkpoints (safetensors totals, heads included).
-PUBLISHED = {"gpt2": 124_439_808, "llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248,
-             "llama-3-70b": 70_553_706_496, "mistral-7b": 7_241_732_096, "qwen2.5-0.5b": 494_032_768,
-             "qwen2.5-7b": 7_615_616_512, "qwen3-8b": 8_190_735_360, "pythia-160m": 162_322_944,
-             "pythia-12b": 11_846_072_320}  # fmt: skip
+PUBLISHED = {
+    "gpt2": 124_439_808,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3-8b": 8_030_261_248,
+    "llama-3-70b": 70_553_706_496,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen3-8b": 8_190_735_360,
+    "pythia-160m": 162_322_944,
+    "pythia-12b": 11_846_072_320,
+}
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if not p.endswith(("-tiny", "-cpu"))])

@@ -14,8 +14,12 @@ STEPS = 6
 
 
 def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
-    return [*small_run_args(corpus, tokenizer_dir, tmp_path, ds_config, tmp_path / "model.json", STEPS),
-            "--trace-batches", "--profile-steps", 2]  # fmt: skip
+    return [
+        *small_run_args(corpus, tokenizer_dir, tmp_path, ds_config, tmp_path / "model.json", STEPS),
+        "--trace-batches",
+        "--profile-steps",
+        2,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +35,12 @@ def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
     runs = {}
     by_params = ["--partition-method", "parameters"]
     balanced = ["--partition-method", "flops", "--activation-checkpoint-interval", 1]
-    layouts = [("pp1", 1, 1, by_params), ("pp2", 2, 2, by_params), ("pp2_dp2", 2, 4, []),
-               ("pp2_flops_ac", 2, 2, balanced)]  # fmt: skip
+    layouts = [
+        ("pp1", 1, 1, by_params),
+        ("pp2", 2, 2, by_params),
+        ("pp2_dp2", 2, 4, []),
+        ("pp2_flops_ac", 2, 2, balanced),
+    ]
     for name, stages, ranks, extra in layouts:
         out = tmp / name
         args = [*common_args(corpus, tokenizer_dir, tmp, ds_config), "--pipeline-stages", stages, "--output-dir", out]
@@ -116,8 +124,10 @@ def test_pipeline_stages_see_identical_batches_and_replicas_disjoint_ones(layout
         for dp in range(replicas):  # the first and the last stage of a replica consume the same micro-batches
             assert trace(run, f"stage0_dp{dp}.jsonl") == trace(run, f"stage1_dp{dp}.jsonl")
         for step in range(1, STEPS + 1):
-            shares = [[b for r in trace(run, f"stage0_dp{dp}.jsonl") if r["step"] == step for b in r["blocks"]]
-                      for dp in range(replicas)]  # fmt: skip
+            shares = [
+                [b for r in trace(run, f"stage0_dp{dp}.jsonl") if r["step"] == step for b in r["blocks"]]
+                for dp in range(replicas)
+            ]
             assert not set(shares[0]) & set(shares[-1]) or replicas == 1
             assert sorted(sum(shares, [])) == sorted(b for r in single if r["step"] == step for b in r["blocks"])
 
@@ -134,8 +144,14 @@ def test_timeline_shows_1f1b_on_every_stage(layout_runs):
         assert bubble["theory"] == (stages - 1) / (micro_batches + stages - 1)
         for stage in range(stages):
             for dp in {e["tid"] for e in events if e["ph"] == "X"}:
-                order = "".join(e["name"][0] for e in events if e["ph"] == "X" and e["pid"] == stage
-                                and e["tid"] == dp and e["name"] in ("ForwardPass", "BackwardPass"))  # fmt: skip
+                order = "".join(
+                    e["name"][0]
+                    for e in events
+                    if e["ph"] == "X"
+                    and e["pid"] == stage
+                    and e["tid"] == dp
+                    and e["name"] in ("ForwardPass", "BackwardPass")
+                )
                 warmup = min(stages - stage, micro_batches)  # micro-batches in flight, never all m as in GPipe
                 assert order == "F" * warmup + "BF" * (micro_batches - warmup) + "B" * warmup, (name, stage, order)
                 names = {e["name"] for e in events if e["pid"] == stage and e.get("tid") == dp}

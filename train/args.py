@@ -1,4 +1,9 @@
-"""Command-line flags. Batch sizes, precision, ZeRO, optimizer, schedule and clipping live in the DeepSpeed JSON."""
+"""Command-line flags. Batch sizes, precision, ZeRO, optimizer, schedule and clipping live in the DeepSpeed JSON.
+
+The model and layout flags are shared, with the same defaults, by `train.main`, `train.prepare` (the same
+parser) and `train.plan` (`shared_flags()` as argparse parents). The parsed flags are read-only: what is
+derived from them is resolved once into a `RunConfig` (train/run_config.py).
+"""
 
 import argparse
 from pathlib import Path
@@ -7,6 +12,24 @@ from models.presets import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = REPO / "ds_configs" / "cpu_pp2.json"
+DEFAULT_MODEL_CONFIG = "gpt2-tiny"
+DEFAULT_BPE_VOCAB = 8192
+
+
+class Flags(argparse.Namespace):
+    """The parsed flags; setting an attribute after parsing raises, so nothing is smuggled through them."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"the parsed flags are read-only: resolve {name!r} into the RunConfig instead")
+        super().__setattr__(name, value)
+
+    def freeze(self) -> "Flags":
+        self.__dict__["_frozen"] = True
+        return self
+
+    def as_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items() if not k.startswith("_")}
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -16,24 +39,52 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (--help lists the flags)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrors(prog="pipegpt", description="Train a Hugging Face causal LM as a DeepSpeed pipeline.")
-    model = p.add_argument_group("model")
+def shared_flags() -> list[argparse.ArgumentParser]:
+    """The model and layout flags of every command, as argparse parents."""
+    model_parser = argparse.ArgumentParser(add_help=False)
+    model = model_parser.add_argument_group("model")
     model.add_argument(
         "--model-config",
         default=None,
-        help=f"preset ({', '.join(PRESETS)}), config.json or HF config dir; default gpt2-tiny when --model "
-        "is not given",
+        help=f"preset ({', '.join(PRESETS)}), config.json or HF config "
+        f"dir; default {DEFAULT_MODEL_CONFIG} when --model is not given",
     )
-    model.add_argument(
-        "--model", default=None, help="pretrained HF model (save_pretrained dir or hub name) to start from"
-    )
+    model.add_argument("--model", default=None, help="pretrained HF model (save_pretrained dir or hub name)")
     model.add_argument(
         "--tokenizer",
         default=None,
         help="HF tokenizer dir or hub name; default: the --model's, else a byte-level BPE trained on the data",
     )
-    model.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a BPE trained on the data")
+    model.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="vocabulary of a BPE trained on the data (default "
+        f"{DEFAULT_BPE_VOCAB}); for the planner, the tokenizer's (default: the preset's)",
+    )
+    layout_parser = argparse.ArgumentParser(add_help=False)
+    layout = layout_parser.add_argument_group("layout")
+    layout.add_argument(
+        "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=str(DEFAULT_DS_CONFIG)
+    )
+    layout.add_argument("--pipeline-stages", type=int, default=2)
+    layout.add_argument(
+        "--partition-method",
+        default="flops",
+        help="flops (balance forward+backward FLOPs), or DeepSpeed's parameters, uniform, type:<regex>",
+    )
+    layout.add_argument(
+        "--activation-checkpoint-interval",
+        type=int,
+        default=0,
+        help="recompute every N transformer blocks in backward instead of storing their activations",
+    )
+    layout.add_argument("--seq-len", type=int, default=128)
+    layout.add_argument("--train-steps", type=int, default=300)
+    return [model_parser, layout_parser]
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument(
         "--data",
@@ -49,7 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="explicit validation sources (same forms as --data); default: --val-fraction held out",
     )
     data.add_argument("--text-column", default="text")
-    data.add_argument("--seq-len", type=int, default=128)
     data.add_argument("--val-fraction", type=float, default=0.02, help="last fraction of packed blocks held out")
     data.add_argument("--data-cache-dir", type=Path, default=None, help="packed-data cache (default ~/.cache/pipegpt)")
     data.add_argument(
@@ -58,23 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="record the block indices every data-reading rank feeds, in <output-dir>/batches/",
     )
     data.add_argument("--num-proc", type=int, default=None, help="processes for tokenization (default: all cores)")
+
+
+def _loop_flags(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training")
-    train.add_argument(
-        "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=str(DEFAULT_DS_CONFIG)
-    )
-    train.add_argument("--pipeline-stages", type=int, default=2)
-    train.add_argument(
-        "--partition-method",
-        default="flops",
-        help="flops (balance forward+backward FLOPs), or DeepSpeed's parameters, uniform, type:<regex>",
-    )
-    train.add_argument(
-        "--activation-checkpoint-interval",
-        type=int,
-        default=0,
-        help="recompute every N transformer blocks in backward instead of storing their activations",
-    )
-    train.add_argument("--train-steps", type=int, default=300)
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (and at the end)")
     train.add_argument("--eval-blocks", type=int, default=None, help="validation blocks per evaluation (default: all)")
@@ -90,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load only the weights (needed when resuming with another stage or replica count)",
     )
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("outputs")
     out.add_argument("--output-dir", type=Path, default=REPO / "runs" / "default")
     out.add_argument("--wandb-project", default="pipegpt")
@@ -115,12 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--sample-prompt", default="And God said", help="prompt for the sample printed at the end")
     out.add_argument("--sample-tokens", type=int, default=40)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's flags (also `train.prepare`'s)."""
+    p = OneLineErrors(
+        prog="pipegpt", description="Train a Hugging Face causal LM as a DeepSpeed pipeline.", parents=shared_flags()
+    )
+    _data_flags(p)
+    _loop_flags(p)
+    _output_flags(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.model_config is None and args.model is None:
-        args.model_config = "gpt2-tiny"
-    return args
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Flags:
+    """Parse `argv` with `parser` (default: the trainer's); the result is read-only."""
+    flags = (parser or build_parser()).parse_args(argv, namespace=Flags())
+    if flags.model_config is None and flags.model is None:
+        flags.model_config = DEFAULT_MODEL_CONFIG
+    return flags.freeze()

@@ -10,7 +10,7 @@ batch. The position is a pure function of the step, which makes resuming exact.
 import json
 import time
 from collections.abc import Iterator
-from typing import TextIO
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -23,24 +23,26 @@ class TrainMicroBatches:
         self,
         blocks: Dataset,
         micro_batch_size: int,
-        micro_batches: int,
+        num_micro_batches: int,
         dp_rank: int,
         dp_size: int,
         seed: int,
         start_step: int = 0,
+        trace_path: Path | None = None,
     ):
         self.blocks = blocks
         self.micro_batch_size = micro_batch_size
-        self.micro_batches = micro_batches
+        self.num_micro_batches = num_micro_batches
         self.dp_rank = dp_rank
-        self.global_batch = micro_batch_size * micro_batches * dp_size
+        self.global_batch = micro_batch_size * num_micro_batches * dp_size
         self.steps_per_epoch = len(blocks) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(blocks)} training blocks are fewer than one global batch of {self.global_batch}")
         self.seed = seed
         self.step = start_step
-        self.trace: TextIO | None = None  # when set, every micro-batch handed to the engine is recorded
-        self.wait_seconds = 0.0  # time the engine spent waiting on us, read and reset by the loop
+        # With a trace path, every micro-batch handed to the engine is recorded there (appended on resume).
+        self.trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115 (closed in close())
+        self.wait_seconds = 0.0  # time the engine spent waiting on us since `take_wait_seconds`
         self._order: tuple[int, torch.Tensor] | None = None
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -52,7 +54,7 @@ class TrainMicroBatches:
     def step_indices(self, step: int) -> list[list[int]]:
         """This replica's micro-batches (lists of block indices) for `step`."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        per_replica = self.micro_batch_size * self.micro_batches
+        per_replica = self.micro_batch_size * self.num_micro_batches
         start = k * self.global_batch + self.dp_rank * per_replica
         mine = self.epoch_order(epoch)[start : start + per_replica].tolist()
         return [mine[i : i + self.micro_batch_size] for i in range(0, per_replica, self.micro_batch_size)]
@@ -64,13 +66,22 @@ class TrainMicroBatches:
             # One Arrow gather per step: 16 small takes cost 5x more, on the first stage's critical path.
             step_ids = self.blocks[[i for indices in micro_batches for i in indices]]["input_ids"].long()
             self.wait_seconds += time.perf_counter() - start
-            for micro, indices in enumerate(micro_batches):
+            for index, indices in enumerate(micro_batches):
                 if self.trace is not None:
-                    self.trace.write(json.dumps({"step": self.step + 1, "micro": micro, "blocks": indices}) + "\n")
+                    self.trace.write(json.dumps({"step": self.step + 1, "micro": index, "blocks": indices}) + "\n")
                     self.trace.flush()
-                input_ids = step_ids[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
+                input_ids = step_ids[index * self.micro_batch_size : (index + 1) * self.micro_batch_size]
                 yield input_ids, input_ids
             self.step += 1
+
+    def take_wait_seconds(self) -> float:
+        """Seconds the engine waited on this iterator since the last call."""
+        waited, self.wait_seconds = self.wait_seconds, 0.0
+        return waited
+
+    def close(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
 
 
 def eval_micro_batches(blocks: Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, max_blocks: int) -> list:

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from transformers import PretrainedConfig
 
-from train.distributed import raise_if_any_failed
-from train.errors import ConfigError
+from train.errors import EXIT_ERROR, ConfigError, every_rank
+from train.faults import inject_fault
 
 MANIFEST = "pipegpt_manifest.json"
 LATEST = "latest"
@@ -51,29 +51,21 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine: PipelineEngine, root: Path, step: int, client_state: dict, model_config: PretrainedConfig,
-                    keep_last: int) -> Path:  # fmt: skip
+def save_checkpoint(
+    engine: PipelineEngine, root: Path, step: int, client_state: dict, model_config: PretrainedConfig, keep_last: int
+) -> Path:
     """Save step `step` under `root/step_<step>`; make it `latest` only once every rank has written it."""
     tag = f"step_{step}"
-    error = None
-    try:  # fail together, before DeepSpeed starts writing, when the folder cannot be written
-        (root / tag).mkdir(parents=True, exist_ok=True)
-        probe = root / tag / f".write_probe_{dist.get_rank()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        error = f"cannot write checkpoint to {root / tag}: {e.strerror}; the previous checkpoint is kept"
-    raise_if_any_failed(error)
+    every_rank(lambda: _probe_writable(root / tag))  # fail together, before DeepSpeed starts writing
     state = {**client_state, "step": step, "layout": layout_of(engine), "rng": rng_state()}
-    if os.environ.get("PIPEGPT_FAULT_DURING_SAVE") == tag:  # test hook: die mid-save, as a node would
-        engine.module.save_state_dict(str(root / tag), engine.checkpoint_engine)
-        os.kill(os.getpid(), 9)
+    inject_fault(f"save:{tag}", lambda: engine.module.save_state_dict(str(root / tag), engine.checkpoint_engine))
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
     except OSError as e:
-        # Peers may be inside DeepSpeed's collectives: exit hard so the launcher stops them all.
+        # Peers may be inside DeepSpeed's collectives, so no agreement is possible: exit hard, and the
+        # launcher stops them all.
         print(f"error: writing checkpoint {root / tag} failed: {e}; `latest` still names the previous one", flush=True)
-        os._exit(3)
+        os._exit(EXIT_ERROR)
     dist.barrier()
     if dist.get_rank() == 0:
         files = {p.name: p.stat().st_size for p in sorted((root / tag).iterdir()) if p.name != MANIFEST}
@@ -83,6 +75,47 @@ def save_checkpoint(engine: PipelineEngine, root: Path, step: int, client_state:
         prune(root, keep_last)
     dist.barrier()
     return root / tag
+
+
+def _probe_writable(tag_dir: Path) -> None:
+    try:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        probe = tag_dir / f".write_probe_{dist.get_rank()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write checkpoint to {tag_dir}: {e.strerror}; the previous checkpoint is kept"
+        ) from None
+
+
+class Checkpointer:
+    """Saves on its schedule (every `interval` steps and at the last step) and remembers the newest complete
+    checkpoint, which the export reads."""
+
+    def __init__(
+        self,
+        engine: PipelineEngine,
+        root: Path,
+        model_config: PretrainedConfig,
+        interval: int,
+        keep_last: int,
+        client_state: dict,
+        samples_per_step: int,
+    ):
+        self.engine, self.root, self.model_config = engine, root, model_config
+        self.interval, self.keep_last = interval, keep_last
+        self.client_state, self.samples_per_step = client_state, samples_per_step
+        self.last_saved: Path | None = None
+
+    def save(self, step: int, last_step: bool) -> None:
+        if not last_step and not (self.interval and step % self.interval == 0):
+            return
+        state = {"consumed_samples": step * self.samples_per_step, **self.client_state}
+        self.last_saved = save_checkpoint(self.engine, self.root, step, state, self.model_config, self.keep_last)
+
+    def latest_tag(self) -> str | None:
+        return latest_tag(self.root)
 
 
 def prune(root: Path, keep_last: int) -> None:

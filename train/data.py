@@ -196,8 +196,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PIPEGPT_CACHE", Path.home() / ".cache" / "pipegpt")) / "packed"
 
 
-def packed_source(source: Source, text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int,
-                  cache_dir: Path, num_proc: int | None = None) -> Dataset:  # fmt: skip
+def packed_source(
+    source: Source,
+    text_column: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    cache_dir: Path,
+    num_proc: int | None = None,
+) -> Dataset:
     """All blocks of one source, tokenized once per (source files, tokenizer, seq_len) and memory-mapped after."""
     path = cache_dir / cache_key(source, text_column, tokenizer, seq_len)
     if not path.exists():
@@ -226,9 +232,17 @@ def mix(parts: list[Dataset], weights: list[float] | None, seed: int) -> Dataset
     return concatenate_datasets(mixed)
 
 
-def packed_dataset(sources: list[Source], text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int,
-                   val_fraction: float, cache_dir: Path, num_proc: int | None = None,
-                   val_sources: list[Source] | None = None, seed: int = 0) -> DatasetDict:  # fmt: skip
+def packed_dataset(
+    sources: list[Source],
+    text_column: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    val_fraction: float,
+    cache_dir: Path,
+    num_proc: int | None = None,
+    val_sources: list[Source] | None = None,
+    seed: int = 0,
+) -> DatasetDict:
     """Train/validation blocks. Validation is `val_sources` if given, else the last `val_fraction` of
     every training source; it is never shuffled into training."""
     train, validation = [], []
@@ -245,3 +259,22 @@ def packed_dataset(sources: list[Source], text_column: str, tokenizer: PreTraine
     weights = [s.weight for s in sources] if sources[0].weight is not None else None
     splits = DatasetDict(train=mix(train, weights, seed), validation=mix(validation, None, seed))
     return splits.with_format("torch")
+
+
+def evaluation_blocks(splits: DatasetDict, global_batch: int, seq_len: int, requested: int | None) -> int:
+    """Validation blocks used per evaluation: all or `requested`, cut to whole global batches (every evaluation
+    step consumes one). Raises ConfigError when either split does not fill one global batch."""
+    train, validation = len(splits["train"]), len(splits["validation"])
+    if train < global_batch:
+        raise ConfigError(
+            f"{train} training blocks of {seq_len} tokens do not fill one global batch of {global_batch} sequences: "
+            "use more data, a shorter --seq-len or a smaller train_batch_size"
+        )
+    blocks = min(requested or validation, validation)
+    blocks -= blocks % global_batch
+    if blocks == 0:
+        raise ConfigError(
+            f"{validation} validation blocks of {seq_len} tokens do not fill one global batch of "
+            f"{global_batch} sequences: use a larger --val-fraction, --val-data, or a smaller train_batch_size"
+        )
+    return blocks

@@ -6,6 +6,7 @@ and clipping; Python only fills `"auto"` in the scheduler's step count from
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from train.errors import ConfigError
@@ -43,8 +44,10 @@ def check_types(config: dict, path: Path) -> None:
     for the batch sizes and the ZeRO stage (a string "8" would fail deep inside as a TypeError)."""
     for key in SECTIONS:
         if key in config and not isinstance(config[key], dict):
-            raise ConfigError(f'DeepSpeed config {path}: "{key}" must be an object, e.g. "{key}": {{...}}, '
-                              f"not {json.dumps(config[key])}")  # fmt: skip
+            raise ConfigError(
+                f'DeepSpeed config {path}: "{key}" must be an object, e.g. "{key}": {{...}}, '
+                f"not {json.dumps(config[key])}"
+            )
     stage = config.get("zero_optimization", {}).get("stage", 0)
     for key, value in [*((k, config[k]) for k in COUNTS if k in config), ("zero_optimization.stage", stage)]:
         if not isinstance(value, int) or isinstance(value, bool):
@@ -63,16 +66,28 @@ def check_optimizer_and_scheduler(config: dict, path: Path) -> None:
     optimizer = config.get("optimizer", {}).get("type")
     known = {*DEEPSPEED_OPTIMIZERS, "onebitadam", "zerooneadam", "onebitlamb"}
     if optimizer is not None and optimizer.lower() not in known and not hasattr(torch.optim, str(optimizer)):
-        raise ConfigError(f"DeepSpeed config {path}: unknown optimizer type {optimizer!r}; use one of "
-                          f"{', '.join(sorted(known))} or a torch.optim class name")  # fmt: skip
+        raise ConfigError(
+            f"DeepSpeed config {path}: unknown optimizer type {optimizer!r}; use one of "
+            f"{', '.join(sorted(known))} or a torch.optim class name"
+        )
     scheduler = config.get("scheduler", {}).get("type")
     if scheduler is not None and scheduler not in VALID_LR_SCHEDULES:
-        raise ConfigError(f"DeepSpeed config {path}: unknown scheduler type {scheduler!r}; use one of "
-                          f"{', '.join(VALID_LR_SCHEDULES)}")  # fmt: skip
+        raise ConfigError(
+            f"DeepSpeed config {path}: unknown scheduler type {scheduler!r}; use one of {', '.join(VALID_LR_SCHEDULES)}"
+        )
 
 
-def batch_layout(config: dict, data_parallel_size: int) -> tuple[int, int, int]:
-    """(global batch, micro-batch size, micro-batches per step) checked the way DeepSpeed multiplies them."""
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's sequences are cut: global_batch = micro_batch_size x num_micro_batches x replicas."""
+
+    global_batch: int  # sequences per optimizer step, over all data-parallel replicas (train_batch_size)
+    micro_batch_size: int  # sequences per micro-batch (train_micro_batch_size_per_gpu)
+    num_micro_batches: int  # micro-batches per step and replica (gradient_accumulation_steps)
+
+
+def batch_layout(config: dict, data_parallel_size: int) -> BatchLayout:
+    """The batch layout, checked the way DeepSpeed multiplies its three numbers."""
     train_batch = config.get("train_batch_size")
     micro = config.get("train_micro_batch_size_per_gpu")
     accumulation = config.get("gradient_accumulation_steps")
@@ -96,14 +111,14 @@ def batch_layout(config: dict, data_parallel_size: int) -> tuple[int, int, int]:
         )
     if min(train_batch, micro, accumulation) < 1:
         raise ConfigError("batch sizes in the DeepSpeed config must be positive")
-    return train_batch, micro, accumulation
+    return BatchLayout(train_batch, micro, accumulation)
 
 
 def zero_stage(config: dict) -> int:
     return config.get("zero_optimization", {}).get("stage", 0)
 
 
-def check_layout(config: dict, world_size: int, pipeline_stages: int, num_layers: int) -> tuple[int, int, int]:
+def check_layout(config: dict, world_size: int, pipeline_stages: int, num_layers: int) -> BatchLayout:
     """Check parallel layout against the config; returns the batch layout."""
     if pipeline_stages < 1:
         raise ConfigError("--pipeline-stages must be at least 1")

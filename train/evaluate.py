@@ -6,11 +6,14 @@ from datasets import Dataset
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from models.deepspeed_internals import clear_eval_outputs
 from train.batches import eval_micro_batches
+from train.ds_config import BatchLayout
+from train.metrics import MetricsLog, eval_metrics
 
 
 def evaluate(
-    engine: PipelineEngine, blocks: Dataset, micro_batch_size: int, micro_batches: int, n_blocks: int
+    engine: PipelineEngine, blocks: Dataset, micro_batch_size: int, num_micro_batches: int, n_blocks: int
 ) -> float:
     """Mean next-token loss over the first `n_blocks` validation blocks (a multiple of one global batch).
 
@@ -20,16 +23,24 @@ def evaluate(
     dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
     batches = eval_micro_batches(blocks, micro_batch_size, dp_rank, dp_size, n_blocks)
     losses = [
-        engine.eval_batch(iter(batches[i : i + micro_batches])).item() for i in range(0, len(batches), micro_batches)
+        engine.eval_batch(iter(batches[i : i + num_micro_batches])).item()
+        for i in range(0, len(batches), num_micro_batches)
     ]
     return sum(losses) / len(losses)
 
 
 @torch.no_grad()
 def sample_through_pipeline(
-    engine: PipelineEngine, tokenizer, prompt: str, new_tokens: int, seq_len: int, micro_batch_size: int,
-    seed: int, top_k: int = 50, temperature: float = 0.8,
-) -> list[str]:  # fmt: skip
+    engine: PipelineEngine,
+    tokenizer,
+    prompt: str,
+    new_tokens: int,
+    seq_len: int,
+    micro_batch_size: int,
+    seed: int,
+    top_k: int = 50,
+    temperature: float = 0.8,
+) -> list[str]:
     """`micro_batch_size` samples of `prompt`, decoded by the pipeline itself (no export needed).
 
     Every new token is one forward-only pass of a fixed (micro_batch_size, seq_len) block, so the
@@ -44,11 +55,10 @@ def sample_through_pipeline(
     last_stage = engine.grid.stage_to_global(engine.num_stages - 1, data=engine.grid.data_parallel_id)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(min(new_tokens, seq_len - length)):
-        # eval_batch adds every output to `total_loss` and never resets it: a scalar left by the
-        # last loss evaluation cannot take logits, so start from nothing (train_batch does the same).
-        engine.total_loss = None
-        out = engine.eval_batch(iter([(block, block)]), compute_loss=False, reduce_output=None, bcast_loss=False,
-                                num_micro_batches=1)  # fmt: skip
+        clear_eval_outputs(engine)
+        out = engine.eval_batch(
+            iter([(block, block)]), compute_loss=False, reduce_output=None, bcast_loss=False, num_micro_batches=1
+        )
         next_ids = torch.zeros(micro_batch_size, dtype=torch.long, device=device)
         if engine.is_last_stage():
             logits = out[0][:, length - 1].float().cpu() / temperature
@@ -58,5 +68,46 @@ def sample_through_pipeline(
         dist.broadcast(next_ids, src=last_stage, group=engine.grid.get_pipe_parallel_group())
         block[:, length] = next_ids.cpu()
         length += 1
-    engine.total_loss = None
+    clear_eval_outputs(engine)
     return [tokenizer.decode(row[:length]) for row in block]
+
+
+class Evaluator:
+    """Validation loss and text samples, every `interval` steps and at the last step."""
+
+    def __init__(
+        self,
+        engine: PipelineEngine,
+        blocks: Dataset,
+        batch: BatchLayout,
+        n_blocks: int,
+        interval: int,
+        tokenizer,
+        prompt: str,
+        new_tokens: int,
+        seq_len: int,
+        seed: int,
+        log: MetricsLog,
+    ):
+        self.engine, self.blocks, self.batch, self.n_blocks, self.interval = engine, blocks, batch, n_blocks, interval
+        self.tokenizer, self.prompt, self.new_tokens, self.seq_len = tokenizer, prompt, new_tokens, seq_len
+        self.seed, self.log = seed, log
+
+    def should_evaluate(self, step: int, last_step: bool) -> bool:
+        return last_step or step % self.interval == 0
+
+    def evaluate(self, step: int) -> dict:
+        """The validation metrics; the samples go to the log."""
+        batch = self.batch
+        loss = evaluate(self.engine, self.blocks, batch.micro_batch_size, batch.num_micro_batches, self.n_blocks)
+        samples = sample_through_pipeline(
+            self.engine,
+            self.tokenizer,
+            self.prompt,
+            self.new_tokens,
+            self.seq_len,
+            batch.micro_batch_size,
+            seed=self.seed + step,
+        )
+        self.log.samples(step, samples[:3])
+        return eval_metrics(loss)

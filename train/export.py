@@ -13,7 +13,7 @@ from pathlib import Path
 
 from models.hf_weights import config_from_dict, export_hf_model
 from train.checkpoint import read_manifest, verified_tag_dir
-from train.errors import ConfigError
+from train.errors import entry_point
 from train.tokenizer import load_tokenizer
 
 
@@ -32,12 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, default=None, help="default: the run's tokenizer/ folder")
     args = p.parse_args(argv)
-    try:
-        print(export_checkpoint(args.checkpoint, args.out, args.tokenizer))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return entry_point(lambda: print(export_checkpoint(args.checkpoint, args.out, args.tokenizer)))
 
 
 if __name__ == "__main__":

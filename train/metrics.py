@@ -10,6 +10,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from train.checkpoint import latest_tag
+from train.ds_config import BatchLayout
+from train.errors import RunError
+from train.mfu import tflops_and_mfu
 
 
 def memory_in_use() -> int:
@@ -50,13 +56,118 @@ def run_environment() -> dict:
     import transformers
 
     try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  cwd=Path(__file__).parent, timeout=10).stdout.strip() or None  # fmt: skip
+        revision = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         revision = None
-    return {"versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                         "transformers": transformers.__version__, "datasets": datasets.__version__},
-            "git_revision": revision, "device": get_accelerator().device_name()}  # fmt: skip
+    return {
+        "versions": {
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+        },
+        "git_revision": revision,
+        "device": get_accelerator().device_name(),
+    }
+
+
+def stages_summary(engine: PipelineEngine) -> list[dict]:
+    """Layers and parameters of every stage: `parameters` counts the tied embedding on the first stage
+    only (they add up to the model), `held_parameters` is what the stage keeps in memory. A collective."""
+    pipe = engine.module
+    tied = {id(p) for m in pipe.tied_modules.values() for p in m.parameters()}
+    params = sum(p.numel() for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
+    held = sum(p.numel() for p in pipe.parameters())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(
+        everyone, (engine.grid.data_parallel_id, engine.stage_id, pipe.stage_layer_names(), params, held)
+    )
+    return [
+        {"stage": stage, "layers": layers, "parameters": n, "held_parameters": h}
+        for dp, stage, layers, n, h in sorted(everyone, key=lambda x: x[1])
+        if dp == 0
+    ]
+
+
+def run_record(
+    flags: dict, ds_config: dict, engine: PipelineEngine, batch: BatchLayout, model_config: dict, flops_per_token: float
+) -> dict:
+    """What `run_config.json` and W&B's config hold: the flags, the DeepSpeed JSON, the layout, the model."""
+    stages = stages_summary(engine)
+    topology = {
+        "world_size": dist.get_world_size(),
+        "pipeline_stages": engine.num_stages,
+        "data_parallel": engine.grid.data_parallel_size,
+        "stage_layer_bounds": [int(b) for b in engine.module.parts],
+        "micro_batches_per_step": batch.num_micro_batches,
+        "stages": stages,
+    }
+    return {
+        "args": flags,
+        "deepspeed": ds_config,
+        "topology": topology,
+        "model": model_config,
+        "flops_per_token": flops_per_token,
+        **run_environment(),
+        "parameters": sum(s["parameters"] for s in stages),
+    }
+
+
+class StepMeter:
+    """A step's metrics from its loss and time; stops the run when the loss or the gradient diverges."""
+
+    def __init__(
+        self,
+        engine: PipelineEngine,
+        batch: BatchLayout,
+        seq_len: int,
+        flops_per_token: float,
+        peak_tflops: float | None,
+        memory_before_model: int,
+        checkpoints: Path,
+    ):
+        self.engine, self.batch, self.flops_per_token, self.peak_tflops = engine, batch, flops_per_token, peak_tflops
+        self.tokens_per_step = batch.global_batch * seq_len
+        self.memory_before_model, self.checkpoints = memory_before_model, checkpoints
+
+    def grad_norm(self, step: int, loss: float) -> float:
+        """The step's global gradient norm, after checking that the run has not diverged."""
+        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        # Without fp16 loss scaling a non-finite gradient is no overflow to skip: the run has diverged.
+        if not math.isfinite(loss) or (not self.engine.fp16_enabled() and not math.isfinite(grad_norm)):
+            raise RunError(
+                f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: stopped without saving; the last "
+                f"checkpoint is {latest_tag(self.checkpoints) or 'none'} (lower the LR or check the data)"
+            )
+        return grad_norm
+
+    def metrics(
+        self, loss: float, grad_norm: float, seconds: float, data_wait: float, timeline: dict | None, last_step: bool
+    ) -> dict:
+        """The logged metrics of a step (a collective: memory per stage, and the tied weights at the end)."""
+        tokens_per_sec = self.tokens_per_step / seconds
+        metrics = {
+            "loss": loss,
+            "ppl": perplexity(loss),
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens_per_sec,
+            "samples_per_sec": self.batch.global_batch / seconds,
+            "step_time": seconds,
+            "data_wait": data_wait,
+            **tflops_and_mfu(self.flops_per_token, tokens_per_sec, dist.get_world_size(), self.peak_tflops),
+            **peak_memory_per_stage(self.engine, self.memory_before_model),
+        }
+        if timeline:
+            metrics.update({f"bubble/stage{s}": b for s, b in timeline["measured"].items()})
+        if last_step:
+            metrics["tied_embedding_max_diff"] = self.engine.module.tied_weight_max_diff()
+        return metrics
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -86,6 +197,7 @@ class MetricsLog:
         output_dir: Path,
         enabled: bool,
         total_steps: int,
+        interval: int,
         run_config: dict,
         wandb_project: str,
         wandb_run_name: str | None,
@@ -97,7 +209,7 @@ class MetricsLog:
         self.output_dir = output_dir
         self.resume_step = resume_step
         self.sample_rows: list[list] = []
-        self.total_steps = total_steps
+        self.total_steps, self.interval = total_steps, interval
         self.start = time.perf_counter()
         self.wandb = None
         self.run_id = None
@@ -122,7 +234,12 @@ class MetricsLog:
             )
             self.run_id = self.wandb.id
 
+    def should_log(self, step: int, last_step: bool) -> bool:
+        return last_step or step % self.interval == 0
+
     def log(self, step: int, metrics: dict) -> None:
+        """metrics.jsonl, W&B and the progress line."""
+        self.progress(step, metrics)
         if not self.enabled:
             return
         record = {"step": step, **metrics}

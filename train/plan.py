@@ -1,7 +1,9 @@
 """Plan a run before renting the cluster: partition, memory per GPU, bubble, step time.
 
     python -m train.plan --model-config gpt2-xl --nodes 4 --gpus-per-node 8 --gpu H100 \
-        --deepspeed_config ds_configs/gpu_bf16.json --seq-len 1024 [--pipeline-stages 4] [--mfu 0.4]
+        --deepspeed_config ds_configs/gpu_bf16.json --seq-len 1024 [--pipeline-stages 4 | --search-stages]
+
+The model and layout flags are the trainer's, with the trainer's defaults.
 
 The partition is the one DeepSpeed will make (the same solver on the same per-layer weights).
 Memory per GPU of stage s holding P_s parameters, in bytes, as DeepSpeed 0.19.8 allocates it
@@ -35,13 +37,23 @@ from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
 from models.architecture import Architecture, discover
 from models.flops import flops_partition, flops_per_token
-from models.presets import resolve_model_config
+from train.args import Flags, OneLineErrors, parse_args, shared_flags
 from train.ds_config import batch_layout, load_ds_config
-from train.errors import ConfigError
+from train.errors import ConfigError, entry_point
 from train.mfu import PEAK_TFLOPS, training_dtype
+from train.run_config import model_config_from_flags
 
-GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A100": 80, "A100-40GB": 40, "L40S": 48, "A10G": 24, "V100": 32,
-                  "MI300X": 192, "MI250X": 128}  # fmt: skip
+GPU_MEMORY_GIB = {
+    "H200": 141,
+    "H100": 80,
+    "A100": 80,
+    "A100-40GB": 40,
+    "L40S": 48,
+    "A10G": 24,
+    "V100": 32,
+    "MI300X": 192,
+    "MI250X": 128,
+}
 LAYER_NAMES = ("EmbeddingPipe", "DecoderLayerPipe", "FinalNormPipe")
 
 
@@ -126,9 +138,16 @@ def _saved_bytes_per_token(config_json: str, scale: float, dtype: str) -> float:
     return sum(seen.values()) / tokens
 
 
-def plan_stages(arch: Architecture, ds_config: dict, stages: int, data_parallel: int, seq_len: int, method: str,
-                checkpoint_interval: int = 0) -> list[StagePlan]:  # fmt: skip
-    _, micro, micro_batches = batch_layout(ds_config, data_parallel)
+def plan_stages(
+    arch: Architecture,
+    ds_config: dict,
+    stages: int,
+    data_parallel: int,
+    seq_len: int,
+    method: str,
+    checkpoint_interval: int = 0,
+) -> list[StagePlan]:
+    batch = batch_layout(ds_config, data_parallel)
     dtype = training_dtype(ds_config)
     width = 4 if dtype == "fp32" else 2
     grad_width = 4 if dtype == "fp32" or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else width
@@ -139,7 +158,7 @@ def plan_stages(arch: Architecture, ds_config: dict, stages: int, data_parallel:
     optimizer_width = 12 / replicas if zero or dtype != "fp32" else 8
     names = layer_names(arch)
     counts = arch.layer_parameters()
-    tokens, h, vocab = seq_len * micro, arch.hidden_size, arch.config.vocab_size
+    tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
     block_activations = saved_bytes_per_token(arch, dtype) * tokens
     plans = []
     bounds = stage_bounds(arch, stages, method, seq_len)
@@ -150,16 +169,21 @@ def plan_stages(arch: Architecture, ds_config: dict, stages: int, data_parallel:
         counts_here = counts[start : stop - 1] if stages == 1 and arch.tied else counts[start:stop]
         params = sum(counts_here)
         blocks = layers.count(LAYER_NAMES[1])
-        in_flight = min(stages - stage, micro_batches)
+        in_flight = min(stages - stage, batch.num_micro_batches)
         if checkpoint_interval:
             activations = in_flight * blocks * tokens * h * width + block_activations * min(blocks, 1)
         else:
             activations = in_flight * blocks * block_activations
         if stop == len(names):  # logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient
             activations += tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
-        memory = {"weights": params * width, "optimizer": params * optimizer_width,
-                  "reduction": min(params, bucket) * grad_width, "backward_gradients": params * grad_width,
-                  "step_gradients": params * (12 / replicas if zero else 4), "activations": activations}  # fmt: skip
+        memory = {
+            "weights": params * width,
+            "optimizer": params * optimizer_width,
+            "reduction": min(params, bucket) * grad_width,
+            "backward_gradients": params * grad_width,
+            "step_gradients": params * (12 / replicas if zero else 4),
+            "activations": activations,
+        }
         plans.append(StagePlan(stage, layers, params, memory))
     return plans
 
@@ -168,62 +192,118 @@ def fits(plans: list[StagePlan], gpu_bytes: float) -> bool:
     return all(p.peak <= 0.9 * gpu_bytes for p in plans)  # 10% for the framework and allocator
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-config", default="gpt2")
-    p.add_argument("--vocab-size", type=int, default=None, help="override the config's vocabulary (your tokenizer's)")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)}")
-    p.add_argument(
-        "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default="ds_configs/gpu_bf16.json"
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrors(
+        prog="python -m train.plan",
+        description=__doc__,
+        parents=shared_flags(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pipeline-stages", type=int, default=None, help="default: the fewest stages that fit")
-    p.add_argument("--partition-method", default="flops")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--activation-checkpoint-interval", type=int, default=0)
-    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
-    p.add_argument("--train-steps", type=int, default=1)
-    a = p.parse_args(argv)
-    try:
-        arch = discover(resolve_model_config(a.model_config, None, a.vocab_size))
-        ds_config = load_ds_config(a.deepspeed_config, a.train_steps)
-        world = a.nodes * a.gpus_per_node
-        gpu = a.gpu.upper()
-        if gpu not in GPU_MEMORY_GIB:
-            raise ConfigError(f"unknown --gpu {a.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
-        gpu_bytes = GPU_MEMORY_GIB[gpu] * 2**30
-        candidates = [a.pipeline_stages] if a.pipeline_stages else [
-            s for s in range(1, arch.num_layers + 1) if world % s == 0]  # fmt: skip
-        chosen = None
-        for stages in candidates:
-            plans = plan_stages(arch, ds_config, stages, world // stages, a.seq_len, a.partition_method,
-                                a.activation_checkpoint_interval)  # fmt: skip
-            chosen = (stages, plans)
-            if fits(plans, gpu_bytes):
-                break
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    stages, plans = chosen
-    dp = world // stages
-    train_batch, micro, micro_batches = batch_layout(ds_config, dp)
-    bubble = (stages - 1) / (micro_batches + stages - 1)
-    flops_step = flops_per_token(arch, a.seq_len) * train_batch * a.seq_len
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument("--nodes", type=int, default=1)
+    cluster.add_argument("--gpus-per-node", type=int, default=8)
+    cluster.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)}")
+    cluster.add_argument(
+        "--search-stages",
+        action="store_true",
+        help="plan the fewest pipeline stages that fit instead of --pipeline-stages",
+    )
+    cluster.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
+    return p
+
+
+@dataclass
+class Plan:
+    arch: Architecture
+    ds_config: dict
+    gpu: str
+    world_size: int
+    stages: int
+    plans: list[StagePlan]
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.stages
+
+
+def make_plan(flags: Flags) -> Plan:
+    """The plan for `--pipeline-stages` (or, with `--search-stages`, the fewest stages that fit)."""
+    arch = discover(model_config_from_flags(flags, flags.vocab_size))
+    ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
+    gpu, world = flags.gpu.upper(), flags.nodes * flags.gpus_per_node
+    if gpu not in GPU_MEMORY_GIB:
+        raise ConfigError(f"unknown --gpu {flags.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
+    candidates = (
+        [s for s in range(1, arch.num_layers + 1) if world % s == 0] if flags.search_stages else [flags.pipeline_stages]
+    )
+    for stages in candidates:
+        try:
+            plans = plan_stages(
+                arch,
+                ds_config,
+                stages,
+                world // stages,
+                flags.seq_len,
+                flags.partition_method,
+                flags.activation_checkpoint_interval,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if fits(plans, GPU_MEMORY_GIB[gpu] * 2**30):
+            break
+    return Plan(arch, ds_config, gpu, world, stages, plans)
+
+
+def print_plan(plan: Plan, flags: Flags) -> None:
+    arch, ds_config, gpu, stages = plan.arch, plan.ds_config, plan.gpu, plan.stages
+    batch = batch_layout(ds_config, plan.data_parallel)
+    bubble = (stages - 1) / (batch.num_micro_batches + stages - 1)
+    flops_step = flops_per_token(arch, flags.seq_len) * batch.global_batch * flags.seq_len
     peak = next((v for k, v in PEAK_TFLOPS if k.upper() == gpu), {}).get(training_dtype(ds_config), 0)
-    step_time = flops_step / (world * peak * 1e12 * a.mfu) if peak else float("nan")
+    step_time = flops_step / (plan.world_size * peak * 1e12 * flags.mfu) if peak else float("nan")
     print(
-        f"{a.model_config} ({arch.config.model_type}): {arch.num_layers} layers, d={arch.hidden_size}, "
-        f"vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B "
-        f"parameters, seq {a.seq_len}; "
-        f"{a.nodes} x {a.gpus_per_node} {gpu} ({GPU_MEMORY_GIB[gpu]} GiB), {training_dtype(ds_config)}"
+        f"{flags.model_config or flags.model} ({arch.config.model_type}): {arch.num_layers} layers, "
+        f"d={arch.hidden_size}, vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B parameters, "
+        f"seq {flags.seq_len}; {flags.nodes} x {flags.gpus_per_node} {gpu} ({GPU_MEMORY_GIB[gpu]} GiB), "
+        f"{training_dtype(ds_config)}"
     )
     print(
-        f"layout: {stages} pipeline stages x {dp} data-parallel replicas, {micro_batches} micro-batches of {micro} "
-        f"(global batch {train_batch}), partition {a.partition_method}"
+        f"layout: {stages} pipeline stages x {plan.data_parallel} data-parallel replicas, {batch.num_micro_batches} "
+        f"micro-batches of {batch.micro_batch_size} (global batch {batch.global_batch}), "
+        f"partition {flags.partition_method}"
     )
-    print("| stage | layers | parameters | weights GiB | optimizer GiB | gradients GiB (backward / step) "
-          "| activations GiB | peak GiB |")  # fmt: skip
+    print_memory_table(plan.plans)
+    print(
+        f"bubble (p-1)/(m+p-1) = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
+        f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s"
+    )
+    if not fits(plan.plans, GPU_MEMORY_GIB[gpu] * 2**30):
+        print(
+            f"warning: a stage needs more than 90% of the {GPU_MEMORY_GIB[gpu]} GiB: more stages, activation "
+            "checkpointing or a smaller micro-batch"
+        )
+    if stages > 1 and batch.num_micro_batches < 4 * stages:
+        print(
+            f"warning: {batch.num_micro_batches} micro-batches < 4 x {stages} stages: the bubble is large; raise "
+            "gradient_accumulation_steps (train_batch_size) in the DeepSpeed config"
+        )
+    print(
+        json.dumps(
+            {
+                "stages": stages,
+                "data_parallel": plan.data_parallel,
+                "bubble": bubble,
+                "stage_parameters": [p.parameters for p in plan.plans],
+            }
+        )
+    )
+
+
+def print_memory_table(plans: list[StagePlan]) -> None:
+    print(
+        "| stage | layers | parameters | weights GiB | optimizer GiB | gradients GiB (backward / step) "
+        "| activations GiB | peak GiB |"
+    )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for plan in plans:
         m = {k: v / 2**30 for k, v in plan.memory.items()}
@@ -233,23 +313,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['reduction'] + m['backward_gradients']:.2f} / {m['reduction'] + m['step_gradients']:.2f} | "
             f"{m['activations']:.2f} | {plan.peak / 2**30:.2f} |"
         )
-    print(
-        f"bubble (p-1)/(m+p-1) = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
-        f"step time at {a.mfu:.0%} MFU: {step_time:.2f} s"
-    )
-    if not fits(plans, gpu_bytes):
-        print(
-            f"warning: a stage needs more than 90% of the {GPU_MEMORY_GIB[gpu]} GiB: more stages, activation "
-            "checkpointing or a smaller micro-batch"
-        )
-    if stages > 1 and micro_batches < 4 * stages:
-        print(
-            f"warning: {micro_batches} micro-batches < 4 x {stages} stages: the bubble is large; raise "
-            "gradient_accumulation_steps (train_batch_size) in the DeepSpeed config"
-        )
-    print(json.dumps({"stages": stages, "data_parallel": dp, "bubble": bubble,
-                      "stage_parameters": [p.parameters for p in plans]}))  # fmt: skip
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    flags = parse_args(argv, build_parser())
+    return entry_point(lambda: print_plan(make_plan(flags), flags))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,8 @@
 
 DeepSpeed's pipeline engine runs a schedule of instructions (LoadMicroBatch, ForwardPass,
 SendActivation, RecvGrad, BackwardPass, ReduceTiedGrads, ReduceGrads, OptimizerStep, ...)
-looked up in `engine._INSTRUCTION_MAP`. We give the engine instance a copy of that map whose
-entries time themselves during profiled steps, so nothing of DeepSpeed is patched globally
-(its `wall_clock_breakdown` crashes with more than one stage in 0.19.8).
+looked up in a table on the engine. We give the engine instance a copy of that table whose
+entries time themselves during profiled steps (`models/deepspeed_internals.wrap_instructions`).
 
 Writes `<output>/timeline/step_N.trace.json` (Chrome / Perfetto: one process per stage, one
 thread per data-parallel replica), `step_N.png` (a Gantt chart, one row per stage) and returns
@@ -19,19 +18,33 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from models.deepspeed_internals import wrap_instructions
+
 COMPUTE = ("ForwardPass", "BackwardPass")
-COLOURS = {"LoadMicroBatch": "#9e9e9e", "ForwardPass": "#1f77b4", "BackwardPass": "#ff7f0e",
-           "SendActivation": "#2ca02c", "RecvActivation": "#98df8a", "SendGrad": "#d62728", "RecvGrad": "#ff9896",
-           "ReduceTiedGrads": "#9467bd", "ReduceGrads": "#8c564b", "OptimizerStep": "#e377c2"}  # fmt: skip
+COLOURS = {
+    "LoadMicroBatch": "#9e9e9e",
+    "ForwardPass": "#1f77b4",
+    "BackwardPass": "#ff7f0e",
+    "SendActivation": "#2ca02c",
+    "RecvActivation": "#98df8a",
+    "SendGrad": "#d62728",
+    "RecvGrad": "#ff9896",
+    "ReduceTiedGrads": "#9467bd",
+    "ReduceGrads": "#8c564b",
+    "OptimizerStep": "#e377c2",
+}
 
 
 class ScheduleProfiler:
-    def __init__(self, engine: PipelineEngine, steps: set[int]):
-        self.engine, self.steps = engine, steps
+    """Records the chosen steps' schedules (none: it does nothing) into `<output_dir>/timeline`."""
+
+    def __init__(self, engine: PipelineEngine, steps: set[int], output_dir: Path):
+        self.engine, self.steps, self.output_dir = engine, steps, output_dir
         self.events: list[dict] = []
         self.step = None
         self.t0 = 0.0
-        engine._INSTRUCTION_MAP = {kind: self._timed(kind.__name__, fn) for kind, fn in engine._INSTRUCTION_MAP.items()}
+        if steps:
+            wrap_instructions(engine, self._timed)
 
     def _timed(self, name: str, fn):
         def run(engine, **kwargs):
@@ -41,8 +54,15 @@ class ScheduleProfiler:
             start = time.perf_counter()
             result = fn(engine, **kwargs)
             get_accelerator().synchronize()
-            self.events.append({"name": name, "start": start - self.t0, "end": time.perf_counter() - self.t0,
-                                "step": self.step, **kwargs})  # fmt: skip
+            self.events.append(
+                {
+                    "name": name,
+                    "start": start - self.t0,
+                    "end": time.perf_counter() - self.t0,
+                    "step": self.step,
+                    **kwargs,
+                }
+            )
             return result
 
         return run
@@ -52,23 +72,27 @@ class ScheduleProfiler:
             dist.barrier()  # a common time origin on every rank
             self.t0, self.step = time.perf_counter(), step
 
-    def end(self, output_dir: Path) -> dict | None:
+    def end(self) -> dict | None:
         """After a profiled step (a collective): rank 0 writes the trace and picture; returns the bubble summary."""
         if self.step is None:
             return None
         step, self.step = self.step, None
-        mine = {"stage": self.engine.stage_id, "dp": self.engine.grid.data_parallel_id,
-                "events": [e for e in self.events if e["step"] == step]}  # fmt: skip
+        mine = {
+            "stage": self.engine.stage_id,
+            "dp": self.engine.grid.data_parallel_id,
+            "events": [e for e in self.events if e["step"] == step],
+        }
         self.events = []
         everyone: list[dict] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         summary = bubble_summary(everyone, self.engine.num_stages, self.engine.micro_batches)
         if dist.get_rank() == 0:
-            out = output_dir / "timeline"
+            out = self.output_dir / "timeline"
             out.mkdir(parents=True, exist_ok=True)
             write_chrome_trace(everyone, out / f"step_{step}.trace.json")
             draw_gantt(everyone, out / f"step_{step}.png", f"step {step}: {summary_line(summary)}")
             (out / f"step_{step}.bubble.json").write_text(json.dumps(summary, indent=1))
+            print(f"step {step} timeline in {out}: {summary_line(summary)}", flush=True)
         return summary
 
 
@@ -81,8 +105,13 @@ def bubble_summary(ranks: list[dict], stages: int, micro_batches: int) -> dict:
         replica = next(r for r in ranks if r["stage"] == stage and r["dp"] == 0)
         busy = sum(e["end"] - e["start"] for e in replica["events"] if e["name"] in COMPUTE)
         measured[stage] = 1 - busy / (end - start)
-    return {"stages": stages, "micro_batches": micro_batches, "step_seconds": end - start,
-            "theory": (stages - 1) / (micro_batches + stages - 1), "measured": measured}  # fmt: skip
+    return {
+        "stages": stages,
+        "micro_batches": micro_batches,
+        "step_seconds": end - start,
+        "theory": (stages - 1) / (micro_batches + stages - 1),
+        "measured": measured,
+    }
 
 
 def summary_line(summary: dict) -> str:
@@ -96,8 +125,17 @@ def write_chrome_trace(ranks: list[dict], path: Path) -> None:
         events.append({"ph": "M", "name": "process_name", "pid": r["stage"], "args": {"name": f"stage {r['stage']}"}})
         for e in r["events"]:
             args = {k: v for k, v in e.items() if k not in ("name", "start", "end", "step")}
-            events.append({"ph": "X", "name": e["name"], "pid": r["stage"], "tid": r["dp"], "ts": e["start"] * 1e6,
-                           "dur": (e["end"] - e["start"]) * 1e6, "args": args})  # fmt: skip
+            events.append(
+                {
+                    "ph": "X",
+                    "name": e["name"],
+                    "pid": r["stage"],
+                    "tid": r["dp"],
+                    "ts": e["start"] * 1e6,
+                    "dur": (e["end"] - e["start"]) * 1e6,
+                    "args": args,
+                }
+            )
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 
@@ -114,17 +152,31 @@ def draw_gantt(ranks: list[dict], path: Path, title: str) -> None:
         if r["dp"] != 0:
             continue
         for e in r["events"]:
-            ax.broken_barh([(e["start"] * 1e3, (e["end"] - e["start"]) * 1e3)], (r["stage"] - 0.4, 0.8),
-                           color=COLOURS.get(e["name"], "black"))  # fmt: skip
+            ax.broken_barh(
+                [(e["start"] * 1e3, (e["end"] - e["start"]) * 1e3)],
+                (r["stage"] - 0.4, 0.8),
+                color=COLOURS.get(e["name"], "black"),
+            )
             if e["name"] in COMPUTE and "buffer_id" in e:
-                ax.text((e["start"] + e["end"]) / 2 * 1e3, r["stage"], "F" if e["name"] == "ForwardPass" else "B",
-                        ha="center", va="center", fontsize=7, color="white")  # fmt: skip
+                ax.text(
+                    (e["start"] + e["end"]) / 2 * 1e3,
+                    r["stage"],
+                    "F" if e["name"] == "ForwardPass" else "B",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white",
+                )
     ax.set_yticks(stages, [f"stage {s}" for s in stages])
     ax.invert_yaxis()
     ax.set_xlabel("ms since the step began")
     ax.set_title(title, fontsize=9)
-    ax.legend(handles=[Patch(color=c, label=n) for n, c in COLOURS.items()], fontsize=7,
-              loc="center left", bbox_to_anchor=(1.01, 0.5))  # fmt: skip
+    ax.legend(
+        handles=[Patch(color=c, label=n) for n, c in COLOURS.items()],
+        fontsize=7,
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -33,8 +33,10 @@ def load_tokenizer(name_or_dir: str, flag: str = "--tokenizer") -> PreTrainedTok
 
 
 def tokenizer_too_large(tokens: int, vocab_size: int) -> str:
-    return (f"the tokenizer has {tokens} tokens but the model's embedding only {vocab_size} rows: pass the model's "
-            "own tokenizer (or none: --model's is used)")  # fmt: skip
+    return (
+        f"the tokenizer has {tokens} tokens but the model's embedding only {vocab_size} rows: pass the model's "
+        "own tokenizer (or none: --model's is used)"
+    )
 
 
 def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerBase:

@@ -1,0 +1,88 @@
+"""Every use of DeepSpeed's private internals, in one file, each with the reason it is needed.
+
+Checked against DeepSpeed 0.19.8 (`deepspeed/runtime/pipe/module.py`, `engine.py`, `deepspeed/ops/__init__.py`).
+On a DeepSpeed upgrade, review this file, then run the suite: the tests exercise every function here.
+"""
+
+from collections.abc import Callable, Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+CHECKED_DEEPSPEED_VERSION = "0.19.8"
+SHARED_MEMORY_ALL_REDUCE_OP = "deepspeed_shm_comm"
+
+
+def skip_shared_memory_all_reduce_build() -> None:
+    """DeepSpeed JIT-compiles its shared-memory all-reduce at init on CPU, although only inference uses it.
+    torch guards that build with a lock file in ~/.cache/torch_extensions which a rank killed at the wrong
+    moment leaves behind, and every later launch then waits on it forever, printing nothing. The op's
+    entry in `deepspeed.ops.__compatible_ops__` is what `init_distributed` consults."""
+    deepspeed.ops.__compatible_ops__[SHARED_MEMORY_ALL_REDUCE_OP] = False
+
+
+def clear_eval_outputs(engine: PipelineEngine) -> None:
+    """`eval_batch` adds every micro-batch's output to `engine.total_loss` and never resets it: a scalar left by
+    a loss evaluation cannot take logits (`train_batch` resets it the same way before its schedule)."""
+    engine.total_loss = None
+
+
+def wrap_instructions(engine: PipelineEngine, wrap: Callable[[str, Callable], Callable]) -> None:
+    """Give this engine instance (and no other) a copy of its schedule's instruction table, each entry
+    wrapped: `engine._INSTRUCTION_MAP` maps instruction classes to the bound methods the 1F1B schedule
+    executes. Nothing of DeepSpeed is patched globally (its own `wall_clock_breakdown` crashes with more
+    than one stage in 0.19.8)."""
+    engine._INSTRUCTION_MAP = {kind: wrap(kind.__name__, fn) for kind, fn in engine._INSTRUCTION_MAP.items()}
+
+
+class PipelineModuleHooks(PipelineModule):
+    """`PipelineModule` with its private steps opened up as public hooks for `models/pipeline.py`."""
+
+    def custom_partition(self, method: str) -> list[int] | None:
+        """Stage bounds for a partition method DeepSpeed does not know, else None (DeepSpeed's own)."""
+        return None
+
+    def check_partition(self, method: str) -> None:
+        """Called with `self.parts` set: raise ValueError for bounds that cannot run."""
+
+    def layer_parameter_counts(self) -> list[int]:
+        """Parameters per layer spec, for DeepSpeed's `parameters` partition."""
+        raise NotImplementedError
+
+    def stage_layers(self) -> tuple[int, int]:
+        """[start, stop) of the layer specs this stage holds."""
+        return self._local_start, self._local_stop
+
+    def stage_layer_names(self) -> list[str]:
+        return [spec.typename.__name__ for spec in self._layer_specs[self._local_start : self._local_stop]]
+
+    def tied_weights(self) -> Iterator[tuple[torch.Tensor, int, dist.ProcessGroup]]:
+        """(this stage's copy of a tied weight, the global rank of its owner, the tie's group)."""
+        for comm in self.tied_comms.values():
+            for attr in comm["weight_attr"]:
+                yield self._recursive_getattr(comm["module"], attr), min(comm["ranks"]), comm["group"]
+
+    # The private steps. `_partition_layers` sets `self.parts` and calls `_set_bounds`; both are called from
+    # `PipelineModule.__init__` before any layer is built.
+    def _partition_layers(self, method: str = "uniform") -> None:
+        bounds = self.custom_partition(method)
+        if bounds is None:
+            super()._partition_layers(method)
+        else:
+            self.parts = bounds
+            self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+        self.check_partition(method)
+
+    def _count_layer_params(self) -> list[int]:
+        # DeepSpeed builds every layer of the model, one at a time on every rank, to count its parameters
+        # for the `parameters` partition (minutes for a 70B model).
+        return self.layer_parameter_counts()
+
+    @torch.no_grad()
+    def _synchronize_tied_weights(self) -> None:
+        # DeepSpeed broadcasts the tied embedding with grad enabled, which records the in-place
+        # broadcast in autograd and makes every backward warn; the broadcast is not differentiable.
+        super()._synchronize_tied_weights()

@@ -1,0 +1,234 @@
+"""Everything a run needs, built in one place and in this order: tokenizer and packed data, the pipeline
+model and its DeepSpeed engine, the resumed state, and the components the loop drives (metrics log and
+meter, evaluator, checkpointer, schedule profiler)."""
+
+import copy
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from datasets import DatasetDict
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.utils import logger as ds_logger
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from models.architecture import Architecture, discover
+from models.flops import flops_per_token
+from models.hf_weights import load_hf_weights, resolve_model_dir
+from models.pipeline import build_pipeline
+from train.batches import TrainMicroBatches
+from train.checkpoint import Checkpointer, load_checkpoint
+from train.data import evaluation_blocks
+from train.distributed import rank, say
+from train.errors import ConfigError, every_rank, rank_zero_first
+from train.evaluate import Evaluator
+from train.metrics import MetricsLog, StepMeter, memory_in_use, run_record, wandb_mode
+from train.mfu import peak_tflops, training_dtype
+from train.prepare import prepare_data, prepare_tokenizer
+from train.run_config import RunConfig
+from train.timeline import ScheduleProfiler
+from train.tokenizer import tokenizer_too_large
+
+
+class DropMessage(logging.Filter):
+    """Drops one known-harmless library message, leaving every other warning visible."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# deepspeed.initialize reads the LR before the scheduler's first step and warns about it.
+ds_logger.addFilter(DropMessage("Attempting to get learning rate from scheduler before it has started"))
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    model_config: PretrainedConfig  # a from-scratch model's vocabulary is the tokenizer's
+    tokenizer: PreTrainedTokenizerBase
+    engine: PipelineEngine
+    start_step: int
+    batches: TrainMicroBatches
+    data_iter: Iterator | None  # only the first and the last stage read data; both compute the same batches
+    log: MetricsLog
+    meter: StepMeter
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    profiler: ScheduleProfiler
+
+
+def model_config_for(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The resolved model config, with a from-scratch model's vocabulary and special tokens from the tokenizer."""
+    model_config = copy.deepcopy(config.model_config)
+    if config.flags.model is None:
+        model_config.vocab_size = len(tokenizer)
+        model_config.bos_token_id = model_config.eos_token_id = tokenizer.eos_token_id
+    elif len(tokenizer) > model_config.vocab_size:
+        raise ConfigError(tokenizer_too_large(len(tokenizer), model_config.vocab_size))
+    return model_config
+
+
+def prepare_inputs(
+    config: RunConfig,
+) -> tuple[PreTrainedTokenizerBase, PretrainedConfig, Architecture, DatasetDict, int]:
+    """Tokenizer, model config and architecture, packed data (built by rank 0, then read from disk by the
+    others), and the validation blocks used per evaluation."""
+    tokenizer = rank_zero_first(lambda: prepare_tokenizer(config, build=rank() == 0))
+    model_config = model_config_for(config, tokenizer)
+    arch = discover(model_config)
+    splits = rank_zero_first(lambda: prepare_data(config, tokenizer))
+    if len(tokenizer) < model_config.vocab_size:
+        say(f"embedding has {model_config.vocab_size} rows for {len(tokenizer)} tokens (padded vocabulary)")
+    eval_blocks = evaluation_blocks(splits, config.batch.global_batch, config.flags.seq_len, config.flags.eval_blocks)
+    say(
+        f"data: {len(splits['train']):,} training and {len(splits['validation']):,} validation blocks of "
+        f"{config.flags.seq_len} tokens ({eval_blocks} used per evaluation)"
+    )
+    return tokenizer, model_config, arch, splits, eval_blocks
+
+
+def parameter_groups(module: torch.nn.Module) -> list[dict]:
+    """Weight decay (its amount set in the DeepSpeed JSON) on matrices only, not on biases and LayerNorms."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # A stage may hold no vectors at all (only the tied head): an empty group hangs ZeRO's set-up.
+    return [g for g in groups if g["params"]]
+
+
+def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
+    """The pipeline model (pretrained weights loaded per stage) inside DeepSpeed's pipeline engine."""
+    flags = config.flags
+    try:
+        pipe = build_pipeline(
+            arch,
+            flags.pipeline_stages,
+            flags.partition_method,
+            flags.seed,
+            flags.activation_checkpoint_interval,
+            flags.seq_len,
+        )
+    except ValueError as e:  # a partition DeepSpeed cannot run
+        raise ConfigError(str(e)) from None
+    if flags.model:
+        loaded = every_rank(lambda: load_pretrained(pipe, arch, flags.model))
+        start, stop = pipe.stage_layers()
+        # One write, so that the ranks' reports do not interleave on the shared stdout.
+        sys.stdout.write(f"rank {rank()}: loaded {loaded} pretrained tensors for layers {start}-{stop - 1}\n")
+    engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=parameter_groups(pipe), config=config.ds_config)
+    return engine
+
+
+def load_pretrained(pipe: torch.nn.Module, arch: Architecture, model: str) -> int:
+    try:
+        return load_hf_weights(pipe, resolve_model_dir(model), arch)
+    except (OSError, ValueError) as e:  # a missing or misshapen tensor
+        raise ConfigError(f"cannot load --model {model}: {str(e).splitlines()[0]}") from None
+
+
+def resume(config: RunConfig, engine: PipelineEngine) -> tuple[int, str | None]:
+    """(the step to continue after, the W&B run id to continue): weights, optimizer, LR schedule, RNG and data
+    position come back from `--load`; (0, None) without it."""
+    flags = config.flags
+    if not flags.load:
+        return 0, None
+    client_state = every_rank(lambda: load_checkpoint(engine, flags.load, flags.reset_optimizer))
+    say(f"resumed from {flags.load} at step {client_state['step']}")
+    if client_state["step"] >= flags.train_steps:
+        raise ConfigError(
+            f"the checkpoint is at step {client_state['step']}; raise --train-steps above it to train further"
+        )
+    return client_state["step"], client_state.get("wandb_run_id")
+
+
+def build_run(config: RunConfig) -> Run:
+    flags, batch, output_dir = config.flags, config.batch, config.output_dir
+    if rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(flags.seed)
+    tokenizer, model_config, arch, splits, eval_blocks = prepare_inputs(config)
+    memory_before_model = memory_in_use()
+    engine = build_engine(config, arch)
+    flops = flops_per_token(arch, flags.seq_len)
+    record = run_record(flags.as_dict(), config.ds_config, engine, batch, model_config.to_dict(), flops)
+    if rank() == 0:
+        (output_dir / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
+    say(
+        f"model: {model_config.model_type}, {record['parameters']:,} parameters, {engine.num_stages} stages x "
+        f"{engine.grid.data_parallel_size} data-parallel, layer bounds {record['topology']['stage_layer_bounds']}, "
+        f"{batch.num_micro_batches} micro-batches of {batch.micro_batch_size}"
+    )
+    start_step, wandb_run_id = resume(config, engine)
+    log = MetricsLog(
+        output_dir,
+        rank() == 0,
+        flags.train_steps,
+        flags.log_interval,
+        record,
+        flags.wandb_project,
+        flags.wandb_run_name,
+        wandb_mode(flags.wandb_mode),
+        start_step,
+        wandb_run_id,
+    )
+    dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
+    feeds_data = engine.is_first_stage() or engine.is_last_stage()
+    trace = output_dir / "batches" / f"stage{engine.stage_id}_dp{dp_rank}.jsonl"
+    if flags.trace_batches and feeds_data:
+        trace.parent.mkdir(exist_ok=True)
+    batches = TrainMicroBatches(
+        splits["train"],
+        batch.micro_batch_size,
+        batch.num_micro_batches,
+        dp_rank,
+        dp_size,
+        flags.seed,
+        start_step,
+        trace if flags.trace_batches and feeds_data else None,
+    )
+    checkpoints = output_dir / "checkpoints"
+    peak = peak_tflops(training_dtype(config.ds_config), flags.peak_tflops)
+    return Run(
+        config,
+        model_config,
+        tokenizer,
+        engine,
+        start_step,
+        batches,
+        data_iter=iter(batches) if feeds_data else None,
+        log=log,
+        meter=StepMeter(engine, batch, flags.seq_len, flops, peak, memory_before_model, checkpoints),
+        evaluator=Evaluator(
+            engine,
+            splits["validation"],
+            batch,
+            eval_blocks,
+            flags.eval_interval,
+            tokenizer,
+            flags.sample_prompt,
+            flags.sample_tokens,
+            flags.seq_len,
+            flags.seed,
+            log,
+        ),
+        checkpointer=Checkpointer(
+            engine,
+            checkpoints,
+            model_config,
+            flags.save_interval,
+            flags.keep_last,
+            {"wandb_run_id": log.run_id, "data_seed": flags.seed},
+            batch.global_batch,
+        ),
+        profiler=ScheduleProfiler(engine, set(flags.profile_steps), output_dir),
+    )

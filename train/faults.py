@@ -1,0 +1,31 @@
+"""Test-only fault injection behind one switch: the environment variable `PIPEGPT_FAULT=<point>`.
+
+The tests use it to prove that failures at the worst moments lose nothing and end every rank with
+one line. Unset (always, outside the tests), every call here returns at once. The points:
+
+- `prepare-data`: global rank 0 raises a RuntimeError (an unexpected kind of failure) while it
+  prepares the packed data, before any other rank reads it.
+- `save:step_N`: during the save of checkpoint step_N, every rank writes its layer files, then
+  kills itself with SIGKILL, as a lost node would, before the checkpoint is complete.
+"""
+
+import os
+import signal
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+SWITCH = "PIPEGPT_FAULT"
+
+
+def inject_fault(point: str, first_half: Callable[[], object] | None = None) -> None:
+    """If the switch names `point`: do `first_half` of the work, then fail the way the point documents."""
+    if os.environ.get(SWITCH) != point:
+        return
+    if point == "prepare-data":
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            raise RuntimeError(f"fault injected by {SWITCH}={point}")
+        return
+    if first_half is not None:
+        first_half()
+    os.kill(os.getpid(), signal.SIGKILL)

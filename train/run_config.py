@@ -1,0 +1,114 @@
+"""The run's configuration, checked and resolved once: flags + DeepSpeed JSON + model config + data sources.
+
+Every rank resolves the same `RunConfig` from the same flags (launch.sh's preflight does it once before
+them). Any bad value is a `ConfigError` naming the flag and the fix. Nothing downstream re-reads or
+re-resolves a flag's raw value.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PretrainedConfig
+
+from models.architecture import discover
+from models.presets import resolve_model_config
+from train.args import DEFAULT_BPE_VOCAB, Flags
+from train.checkpoint import verified_tag_dir
+from train.data import Source, embedded_corpus, resolve_sources
+from train.ds_config import BatchLayout, check_layout, load_ds_config
+from train.errors import ConfigError
+
+# Lowest allowed value of each numeric flag (a BPE vocabulary needs its 256 bytes + EOS).
+LOWEST = {
+    "train_steps": 1,
+    "seq_len": 1,
+    "eval_interval": 1,
+    "log_interval": 1,
+    "save_interval": 0,
+    "keep_last": 0,
+    "seed": 0,
+    "sample_tokens": 0,
+    "vocab_size": 257,
+    "activation_checkpoint_interval": 0,
+}
+PARTITION_METHODS = ("parameters", "uniform", "flops")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    flags: Flags  # the parsed flags, as given (read-only)
+    world_size: int
+    output_dir: Path  # absolute
+    ds_config: dict  # the DeepSpeed JSON with "auto" resolved
+    model_config: PretrainedConfig  # as resolved from the flags; a from-scratch vocabulary is the tokenizer's later
+    sources: list[Source]
+    val_sources: list[Source] | None  # None: --val-fraction of every source is held out
+    batch: BatchLayout
+    bpe_vocab_size: int  # of a tokenizer trained on the data
+
+
+def check_flag_ranges(flags: Flags) -> None:
+    for flag, low in LOWEST.items():
+        value = getattr(flags, flag)
+        if value is not None and value < low:
+            what = "0 (off) or positive" if low == 0 and flag == "activation_checkpoint_interval" else f"at least {low}"
+            raise ConfigError(f"--{flag.replace('_', '-')} must be {what}")
+    if flags.peak_tflops is not None and flags.peak_tflops <= 0:
+        raise ConfigError("--peak-tflops must be positive (the device's dense peak for the training dtype)")
+    method = flags.partition_method.lower()
+    if method not in PARTITION_METHODS and not method.startswith("type:"):
+        raise ConfigError(
+            f"--partition-method {flags.partition_method!r}: use flops, parameters, uniform or type:<regex>"
+        )
+    if not 0 < flags.val_fraction < 1:
+        raise ConfigError("--val-fraction must be between 0 and 1")
+
+
+def model_config_from_flags(flags: Flags, vocab_size: int | None) -> PretrainedConfig:
+    try:
+        return resolve_model_config(flags.model_config, flags.model, vocab_size)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:
+    arch = discover(model_config)
+    if arch.max_positions() is not None and seq_len > arch.max_positions():
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's {arch.max_positions()} positions")
+    if (window := arch.sliding_window()) is not None and seq_len > window:
+        # Without a mask SDPA attends to every earlier token: beyond the window that is not the model.
+        raise ConfigError(
+            f"--seq-len {seq_len} exceeds the model's {window}-token sliding attention window, which the pipeline "
+            f"does not mask; use --seq-len {window} or less"
+        )
+
+
+def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
+    """The checked, resolved configuration, or a ConfigError naming the fix."""
+    check_flag_ranges(flags)
+    ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
+    bpe_vocab_size = flags.vocab_size or DEFAULT_BPE_VOCAB
+    model_config = model_config_from_flags(flags, bpe_vocab_size)
+    batch = check_layout(ds_config, world_size, flags.pipeline_stages, model_config.num_hidden_layers)
+    if flags.eval_blocks is not None and flags.eval_blocks < batch.global_batch:
+        raise ConfigError(
+            f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"
+        )
+    check_seq_len(model_config, flags.seq_len)
+    if flags.load is not None:
+        if not flags.load.exists():
+            raise ConfigError(f"--load {flags.load}: no such folder; pass a run's checkpoints folder or a step_N in it")
+        verified_tag_dir(flags.load)
+    sources = resolve_sources(flags.data or [embedded_corpus()])
+    val_sources = resolve_sources(flags.val_data) if flags.val_data else None
+    return RunConfig(
+        flags,
+        world_size,
+        flags.output_dir.resolve(),
+        ds_config,
+        model_config,
+        sources,
+        val_sources,
+        batch,
+        bpe_vocab_size,
+    )
