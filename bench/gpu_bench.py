@@ -28,8 +28,8 @@ from models.flops import flops_per_token  # noqa: E402
 from models.pipeline import build_pipeline  # noqa: E402
 from models.presets import resolve_model_config  # noqa: E402
 from train.distributed import init_distributed  # noqa: E402
+from train.memory_model import plan_stages  # noqa: E402
 from train.mfu import device_name, peak_tflops, tflops_and_mfu  # noqa: E402
-from train.plan import plan_stages  # noqa: E402
 
 GPU_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "gpu_bf16.json"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.pipeline_bench import run
 from models.architecture import discover
 from models.hf_weights import config_from_dict
-from train.plan import plan_stages
+from train.memory_model import plan_stages
 
 SEQ, VOCAB = 128, 8192  # the vocabulary is the BPE tokenizer's, trained here on the embedded corpus
 # (blocks, width, heads, stages, micro-batch, micro-batches)

@@ -17,6 +17,10 @@ from train.data import embedded_corpus  # noqa: E402
 from train.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ranks: starts real ranks or launch.sh (the full tier only; see tests/run.sh)")
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """The first 4,000 verses of the embedded King James Bible as a jsonl file."""

@@ -139,6 +139,7 @@ def test_unknown_preset(capsys, good):
     assert "neither a preset" in line
 
 
+@pytest.mark.ranks
 def test_launch_stops_before_starting_ranks(good, tmp_path):
     proc = launch(["--deepspeed_config", tmp_path / "nope.json", "--data", good["data"]], ranks=2, check=False)
     assert proc.returncode == 2
@@ -146,6 +147,7 @@ def test_launch_stops_before_starting_ranks(good, tmp_path):
     assert "spawned" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.ranks
 def test_ranks_launched_directly_fail_together_with_one_line(good, tmp_path):
     """Without launch.sh's preflight, the ranks detect the bad column and all exit, none hangs.
 
@@ -179,6 +181,7 @@ def test_ranks_launched_directly_fail_together_with_one_line(good, tmp_path):
     assert len(errors) == 1 and "has no column 'text'" in errors[0], proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.ranks
 def test_corpus_smaller_than_one_global_batch_stops_every_rank(good, tmp_path):
     """Only the ranks know how many blocks the data packs into: every rank stops with the same line, no traceback."""
     (tmp_path / "small.jsonl").write_text(
@@ -421,6 +424,7 @@ def test_every_inventory_row_is_documented():
     "flag,name",
     [("--model", "runs/my-modle"), ("--tokenizer", "some-org/tok"), ("--data", "wikitext#wikitext-2-raw-v1@train")],
 )
+@pytest.mark.ranks
 def test_hub_names_fail_within_seconds_when_the_hub_is_unreachable(good, tmp_path, flag, name):
     """Not in offline mode: the preflight asks the hub once (5 s at most) instead of the libraries' ~20 s of
     retries. This machine has no route to the hub, like a compute node without internet."""
@@ -502,6 +506,7 @@ def test_config_json_without_special_tokens_makes_no_warning(capsys, good, tmp_p
         "env-master-port-in-use",
     ],
 )
+@pytest.mark.ranks
 def test_launcher_environment_rows(good, tmp_path, env, expected):
     import socket
 

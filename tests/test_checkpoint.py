@@ -102,6 +102,7 @@ def kill_one_rank_after_first_checkpoint(args: list[str], ranks: int, out) -> No
         kill_process_group(proc)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("ranks", [2, 4], ids=["pp2", "pp2_dp2"])
 def test_sigkilled_rank_then_resume_equals_uninterrupted_run(setup, reference, ranks):
     tmp, args = setup
@@ -121,6 +122,7 @@ def test_sigkilled_rank_then_resume_equals_uninterrupted_run(setup, reference, r
             assert after[step] == pytest.approx(losses[step], rel=1e-4), step
 
 
+@pytest.mark.ranks
 def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
     tmp, args = setup
     losses, _ = reference
@@ -136,6 +138,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
     assert {m["step"]: m["loss"] for m in read_metrics(out)}[6] == losses[6]
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("stages,ranks", [(1, 1), (2, 4)], ids=["as_pp1", "as_pp2_dp2"])
 def test_resume_pp2_checkpoint_in_another_layout(setup, reference, stages, ranks):
     tmp, args = setup
@@ -152,6 +155,7 @@ def test_resume_pp2_checkpoint_in_another_layout(setup, reference, stages, ranks
     assert after[STEPS] < losses[1]
 
 
+@pytest.mark.ranks
 def test_export_cli_output_loads_without_key_warnings(reference, tmp_path):
     _, ref_dir = reference
     hf_dir = export_checkpoint(ref_dir / "checkpoints", tmp_path / "hf")
@@ -161,6 +165,7 @@ def test_export_cli_output_loads_without_key_warnings(reference, tmp_path):
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
 
 
+@pytest.mark.ranks
 def test_corrupt_or_missing_files_are_named(reference, tmp_path):
     _, ref_dir = reference
     tag = tmp_path / "step_5"
@@ -174,6 +179,7 @@ def test_corrupt_or_missing_files_are_named(reference, tmp_path):
         verified_tag_dir(tag)
 
 
+@pytest.mark.ranks
 def test_diverging_run_stops_without_saving(setup, tmp_path):
     _, args = setup
     ds = write_ds_config(
@@ -207,6 +213,7 @@ def test_unwritable_checkpoint_folder_is_one_error(one_rank_group, tmp_path):
     assert not (tmp_path / "a_file").is_dir()
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, corpus, tokenizer_dir, tmp_path, family):
     """Step 1 of a pp=2 run from a sharded save_pretrained folder has the HF model's loss on that batch

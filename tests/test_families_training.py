@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import launch, read_metrics, small_run_args, write_ds_config
 
+pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
+
 STEPS = 6
 _SHAPE = {
     "hidden_size": 64,

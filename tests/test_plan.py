@@ -13,7 +13,7 @@ from models.flops import flops_per_token, head_flops_per_token
 from models.hf_weights import config_from_dict
 from models.presets import PRESETS, resolve_model_config
 from tests.helpers import launch, read_metrics, write_ds_config
-from train.plan import plan_stages
+from train.memory_model import plan_stages
 
 
 def narayanan_gpt(layers: int, hidden: int, heads: int) -> Architecture:
@@ -54,6 +54,7 @@ def test_gpt3_175b_end_to_end_time_is_34_days():
     [("gpt2", 768, 1), ("gpt2", 640, 2), ("llama", 640, 2)],
     ids=["gpt2_57M_pp1", "gpt2_40M_pp2", "llama_43M_pp2"],
 )
+@pytest.mark.ranks
 def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tokenizer_dir, family, width, stages):
     """Real ranks train 3 steps (fp32, ZeRO-1, AdamW); `model_mem_mb` is each stage's peak RSS less
     what it held before the model was built. glibc's mmap threshold is pinned so that freed tensors

@@ -10,6 +10,8 @@ from tests.helpers import launch, read_metrics, small_run_args, write_ds_config
 from train.data import packed_dataset, resolve_sources
 from train.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
+
 STEPS = 6
 
 
@@ -189,7 +191,7 @@ def test_planner_partition_and_parameters_equal_what_the_pipeline_built(layout_r
 
     from models.architecture import discover
     from models.hf_weights import config_from_dict
-    from train.plan import plan_stages, stage_bounds
+    from train.memory_model import plan_stages, stage_bounds
 
     _, runs = layout_runs
     for name in runs:

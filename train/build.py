@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import deepspeed
 import torch
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import logger as ds_logger
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -26,7 +26,7 @@ from train.data import evaluation_blocks
 from train.distributed import rank, say
 from train.errors import ConfigError, every_rank, rank_zero_first
 from train.evaluate import Evaluator
-from train.metrics import MetricsLog, StepMeter, memory_in_use, run_record, wandb_mode
+from train.metrics import MetricsLog, StepMeter, memory_in_use, run_record
 from train.mfu import peak_tflops, training_dtype
 from train.prepare import prepare_data, prepare_tokenizer
 from train.run_config import RunConfig
@@ -151,52 +151,47 @@ def resume(config: RunConfig, engine: PipelineEngine) -> tuple[int, str | None]:
     return client_state["step"], client_state.get("wandb_run_id")
 
 
-def build_run(config: RunConfig) -> Run:
-    flags, batch, output_dir = config.flags, config.batch, config.output_dir
+def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: PretrainedConfig, flops: float) -> dict:
+    """`run_config.json` (also W&B's config) and the model line; a collective."""
+    batch = config.batch
+    record = run_record(config.flags.as_dict(), config.ds_config, engine, batch, model_config.to_dict(), flops)
     if rank() == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(flags.seed)
-    tokenizer, model_config, arch, splits, eval_blocks = prepare_inputs(config)
-    memory_before_model = memory_in_use()
-    engine = build_engine(config, arch)
-    flops = flops_per_token(arch, flags.seq_len)
-    record = run_record(flags.as_dict(), config.ds_config, engine, batch, model_config.to_dict(), flops)
-    if rank() == 0:
-        (output_dir / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
+        (config.output_dir / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
     say(
         f"model: {model_config.model_type}, {record['parameters']:,} parameters, {engine.num_stages} stages x "
         f"{engine.grid.data_parallel_size} data-parallel, layer bounds {record['topology']['stage_layer_bounds']}, "
         f"{batch.num_micro_batches} micro-batches of {batch.micro_batch_size}"
     )
-    start_step, wandb_run_id = resume(config, engine)
-    log = MetricsLog(
-        output_dir,
-        rank() == 0,
-        flags.train_steps,
-        flags.log_interval,
-        record,
-        flags.wandb_project,
-        flags.wandb_run_name,
-        wandb_mode(flags.wandb_mode),
-        start_step,
-        wandb_run_id,
-    )
+    return record
+
+
+def training_batches(config: RunConfig, engine: PipelineEngine, blocks: Dataset, start_step: int) -> TrainMicroBatches:
     dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
-    feeds_data = engine.is_first_stage() or engine.is_last_stage()
-    trace = output_dir / "batches" / f"stage{engine.stage_id}_dp{dp_rank}.jsonl"
-    if flags.trace_batches and feeds_data:
+    trace = None
+    if config.flags.trace_batches and (engine.is_first_stage() or engine.is_last_stage()):
+        trace = config.output_dir / "batches" / f"stage{engine.stage_id}_dp{dp_rank}.jsonl"
         trace.parent.mkdir(exist_ok=True)
-    batches = TrainMicroBatches(
-        splits["train"],
-        batch.micro_batch_size,
-        batch.num_micro_batches,
-        dp_rank,
-        dp_size,
-        flags.seed,
-        start_step,
-        trace if flags.trace_batches and feeds_data else None,
+    batch = config.batch
+    return TrainMicroBatches(
+        blocks, batch.micro_batch_size, batch.num_micro_batches, dp_rank, dp_size, config.flags.seed, start_step, trace
     )
-    checkpoints = output_dir / "checkpoints"
+
+
+def build_run(config: RunConfig) -> Run:
+    flags = config.flags
+    if rank() == 0:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(flags.seed)
+    tokenizer, model_config, arch, splits, eval_blocks = prepare_inputs(config)
+    memory_before_model = memory_in_use()
+    engine = build_engine(config, arch)
+    flops = flops_per_token(arch, flags.seq_len)
+    record = write_run_record(config, engine, model_config, flops)
+    start_step, wandb_run_id = resume(config, engine)
+    log = MetricsLog(config.output_dir, rank() == 0, flags, record, start_step, wandb_run_id)
+    batches = training_batches(config, engine, splits["train"], start_step)
+    feeds_data = engine.is_first_stage() or engine.is_last_stage()
+    checkpoints = config.output_dir / "checkpoints"
     peak = peak_tflops(training_dtype(config.ds_config), flags.peak_tflops)
     return Run(
         config,
@@ -207,28 +202,10 @@ def build_run(config: RunConfig) -> Run:
         batches,
         data_iter=iter(batches) if feeds_data else None,
         log=log,
-        meter=StepMeter(engine, batch, flags.seq_len, flops, peak, memory_before_model, checkpoints),
-        evaluator=Evaluator(
-            engine,
-            splits["validation"],
-            batch,
-            eval_blocks,
-            flags.eval_interval,
-            tokenizer,
-            flags.sample_prompt,
-            flags.sample_tokens,
-            flags.seq_len,
-            flags.seed,
-            log,
-        ),
+        meter=StepMeter(engine, config.batch, flags.seq_len, flops, peak, memory_before_model, checkpoints),
+        evaluator=Evaluator(engine, splits["validation"], eval_blocks, tokenizer, config, log),
         checkpointer=Checkpointer(
-            engine,
-            checkpoints,
-            model_config,
-            flags.save_interval,
-            flags.keep_last,
-            {"wandb_run_id": log.run_id, "data_seed": flags.seed},
-            batch.global_batch,
+            engine, checkpoints, model_config, config, {"wandb_run_id": log.run_id, "data_seed": flags.seed}
         ),
-        profiler=ScheduleProfiler(engine, set(flags.profile_steps), output_dir),
+        profiler=ScheduleProfiler(engine, set(flags.profile_steps), config.output_dir),
     )

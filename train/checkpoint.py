@@ -90,22 +90,14 @@ def _probe_writable(tag_dir: Path) -> None:
 
 
 class Checkpointer:
-    """Saves on its schedule (every `interval` steps and at the last step) and remembers the newest complete
-    checkpoint, which the export reads."""
+    """Saves on its schedule (every `--save-interval` steps and at the last step) and remembers the newest
+    complete checkpoint, which the export reads."""
 
-    def __init__(
-        self,
-        engine: PipelineEngine,
-        root: Path,
-        model_config: PretrainedConfig,
-        interval: int,
-        keep_last: int,
-        client_state: dict,
-        samples_per_step: int,
-    ):
-        self.engine, self.root, self.model_config = engine, root, model_config
-        self.interval, self.keep_last = interval, keep_last
-        self.client_state, self.samples_per_step = client_state, samples_per_step
+    def __init__(self, engine: PipelineEngine, root: Path, model_config: PretrainedConfig, config, client_state: dict):
+        """`config`: the RunConfig (save interval, checkpoints kept, global batch); `client_state`: saved as is."""
+        self.engine, self.root, self.model_config, self.client_state = engine, root, model_config, client_state
+        self.interval, self.keep_last = config.flags.save_interval, config.flags.keep_last
+        self.samples_per_step = config.batch.global_batch
         self.last_saved: Path | None = None
 
     def save(self, step: int, last_step: bool) -> None:

@@ -8,7 +8,6 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from models.deepspeed_internals import clear_eval_outputs
 from train.batches import eval_micro_batches
-from train.ds_config import BatchLayout
 from train.metrics import MetricsLog, eval_metrics
 
 
@@ -73,41 +72,28 @@ def sample_through_pipeline(
 
 
 class Evaluator:
-    """Validation loss and text samples, every `interval` steps and at the last step."""
+    """Validation loss and text samples, every `--eval-interval` steps and at the last step."""
 
-    def __init__(
-        self,
-        engine: PipelineEngine,
-        blocks: Dataset,
-        batch: BatchLayout,
-        n_blocks: int,
-        interval: int,
-        tokenizer,
-        prompt: str,
-        new_tokens: int,
-        seq_len: int,
-        seed: int,
-        log: MetricsLog,
-    ):
-        self.engine, self.blocks, self.batch, self.n_blocks, self.interval = engine, blocks, batch, n_blocks, interval
-        self.tokenizer, self.prompt, self.new_tokens, self.seq_len = tokenizer, prompt, new_tokens, seq_len
-        self.seed, self.log = seed, log
+    def __init__(self, engine: PipelineEngine, blocks: Dataset, n_blocks: int, tokenizer, config, log: MetricsLog):
+        """`config`: the RunConfig (batch layout; eval interval, sample prompt and length, seq len, seed flags)."""
+        self.engine, self.blocks, self.n_blocks, self.tokenizer, self.log = engine, blocks, n_blocks, tokenizer, log
+        self.batch, self.flags = config.batch, config.flags
 
     def should_evaluate(self, step: int, last_step: bool) -> bool:
-        return last_step or step % self.interval == 0
+        return last_step or step % self.flags.eval_interval == 0
 
     def evaluate(self, step: int) -> dict:
         """The validation metrics; the samples go to the log."""
-        batch = self.batch
+        batch, flags = self.batch, self.flags
         loss = evaluate(self.engine, self.blocks, batch.micro_batch_size, batch.num_micro_batches, self.n_blocks)
         samples = sample_through_pipeline(
             self.engine,
             self.tokenizer,
-            self.prompt,
-            self.new_tokens,
-            self.seq_len,
+            flags.sample_prompt,
+            flags.sample_tokens,
+            flags.seq_len,
             batch.micro_batch_size,
-            seed=self.seed + step,
+            seed=flags.seed + step,
         )
         self.log.samples(step, samples[:3])
         return eval_metrics(loss)

@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -196,20 +197,17 @@ class MetricsLog:
         self,
         output_dir: Path,
         enabled: bool,
-        total_steps: int,
-        interval: int,
+        flags: Namespace,
         run_config: dict,
-        wandb_project: str,
-        wandb_run_name: str | None,
-        wandb_mode_: str,
         resume_step: int = 0,
         wandb_run_id: str | None = None,
     ):
+        """`flags`: train_steps, log_interval and the wandb_* flags."""
         self.enabled = enabled
         self.output_dir = output_dir
         self.resume_step = resume_step
         self.sample_rows: list[list] = []
-        self.total_steps, self.interval = total_steps, interval
+        self.total_steps, self.interval = flags.train_steps, flags.log_interval
         self.start = time.perf_counter()
         self.wandb = None
         self.run_id = None
@@ -220,13 +218,14 @@ class MetricsLog:
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a")  # noqa: SIM115 (closed in finish)
-        if wandb_mode_ != "disabled":
+        mode = wandb_mode(flags.wandb_mode)
+        if mode != "disabled":
             import wandb
 
             self.wandb = wandb.init(
-                project=wandb_project,
-                name=wandb_run_name or output_dir.name,
-                mode=wandb_mode_,
+                project=flags.wandb_project,
+                name=flags.wandb_run_name or output_dir.name,
+                mode=mode,
                 dir=str(output_dir),
                 config=run_config,
                 id=wandb_run_id,

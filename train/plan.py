@@ -5,41 +5,22 @@
 
 The model and layout flags are the trainer's, with the trainer's defaults.
 
-The partition is the one DeepSpeed will make (the same solver on the same per-layer weights).
-Memory per GPU of stage s holding P_s parameters, in bytes, as DeepSpeed 0.19.8 allocates it
-(w = 2 for bf16/fp16, 4 for fp32; g = 4 with fp32 gradient accumulation, else w; r replicas):
-
-    weights      P_s x w
-    optimizer    P_s x (4 fp32 master + 8 Adam moments) / r with ZeRO-1 (without ZeRO, 8 + 4 unless fp32)
-    reduction    min(P_s, reduce_bucket_size) x g: ZeRO's contiguous gradient bucket, kept between steps
-    gradients    during backward: P_s x g (param.grad, accumulated over the micro-batches);
-                 in the optimizer step: P_s x 4 / r (the fp32 gradient of this rank's partition)
-                 plus Adam's two fp32 temporaries of it, 8 x P_s / r (4 x P_s without ZeRO)
-    activations  per block and micro-batch, the bytes autograd saves in one forward of transformers'
-                 GPT2Block (counted on a real block at a small size, scaled to b x s tokens), times
-                 the micro-batches in flight under 1F1B, min(p - s, m); with activation checkpointing
-                 only each block's input, plus one block's full set during its recomputation; on the
-                 last stage also b s V x (w + 8) of logits, log-softmax and its gradient (+ 4 + w for
-                 the fp32 copy of bf16/fp16 logits)
-
-The peak is the larger of the backward pass (weights, optimizer, bucket, accumulated gradients,
-activations) and the optimizer step (weights, optimizer, bucket, step gradients): activations are
-freed before the step. Checked against measured memory in `bench/memory_bench.py` and the tests.
+The partition is the one DeepSpeed will make (the same solver on the same per-layer weights); the memory
+per stage comes from `train/memory_model.py`, checked against measured memory in `bench/memory_bench.py`
+and the tests.
 """
 
 import argparse
-import functools
 import json
 import sys
 from dataclasses import dataclass
 
-from deepspeed.runtime.utils import partition_balanced, partition_uniform
-
 from models.architecture import Architecture, discover
-from models.flops import flops_partition, flops_per_token
+from models.flops import flops_per_token
 from train.args import Flags, OneLineErrors, parse_args, shared_flags
 from train.ds_config import batch_layout, load_ds_config
 from train.errors import ConfigError, entry_point
+from train.memory_model import StagePlan, fits, plan_stages
 from train.mfu import PEAK_TFLOPS, training_dtype
 from train.run_config import model_config_from_flags
 
@@ -54,142 +35,6 @@ GPU_MEMORY_GIB = {
     "MI300X": 192,
     "MI250X": 128,
 }
-LAYER_NAMES = ("EmbeddingPipe", "DecoderLayerPipe", "FinalNormPipe")
-
-
-def layer_names(arch: Architecture) -> list[str]:
-    head = "EmbeddingPipe" if arch.tied else "HeadPipe"
-    return [LAYER_NAMES[0], *[LAYER_NAMES[1]] * arch.num_layers, LAYER_NAMES[2], head]
-
-
-def stage_bounds(arch: Architecture, stages: int, method: str, seq_len: int) -> list[int]:
-    method = method.lower()
-    if method == "uniform":
-        bounds = partition_uniform(arch.num_layers + 3, stages)
-    elif method == "parameters":
-        bounds = partition_balanced(arch.layer_parameters(), stages)
-    elif method == "flops":
-        bounds = flops_partition(arch, seq_len, stages)
-    elif method == "type:decoderlayerpipe":
-        bounds = partition_balanced([0, *[1] * arch.num_layers, 0, 0], stages)
-    else:
-        raise ConfigError(f"the planner knows flops, parameters, uniform and type:DecoderLayerPipe, not {method!r}")
-    return [int(b) for b in bounds]
-
-
-@dataclass
-class StagePlan:
-    stage: int
-    layers: list[str]
-    parameters: int  # what this stage holds (a tied embedding on both ends)
-    memory: dict[str, float]  # bytes by kind: weights, optimizer, reduction, backward/step gradients, activations
-
-    @property
-    def peak(self) -> float:
-        m = self.memory
-        held = m["weights"] + m["optimizer"] + m["reduction"]
-        return held + max(m["backward_gradients"] + m["activations"], m["step_gradients"])
-
-
-def saved_bytes_per_token(arch: Architecture, dtype: str) -> float:
-    """Bytes autograd keeps per token for one decoder layer's backward, counted on real layers.
-
-    Every tensor saved for backward is recorded once (by storage), parameters excluded. This is what
-    the layer really stores, e.g. the four 4h-wide tensors of GPT-2's tanh GELU or SwiGLU's three,
-    which the usual 34 s b h estimate (Korthikanti et al. 2022) leaves out; SDPA stores no s x s scores.
-    With the head count fixed, the count is linear in the head size (every width scales with it), so
-    two narrow copies of the layer (head sizes 8 and 16) give it exactly without building a layer of
-    the real, possibly huge, size.
-    """
-    config = arch.config
-    head_dim = arch.attention_width / config.num_attention_heads
-    settings = config.to_json_string(use_diff=False)
-    narrow, wide = (_saved_bytes_per_token(settings, size / head_dim, dtype) for size in (8, 16))
-    return narrow + (wide - narrow) / 8 * (head_dim - 8)
-
-
-@functools.lru_cache
-def _saved_bytes_per_token(config_json: str, scale: float, dtype: str) -> float:
-    import torch
-
-    from models.hf_weights import config_from_dict
-    from models.pipeline import DecoderLayerPipe
-
-    config = config_from_dict(json.loads(config_json))
-    config.num_hidden_layers = 1
-    for width in ("hidden_size", "intermediate_size", "n_inner", "head_dim"):
-        if getattr(config, width, None) is not None:
-            setattr(config, width, round(getattr(config, width) * scale))
-    tokens = 64
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    layer = DecoderLayerPipe(discover(config), 0).to(torch_dtype).train()
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    hidden = torch.randn(1, tokens, config.hidden_size, dtype=torch_dtype, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(hidden)
-    return sum(seen.values()) / tokens
-
-
-def plan_stages(
-    arch: Architecture,
-    ds_config: dict,
-    stages: int,
-    data_parallel: int,
-    seq_len: int,
-    method: str,
-    checkpoint_interval: int = 0,
-) -> list[StagePlan]:
-    batch = batch_layout(ds_config, data_parallel)
-    dtype = training_dtype(ds_config)
-    width = 4 if dtype == "fp32" else 2
-    grad_width = 4 if dtype == "fp32" or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else width
-    zero_config = ds_config.get("zero_optimization", {})
-    zero = zero_config.get("stage", 0) >= 1
-    bucket = int(float(zero_config.get("reduce_bucket_size", 5e8))) if zero else 0
-    replicas = data_parallel if zero else 1
-    optimizer_width = 12 / replicas if zero or dtype != "fp32" else 8
-    names = layer_names(arch)
-    counts = arch.layer_parameters()
-    tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
-    block_activations = saved_bytes_per_token(arch, dtype) * tokens
-    plans = []
-    bounds = stage_bounds(arch, stages, method, seq_len)
-    for stage in range(stages):
-        start, stop = bounds[stage], bounds[stage + 1]
-        layers = names[start:stop]
-        # One stage holds a tied embedding once.
-        counts_here = counts[start : stop - 1] if stages == 1 and arch.tied else counts[start:stop]
-        params = sum(counts_here)
-        blocks = layers.count(LAYER_NAMES[1])
-        in_flight = min(stages - stage, batch.num_micro_batches)
-        if checkpoint_interval:
-            activations = in_flight * blocks * tokens * h * width + block_activations * min(blocks, 1)
-        else:
-            activations = in_flight * blocks * block_activations
-        if stop == len(names):  # logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient
-            activations += tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
-        memory = {
-            "weights": params * width,
-            "optimizer": params * optimizer_width,
-            "reduction": min(params, bucket) * grad_width,
-            "backward_gradients": params * grad_width,
-            "step_gradients": params * (12 / replicas if zero else 4),
-            "activations": activations,
-        }
-        plans.append(StagePlan(stage, layers, params, memory))
-    return plans
-
-
-def fits(plans: list[StagePlan], gpu_bytes: float) -> bool:
-    return all(p.peak <= 0.9 * gpu_bytes for p in plans)  # 10% for the framework and allocator
 
 
 def build_parser() -> argparse.ArgumentParser:
