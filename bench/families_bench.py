@@ -15,38 +15,22 @@ import tempfile
 from pathlib import Path
 
 from bench.pipeline_bench import run
+from tests.helpers import QUIET_RUN, cli, deepspeed_command
 
 
 def train(model: str, stages: int, steps: int, work: Path, tokenizer: Path | None) -> Path:
     out = work / f"{model}_{len(list(work.glob(f'{model}_*')))}"
-    args = [
-        "--model-config",
-        model,
-        "--pipeline-stages",
-        str(stages),
-        "--train-steps",
-        str(steps),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        str(10**6),
-        "--eval-blocks",
-        "16",
-        "--sample-tokens",
-        "1",
-        "--output-dir",
-        str(out),
-        "--wandb-mode",
-        "disabled",
-        "--data-cache-dir",
-        str(work / "cache"),
-    ]
-    if tokenizer is not None:
-        args += ["--tokenizer", str(tokenizer)]
-    run(
-        ["deepspeed", "--num_gpus", str(stages), "--master_port", "29671", "--module", "train.main", *args],
-        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    flags = cli(
+        model_config=model,
+        pipeline_stages=stages,
+        train_steps=steps,
+        eval_blocks=16,
+        output_dir=out,
+        data_cache_dir=work / "cache",
+        tokenizer=tokenizer,
+        **QUIET_RUN,
     )
+    run(deepspeed_command(stages, 29671, flags), env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     return out
 
 

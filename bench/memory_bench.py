@@ -19,6 +19,7 @@ from pathlib import Path
 from bench.pipeline_bench import run
 from models.architecture import discover
 from models.hf_weights import config_from_dict
+from tests.helpers import QUIET_RUN, cli, deepspeed_command, ds_config, tiny_gpt2, write_json
 from train.memory_model import plan_stages
 
 SEQ, VOCAB = 128, 8192  # the vocabulary is the BPE tokenizer's, trained here on the embedded corpus
@@ -28,72 +29,33 @@ CASES = [(8, 384, 6, 1, 4, 4), (8, 384, 6, 2, 4, 8), (6, 512, 8, 2, 4, 8)]
 
 def train_and_read_memory(work: Path, case: tuple, checkpoint_interval: int, steps: int) -> tuple[dict, float, dict]:
     layers, d, heads, stages, micro, micro_batches = case
-    config = {
-        "model_type": "gpt2",
-        "n_layer": layers,
-        "n_embd": d,
-        "n_head": heads,
-        "n_positions": SEQ,
-        "vocab_size": VOCAB,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-    }
-    ds_config = {
-        "train_batch_size": micro * micro_batches,
-        "train_micro_batch_size_per_gpu": micro,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": 1},
-        "steps_per_print": 10**9,
-    }
-    name = f"{layers}x{d}_pp{stages}_ac{checkpoint_interval}"
-    (work / f"{name}.json").write_text(json.dumps(config))
-    (work / f"{name}_ds.json").write_text(json.dumps(ds_config))
-    out = work / f"run_{name}_{time.time_ns()}"
-    run(
-        [
-            "deepspeed",
-            "--num_gpus",
-            str(stages),
-            "--master_port",
-            "29658",
-            "--module",
-            "train.main",
-            "--model-config",
-            str(work / f"{name}.json"),
-            "--tokenizer",
-            str(work / "tokenizer"),
-            "--seq-len",
-            str(SEQ),
-            "--pipeline-stages",
-            str(stages),
-            "--deepspeed_config",
-            str(work / f"{name}_ds.json"),
-            "--activation-checkpoint-interval",
-            str(checkpoint_interval),
-            "--train-steps",
-            str(steps),
-            "--log-interval",
-            "1",
-            "--eval-interval",
-            str(10**6),
-            "--eval-blocks",
-            str(micro * micro_batches),
-            "--output-dir",
-            str(out),
-            "--wandb-mode",
-            "disabled",
-            "--sample-tokens",
-            "1",
-            "--data-cache-dir",
-            str(work / "cache"),
-        ],
-        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages), "MALLOC_MMAP_THRESHOLD_": "131072"},
+    config = tiny_gpt2(layers, d, heads, SEQ, vocab_size=VOCAB)
+    ds = ds_config(
+        micro * micro_batches,
+        micro,
+        scheduler=None,
+        optimizer={"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
     )
+    name = f"{layers}x{d}_pp{stages}_ac{checkpoint_interval}"
+    out = work / f"run_{name}_{time.time_ns()}"
+    flags = cli(
+        model_config=write_json(work / f"{name}.json", config),
+        tokenizer=work / "tokenizer",
+        seq_len=SEQ,
+        pipeline_stages=stages,
+        deepspeed_config=write_json(work / f"{name}_ds.json", ds),
+        activation_checkpoint_interval=checkpoint_interval,
+        train_steps=steps,
+        eval_blocks=micro * micro_batches,
+        output_dir=out,
+        data_cache_dir=work / "cache",
+        **QUIET_RUN,
+    )
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    run(deepspeed_command(stages, 29658, flags), env=env)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = {s: rows[-1][f"model_mem_mb/stage{s}"] for s in range(stages)}
-    plans = plan_stages(discover(config_from_dict(config)), ds_config, stages, 1, SEQ, "flops", checkpoint_interval)
+    plans = plan_stages(discover(config_from_dict(config)), ds, stages, 1, SEQ, "flops", checkpoint_interval)
     planned = {p.stage: (p.peak / 2**20, p.memory["activations"] / 2**20) for p in plans}
     return measured, statistics.median(r["step_time"] for r in rows[1:]), planned
 

@@ -66,77 +66,31 @@ def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def ours(layers: int, stages: int, steps: int, work: Path, tokenizer: Path, partition: str) -> list[float]:
-    model = work / f"gpt2_{layers}.json"
-    model.write_text(
-        json.dumps(
-            {
-                "model_type": "gpt2",
-                "n_layer": layers,
-                "n_embd": 256,
-                "n_head": 4,  # noqa: E501
-                "n_positions": SEQ,
-                "vocab_size": 1024,
-                "resid_pdrop": 0.0,
-                "embd_pdrop": 0.0,
-                "attn_pdrop": 0.0,
-            }
-        )
-    )
-    ds = work / "ds.json"
-    ds.write_text(
-        json.dumps(
-            {
-                "train_batch_size": MICRO * MICROS,
-                "train_micro_batch_size_per_gpu": MICRO,
-                "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-                "gradient_clipping": 1.0,
-                "zero_optimization": {"stage": 0},
-                "steps_per_print": 10**9,
-            }
-        )
+    from tests.helpers import QUIET_RUN, cli, deepspeed_command, ds_config, tiny_gpt2, write_json
+
+    model = write_json(work / f"gpt2_{layers}.json", tiny_gpt2(layers, 256, 4, SEQ, vocab_size=1024))
+    ds = ds_config(
+        MICRO * MICROS,
+        MICRO,
+        scheduler=None,
+        zero_optimization={"stage": 0},
+        optimizer={"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
     )
     out = work / f"run_{layers}_{stages}_{partition}_{time.time_ns()}"
-    threads = str(2 // stages)
-    run(
-        [
-            "deepspeed",
-            "--num_gpus",
-            str(stages),
-            "--master_port",
-            "29655",
-            "--module",
-            "train.main",
-            "--model-config",
-            str(model),
-            "--tokenizer",
-            str(tokenizer),
-            "--seq-len",
-            str(SEQ),
-            "--pipeline-stages",
-            str(stages),
-            "--partition-method",
-            partition,
-            "--deepspeed_config",
-            str(ds),
-            "--train-steps",
-            str(steps),
-            "--log-interval",
-            "1",
-            "--eval-interval",
-            str(10**6),
-            "--eval-blocks",
-            "32",
-            "--output-dir",
-            str(out),
-            "--wandb-mode",
-            "disabled",
-            "--sample-tokens",
-            "1",
-            "--data-cache-dir",
-            str(work / "cache"),
-        ],
-        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads},
+    flags = cli(
+        model_config=model,
+        tokenizer=tokenizer,
+        seq_len=SEQ,
+        pipeline_stages=stages,
+        partition_method=partition,
+        deepspeed_config=write_json(work / "ds.json", ds),
+        train_steps=steps,
+        eval_blocks=32,
+        output_dir=out,
+        data_cache_dir=work / "cache",
+        **QUIET_RUN,
     )
+    run(deepspeed_command(stages, 29655, flags), env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages)})
     times = [json.loads(line)["step_time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return times[2:]
 

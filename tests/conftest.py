@@ -12,7 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.helpers import free_port  # noqa: E402
+from tests.helpers import free_port, write_ds_config  # noqa: E402
 from train.data import embedded_corpus  # noqa: E402
 from train.tokenizer import train_bpe_tokenizer  # noqa: E402
 
@@ -36,6 +36,11 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
     texts = (json.loads(line)["text"] for line in open(corpus))
     train_bpe_tokenizer(texts, vocab_size=512, out_dir=out)
     return out
+
+
+@pytest.fixture
+def good(tmp_path, corpus, tokenizer_dir):
+    return {"config": write_ds_config(tmp_path / "ds.json"), "data": corpus, "tokenizer": tokenizer_dir}
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_ds_config(path: Path, train_batch: int = 8, micro: int = 2, **overrides) -> Path:
+def tiny_gpt2(layers: int = 4, width: int = 64, heads: int = 4, positions: int = 64, **overrides) -> dict:
+    """A small GPT-2 config (no dropout: layouts and resumes compare exactly), for `--model-config FILE`."""
+    return {
+        "model_type": "gpt2",
+        "n_layer": layers,
+        "n_embd": width,
+        "n_head": heads,
+        "n_positions": positions,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        **overrides,
+    }
+
+
+def ds_config(train_batch: int = 8, micro: int = 2, **overrides) -> dict:
+    """A DeepSpeed config for tests and benches: fp32, ZeRO-1, torch AdamW (bit-exact resumes), warm-up + cosine.
+    An override of None drops the key (e.g. scheduler=None)."""
     config = {
         "train_batch_size": train_batch,
         "train_micro_batch_size_per_gpu": micro,
@@ -28,44 +45,75 @@ def write_ds_config(path: Path, train_batch: int = 8, micro: int = 2, **override
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": 1},
         "steps_per_print": 10**9,
+        **overrides,
     }
-    config.update(overrides)
-    path.write_text(json.dumps(config))
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def write_file(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
     return path
 
 
+def write_json(path: Path, value: dict) -> Path:
+    return write_file(path, json.dumps(value))
+
+
+def write_ds_config(path: Path, train_batch: int = 8, micro: int = 2, **overrides) -> Path:
+    return write_json(path, ds_config(train_batch, micro, **overrides))
+
+
+def cli(**flags) -> list[str]:
+    """Trainer flags from keywords: seq_len=32 -> --seq-len 32; True -> the bare flag; lists -> several values."""
+    args: list[str] = []
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-") if name != "deepspeed_config" else "--deepspeed_config"
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, list | tuple):
+            args += [flag, *map(str, value)]
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
+    return args
+
+
+# A short run that logs every step and evaluates only at its end (benchmarks; tests that time nothing else).
+QUIET_RUN = {"log_interval": 1, "eval_interval": 10**6, "sample_tokens": 1, "wandb_mode": "disabled"}
+
+
 def small_run_args(
-    corpus: Path, tokenizer_dir: Path, tmp_path: Path, ds_config: Path, model_config: Path | str, steps: int
-) -> list:
-    """Flags of a short run on the test corpus: 32-token blocks, a loss every step, two evaluations."""
-    return [
-        "--data",
-        corpus,
-        "--tokenizer",
-        tokenizer_dir,
-        "--model-config",
-        model_config,
-        "--seq-len",
-        32,
-        "--train-steps",
-        steps,
-        "--log-interval",
-        1,
-        "--eval-interval",
-        3,
-        "--val-fraction",
-        0.05,
-        "--eval-blocks",
-        32,
-        "--deepspeed_config",
-        ds_config,
-        "--data-cache-dir",
-        tmp_path / "cache",
-        "--wandb-mode",
-        "disabled",
-        "--sample-tokens",
-        5,
-    ]
+    corpus: Path,
+    tokenizer_dir: Path,
+    tmp_path: Path,
+    ds_config: Path,
+    model_config: Path | str,
+    steps: int,
+    **overrides,
+) -> list[str]:
+    """Flags of a short run on the test corpus: 32-token blocks, a loss every step, an evaluation every 3 steps
+    (`overrides`: other flags, as for `cli`)."""
+    flags = dict(
+        data=corpus,
+        tokenizer=tokenizer_dir,
+        model_config=model_config,
+        seq_len=32,
+        train_steps=steps,
+        log_interval=1,
+        eval_interval=3,
+        val_fraction=0.05,
+        eval_blocks=32,
+        deepspeed_config=ds_config,
+        data_cache_dir=tmp_path / "cache",
+        wandb_mode="disabled",
+        sample_tokens=5,
+    )
+    return cli(**{**flags, **overrides})
+
+
+def deepspeed_command(ranks: int, port: int, flags: list[str]) -> list[str]:
+    """The trainer through DeepSpeed's launcher, without launch.sh's preflight (benchmarks)."""
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "--module", "train.main", *flags]
 
 
 def run_process_group(cmd: list, env: dict, timeout: int) -> subprocess.CompletedProcess:

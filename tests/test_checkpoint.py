@@ -13,58 +13,42 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from tests.helpers import REPO, free_port, kill_process_group, launch, read_metrics, write_ds_config
+from tests.helpers import (
+    REPO,
+    free_port,
+    kill_process_group,
+    launch,
+    read_metrics,
+    small_run_args,
+    tiny_gpt2,
+    write_ds_config,
+    write_json,
+)
 from train.checkpoint import latest_tag, save_checkpoint, verified_tag_dir
 from train.errors import ConfigError
 from train.export import export_checkpoint
 
 STEPS = 40
-MODEL = {
-    "model_type": "gpt2",
-    "n_layer": 4,
-    "n_embd": 64,
-    "n_head": 4,
-    "n_positions": 64,
-    "resid_pdrop": 0.0,
-    "embd_pdrop": 0.0,
-    "attn_pdrop": 0.0,
-}
+MODEL = tiny_gpt2()
 
 
 @pytest.fixture(scope="module")
 def setup(corpus, tokenizer_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
-    (tmp / "model.json").write_text(json.dumps(MODEL))
-    args = [
-        "--data",
+    model, ds = write_json(tmp / "model.json", MODEL), write_ds_config(tmp / "ds.json")
+    args = small_run_args(
         corpus,
-        "--tokenizer",
         tokenizer_dir,
-        "--model-config",
-        tmp / "model.json",
-        "--seq-len",
-        32,
-        "--train-steps",
+        tmp,
+        ds,
+        model,
         STEPS,
-        "--log-interval",
-        1,
-        "--eval-interval",
-        STEPS,
-        "--eval-blocks",
-        8,
-        "--save-interval",
-        5,
-        "--keep-last",
-        0,
-        "--deepspeed_config",
-        write_ds_config(tmp / "ds.json"),
-        "--data-cache-dir",
-        tmp / "cache",
-        "--wandb-mode",
-        "disabled",
-        "--sample-tokens",
-        2,
-    ]
+        eval_interval=STEPS,
+        eval_blocks=8,
+        save_interval=5,
+        keep_last=0,
+        sample_tokens=2,
+    )
     return tmp, [str(a) for a in args]
 
 

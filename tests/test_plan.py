@@ -12,7 +12,7 @@ from models.architecture import Architecture, discover
 from models.flops import flops_per_token, head_flops_per_token
 from models.hf_weights import config_from_dict
 from models.presets import PRESETS, resolve_model_config
-from tests.helpers import launch, read_metrics, write_ds_config
+from tests.helpers import QUIET_RUN, cli, launch, read_metrics, tiny_gpt2, write_ds_config, write_json
 from train.memory_model import plan_stages
 
 
@@ -61,20 +61,10 @@ def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tok
     leave the RSS, as they leave a GPU allocator's counters; the planner counts live tensors.
     The Llama case has GQA, a SwiGLU MLP and an untied head."""
     seq, micro, micro_batches = 64, 2, 2
-    model = (
-        {
-            "model_type": "gpt2",
-            "n_layer": 8,
-            "n_embd": width,
-            "n_head": width // 64,
-            "n_positions": seq,
-            "vocab_size": 512,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-        }
-        if family == "gpt2"
-        else {
+    if family == "gpt2":
+        model = tiny_gpt2(8, width, width // 64, seq, vocab_size=512)
+    else:
+        model = {
             "model_type": "llama",
             "num_hidden_layers": 8,
             "hidden_size": width,
@@ -84,45 +74,22 @@ def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tok
             "max_position_embeddings": seq,
             "vocab_size": 512,
         }
-    )
-    (tmp_path / "model.json").write_text(json.dumps(model))
     ds = write_ds_config(tmp_path / "ds.json", train_batch=micro * micro_batches, micro=micro)
-    launch(
-        [
-            "--model-config",
-            tmp_path / "model.json",
-            "--tokenizer",
-            tokenizer_dir,
-            "--data",
-            corpus,
-            "--seq-len",
-            seq,
-            "--pipeline-stages",
-            stages,
-            "--deepspeed_config",
-            ds,
-            "--train-steps",
-            3,
-            "--log-interval",
-            1,
-            "--eval-interval",
-            100,
-            "--eval-blocks",
-            4,
-            "--val-fraction",
-            0.05,
-            "--output-dir",
-            tmp_path / "run",
-            "--wandb-mode",
-            "disabled",
-            "--sample-tokens",
-            1,
-            "--data-cache-dir",
-            tmp_path / "cache",
-        ],
-        ranks=stages,
-        env={"MALLOC_MMAP_THRESHOLD_": "131072"},
+    flags = cli(
+        model_config=write_json(tmp_path / "model.json", model),
+        tokenizer=tokenizer_dir,
+        data=corpus,
+        seq_len=seq,
+        pipeline_stages=stages,
+        deepspeed_config=ds,
+        train_steps=3,
+        eval_blocks=4,
+        val_fraction=0.05,
+        output_dir=tmp_path / "run",
+        data_cache_dir=tmp_path / "cache",
+        **QUIET_RUN,
     )
+    launch(flags, ranks=stages, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
     measured = read_metrics(tmp_path / "run")[-1]
     plans = plan_stages(discover(config_from_dict(model)), json.loads(ds.read_text()), stages, 1, seq, "flops")
     for plan in plans:

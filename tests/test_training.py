@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import launch, read_metrics, small_run_args, write_ds_config
+from tests.helpers import launch, read_metrics, small_run_args, tiny_gpt2, write_ds_config, write_json
 from train.data import packed_dataset, resolve_sources
 from train.tokenizer import load_tokenizer
 
@@ -29,10 +29,7 @@ def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
     """The same 6 steps as pp=1, pp=2, pp=2 x dp=2 and pp=2 balanced by FLOPs with activation checkpointing
     (global batch 8, micro-batch 2, fp32)."""
     tmp = tmp_path_factory.mktemp("layouts")
-    (tmp / "model.json").write_text(
-        '{"model_type": "gpt2", "n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 64,'
-        ' "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}'
-    )
+    write_json(tmp / "model.json", tiny_gpt2())
     ds_config = write_ds_config(tmp / "ds.json")
     runs = {}
     by_params = ["--partition-method", "parameters"]

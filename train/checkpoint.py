@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from transformers import PretrainedConfig
 
 from train.errors import EXIT_ERROR, ConfigError, every_rank
 from train.faults import inject_fault
+
+if TYPE_CHECKING:  # run_config imports this module
+    from train.run_config import RunConfig
 
 MANIFEST = "pipegpt_manifest.json"
 LATEST = "latest"
@@ -93,7 +97,14 @@ class Checkpointer:
     """Saves on its schedule (every `--save-interval` steps and at the last step) and remembers the newest
     complete checkpoint, which the export reads."""
 
-    def __init__(self, engine: PipelineEngine, root: Path, model_config: PretrainedConfig, config, client_state: dict):
+    def __init__(
+        self,
+        engine: PipelineEngine,
+        root: Path,
+        model_config: PretrainedConfig,
+        config: "RunConfig",
+        client_state: dict,
+    ):
         """`config`: the RunConfig (save interval, checkpoints kept, global batch); `client_state`: saved as is."""
         self.engine, self.root, self.model_config, self.client_state = engine, root, model_config, client_state
         self.interval, self.keep_last = config.flags.save_interval, config.flags.keep_last

@@ -9,6 +9,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from models.deepspeed_internals import clear_eval_outputs
 from train.batches import eval_micro_batches
 from train.metrics import MetricsLog, eval_metrics
+from train.run_config import RunConfig
 
 
 def evaluate(
@@ -74,7 +75,9 @@ def sample_through_pipeline(
 class Evaluator:
     """Validation loss and text samples, every `--eval-interval` steps and at the last step."""
 
-    def __init__(self, engine: PipelineEngine, blocks: Dataset, n_blocks: int, tokenizer, config, log: MetricsLog):
+    def __init__(
+        self, engine: PipelineEngine, blocks: Dataset, n_blocks: int, tokenizer, config: RunConfig, log: MetricsLog
+    ):
         """`config`: the RunConfig (batch layout; eval interval, sample prompt and length, seq len, seed flags)."""
         self.engine, self.blocks, self.n_blocks, self.tokenizer, self.log = engine, blocks, n_blocks, tokenizer, log
         self.batch, self.flags = config.batch, config.flags
