@@ -75,12 +75,13 @@ def _write_traceback(text: str) -> str:
 
 
 def agree(failure: RunError | None) -> None:
-    """A collective: if any rank brings a failure, every rank raises the first one (same line, same code)."""
-    reports: list[tuple[str, int] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (str(failure), failure.exit_code) if failure else None)
+    """A collective: if any rank brings a failure, every rank raises the first one (same class, same line)."""
+    reports: list[tuple[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (type(failure).__name__, str(failure)) if failure else None)
     first = next((r for r in reports if r), None)
     if first:
-        raise (UnexpectedError if first[1] == EXIT_UNEXPECTED else RunError)(first[0])
+        kinds = {kind.__name__: kind for kind in (RunError, ConfigError, UnexpectedError)}
+        raise kinds.get(first[0], RunError)(first[1])
 
 
 def every_rank(fn: Callable[[], T], run_here: bool = True) -> T | None:
@@ -110,20 +111,17 @@ def rank_zero_first(fn: Callable[[], T]) -> T:
 def entry_point(fn: Callable[[], object], error_log: Path | None = None) -> int:
     """Run a command: 0 when it returns, else its failure as one `error:` line and the exit code.
 
-    A RunError is the same on every rank (agreed by `agree`, or the same input failing everywhere): rank 0
-    prints it, and the process group is torn down first, because left to interpreter exit gloo's threads
-    sometimes abort the process ("terminate called without an active exception") and the launcher then
-    reports exit code 250 instead of 2. Any other exception stops this rank alone; the launcher ends the
-    others."""
+    A RunError is the same on every rank (agreed by `agree`, or the same input failing everywhere), so only
+    global rank 0 prints it. Any other exception stops this rank alone, which prints it; the launcher then
+    ends the others."""
     set_error_log(error_log)
     try:
         fn()
         return 0
     except Exception as e:
-        agreed = isinstance(e, RunError) and dist.is_initialized()
+        agreed = isinstance(e, RunError)
         failure = as_run_error(e)
-    if not agreed or dist.get_rank() == 0:
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if not agreed or rank == 0:
         print(f"error: {failure}", file=sys.stderr, flush=True)
-    if agreed:
-        dist.destroy_process_group()
     return failure.exit_code

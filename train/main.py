@@ -14,7 +14,7 @@ from models.hf_weights import export_hf_model
 from train.args import Flags, parse_args
 from train.build import Run, build_run
 from train.distributed import init_distributed, rank, say
-from train.errors import entry_point, every_rank
+from train.errors import RunError, entry_point, every_rank
 from train.generate import generate_text
 from train.run_config import resolve_run_config
 
@@ -54,9 +54,16 @@ def export_and_sample(run: Run, checkpoint: Path) -> None:
 
 def run_training(flags: Flags) -> None:
     init_distributed()
-    config = every_rank(lambda: resolve_run_config(flags, dist.get_world_size()))
-    run = build_run(config)
-    export_and_sample(run, train(run))
+    try:
+        config = every_rank(lambda: resolve_run_config(flags, dist.get_world_size()))
+        run = build_run(config)
+        export_and_sample(run, train(run))
+    except RunError:
+        # Every rank stops here together (a RunError is agreed). Left to interpreter exit, gloo's threads
+        # sometimes abort the process ("terminate called without an active exception"), and the launcher
+        # then reports exit code 250 instead of 2.
+        dist.destroy_process_group()
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
