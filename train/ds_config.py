@@ -89,29 +89,33 @@ class BatchLayout:
 def batch_layout(config: dict, data_parallel_size: int) -> BatchLayout:
     """The batch layout, checked the way DeepSpeed multiplies its three numbers."""
     train_batch = config.get("train_batch_size")
-    micro = config.get("train_micro_batch_size_per_gpu")
+    micro_batch_size = config.get("train_micro_batch_size_per_gpu")
     accumulation = config.get("gradient_accumulation_steps")
-    if micro is None:
-        raise ConfigError("DeepSpeed config must set train_micro_batch_size_per_gpu (the pipeline's micro-batch size)")
+    if micro_batch_size is None:
+        raise ConfigError(
+            "DeepSpeed config must set train_micro_batch_size_per_gpu (the pipeline's micro_batch_size-batch size)"
+        )
     if train_batch is None and accumulation is None:
         raise ConfigError("DeepSpeed config must set train_batch_size or gradient_accumulation_steps")
     if accumulation is None:
-        if train_batch % (micro * data_parallel_size):
+        if train_batch % (micro_batch_size * data_parallel_size):
             raise ConfigError(
-                f"train_batch_size {train_batch} is not divisible by train_micro_batch_size_per_gpu {micro} x "
-                f"{data_parallel_size} data-parallel replicas; change one of them in the DeepSpeed config"
+                f"train_batch_size {train_batch} is not divisible by train_micro_batch_size_per_gpu "
+                f"{micro_batch_size} x {data_parallel_size} data-parallel replicas; change one of them in the "
+                "DeepSpeed config"
             )
-        accumulation = train_batch // (micro * data_parallel_size)
+        accumulation = train_batch // (micro_batch_size * data_parallel_size)
     elif train_batch is None:
-        train_batch = micro * accumulation * data_parallel_size
-    elif train_batch != micro * accumulation * data_parallel_size:
+        train_batch = micro_batch_size * accumulation * data_parallel_size
+    elif train_batch != micro_batch_size * accumulation * data_parallel_size:
         raise ConfigError(
-            f"train_batch_size {train_batch} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
-            f"{accumulation} x {data_parallel_size} data-parallel replicas; fix the DeepSpeed config"
+            f"train_batch_size {train_batch} != train_micro_batch_size_per_gpu {micro_batch_size} x "
+            f"gradient_accumulation_steps {accumulation} x {data_parallel_size} data-parallel replicas; fix the "
+            "DeepSpeed config"
         )
-    if min(train_batch, micro, accumulation) < 1:
+    if min(train_batch, micro_batch_size, accumulation) < 1:
         raise ConfigError("batch sizes in the DeepSpeed config must be positive")
-    return BatchLayout(train_batch, micro, accumulation)
+    return BatchLayout(train_batch, micro_batch_size, accumulation)
 
 
 def zero_stage(config: dict) -> int:

@@ -96,7 +96,7 @@ class ScheduleProfiler:
         return summary
 
 
-def bubble_summary(ranks: list[dict], stages: int, micro_batches: int) -> dict:
+def bubble_summary(ranks: list[dict], stages: int, num_micro_batches: int) -> dict:
     """Per stage: the fraction of the step's wall time not spent in forward or backward compute."""
     start = min(e["start"] for r in ranks for e in r["events"])
     end = max(e["end"] for r in ranks for e in r["events"])
@@ -107,9 +107,9 @@ def bubble_summary(ranks: list[dict], stages: int, micro_batches: int) -> dict:
         measured[stage] = 1 - busy / (end - start)
     return {
         "stages": stages,
-        "micro_batches": micro_batches,
+        "micro_batches": num_micro_batches,
         "step_seconds": end - start,
-        "theory": (stages - 1) / (micro_batches + stages - 1),
+        "theory": (stages - 1) / (num_micro_batches + stages - 1),
         "measured": measured,
     }
 
