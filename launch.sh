@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Train through the deepspeed launcher. All arguments go to the trainer (python -m train.main --help).
-#   NUM_GPUS   ranks on this machine (default: all GPUs; on a CPU-only machine 2 CPU ranks)
-#   HOSTFILE   DeepSpeed hostfile for multi-node runs ("host slots=N" per line)
-#   MASTER_PORT rendezvous port (default 29500)
+#   NUM_GPUS     ranks on this machine (default: all GPUs; on a CPU-only machine 2 CPU ranks)
+#   MASTER_PORT  rendezvous port (default 29500)
+# Several nodes, one of two ways:
+#   HOSTFILE     DeepSpeed hostfile ("host slots=N" per line): started once, on the first node; DeepSpeed
+#                reaches the others over passwordless ssh (pdsh)
+#   NODE_RANK    no ssh (SLURM, Kubernetes): start launch.sh once on every node with its NODE_RANK (0..n-1),
+#                the same MASTER_ADDR (node 0's address) and either NNODES (NUM_GPUS ranks on each) or HOSTFILE
 # Bad values of these, like bad flags, stop with one `error:` line and exit code 2 before any rank starts.
+# SIGTERM or SIGINT to launch.sh reaches every rank of this node: they finish the current step, save it and
+# exit with code 143 (train/preemption.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup_env.sh
@@ -18,20 +24,65 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 fail() { echo "error: $*" >&2; exit 2; }
+whole() { [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge "$3" ] || fail "$1 '$2' must be a whole number, at least $3"; }
 port=${MASTER_PORT:-29500}
 [[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || fail "MASTER_PORT '$port' is not a port number (1-65535)"
+slots_in() {  # the world size a hostfile declares, or nothing when a line is malformed
+  awk '!/^[[:space:]]*(#|$)/{ if (match($0, /slots=[0-9]+/)) n += substr($0, RSTART+6, RLENGTH-6); else bad=1 }
+       END{ print (bad || n == 0) ? "" : n }' "$1"
+}
+if [ -n "${NODE_RANK:-}" ]; then
+  mode=no-ssh
+  whole NODE_RANK "$NODE_RANK" 0
+  [ -n "${MASTER_ADDR:-}" ] || fail "NODE_RANK is set but MASTER_ADDR is not: set it to node 0's address on every node"
+  if [ -z "${HOSTFILE:-}" ]; then
+    [ -n "${NNODES:-}" ] || fail "NODE_RANK is set: give NNODES (nodes of NUM_GPUS ranks each) or a HOSTFILE"
+    whole NNODES "$NNODES" 1
+    whole NUM_GPUS "$NUM_GPUS" 1
+    HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/pipegpt_hosts.XXXXXX")
+    for ((n = 0; n < NNODES; n++)); do echo "node$n slots=$NUM_GPUS"; done > "$HOSTFILE"
+  fi
+fi
 if [ -n "${HOSTFILE:-}" ]; then
   [ -r "$HOSTFILE" ] || fail "HOSTFILE $HOSTFILE does not exist or cannot be read; pass a DeepSpeed hostfile ('host slots=N' per line)"
-  world_size=$(awk '!/^[[:space:]]*(#|$)/{ if (match($0, /slots=[0-9]+/)) n += substr($0, RSTART+6, RLENGTH-6); else bad=1 }
-                END{ print (bad || n == 0) ? "" : n }' "$HOSTFILE")
+  world_size=$(slots_in "$HOSTFILE")
   [ -n "$world_size" ] || fail "HOSTFILE $HOSTFILE: every line must read 'hostname slots=N' with N >= 1"
-  launcher=(deepspeed --hostfile "$HOSTFILE")
+  nodes=$(grep -cvE '^[[:space:]]*(#|$)' "$HOSTFILE")
+  launcher=(deepspeed --hostfile "$HOSTFILE" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"})
   preflight=(--world-size "$world_size")
+  if [ "${mode:-}" = no-ssh ]; then
+    [ "$NODE_RANK" -lt "$nodes" ] || fail "NODE_RANK $NODE_RANK: the hostfile has $nodes nodes (0..$((nodes - 1)))"
+    launcher+=(--no_ssh --node_rank "$NODE_RANK")
+    # Node 0 hosts the rendezvous; the others would find its port taken by a run already starting.
+    [ "$NODE_RANK" -eq 0 ] && preflight+=(--master-port "$port")
+  else
+    mode=ssh
+  fi
 else
-  [[ "$NUM_GPUS" =~ ^[0-9]+$ ]] && [ "$NUM_GPUS" -ge 1 ] || fail "NUM_GPUS '$NUM_GPUS' must be a whole number of ranks, at least 1"
-  world_size=$NUM_GPUS
+  mode=single
+  whole NUM_GPUS "$NUM_GPUS" 1
   launcher=(deepspeed --num_gpus "$NUM_GPUS")
-  preflight=(--world-size "$world_size" --master-port "$port")  # the rendezvous runs on this machine
+  preflight=(--world-size "$NUM_GPUS" --master-port "$port")  # the rendezvous runs on this machine
 fi
 python -m train.preflight "${preflight[@]}" "$@"
-exec "${launcher[@]}" --master_port "$port" --module train.main "$@"
+
+# DeepSpeed's runner dies at once on SIGTERM and leaves its per-node launcher and the ranks running, orphaned:
+# it runs with the signals ignored, and launch.sh passes them on to the ranks themselves (over ssh, DeepSpeed's
+# runner forwards them its own way: it kills the remote ranks).
+( trap '' TERM INT; exec "${launcher[@]}" --master_port "$port" --module train.main "$@" ) &
+runner=$!
+forward() {
+  if [ "$mode" = ssh ]; then
+    kill -TERM "$runner" 2>/dev/null || true
+  else
+    for node_launcher in $(pgrep -P "$runner" || true); do pkill -TERM -P "$node_launcher" || true; done
+  fi
+}
+trap forward TERM INT
+set +e
+while true; do
+  wait "$runner"
+  status=$?
+  kill -0 "$runner" 2>/dev/null || break  # wait returns early (status > 128) when a trapped signal arrives
+done
+exit "$status"

@@ -1,4 +1,4 @@
-"""Checkpoint size and save / load / export time, one CPU rank (pp=1), fp32 with Adam states.
+"""Checkpoint size and save / load / export / universal-conversion time, one CPU rank (pp=1), fp32 with Adam states.
 
 DS_ACCELERATOR=cpu python -m bench.checkpoint_bench [--models gpt2-tiny gpt2]
 """
@@ -22,6 +22,7 @@ from models.presets import resolve_model_config  # noqa: E402
 from train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from train.distributed import init_distributed  # noqa: E402
 from train.export import export_checkpoint  # noqa: E402
+from train.universal_checkpoint import convert_to_universal  # noqa: E402
 
 DS_CONFIG = {
     "train_batch_size": 1,
@@ -37,8 +38,10 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["gpt2-tiny", "gpt2"])
     args = p.parse_args()
     init_distributed()
-    print("| model | parameters | checkpoint MB | save s | load s | HF export s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| model | parameters | checkpoint MB | save s | load s | HF export s | universal conversion s | universal MB |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models:
         config = resolve_model_config(name, None, 8192 if name.endswith("-tiny") else None)
         pipe = build_pipeline(discover(config), num_stages=1)
@@ -49,13 +52,22 @@ def main() -> None:
         t0 = time.perf_counter()
         save_checkpoint(engine, root / "checkpoints", 1, {}, config, keep_last=0)
         t1 = time.perf_counter()
-        load_checkpoint(engine, root / "checkpoints", reset_optimizer=False)
+        load_checkpoint(engine, root / "checkpoints", mode="exact")
         t2 = time.perf_counter()
         export_checkpoint(root / "checkpoints", root / "hf")
         t3 = time.perf_counter()
-        size = sum(f.stat().st_size for f in (root / "checkpoints" / "step_1").iterdir()) / 2**20
+        universal = convert_to_universal(root / "checkpoints" / "step_1")
+        t4 = time.perf_counter()
+        size, universal_size = (
+            sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20
+            for d in (root / "checkpoints" / "step_1", universal)
+        )
         n = sum(p.numel() for p in pipe.parameters())
-        print(f"| {name} | {n / 1e6:.1f}M | {size:,.0f} | {t1 - t0:.2f} | {t2 - t1:.2f} | {t3 - t2:.2f} |", flush=True)
+        print(
+            f"| {name} | {n / 1e6:.1f}M | {size:,.0f} | {t1 - t0:.2f} | {t2 - t1:.2f} | {t3 - t2:.2f} "
+            f"| {t4 - t3:.2f} | {universal_size:,.0f} |",
+            flush=True,
+        )
         shutil.rmtree(root)
 
 

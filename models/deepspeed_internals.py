@@ -1,14 +1,17 @@
 """Every use of DeepSpeed's private internals, in one file, each with the reason it is needed.
 
-Checked against DeepSpeed 0.19.8 (`deepspeed/runtime/pipe/module.py`, `engine.py`, `deepspeed/ops/__init__.py`).
+Checked against DeepSpeed 0.19.8 (`deepspeed/runtime/pipe/module.py`, `engine.py`, `deepspeed/ops/__init__.py`)
+and, for the process-group timeout DeepSpeed leaves to torch, torch 2.13.
 On a DeepSpeed upgrade, review this file, then run the suite: the tests exercise every function here.
 """
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import deepspeed
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
@@ -24,10 +27,30 @@ def skip_shared_memory_all_reduce_build() -> None:
     deepspeed.ops.__compatible_ops__[SHARED_MEMORY_ALL_REDUCE_OP] = False
 
 
+def set_default_group_timeout(timeout: timedelta) -> None:
+    """The timeout of every process group created without one. DeepSpeed creates its pipeline, data-parallel and
+    tied-weight groups with `dist.new_group(ranks)` and no timeout (deepspeed/runtime/pipe/topology.py, module.py),
+    and torch (2.13, `distributed_c10d._get_default_timeout`) then reads these module globals: 30 minutes for
+    gloo and 10 for NCCL, whatever `init_process_group` was given."""
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
 def clear_eval_outputs(engine: PipelineEngine) -> None:
     """`eval_batch` adds every micro-batch's output to `engine.total_loss` and never resets it: a scalar left by
     a loss evaluation cannot take logits (`train_batch` resets it the same way before its schedule)."""
     engine.total_loss = None
+
+
+def layer_seed_offset(pipe: PipelineModule) -> int:
+    """The counter DeepSpeed seeds every layer's forward from: `base_seed * (micro_offset + 1) + layer`, with
+    `micro_offset` counting this module's forwards (training, evaluation and sampling alike). It is in no
+    checkpoint of DeepSpeed's, so a resumed run would replay the first micro-batches' dropout masks."""
+    return pipe.micro_offset
+
+
+def restore_layer_seed_offset(pipe: PipelineModule, offset: int) -> None:
+    pipe.micro_offset = offset
 
 
 def wrap_instructions(engine: PipelineEngine, wrap: Callable[[str, Callable], Callable]) -> None:

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,6 +139,55 @@ def run_process_group(cmd: list, env: dict, timeout: int) -> subprocess.Complete
         stdout, stderr = proc.communicate()
         raise AssertionError(f"{cmd[0]} still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def start_launch(args: list, ranks: int, env: dict | None = None, port: int | None = None) -> subprocess.Popen:
+    """`launch.sh ARGS` started in its own process group, not waited for (output in proc.stdout/stderr)."""
+    if os.environ.get("PIPEGPT_FAST_TIER"):
+        raise AssertionError("this test starts ranks or launch.sh: mark it @pytest.mark.ranks (full tier only)")
+    env = {
+        **os.environ,
+        "NUM_GPUS": str(ranks),
+        "MASTER_PORT": str(port or free_port()),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [str(c) for c in [REPO / "launch.sh", *args]],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Wait for a `start_launch` process; on timeout kill its whole process group and fail."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_group(proc)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def rank_pids(out: Path) -> list[int]:
+    """The trainer processes (ranks) of the run writing to `out`."""
+    found = subprocess.run(["pgrep", "-f", f"train.main --local_rank=.*{out}"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def wait_for_steps(out: Path, steps: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `out/metrics.jsonl` has `steps` logged steps (the run must still be going)."""
+    deadline = time.time() + timeout
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < steps:
+        assert proc.poll() is None, f"the run ended early:\n{proc.stderr.read()[-3000:] if proc.stderr else ''}"
+        assert time.time() < deadline, f"no {steps} steps after {timeout} s"
+        time.sleep(0.05)
 
 
 def kill_process_group(proc: subprocess.Popen) -> None:

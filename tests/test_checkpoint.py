@@ -125,18 +125,56 @@ def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
 @pytest.mark.ranks
 @pytest.mark.parametrize("stages,ranks", [(1, 1), (2, 4)], ids=["as_pp1", "as_pp2_dp2"])
 def test_resume_pp2_checkpoint_in_another_layout(setup, reference, stages, ranks):
+    """Through DeepSpeed's universal checkpoint (converted on demand): the Adam state comes along, so the
+    resumed run trains the uninterrupted run's losses; with --reset-optimizer only the first step agrees."""
     tmp, args = setup
     losses, ref_dir = reference
     out = tmp / f"relayout_{stages}_{ranks}"
     load = ["--load", ref_dir / "checkpoints" / "step_5", "--pipeline-stages", stages, "--output-dir", out]
-    refused = launch([*args, *load], ranks=ranks, check=False)
-    assert refused.returncode == 2
-    assert "pass --reset-optimizer" in refused.stderr.strip().splitlines()[-1] + refused.stdout
-    launch([*args, *load, "--reset-optimizer"], ranks=ranks)
+    proc = launch([*args, *load], ranks=ranks)
+    assert "at step 5 (another layout: through a universal checkpoint)" in proc.stdout
+    assert verified_tag_dir(ref_dir / "checkpoints" / "step_5_universal")  # complete, with its manifest
     after = {m["step"]: m["loss"] for m in read_metrics(out)}
+    for step in range(6, STEPS + 1):
+        assert after[step] == pytest.approx(losses[step], rel=1e-4), step
+    launch([*args, *load, "--reset-optimizer", "--output-dir", tmp / f"weights_only_{stages}_{ranks}"], ranks=ranks)
+    weights_only = {m["step"]: m["loss"] for m in read_metrics(tmp / f"weights_only_{stages}_{ranks}")}
     # Step 6's loss is computed with the weights after step 5, before the fresh optimizer acts.
-    assert after[6] == pytest.approx(losses[6], rel=1e-4)
-    assert after[STEPS] < losses[1]
+    assert weights_only[6] == pytest.approx(losses[6], rel=1e-4)
+    assert max(abs(weights_only[s] - losses[s]) / losses[s] for s in range(7, STEPS + 1)) > 1e-3
+
+
+@pytest.mark.ranks
+def test_universal_checkpoint_loads_every_adam_moment_and_weight(reference, one_rank_group):
+    """The universal form of the pp=2 step 5 (made by the test above, or here) loaded into one in-process
+    pp=1 engine: every parameter's fp32 weight and both Adam moments equal the converted files."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from models.architecture import discover
+    from models.hf_weights import config_from_dict
+    from models.pipeline import build_pipeline
+    from tests.helpers import ds_config
+    from train.checkpoint import read_manifest
+    from train.universal_checkpoint import convert_to_universal
+
+    _, ref_dir = reference
+    universal = convert_to_universal(verified_tag_dir(ref_dir / "checkpoints" / "step_5"))
+    arch = discover(config_from_dict(read_manifest(universal)["model_config"]))
+    pipe = build_pipeline(arch, 1, "parameters", 1234, 0, 32)
+    config = ds_config(checkpoint={"load_universal": True})
+    engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=config)
+    engine.load_checkpoint(str(universal.parent), tag=universal.name)
+    names = [name for name, _ in pipe.named_parameters()]
+    assert sorted(names) == sorted(p.name for p in (universal / "zero").iterdir())
+    for name, param in pipe.named_parameters():
+        saved = {
+            k: torch.load(universal / "zero" / name / f"{k}.pt", weights_only=False)["param"]
+            for k in ("fp32", "exp_avg", "exp_avg_sq")
+        }
+        assert torch.equal(safe_get_full_fp32_param(param), saved["fp32"]), name
+        assert torch.equal(safe_get_full_optimizer_state(param, "exp_avg"), saved["exp_avg"]), name
+        assert torch.equal(safe_get_full_optimizer_state(param, "exp_avg_sq"), saved["exp_avg_sq"]), name
+        assert saved["exp_avg_sq"].abs().sum() > 0, name
 
 
 @pytest.mark.ranks
@@ -236,7 +274,9 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
     parameters = len(dict(model.named_parameters()))  # a tied head's weight once
     assert len(loaded) == 2 and max(loaded) < parameters <= sum(loaded)  # no stage read the whole model
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    blocks = packed_dataset(resolve_sources([str(corpus)]), "text", tokenizer, 32, 0.02, tmp / "cache")["train"]
+    blocks = packed_dataset(resolve_sources([str(corpus)]), "text", tokenizer, 32, 0.05, tmp / "cache")[
+        "train"
+    ]  # as `setup`
     micro_batches = TrainMicroBatches(blocks, 2, 4, dp_rank=0, dp_size=1, seed=1234).step_indices(0)
     with torch.no_grad():
         first = [model(ids, labels=ids).loss.item() for ids in (blocks[i]["input_ids"].long() for i in micro_batches)]

@@ -116,6 +116,13 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
     train.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (and at the end)")
     train.add_argument("--eval-blocks", type=int, default=None, help="validation blocks per evaluation (default: all)")
     train.add_argument("--log-interval", type=int, default=10)
+    train.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300,
+        help="seconds a rank waits on a peer inside a training step before it reports a hang (in "
+        "<output-dir>/hang/) and stops; every process group gives up 30 s later",
+    )
     ckpt = p.add_argument_group("checkpoints")
     ckpt.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     ckpt.add_argument("--keep-last", type=int, default=2, help="complete checkpoints kept (0: all)")

@@ -28,10 +28,12 @@ from train.errors import ConfigError, every_rank, rank_zero_first
 from train.evaluate import Evaluator
 from train.metrics import MetricsLog, StepMeter, memory_in_use, run_record
 from train.mfu import peak_tflops, training_dtype
+from train.preemption import Preemption
 from train.prepare import prepare_data, prepare_tokenizer
 from train.run_config import RunConfig
 from train.timeline import ScheduleProfiler
 from train.tokenizer import tokenizer_too_large
+from train.watchdog import HangWatchdog
 
 
 class DropMessage(logging.Filter):
@@ -63,6 +65,8 @@ class Run:
     evaluator: Evaluator
     checkpointer: Checkpointer
     profiler: ScheduleProfiler
+    watchdog: HangWatchdog
+    preemption: Preemption
 
 
 def model_config_for(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -142,8 +146,11 @@ def resume(config: RunConfig, engine: PipelineEngine) -> tuple[int, str | None]:
     flags = config.flags
     if not flags.load:
         return 0, None
-    client_state = every_rank(lambda: load_checkpoint(engine, flags.load, flags.reset_optimizer))
-    say(f"resumed from {flags.load} at step {client_state['step']}")
+    client_state = every_rank(lambda: load_checkpoint(engine, flags.load, config.resume_mode))
+    how = {"exact": "", "universal": " (another layout: through a universal checkpoint)", "weights": " (weights only)"}[
+        config.resume_mode
+    ]
+    say(f"resumed from {flags.load} at step {client_state['step']}{how}")
     if client_state["step"] >= flags.train_steps:
         raise ConfigError(
             f"the checkpoint is at step {client_state['step']}; raise --train-steps above it to train further"
@@ -179,6 +186,7 @@ def training_batches(config: RunConfig, engine: PipelineEngine, blocks: Dataset,
 
 def build_run(config: RunConfig) -> Run:
     flags = config.flags
+    preemption = Preemption()  # from here on, SIGTERM/SIGINT stop the run at a step boundary
     if rank() == 0:
         config.output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(flags.seed)
@@ -208,4 +216,6 @@ def build_run(config: RunConfig) -> Run:
             engine, checkpoints, model_config, config, {"wandb_run_id": log.run_id, "data_seed": flags.seed}
         ),
         profiler=ScheduleProfiler(engine, set(flags.profile_steps), config.output_dir),
+        watchdog=HangWatchdog(engine, flags.dist_timeout, config.output_dir / "hang", rank()),
+        preemption=preemption,
     )

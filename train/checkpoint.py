@@ -10,6 +10,7 @@ manifest first, so a truncated or missing file is named instead of failing deep 
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,10 +18,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from transformers import PretrainedConfig
 
-from train.errors import EXIT_ERROR, ConfigError, every_rank
+from models.deepspeed_internals import layer_seed_offset, restore_layer_seed_offset
+from train.errors import EXIT_ERROR, ConfigError, every_rank, rank_zero_first
 from train.faults import inject_fault
 
 if TYPE_CHECKING:  # run_config imports this module
@@ -61,7 +68,15 @@ def save_checkpoint(
     """Save step `step` under `root/step_<step>`; make it `latest` only once every rank has written it."""
     tag = f"step_{step}"
     every_rank(lambda: _probe_writable(root / tag))  # fail together, before DeepSpeed starts writing
-    state = {**client_state, "step": step, "layout": layout_of(engine), "rng": rng_state()}
+    state = {
+        **client_state,
+        "step": step,
+        "layout": layout_of(engine),
+        "rng": rng_state(),
+        "layer_seed_offset": layer_seed_offset(engine.module),
+        # What DeepSpeed's ds_to_universal requires to convert the checkpoint (train/universal_checkpoint.py).
+        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+    }
     inject_fault(f"save:{tag}", lambda: engine.module.save_state_dict(str(root / tag), engine.checkpoint_engine))
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
@@ -72,9 +87,7 @@ def save_checkpoint(
         os._exit(EXIT_ERROR)
     dist.barrier()
     if dist.get_rank() == 0:
-        files = {p.name: p.stat().st_size for p in sorted((root / tag).iterdir()) if p.name != MANIFEST}
-        manifest = {"step": step, "layout": layout_of(engine), "model_config": model_config.to_dict(), "files": files}
-        _write_atomically(root / tag / MANIFEST, json.dumps(manifest, indent=1))
+        write_manifest(root / tag, {"step": step, "layout": layout_of(engine), "model_config": model_config.to_dict()})
         _write_atomically(root / LATEST, tag)
         prune(root, keep_last)
     dist.barrier()
@@ -121,9 +134,22 @@ class Checkpointer:
         return latest_tag(self.root)
 
 
+def write_manifest(tag_dir: Path, manifest: dict) -> None:
+    """Every file below `tag_dir` and its size, written last: a folder without it is incomplete."""
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+    files.pop(MANIFEST, None)
+    _write_atomically(tag_dir / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
+
+
 def prune(root: Path, keep_last: int) -> None:
-    tags = sorted((p for p in root.glob("step_*") if (p / MANIFEST).exists()), key=lambda p: int(p.name[5:]))
+    """Keep the newest `keep_last` complete checkpoints (with their universal conversions)."""
+    tags = sorted(
+        (p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / MANIFEST).exists()),
+        key=lambda p: int(p.name[5:]),
+    )
     for old in tags[:-keep_last] if keep_last > 0 else []:
+        for folder in root.glob(f"{old.name}_*"):
+            shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -151,26 +177,37 @@ def read_manifest(tag_dir: Path) -> dict:
     return json.loads((tag_dir / MANIFEST).read_text())
 
 
-def load_checkpoint(engine: PipelineEngine, load: Path, reset_optimizer: bool) -> dict:
-    """Restore weights (and, in the same layout, optimizer, LR schedule and RNG); returns the client state."""
+def resume_mode(load: Path, reset_optimizer: bool, layout: dict) -> str:
+    """How `--load` resumes a run of `layout`: "exact" (the same layout: weights, optimizer, LR schedule, RNG,
+    data position, dropout seeds), "universal" (another layout: the same through DeepSpeed's universal
+    checkpoint, but dropout masks and reduction order differ) or "weights" (--reset-optimizer)."""
     tag_dir = verified_tag_dir(load)
-    manifest = read_manifest(tag_dir)
-    same_layout = manifest["layout"] == layout_of(engine)
-    if not same_layout and not reset_optimizer:
-        raise ConfigError(
-            f"checkpoint {tag_dir} was written with {manifest['layout']} but this run is {layout_of(engine)}: "
-            "ZeRO optimizer state cannot be re-partitioned; pass --reset-optimizer to load the weights only"
-        )
+    if reset_optimizer:
+        return "weights"
+    return "universal" if (tag_dir / "zero").is_dir() or read_manifest(tag_dir)["layout"] != layout else "exact"
+
+
+def load_checkpoint(engine: PipelineEngine, load: Path, mode: str) -> dict:
+    """Restore the checkpoint as `resume_mode` decided; returns the client state (its step first of all)."""
+    from train.universal_checkpoint import convert_to_universal
+
+    tag_dir = verified_tag_dir(load)
+    if mode == "universal":
+        tag_dir = rank_zero_first(lambda: convert_to_universal(tag_dir))
+    elif mode == "weights" and (tag_dir / "zero").is_dir():
+        tag_dir = verified_tag_dir(tag_dir.parent / read_manifest(tag_dir)["universal_of"])
     try:
-        if same_layout and not reset_optimizer:
+        if mode != "weights":
             _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
             set_rng_state(client_state["rng"])
+            if mode == "exact" and "layer_seed_offset" in client_state:  # dropout masks continue where they were
+                restore_layer_seed_offset(engine.module, client_state["layer_seed_offset"])
             return client_state
         # Weights only: the per-layer files are layout-independent; DeepSpeed's fp32 copies follow them.
         engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine)
         if hasattr(engine.optimizer, "refresh_fp32_params"):
             engine.optimizer.refresh_fp32_params()
-    except (RuntimeError, OSError, KeyError) as e:
+    except (RuntimeError, OSError, KeyError, AssertionError) as e:
         raise ConfigError(f"cannot load checkpoint {tag_dir}: {str(e).splitlines()[0]}") from None
     state = torch.load(next(tag_dir.glob("mp_rank_00_model_states.pt")), map_location="cpu", weights_only=False)
     client_state = {k: state[k] for k in ("step", "consumed_samples", "wandb_run_id", "lr_scheduler") if k in state}

@@ -20,15 +20,20 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
+from train.distributed import preparation_group
+
 T = TypeVar("T")
 EXIT_ERROR = 2  # an `error:` line naming the problem and the fix: bad input, divergence, an unwritable checkpoint
 EXIT_UNEXPECTED = 1  # a failure of a kind we do not anticipate: the traceback is in error.log
+EXIT_HUNG = 3  # a peer stopped answering for --dist-timeout: stacks in <output-dir>/hang/rank<N>.txt
+EXIT_PREEMPTED = 143  # stopped on SIGTERM/SIGINT after saving the step reached (128 + SIGTERM, as shells report it)
 
 
 class RunError(Exception):
     """A run that cannot go on (bad input, a non-finite loss): reported as one `error:` line."""
 
     exit_code = EXIT_ERROR
+    label = "error"  # the first word of the line
 
 
 class ConfigError(RunError, ValueError):
@@ -74,25 +79,26 @@ def _write_traceback(text: str) -> str:
     return "traceback above"
 
 
-def agree(failure: RunError | None) -> None:
+def agree(failure: RunError | None, group: dist.ProcessGroup | None = None) -> None:
     """A collective: if any rank brings a failure, every rank raises the first one (same class, same line)."""
     reports: list[tuple[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (type(failure).__name__, str(failure)) if failure else None)
+    dist.all_gather_object(reports, (type(failure).__name__, str(failure)) if failure else None, group=group)
     first = next((r for r in reports if r), None)
     if first:
         kinds = {kind.__name__: kind for kind in (RunError, ConfigError, UnexpectedError)}
         raise kinds.get(first[0], RunError)(first[1])
 
 
-def every_rank(fn: Callable[[], T], run_here: bool = True) -> T | None:
-    """Run `fn` on this rank (when `run_here`), then agree: a failure on any rank stops every rank."""
+def every_rank(fn: Callable[[], T], run_here: bool = True, group: dist.ProcessGroup | None = None) -> T | None:
+    """Run `fn` on this rank (when `run_here`), then agree (on `group`, default the world): a failure on any rank
+    stops every rank."""
     result, failure = None, None
     if run_here:
         try:
             result = fn()
         except Exception as e:
             failure = as_run_error(e)
-    agree(failure)
+    agree(failure, group)
     return result
 
 
@@ -103,7 +109,7 @@ def rank_zero_first(fn: Callable[[], T]) -> T:
     rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     result = None
     for turn in (rank == 0, rank != 0 and local_rank == 0, local_rank != 0):
-        done = every_rank(fn, run_here=turn)
+        done = every_rank(fn, run_here=turn, group=preparation_group())
         result = done if turn else result
     return result
 
@@ -123,5 +129,5 @@ def entry_point(fn: Callable[[], object], error_log: Path | None = None) -> int:
         failure = as_run_error(e)
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     if not agreed or rank == 0:
-        print(f"error: {failure}", file=sys.stderr, flush=True)
+        print(f"{failure.label}: {failure}", file=sys.stderr, flush=True)
     return failure.exit_code

@@ -19,6 +19,8 @@ from train.tokenizer import load_tokenizer
 
 def export_checkpoint(checkpoint: Path, out: Path, tokenizer_dir: Path | None = None) -> Path:
     tag_dir = verified_tag_dir(checkpoint)
+    if "universal_of" in read_manifest(tag_dir):  # its weights are the native checkpoint's, beside it
+        tag_dir = verified_tag_dir(tag_dir.parent / read_manifest(tag_dir)["universal_of"])
     config = config_from_dict(read_manifest(tag_dir)["model_config"])
     run_tokenizer = tag_dir.parent.parent / "tokenizer"  # <run>/checkpoints/<tag>
     tokenizer_dir = tokenizer_dir or (run_tokenizer if run_tokenizer.exists() else None)

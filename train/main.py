@@ -23,20 +23,24 @@ def train(run: Run) -> Path:
     """One optimizer step per iteration; each component decides when it acts. Returns the last checkpoint."""
     engine, last = run.engine, run.config.flags.train_steps
     for step in range(run.start_step + 1, last + 1):
-        run.profiler.begin(step)
-        start = time.perf_counter()
-        loss = engine.train_batch(data_iter=run.data_iter).item()
-        seconds = time.perf_counter() - start
-        data_wait = run.batches.take_wait_seconds()
-        timeline = run.profiler.end()
-        grad_norm = run.meter.grad_norm(step, loss)  # stops the run if it diverged
-        evaluate = run.evaluator.should_evaluate(step, step == last)
-        if evaluate or run.log.should_log(step, step == last):
-            metrics = run.meter.metrics(loss, grad_norm, seconds, data_wait, timeline, step == last)
-            if evaluate:
-                metrics.update(run.evaluator.evaluate(step))
-            run.log.log(step, metrics)
-        run.checkpointer.save(step, last_step=step == last)
+        with run.watchdog.watching(step):
+            run.profiler.begin(step)
+            start = time.perf_counter()
+            loss = engine.train_batch(data_iter=run.data_iter).item()
+            seconds = time.perf_counter() - start
+            data_wait = run.batches.take_wait_seconds()
+            timeline = run.profiler.end()
+            grad_norm = run.meter.grad_norm(step, loss)  # stops the run if it diverged
+            evaluate = run.evaluator.should_evaluate(step, step == last)
+            if evaluate or run.log.should_log(step, step == last):
+                metrics = run.meter.metrics(loss, grad_norm, seconds, data_wait, timeline, step == last)
+                if evaluate:
+                    metrics.update(run.evaluator.evaluate(step))
+                run.log.log(step, metrics)
+            preempted = run.preemption.requested()
+        run.checkpointer.save(step, last_step=step == last or preempted)
+        if preempted:
+            raise run.preemption.stop(step, run.checkpointer.last_saved)
     run.log.finish()
     run.batches.close()
     return run.checkpointer.last_saved
@@ -53,7 +57,7 @@ def export_and_sample(run: Run, checkpoint: Path) -> None:
 
 
 def run_training(flags: Flags) -> None:
-    init_distributed()
+    init_distributed(flags.dist_timeout)
     try:
         config = every_rank(lambda: resolve_run_config(flags, dist.get_world_size()))
         run = build_run(config)

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 from models.architecture import discover
 from models.presets import resolve_model_config
 from train.args import DEFAULT_BPE_VOCAB, Flags
-from train.checkpoint import verified_tag_dir
+from train.checkpoint import resume_mode
 from train.data import Source, embedded_corpus, resolve_sources
 from train.ds_config import BatchLayout, check_layout, load_ds_config
 from train.errors import ConfigError
@@ -30,6 +30,7 @@ LOWEST = {
     "sample_tokens": 0,
     "vocab_size": 257,
     "activation_checkpoint_interval": 0,
+    "dist_timeout": 1,
 }
 PARTITION_METHODS = ("parameters", "uniform", "flops")
 
@@ -45,6 +46,7 @@ class RunConfig:
     val_sources: list[Source] | None  # None: --val-fraction of every source is held out
     batch: BatchLayout
     bpe_vocab_size: int  # of a tokenizer trained on the data
+    resume_mode: str | None  # with --load: "exact", "universal" or "weights" (train/checkpoint.py: resume_mode)
 
 
 def check_flag_ranges(flags: Flags) -> None:
@@ -95,10 +97,14 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
             f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"
         )
     check_seq_len(model_config, flags.seq_len)
+    resume = None
     if flags.load is not None:
         if not flags.load.exists():
             raise ConfigError(f"--load {flags.load}: no such folder; pass a run's checkpoints folder or a step_N in it")
-        verified_tag_dir(flags.load)
+        layout = {"pipeline_stages": flags.pipeline_stages, "data_parallel": world_size // flags.pipeline_stages}
+        resume = resume_mode(flags.load, flags.reset_optimizer, layout)
+        if resume == "universal":  # DeepSpeed reads this when the engine is built
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     sources = resolve_sources(flags.data or [embedded_corpus()])
     val_sources = resolve_sources(flags.val_data) if flags.val_data else None
     return RunConfig(
@@ -111,4 +117,5 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         val_sources,
         batch,
         bpe_vocab_size,
+        resume,
     )

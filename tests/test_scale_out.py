@@ -1,0 +1,133 @@
+"""Scale-out with real ranks: two nodes on one machine, preemption, hung peers, exact resume with dropout."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.helpers import (
+    finish,
+    free_port,
+    kill_process_group,
+    launch,
+    rank_pids,
+    read_metrics,
+    small_run_args,
+    start_launch,
+    tiny_gpt2,
+    wait_for_steps,
+    write_ds_config,
+    write_json,
+)
+from train.checkpoint import latest_tag
+from train.errors import EXIT_HUNG, EXIT_PREEMPTED
+
+pytestmark = pytest.mark.ranks  # every test here starts launch.sh
+
+STEPS = 12
+DROPOUT = tiny_gpt2(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+
+
+@pytest.fixture(scope="module")
+def dropout_run(corpus, tokenizer_dir, tmp_path_factory):
+    """pp=2 with dropout 0.1 everywhere, uninterrupted; an evaluation (forwards that move DeepSpeed's layer
+    seeds) every 3 steps and a checkpoint every 2."""
+    tmp = tmp_path_factory.mktemp("dropout")
+    model, ds = write_json(tmp / "model.json", DROPOUT), write_ds_config(tmp / "ds.json")
+    args = small_run_args(corpus, tokenizer_dir, tmp, ds, model, STEPS, save_interval=2, eval_blocks=8)
+    launch([*args, "--output-dir", tmp / "reference"], ranks=2)
+    return tmp, args, {m["step"]: m["loss"] for m in read_metrics(tmp / "reference")}
+
+
+def resume_and_compare(args: list, out, resumed_at: int, reference: dict) -> None:
+    proc = launch([*args, "--output-dir", out, "--load", out / "checkpoints"], ranks=2)
+    assert f"resumed from {out / 'checkpoints'} at step {resumed_at}" in proc.stdout
+    after = {m["step"]: m["loss"] for m in read_metrics(out)}
+    assert sorted(after) == list(range(1, STEPS + 1))
+    for step in range(resumed_at + 1, STEPS + 1):
+        assert after[step] == reference[step], (step, after[step], reference[step])  # bit-exact: torch_adam, pp=2
+
+
+def test_sigkilled_run_with_dropout_resumes_bit_exactly(dropout_run):
+    tmp, args, reference = dropout_run
+    assert len(set(reference.values())) == STEPS
+    out = tmp / "killed"
+    proc = start_launch([*args, "--output-dir", out], ranks=2)
+    try:
+        wait_for_steps(out, 5, proc)
+        os.kill(rank_pids(out)[-1], signal.SIGKILL)
+        assert finish(proc, timeout=120).returncode != 0
+    finally:
+        kill_process_group(proc)
+    resumed_at = int(latest_tag(out / "checkpoints").removeprefix("step_"))
+    assert 2 <= resumed_at < STEPS
+    resume_and_compare(args, out, resumed_at, reference)
+
+
+def test_sigterm_to_launch_sh_saves_the_step_reached_and_resumes_exactly(dropout_run):
+    tmp, args, reference = dropout_run
+    out = tmp / "preempted"
+    proc = start_launch([*args, "--output-dir", out, "--save-interval", 0], ranks=2)
+    wait_for_steps(out, 3, proc)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # to launch.sh alone, as `kill` does
+    done = finish(proc, timeout=60)
+    seconds = time.monotonic() - signalled
+    assert done.returncode == EXIT_PREEMPTED, done.stderr[-3000:]
+    assert seconds < 30, f"{seconds:.1f} s from the signal to the exit: beyond DeepSpeed's grace"
+    assert rank_pids(out) == [], "a rank outlived launch.sh"
+    reached = max(m["step"] for m in read_metrics(out))
+    assert latest_tag(out / "checkpoints") == f"step_{reached}", "the checkpoint is not at the step reached"
+    assert f"stopped: SIGTERM at step {reached}: saved {out / 'checkpoints' / f'step_{reached}'}" in done.stderr
+    resume_and_compare(args, out, reached, reference)
+
+
+def test_a_hung_rank_stops_its_peers_within_the_timeout_with_reports(dropout_run):
+    tmp, args, _ = dropout_run
+    out = tmp / "hung"
+    proc = start_launch([*args, "--output-dir", out, "--dist-timeout", 8, "--train-steps", 500], ranks=2)
+    try:
+        wait_for_steps(out, 3, proc)
+        first, second = sorted(rank_pids(out))
+        os.kill(second, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while first in rank_pids(out):
+            assert time.monotonic() - stopped < 8 + 15, "the other rank still waits"
+            time.sleep(0.2)
+        report = (out / "hang" / "rank0.txt").read_text()
+    finally:
+        kill_process_group(proc)
+        stdout, stderr = proc.communicate()
+    assert "stage 0" in report and "waiting" in report and "stacks of every thread" in report
+    assert "distributed_c10d.py" in report, "the main thread's stack inside the collective is missing"
+    lines = [line for line in stderr.splitlines() if line.startswith("error: rank 0: no progress")]
+    assert len(lines) == 1 and f"stacks in {out / 'hang' / 'rank0.txt'}" in lines[0], stderr[-3000:]
+    assert f"exits with return code = {EXIT_HUNG}" in stdout + stderr
+
+
+def test_two_nodes_on_one_machine_train_the_losses_of_one_node(corpus, tokenizer_dir, tmp_path):
+    """pp=2 x dp=2: node 0 holds stage 0, node 1 stage 1. Each node has its own data cache, tokenized once."""
+    model, ds = write_json(tmp_path / "model.json", tiny_gpt2()), write_ds_config(tmp_path / "ds.json")
+    args = small_run_args(corpus, tokenizer_dir, tmp_path, ds, model, 4, data_cache_dir=None)  # PIPEGPT_CACHE
+    launch([*args, "--output-dir", tmp_path / "one"], ranks=4, env={"PIPEGPT_CACHE": str(tmp_path / "cache_one")})
+    port, nodes = free_port(), []
+    for node in (0, 1):
+        env = {
+            "NODE_RANK": str(node),
+            "NNODES": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "PIPEGPT_CACHE": str(tmp_path / f"cache_node{node}"),
+        }
+        nodes.append(start_launch([*args, "--output-dir", tmp_path / "two"], ranks=2, env=env, port=port))
+    done = [finish(node, timeout=600) for node in nodes]
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    for node, d in enumerate(done):
+        tokenized = [line for line in d.stdout.splitlines() if f"{corpus}: " in line and "tokens in" in line]
+        assert len(tokenized) == 1, (node, tokenized)
+        assert len(list((tmp_path / f"cache_node{node}" / "packed").iterdir())) == 1
+    assert "2 stages x 2 data-parallel" in done[0].stdout

@@ -1,0 +1,45 @@
+"""Preemption: SIGTERM (a scheduler's, a user's `kill`, launch.sh forwarding its own) or SIGINT stops the run
+at the next step boundary with a complete checkpoint.
+
+A signal only sets a flag; after every step the ranks agree (one all-reduce of a scalar) whether any of them
+got one, so that they stop together at the same step, save it through the crash-safe path and exit with
+`EXIT_PREEMPTED`. DeepSpeed's launcher gives its ranks 30 s after forwarding a signal before it kills them
+(`terminate_process_tree` in deepspeed/launcher/launch.py, 0.19.8); a step and a save must fit in that.
+"""
+
+import signal
+
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from train.errors import EXIT_PREEMPTED, RunError
+
+
+class Preempted(RunError):
+    """The run stopped on a signal after saving the step it reached."""
+
+    exit_code = EXIT_PREEMPTED
+    label = "stopped"
+
+
+class Preemption:
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        """Whether any rank got a signal (a collective: every rank calls it after every step)."""
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=get_accelerator().current_device_name())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def stop(self, step: int, checkpoint) -> Preempted:
+        return Preempted(
+            f"{self.signal_name or 'a signal on another rank'} at step {step}: saved {checkpoint}; resume with "
+            f"--load {checkpoint.parent}"
+        )
