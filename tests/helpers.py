@@ -175,9 +175,10 @@ def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def rank_pids(out: Path) -> list[int]:
-    """The trainer processes (ranks) of the run writing to `out`."""
-    found = subprocess.run(["pgrep", "-f", f"train.main --local_rank=.*{out}"], capture_output=True, text=True)
+def rank_pids(out: Path, local_rank: int | None = None) -> list[int]:
+    """The trainer processes (ranks) of the run writing to `out`, or the one of `local_rank`."""
+    which = "[0-9]+" if local_rank is None else str(local_rank)
+    found = subprocess.run(["pgrep", "-f", f"train.main --local_rank={which} .*{out}"], capture_output=True, text=True)
     return [int(pid) for pid in found.stdout.split()]
 
 

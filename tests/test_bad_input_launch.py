@@ -129,6 +129,10 @@ def test_hub_names_fail_within_seconds_when_the_hub_is_unreachable(good, tmp_pat
         ({"HOSTFILE": "/nonexistent/hostfile"}, "HOSTFILE /nonexistent/hostfile does not exist"),
         ({"HOSTFILE": "BAD"}, "every line must read 'hostname slots=N'"),
         ({"MASTER_PORT": "BUSY"}, "is in use"),
+        ({"NODE_RANK": "first"}, "NODE_RANK 'first' must be a whole number"),
+        ({"NODE_RANK": "1"}, "MASTER_ADDR is not"),
+        ({"NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "give NNODES"),
+        ({"NODE_RANK": "2", "MASTER_ADDR": "127.0.0.1", "NNODES": "2"}, "the hostfile has 2 nodes"),
     ],
     ids=[
         "env-num-gpus",
@@ -136,6 +140,10 @@ def test_hub_names_fail_within_seconds_when_the_hub_is_unreachable(good, tmp_pat
         "env-hostfile-missing",
         "env-hostfile-malformed",
         "env-master-port-in-use",
+        "env-node-rank-type",
+        "env-node-rank-without-master-addr",
+        "env-node-rank-without-nodes",
+        "env-node-rank-out-of-range",
     ],
 )
 def test_launcher_environment_rows(good, tmp_path, env, expected):

@@ -50,6 +50,7 @@ INVENTORY = [
     ("flag-range-peak-tflops", lambda t, g: ["--peak-tflops", 0], "--peak-tflops must be positive"),
     ("flag-range-val-fraction", lambda t, g: ["--val-fraction", 1.5], "--val-fraction must be between 0 and 1"),
     ("flag-range-checkpointing", lambda t, g: ["--activation-checkpoint-interval", -1], "must be 0 (off) or positive"),
+    ("flag-range-dist-timeout", lambda t, g: ["--dist-timeout", 0], "--dist-timeout must be at least 1"),
     ("flag-partition-method", lambda t, g: ["--partition-method", "best"], "--partition-method 'best'"),
     ("flag-stages-zero", lambda t, g: ["--pipeline-stages", 0], "--pipeline-stages must be at least 1"),
     ("ds-not-object", lambda t, g: ["--deepspeed_config", write_file(t / "l.json", "[1, 2]")], "must be a JSON object"),

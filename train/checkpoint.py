@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -123,12 +124,15 @@ class Checkpointer:
         self.interval, self.keep_last = config.flags.save_interval, config.flags.keep_last
         self.samples_per_step = config.batch.global_batch
         self.last_saved: Path | None = None
+        self.last_save_seconds = 0.0
 
     def save(self, step: int, last_step: bool) -> None:
         if not last_step and not (self.interval and step % self.interval == 0):
             return
         state = {"consumed_samples": step * self.samples_per_step, **self.client_state}
+        start = time.perf_counter()
         self.last_saved = save_checkpoint(self.engine, self.root, step, state, self.model_config, self.keep_last)
+        self.last_save_seconds = time.perf_counter() - start
 
     def latest_tag(self) -> str | None:
         return latest_tag(self.root)

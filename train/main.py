@@ -40,7 +40,7 @@ def train(run: Run) -> Path:
             preempted = run.preemption.requested()
         run.checkpointer.save(step, last_step=step == last or preempted)
         if preempted:
-            raise run.preemption.stop(step, run.checkpointer.last_saved)
+            raise run.preemption.stop(step, run.checkpointer.last_saved, run.checkpointer.last_save_seconds)
     run.log.finish()
     run.batches.close()
     return run.checkpointer.last_saved

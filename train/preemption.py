@@ -8,6 +8,7 @@ got one, so that they stop together at the same step, save it through the crash-
 """
 
 import signal
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,8 +39,8 @@ class Preemption:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def stop(self, step: int, checkpoint) -> Preempted:
+    def stop(self, step: int, checkpoint: Path, save_seconds: float) -> Preempted:
         return Preempted(
-            f"{self.signal_name or 'a signal on another rank'} at step {step}: saved {checkpoint}; resume with "
-            f"--load {checkpoint.parent}"
+            f"{self.signal_name or 'a signal on another rank'} at step {step}: saved {checkpoint} in "
+            f"{save_seconds:.1f} s; resume with --load {checkpoint.parent}"
         )
