@@ -117,43 +117,12 @@ def deepspeed_command(ranks: int, port: int, flags: list[str]) -> list[str]:
     return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "--module", "train.main", *flags]
 
 
-def run_process_group(cmd: list, env: dict, timeout: int) -> subprocess.CompletedProcess:
-    """Run `cmd` (a launcher and its ranks) in its own process group; on timeout kill the whole group,
-    so that no orphaned rank holds a port, a lock or a core while the next tests run."""
+def start_process_group(cmd: list, env: dict) -> subprocess.Popen:
+    """Start `cmd` (a launcher and its ranks) in its own process group, output piped, not waited for."""
     if os.environ.get("PIPEGPT_FAST_TIER"):
         raise AssertionError("this test starts ranks or launch.sh: mark it @pytest.mark.ranks (full tier only)")
-    proc = subprocess.Popen(
-        [str(c) for c in cmd],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_process_group(proc)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"{cmd[0]} still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def start_launch(args: list, ranks: int, env: dict | None = None, port: int | None = None) -> subprocess.Popen:
-    """`launch.sh ARGS` started in its own process group, not waited for (output in proc.stdout/stderr)."""
-    if os.environ.get("PIPEGPT_FAST_TIER"):
-        raise AssertionError("this test starts ranks or launch.sh: mark it @pytest.mark.ranks (full tier only)")
-    env = {
-        **os.environ,
-        "NUM_GPUS": str(ranks),
-        "MASTER_PORT": str(port or free_port()),
-        "OMP_NUM_THREADS": "1",
-        **(env or {}),
-    }
     return subprocess.Popen(
-        [str(c) for c in [REPO / "launch.sh", *args]],
+        [str(c) for c in cmd],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -165,7 +134,8 @@ def start_launch(args: list, ranks: int, env: dict | None = None, port: int | No
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Wait for a `start_launch` process; on timeout kill its whole process group and fail."""
+    """Wait for a process group started here; on timeout kill the whole group (so that no orphaned rank holds a
+    port, a lock or a core while the next tests run) and fail."""
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -173,6 +143,22 @@ def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedPr
         stdout, stderr = proc.communicate()
         raise AssertionError(f"still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_process_group(cmd: list, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    return finish(start_process_group(cmd, env), timeout)
+
+
+def start_launch(args: list, ranks: int, env: dict | None = None, port: int | None = None) -> subprocess.Popen:
+    """`launch.sh ARGS` with `ranks` CPU ranks, started in its own process group, not waited for."""
+    env = {
+        **os.environ,
+        "NUM_GPUS": str(ranks),
+        "MASTER_PORT": str(port or free_port()),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    return start_process_group([REPO / "launch.sh", *args], env)
 
 
 def rank_pids(out: Path, local_rank: int | None = None) -> list[int]:
@@ -202,8 +188,7 @@ def launch(
     args: list, ranks: int, check: bool = True, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """`launch.sh ARGS` with `ranks` CPU ranks: real processes, real gloo collectives."""
-    env = {**os.environ, "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = run_process_group([REPO / "launch.sh", *args], env, timeout)
+    proc = finish(start_launch(args, ranks, env), timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.sh failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

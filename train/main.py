@@ -21,7 +21,7 @@ from train.run_config import resolve_run_config
 
 def train(run: Run) -> Path:
     """One optimizer step per iteration; each component decides when it acts. Returns the last checkpoint."""
-    engine, last = run.engine, run.config.flags.train_steps
+    engine, last, preempted = run.engine, run.config.flags.train_steps, False
     for step in range(run.start_step + 1, last + 1):
         with run.watchdog.watching(step):
             run.profiler.begin(step)
@@ -40,9 +40,11 @@ def train(run: Run) -> Path:
             preempted = run.preemption.requested()
         run.checkpointer.save(step, last_step=step == last or preempted)
         if preempted:
-            raise run.preemption.stop(step, run.checkpointer.last_saved, run.checkpointer.last_save_seconds)
+            break
     run.log.finish()
     run.batches.close()
+    if preempted:
+        raise run.preemption.stop(step, run.checkpointer.last_saved, run.checkpointer.last_save_seconds)
     return run.checkpointer.last_saved
 
 
