@@ -4,6 +4,7 @@ Phases: resolve the run config (train/run_config.py) -> build the run (train/bui
 packed data, pipeline model, DeepSpeed engine, resume) -> the loop below -> Hugging Face export -> sample.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,16 +66,22 @@ def run_training(flags: Flags) -> None:
         run = build_run(config)
         export_and_sample(run, train(run))
     except RunError:
-        # Every rank stops here together (a RunError is agreed). Left to interpreter exit, gloo's threads
-        # sometimes abort the process ("terminate called without an active exception"), and the launcher
-        # then reports exit code 250 instead of 2.
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every rank stops here together: a RunError is agreed
         raise
 
 
 def main(argv: list[str] | None = None) -> int:
     flags = parse_args(argv)
-    return entry_point(lambda: run_training(flags), flags.output_dir.resolve() / "error.log")
+    code = entry_point(lambda: run_training(flags), flags.output_dir.resolve() / "error.log")
+    if code != 0:
+        # A rank that stops on a failure leaves at once. Left to interpreter exit, the C++ threads of gloo's
+        # process groups are sometimes destroyed while joinable ("terminate called without an active
+        # exception"): the process aborts and the launcher reports exit code 250 instead of ours (seen in
+        # CI with torch 2.13, even after destroy_process_group).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
