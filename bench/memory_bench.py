@@ -64,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=4)
     a = p.parse_args()
-    from train.data import embedded_corpus, load_texts, resolve_sources
+    from train.sources import embedded_corpus, load_texts, resolve_sources
     from train.tokenizer import train_bpe_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="pipegpt_memory_bench_"))

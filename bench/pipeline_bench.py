@@ -149,7 +149,7 @@ def main() -> None:
     if a.plain:
         print(json.dumps(plain_loop(a.plain[0], a.plain[1], a.steps)))
         return
-    from train.data import embedded_corpus, load_texts, resolve_sources
+    from train.sources import embedded_corpus, load_texts, resolve_sources
     from train.tokenizer import train_bpe_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="pipegpt_pipe_bench_"))

@@ -13,7 +13,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.helpers import free_port, write_ds_config  # noqa: E402
-from train.data import embedded_corpus  # noqa: E402
+from train.sources import embedded_corpus  # noqa: E402
 from train.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 

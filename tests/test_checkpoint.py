@@ -243,7 +243,9 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
     from transformers import LlamaConfig
 
     from train.batches import TrainMicroBatches
-    from train.data import packed_dataset, resolve_sources
+    from train.data import packed_dataset
+    from train.examples import TEXT
+    from train.sources import resolve_sources
     from train.tokenizer import load_tokenizer
 
     tmp, args = setup
@@ -274,7 +276,7 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
     parameters = len(dict(model.named_parameters()))  # a tied head's weight once
     assert len(loaded) == 2 and max(loaded) < parameters <= sum(loaded)  # no stage read the whole model
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    blocks = packed_dataset(resolve_sources([str(corpus)]), "text", tokenizer, 32, 0.05, tmp / "cache")[
+    blocks = packed_dataset(resolve_sources([str(corpus)]), TEXT, tokenizer, 32, 0.05, tmp / "cache")[
         "train"
     ]  # as `setup`
     micro_batches = TrainMicroBatches(blocks, 2, 4, dp_rank=0, dp_size=1, seed=1234).step_indices(0)

@@ -99,7 +99,31 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="explicit validation sources (same forms as --data); default: --val-fraction held out",
     )
+    data.add_argument(
+        "--data-format",
+        choices=["text", "prompt-completion", "chat"],
+        default="text",
+        help="text: pretraining, every token in the loss; prompt-completion or chat: the loss on the answers only",
+    )
     data.add_argument("--text-column", default="text")
+    data.add_argument("--prompt-column", default="prompt", help="prompt-completion data: the prompt column")
+    data.add_argument("--completion-column", default="completion", help="prompt-completion data: the answer column")
+    data.add_argument("--messages-column", default="messages", help="chat data: the column of {role, content} lists")
+    data.add_argument(
+        "--chat-template", type=Path, default=None, help="a Jinja chat template file (default: the tokenizer's own)"
+    )
+    data.add_argument(
+        "--packing",
+        choices=["pack", "pad"],
+        default="pack",
+        help="prompt-completion and chat data: several examples per --seq-len block, or one (padded)",
+    )
+    data.add_argument(
+        "--overlong",
+        choices=["truncate", "drop"],
+        default="truncate",
+        help="prompt-completion and chat data: cut an example longer than --seq-len to it, or drop it (counted)",
+    )
     data.add_argument("--val-fraction", type=float, default=0.02, help="last fraction of packed blocks held out")
     data.add_argument("--data-cache-dir", type=Path, default=None, help="packed-data cache (default ~/.cache/pipegpt)")
     data.add_argument(
@@ -160,7 +184,11 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="device peak TFLOP/s for MFU (default: looked up from the device name; none on CPU)",
     )
-    out.add_argument("--sample-prompt", default="And God said", help="prompt for the sample printed at the end")
+    out.add_argument(
+        "--sample-prompt",
+        default="And God said",
+        help="prompt of the samples of text runs (chat and prompt-completion runs sample held-out prompts)",
+    )
     out.add_argument("--sample-tokens", type=int, default=40)
 
 

@@ -5,8 +5,13 @@ seeded by (seed, epoch). Data-parallel replica r takes its contiguous slice of i
 cuts it into micro-batches. The first and the last stage of one replica compute the
 same indices, so they always agree; replicas are disjoint and together cover the global
 batch. The position is a pure function of the step, which makes resuming exact.
+
+Blocks of instruction or chat data carry their own labels and answer-token counts: each micro-batch's
+labels then travel with the scale that turns the loss into the mean over the global batch's answer tokens
+(models/loss.py).
 """
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -33,7 +38,11 @@ class TrainMicroBatches:
         self.blocks = blocks
         self.micro_batch_size = micro_batch_size
         self.num_micro_batches = num_micro_batches
-        self.dp_rank = dp_rank
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.masked = "labels" in blocks.column_names
+        # Answer tokens of every block, to scale each step's loss (one column read once, 4 bytes per block).
+        self.loss_tokens = blocks["loss_tokens"] if self.masked else None
+        self.step_loss_tokens: int | None = None  # the answer tokens of the step fed last (all replicas)
         self.global_batch = micro_batch_size * num_micro_batches * dp_size
         self.steps_per_epoch = len(blocks) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -51,27 +60,39 @@ class TrainMicroBatches:
             self._order = (epoch, torch.randperm(len(self.blocks), generator=generator))
         return self._order[1]
 
+    def global_indices(self, step: int) -> torch.Tensor:
+        """The blocks of the whole global batch of `step`, replica by replica."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+
     def step_indices(self, step: int) -> list[list[int]]:
         """This replica's micro-batches (lists of block indices) for `step`."""
-        epoch, k = divmod(step, self.steps_per_epoch)
         per_replica = self.micro_batch_size * self.num_micro_batches
-        start = k * self.global_batch + self.dp_rank * per_replica
-        mine = self.epoch_order(epoch)[start : start + per_replica].tolist()
+        mine = self.global_indices(step)[self.dp_rank * per_replica : (self.dp_rank + 1) * per_replica].tolist()
         return [mine[i : i + self.micro_batch_size] for i in range(0, per_replica, self.micro_batch_size)]
+
+    def loss_scale(self, step: int) -> torch.Tensor | None:
+        """micro-batches x replicas / answer tokens of the global batch (masked data), else None."""
+        if not self.masked:
+            return None
+        self.step_loss_tokens = int(self.loss_tokens[self.global_indices(step)].sum())
+        return torch.tensor(self.num_micro_batches * self.dp_size / self.step_loss_tokens)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             start = time.perf_counter()
             micro_batches = self.step_indices(self.step)
             # One Arrow gather per step: 16 small takes cost 5x more, on the first stage's critical path.
-            step_ids = self.blocks[[i for indices in micro_batches for i in indices]]["input_ids"].long()
+            rows = self.blocks[[i for indices in micro_batches for i in indices]]
+            scale = self.loss_scale(self.step)
             self.wait_seconds += time.perf_counter() - start
             for index, indices in enumerate(micro_batches):
+                part = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
+                input_ids, labels = engine_inputs(rows, part, scale)
                 if self.trace is not None:
-                    self.trace.write(json.dumps({"step": self.step + 1, "micro": index, "blocks": indices}) + "\n")
+                    self.trace.write(json.dumps(trace_record(self.step + 1, index, indices, input_ids, labels)) + "\n")
                     self.trace.flush()
-                input_ids = step_ids[index * self.micro_batch_size : (index + 1) * self.micro_batch_size]
-                yield input_ids, input_ids
+                yield input_ids, labels
             self.step += 1
 
     def take_wait_seconds(self) -> float:
@@ -84,12 +105,38 @@ class TrainMicroBatches:
             self.trace.close()
 
 
-def eval_micro_batches(blocks: Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, max_blocks: int) -> list:
-    """The validation blocks in order, this replica's share, as (input_ids, labels) micro-batches."""
-    per_replica = max_blocks // dp_size
-    start = dp_rank * per_replica
-    out = []
-    for i in range(start, start + per_replica, micro_batch_size):
-        input_ids = blocks[list(range(i, i + micro_batch_size))]["input_ids"].long()
-        out.append((input_ids, input_ids))
-    return out
+def engine_inputs(rows: dict, part: slice, scale: torch.Tensor | None) -> tuple:
+    """(input_ids, labels) of one micro-batch as the engine takes it: labels are the inputs for text, and
+    (labels, loss scale) for masked data (DeepSpeed hands a tuple of tensors to the loss function as it is)."""
+    input_ids = rows["input_ids"][part].long()
+    return input_ids, input_ids if scale is None else (rows["labels"][part].long(), scale)
+
+
+def trace_record(step: int, index: int, blocks: list[int], input_ids: torch.Tensor, labels) -> dict:
+    """What one micro-batch handed to the engine was: its blocks, shape and a digest of its labels."""
+    label_ids = labels[0] if isinstance(labels, tuple) else labels
+    digest = hashlib.sha1(label_ids.numpy().tobytes()).hexdigest()[:16]
+    return {"step": step, "micro": index, "blocks": blocks, "shape": list(input_ids.shape), "labels": digest}
+
+
+def eval_steps(
+    blocks: Dataset, micro_batch_size: int, num_micro_batches: int, dp_rank: int, dp_size: int, max_blocks: int
+) -> list[tuple[list, float]]:
+    """The first `max_blocks` validation blocks in order, as evaluation steps of this replica's (input_ids,
+    labels) micro-batches, each with its weight in the mean: 1 for text, its answer tokens for masked data."""
+    per_replica, per_step = max_blocks // dp_size, micro_batch_size * num_micro_batches
+    masked = "labels" in blocks.column_names
+    steps = []
+    for first in range(0, per_replica, per_step):
+        weight, scale = 1.0, None
+        if masked:  # the answer tokens of this evaluation step on every replica
+            step_blocks = [r * per_replica + first + j for r in range(dp_size) for j in range(per_step)]
+            weight = float(blocks[step_blocks]["loss_tokens"].sum())
+            scale = torch.tensor(num_micro_batches * dp_size / weight)
+        start = dp_rank * per_replica + first
+        rows = blocks[list(range(start, start + per_step))]
+        micro_batches = [
+            engine_inputs(rows, slice(i, i + micro_batch_size), scale) for i in range(0, per_step, micro_batch_size)
+        ]
+        steps.append((micro_batches, weight))
+    return steps

@@ -7,7 +7,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from models.deepspeed_internals import clear_eval_outputs
-from train.batches import eval_micro_batches
+from models.loss import IGNORE_INDEX
+from train.batches import eval_steps
 from train.metrics import MetricsLog, eval_metrics
 from train.run_config import RunConfig
 
@@ -17,59 +18,68 @@ def evaluate(
 ) -> float:
     """Mean next-token loss over the first `n_blocks` validation blocks (a multiple of one global batch).
 
-    `eval_batch` averages its micro-batches and the data-parallel replicas, and every step
-    has the same number of equal-length blocks, so the mean of steps is the mean over blocks.
+    `eval_batch` averages its micro-batches and the data-parallel replicas. For text every step has the
+    same number of equal-length blocks, so the mean of steps is the mean over blocks; for masked data each
+    step is the mean over its answer tokens, and the steps are weighted by them.
     """
     dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
-    batches = eval_micro_batches(blocks, micro_batch_size, dp_rank, dp_size, n_blocks)
-    losses = [
-        engine.eval_batch(iter(batches[i : i + num_micro_batches])).item()
-        for i in range(0, len(batches), num_micro_batches)
-    ]
-    return sum(losses) / len(losses)
+    steps = eval_steps(blocks, micro_batch_size, num_micro_batches, dp_rank, dp_size, n_blocks)
+    losses = [engine.eval_batch(iter(micro_batches)).item() * weight for micro_batches, weight in steps]
+    return sum(losses) / sum(weight for _, weight in steps)
 
 
 @torch.no_grad()
 def sample_through_pipeline(
     engine: PipelineEngine,
     tokenizer,
-    prompt: str,
+    prompts: list[list[int]],
     new_tokens: int,
     seq_len: int,
-    micro_batch_size: int,
     seed: int,
     top_k: int = 50,
     temperature: float = 0.8,
 ) -> list[str]:
-    """`micro_batch_size` samples of `prompt`, decoded by the pipeline itself (no export needed).
+    """One sample per prompt (token ids; as many prompts as a micro-batch holds), decoded by the pipeline itself.
 
     Every new token is one forward-only pass of a fixed (micro_batch_size, seq_len) block, so the
     engine's activation buffers keep their training shape; the last stage samples and broadcasts
     the tokens to the other stages. Causal attention makes the padding after each row invisible.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][: seq_len - 1] or [tokenizer.eos_token_id]
-    block = torch.full((micro_batch_size, seq_len), tokenizer.eos_token_id, dtype=torch.long)
-    block[:, : len(prompt_ids)] = torch.tensor(prompt_ids)
-    length = len(prompt_ids)
+    rows = torch.arange(len(prompts))
+    block = torch.full((len(prompts), seq_len), tokenizer.eos_token_id, dtype=torch.long)
+    prompts = [prompt[: seq_len - 1] or [tokenizer.eos_token_id] for prompt in prompts]
+    for row, prompt in enumerate(prompts):
+        block[row, : len(prompt)] = torch.tensor(prompt)
+    lengths = torch.tensor([len(prompt) for prompt in prompts])
     device = get_accelerator().current_device_name()
     last_stage = engine.grid.stage_to_global(engine.num_stages - 1, data=engine.grid.data_parallel_id)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(min(new_tokens, seq_len - length)):
+    for _ in range(min(new_tokens, seq_len - int(lengths.max()))):
         clear_eval_outputs(engine)
         out = engine.eval_batch(
             iter([(block, block)]), compute_loss=False, reduce_output=None, bcast_loss=False, num_micro_batches=1
         )
-        next_ids = torch.zeros(micro_batch_size, dtype=torch.long, device=device)
+        next_ids = torch.zeros(len(prompts), dtype=torch.long, device=device)
         if engine.is_last_stage():
-            logits = out[0][:, length - 1].float().cpu() / temperature
+            logits = out[0][rows, lengths - 1].float().cpu() / temperature
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
             probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
             next_ids.copy_(torch.multinomial(probs, 1, generator=generator).squeeze(1))
         dist.broadcast(next_ids, src=last_stage, group=engine.grid.get_pipe_parallel_group())
-        block[:, length] = next_ids.cpu()
-        length += 1
+        block[rows, lengths] = next_ids.cpu()
+        lengths += 1
     clear_eval_outputs(engine)
-    return [tokenizer.decode(row[:length]) for row in block]
+    return [tokenizer.decode(row[:length]) for row, length in zip(block, lengths.tolist(), strict=True)]
+
+
+def held_out_prompts(blocks: Dataset, count: int) -> list[list[int]]:
+    """The prompts of the first `count` validation examples: each block's tokens before its first answer token
+    (a block always starts with an example; a chat prompt ends with the template's generation prompt)."""
+    prompts = []
+    for row in blocks.select(range(min(count, len(blocks)))):
+        labelled = (row["labels"] != IGNORE_INDEX).nonzero()
+        prompts.append(row["input_ids"][: int(labelled[0]) if len(labelled) else 1].tolist())
+    return (prompts * count)[:count]
 
 
 class Evaluator:
@@ -81,6 +91,11 @@ class Evaluator:
         """`config`: the RunConfig (batch layout; eval interval, sample prompt and length, seq len, seed flags)."""
         self.engine, self.blocks, self.n_blocks, self.tokenizer, self.log = engine, blocks, n_blocks, tokenizer, log
         self.batch, self.flags = config.batch, config.flags
+        if config.data_format.masked:
+            self.prompts = held_out_prompts(blocks, config.batch.micro_batch_size)
+        else:
+            prompt = tokenizer(self.flags.sample_prompt, add_special_tokens=False)["input_ids"]
+            self.prompts = [prompt] * config.batch.micro_batch_size
 
     def should_evaluate(self, step: int, last_step: bool) -> bool:
         return last_step or step % self.flags.eval_interval == 0
@@ -90,13 +105,7 @@ class Evaluator:
         batch, flags = self.batch, self.flags
         loss = evaluate(self.engine, self.blocks, batch.micro_batch_size, batch.num_micro_batches, self.n_blocks)
         samples = sample_through_pipeline(
-            self.engine,
-            self.tokenizer,
-            flags.sample_prompt,
-            flags.sample_tokens,
-            flags.seq_len,
-            batch.micro_batch_size,
-            seed=flags.seed + step,
+            self.engine, self.tokenizer, self.prompts, flags.sample_tokens, flags.seq_len, seed=flags.seed + step
         )
         self.log.samples(step, samples[:3])
         return eval_metrics(loss)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 def generate_text(
     model_dir: Path,
-    prompt: str,
+    prompt: str | list[int],
     max_new_tokens: int = 40,
     temperature: float = 0.8,
     top_k: int = 50,
@@ -24,7 +24,10 @@ def generate_text(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     torch.manual_seed(seed)
-    inputs = tokenizer(prompt, return_tensors="pt")
+    if isinstance(prompt, str):
+        inputs = tokenizer(prompt, return_tensors="pt")
+    else:  # token ids, e.g. a chat prompt already rendered by its template
+        inputs = {"input_ids": torch.tensor([prompt]), "attention_mask": torch.ones(1, len(prompt), dtype=torch.long)}
     with torch.no_grad():
         out = model.generate(
             **inputs,

@@ -30,11 +30,12 @@ def train(run: Run) -> Path:
             loss = engine.train_batch(data_iter=run.data_iter).item()
             seconds = time.perf_counter() - start
             data_wait = run.batches.take_wait_seconds()
+            answer_tokens = run.batches.step_loss_tokens
             timeline = run.profiler.end()
             grad_norm = run.meter.grad_norm(step, loss)  # stops the run if it diverged
             evaluate = run.evaluator.should_evaluate(step, step == last)
             if evaluate or run.log.should_log(step, step == last):
-                metrics = run.meter.metrics(loss, grad_norm, seconds, data_wait, timeline, step == last)
+                metrics = run.meter.metrics(loss, grad_norm, seconds, data_wait, answer_tokens, timeline, step == last)
                 if evaluate:
                     metrics.update(run.evaluator.evaluate(step))
                 run.log.log(step, metrics)
@@ -56,7 +57,8 @@ def export_and_sample(run: Run, checkpoint: Path) -> None:
     flags, hf_dir = run.config.flags, run.config.output_dir / "hf"
     export_hf_model(checkpoint, run.model_config, hf_dir, run.tokenizer)
     say(f"Hugging Face export: {hf_dir}")
-    say("sample: " + generate_text(hf_dir, flags.sample_prompt, flags.sample_tokens, seed=flags.seed))
+    prompt = run.evaluator.prompts[0] if run.config.data_format.masked else flags.sample_prompt
+    say("sample: " + generate_text(hf_dir, prompt, flags.sample_tokens, seed=flags.seed))
 
 
 def run_training(flags: Flags) -> None:

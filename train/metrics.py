@@ -148,9 +148,17 @@ class StepMeter:
         return grad_norm
 
     def metrics(
-        self, loss: float, grad_norm: float, seconds: float, data_wait: float, timeline: dict | None, last_step: bool
+        self,
+        loss: float,
+        grad_norm: float,
+        seconds: float,
+        data_wait: float,
+        answer_tokens: int | None,
+        timeline: dict | None,
+        last_step: bool,
     ) -> dict:
-        """The logged metrics of a step (a collective: memory per stage, and the tied weights at the end)."""
+        """The logged metrics of a step (a collective: memory per stage, and the tied weights at the end).
+        `answer_tokens`: the tokens in the loss, for instruction and chat data (None for text)."""
         tokens_per_sec = self.tokens_per_step / seconds
         metrics = {
             "loss": loss,
@@ -164,6 +172,9 @@ class StepMeter:
             **tflops_and_mfu(self.flops_per_token, tokens_per_sec, dist.get_world_size(), self.peak_tflops),
             **peak_memory_per_stage(self.engine, self.memory_before_model),
         }
+        if answer_tokens is not None:
+            metrics["answer_tokens"] = answer_tokens
+            metrics["masked_fraction"] = 1 - answer_tokens / self.tokens_per_step
         if timeline:
             metrics.update({f"bubble/stage{s}": b for s, b in timeline["measured"].items()})
         if last_step:

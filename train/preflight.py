@@ -12,17 +12,26 @@ from pathlib import Path
 
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
+from transformers import PreTrainedTokenizerBase
 
 from models.architecture import discover
 from models.hf_weights import check_hub_name, check_weights_fit, not_found
 from train.args import parse_args
-from train.data import Source, unreadable
 from train.errors import ConfigError, entry_point
+from train.examples import chat_template_of
 from train.run_config import RunConfig, resolve_run_config
+from train.sources import Source, unreadable
 from train.tokenizer import load_tokenizer, tokenizer_too_large
 
 
-def check_hub_dataset(source: Source, text_column: str) -> None:
+def missing_column(where: str, present: list, columns: dict[str, tuple[str, str]]) -> str | None:
+    for column, (_, flag) in columns.items():
+        if column not in present:
+            return f"{where} no column {column!r} (columns: {present}); pass {flag}"
+    return None
+
+
+def check_hub_dataset(source: Source, columns: dict[str, tuple[str, str]]) -> None:
     """The dataset's metadata (from the hub, or the local cache offline): it exists, has the split and column."""
     from datasets import load_dataset_builder
 
@@ -37,20 +46,18 @@ def check_hub_dataset(source: Source, text_column: str) -> None:
     splits, features = builder.info.splits, builder.info.features
     if splits and source.hub_split not in splits:
         raise ConfigError(f"--data {source.spec}: no split {source.hub_split!r} (splits: {list(splits)}); use @SPLIT")
-    if features and text_column not in features:
-        raise ConfigError(
-            f"--data {source.spec}: no column {text_column!r} (columns: {list(features)}); pass --text-column"
-        )
+    if features and (problem := missing_column(f"--data {source.spec}:", list(features), columns)):
+        raise ConfigError(problem)
 
 
-def check_sources(sources: list[Source], text_column: str) -> None:
+def check_sources(sources: list[Source], columns: dict[str, tuple[str, str]]) -> None:
     """Peek at the first record of each local source (streaming: nothing is materialised) and at each hub
     dataset's metadata. A malformed record later in a large file is reported by the ranks, in one line too."""
     for source in sources:
         if source.hub_name:
-            check_hub_dataset(source, text_column)
+            check_hub_dataset(source, columns)
         for builder, files in source.files.items():
-            if builder == "text":
+            if builder == "text" and list(columns) == ["text"]:
                 continue
             try:
                 first = next(iter(load_dataset(builder, data_files=files[:1], split="train", streaming=True)), None)
@@ -58,10 +65,8 @@ def check_sources(sources: list[Source], text_column: str) -> None:
                 raise ConfigError(unreadable(files[0], builder, e)) from None
             if first is None:
                 raise ConfigError(f"{files[0]} holds no records")
-            if text_column not in first:
-                raise ConfigError(
-                    f"{files[0]} has no column {text_column!r} (columns: {list(first)}); pass --text-column"
-                )
+            if problem := missing_column(f"{files[0]} has", list(first), columns):
+                raise ConfigError(problem)
 
 
 def warn_about_stale_build_locks(older_than_s: float = 600) -> None:
@@ -80,7 +85,7 @@ def warn_about_stale_build_locks(older_than_s: float = 600) -> None:
             )
 
 
-def check_pretrained(config: RunConfig) -> None:
+def check_pretrained(config: RunConfig) -> PreTrainedTokenizerBase:
     """A local `--model` folder's weights fit its config (safetensors headers only), and the tokenizer fits the
     model's embedding."""
     model, tokenizer_name = config.flags.model, config.flags.tokenizer
@@ -92,6 +97,7 @@ def check_pretrained(config: RunConfig) -> None:
     tokenizer = load_tokenizer(tokenizer_name or model, flag="--tokenizer" if tokenizer_name else "--model")
     if len(tokenizer) > config.model_config.vocab_size:
         raise ConfigError(tokenizer_too_large(len(tokenizer), config.model_config.vocab_size))
+    return tokenizer
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -116,11 +122,11 @@ def check_port_free(port: int) -> None:
 def check_once(flags, world_size: int, port: int | None) -> None:
     """The checks of every rank, plus those that cost seconds or the network, done once."""
     config = resolve_run_config(flags, world_size)
-    if flags.model:
-        check_pretrained(config)
-    elif flags.tokenizer:
-        load_tokenizer(flags.tokenizer)
-    check_sources(config.sources + (config.val_sources or []), flags.text_column)
+    if flags.model or flags.tokenizer:
+        tokenizer = check_pretrained(config) if flags.model else load_tokenizer(flags.tokenizer)
+        if config.data_format.kind == "chat":
+            chat_template_of(config.data_format, tokenizer)
+    check_sources(config.sources + (config.val_sources or []), config.data_format.columns())
     check_output_dir(flags.output_dir)
     if port is not None:
         check_port_free(port)

@@ -12,10 +12,11 @@ from transformers import PreTrainedTokenizerBase
 
 from models.hf_weights import resolve_model_dir
 from train.args import Flags, parse_args
-from train.data import default_cache_dir, load_texts, packed_dataset
+from train.data import default_cache_dir, packed_dataset
 from train.errors import entry_point
 from train.faults import inject_fault
 from train.run_config import RunConfig, resolve_run_config
+from train.sources import load_texts
 from train.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 BPE_TRAINING_DOCUMENTS = 2_000_000  # BPE merges settle long before a large corpus is read to the end
@@ -53,7 +54,7 @@ def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Datas
     args = config.flags
     return packed_dataset(
         config.sources,
-        args.text_column,
+        config.data_format,
         tokenizer,
         args.seq_len,
         args.val_fraction,

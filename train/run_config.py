@@ -14,9 +14,10 @@ from models.architecture import discover
 from models.presets import resolve_model_config
 from train.args import DEFAULT_BPE_VOCAB, Flags
 from train.checkpoint import resume_mode
-from train.data import Source, embedded_corpus, resolve_sources
 from train.ds_config import BatchLayout, check_layout, load_ds_config
 from train.errors import ConfigError
+from train.examples import DataFormat
+from train.sources import Source, embedded_corpus, resolve_sources
 
 # Lowest allowed value of each numeric flag (a BPE vocabulary needs its 256 bytes + EOS).
 LOWEST = {
@@ -44,6 +45,7 @@ class RunConfig:
     model_config: PretrainedConfig  # as resolved from the flags; a from-scratch vocabulary is the tokenizer's later
     sources: list[Source]
     val_sources: list[Source] | None  # None: --val-fraction of every source is held out
+    data_format: DataFormat
     batch: BatchLayout
     bpe_vocab_size: int  # of a tokenizer trained on the data
     resume_mode: str | None  # with --load: "exact", "universal" or "weights" (train/checkpoint.py: resume_mode)
@@ -64,6 +66,29 @@ def check_flag_ranges(flags: Flags) -> None:
         )
     if not 0 < flags.val_fraction < 1:
         raise ConfigError("--val-fraction must be between 0 and 1")
+
+
+def data_format_from_flags(flags: Flags) -> DataFormat:
+    if flags.data_format != "text" and not (flags.model or flags.tokenizer):
+        raise ConfigError(
+            f"--data-format {flags.data_format} needs a pretrained tokenizer (--model or --tokenizer): a BPE trained "
+            "here knows no chat or prompt format"
+        )
+    template = None
+    if flags.chat_template is not None:
+        if not flags.chat_template.is_file():
+            raise ConfigError(f"--chat-template {flags.chat_template}: no such file; pass a Jinja template file")
+        template = flags.chat_template.read_text()
+    return DataFormat(
+        flags.data_format,
+        flags.text_column,
+        flags.prompt_column,
+        flags.completion_column,
+        flags.messages_column,
+        template,
+        flags.packing,
+        flags.overlong,
+    )
 
 
 def model_config_from_flags(flags: Flags, vocab_size: int | None) -> PretrainedConfig:
@@ -115,6 +140,7 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         model_config,
         sources,
         val_sources,
+        data_format_from_flags(flags),
         batch,
         bpe_vocab_size,
         resume,

@@ -1,0 +1,259 @@
+"""Instruction and chat examples -> token sequences labelled only on their answers -> fixed-shape blocks.
+
+Formats (`--data-format`): `prompt-completion` (two string columns) and `chat` (a column of `{role, content}`
+lists, rendered with the tokenizer's chat template or `--chat-template`). Labels are -100 everywhere but on
+the answers: the completion, or every assistant turn as the template renders it (its end-of-turn token
+included, so the model learns to stop). Each example is followed by EOS, labelled only after a completion.
+The first token of an example is never labelled, so no answer token is predicted from the example before it.
+
+Every block holds `seq_len` tokens, the shape DeepSpeed's pipeline buffers are built for: examples are packed
+in order, a block closed (padded) when the next one does not fit (`--packing pack`), or one per block
+(`--packing pad`). Padding is right-sided and labelled -100, so causal attention keeps it invisible. Packed
+examples attend to the examples before them in their block (no document mask crosses the stages; see the
+README). An example longer than `seq_len` is cut to it or dropped (`--overlong`); one left with no answer
+token is skipped. Both are counted and printed.
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset, Features, Sequence, Value
+from transformers import PreTrainedTokenizerBase
+
+from models.loss import IGNORE_INDEX
+from train.errors import ConfigError
+from train.sources import Source, load_columns
+
+KEPT, TRUNCATED, TOO_LONG, NO_ANSWER, MALFORMED = range(5)
+MAP_BATCH = 1000
+PACK_BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """How records become training blocks (the `--data-format` flags, resolved once)."""
+
+    kind: str = "text"  # text | prompt-completion | chat
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    chat_template: str | None = None  # the text of --chat-template; None: the tokenizer's own
+    packing: str = "pack"  # pack | pad
+    overlong: str = "truncate"  # truncate | drop
+
+    @property
+    def masked(self) -> bool:
+        """Whether labels differ from the inputs (instruction and chat data)."""
+        return self.kind != "text"
+
+    def columns(self) -> dict[str, tuple[str, str]]:
+        """{column in the data: (the name used here, the flag that names it)}."""
+        if self.kind == "text":
+            return {self.text_column: ("text", "--text-column")}
+        if self.kind == "prompt-completion":
+            return {
+                self.prompt_column: ("prompt", "--prompt-column"),
+                self.completion_column: ("completion", "--completion-column"),
+            }
+        return {self.messages_column: ("messages", "--messages-column")}
+
+    def cache_fields(self, tokenizer: PreTrainedTokenizerBase) -> dict:
+        """What the blocks depend on, for the cache key (the template that will really be used included)."""
+        fields = asdict(self)
+        if self.kind == "chat":
+            fields["chat_template"] = chat_template_of(self, tokenizer)
+        return fields
+
+
+TEXT = DataFormat()
+
+
+def chat_template_of(data_format: DataFormat, tokenizer: PreTrainedTokenizerBase) -> str:
+    template = data_format.chat_template or tokenizer.chat_template
+    if isinstance(template, dict):  # a tokenizer with named templates
+        template = template.get("default")
+    if not template:
+        raise ConfigError(
+            f"--data-format chat: the tokenizer {tokenizer.name_or_path} has no chat template; pass "
+            "--chat-template FILE (a Jinja template) or a tokenizer that has one"
+        )
+    return template
+
+
+def chat_text_and_spans(messages: list, tokenizer, template: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns: each from the end of the
+    generation prompt before it to the end of the conversation rendered through it."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError("messages must be a list of {role, content} records")
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # datasets fills absent keys
+
+    def render(turns: list, generation_prompt: bool = False) -> str:
+        if not turns:
+            return ""
+        return tokenizer.apply_chat_template(
+            turns, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    text, spans = render(messages), []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, through = render(messages[:i], generation_prompt=True), render(messages[: i + 1])
+            if not (text.startswith(through) and through.startswith(start)):
+                raise ValueError(
+                    f"the chat template renders turn {i} differently once later turns follow, so its answer "
+                    "cannot be located; pass a --chat-template that renders earlier turns unchanged"
+                )
+            spans.append((len(start), len(through)))
+    return text, spans
+
+
+def label_answers(offsets: list, spans: list[tuple[int, int]], input_ids: list[int]) -> list[int]:
+    """Labels: the token where it overlaps an answer span (as transformers' assistant masks), else -100."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for j, (token_start, token_end) in enumerate(offsets):
+        if token_end > token_start and any(token_end > s and token_start < e for s, e in spans):
+            labels[j] = input_ids[j]
+    return labels
+
+
+def encode_examples(batch: dict, tokenizer, data_format: DataFormat, seq_len: int, template: str | None) -> dict:
+    """A `datasets.map` batch of records -> input_ids, labels, status (KEPT ... MALFORMED) and problem."""
+    texts, spans, problems = [], [], []
+    for k in range(len(next(iter(batch.values())))):
+        try:
+            if data_format.kind == "chat":
+                text, answer = chat_text_and_spans(batch["messages"][k], tokenizer, template)
+            else:
+                prompt, completion = batch["prompt"][k] or "", batch["completion"][k] or ""
+                text, answer = prompt + completion, [(len(prompt), len(prompt + completion))]
+            problem = ""
+        except Exception as e:  # a malformed record or a template error: reported after the map, in one line
+            text, answer, problem = "", [], f"{type(e).__name__}: {e}".splitlines()[0]
+        texts.append(text)
+        spans.append(answer)
+        problems.append(problem)
+    # Chat templates write their own BOS; a prompt gets the tokenizer's special tokens like any text.
+    encoded = tokenizer(texts, add_special_tokens=data_format.kind != "chat", return_offsets_mapping=True)
+    eos, out = tokenizer.eos_token_id, {"input_ids": [], "labels": [], "status": [], "problem": problems}
+    for ids, offsets, answer, problem in zip(
+        encoded["input_ids"], encoded["offset_mapping"], spans, problems, strict=True
+    ):
+        labels = label_answers(offsets, answer, ids)
+        if labels:
+            labels[0] = IGNORE_INDEX
+        ids, labels = ids + [eos], labels + [eos if data_format.kind == "prompt-completion" else IGNORE_INDEX]
+        status = MALFORMED if problem else KEPT
+        if status == KEPT and len(ids) > seq_len:
+            status = TOO_LONG if data_format.overlong == "drop" else TRUNCATED
+            ids, labels = ids[:seq_len], labels[:seq_len]
+        if status in (KEPT, TRUNCATED) and all(label == IGNORE_INDEX for label in labels):
+            status = NO_ANSWER
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["status"].append(status)
+    return out
+
+
+def pack_examples(batch: dict, seq_len: int, one_per_block: bool, pad_id: int) -> dict:
+    """A `datasets.map` batch of kept examples -> blocks of exactly `seq_len` tokens, examples in order."""
+    blocks: dict[str, list] = {"input_ids": [], "labels": [], "loss_tokens": [], "examples": []}
+    ids: list[int] = []
+    labels: list[int] = []
+    count = 0
+
+    def close_block() -> None:
+        padding = seq_len - len(ids)
+        blocks["input_ids"].append(ids + [pad_id] * padding)
+        blocks["labels"].append(labels + [IGNORE_INDEX] * padding)
+        # The loss predicts labels[t + 1] from position t: a label at position 0 is never counted.
+        blocks["loss_tokens"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
+        blocks["examples"].append(count)
+
+    for example_ids, example_labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        if ids and (one_per_block or len(ids) + len(example_ids) > seq_len):
+            close_block()
+            ids, labels, count = [], [], 0
+        ids, labels, count = ids + example_ids, labels + example_labels, count + 1
+    if ids:
+        close_block()
+    return blocks
+
+
+def example_blocks(
+    source: Source, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None
+) -> tuple[Dataset, dict]:
+    """All blocks of one instruction or chat source, and their counts (examples kept, cut, skipped; tokens)."""
+    template = chat_template_of(data_format, tokenizer) if data_format.kind == "chat" else None
+    records = load_columns(source, data_format.columns())
+    encoded = records.map(
+        encode_examples,
+        fn_kwargs=dict(tokenizer=tokenizer, data_format=data_format, seq_len=seq_len, template=template),
+        batched=True,
+        batch_size=MAP_BATCH,
+        remove_columns=records.column_names,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(records) > MAP_BATCH * num_proc else None,
+        desc="rendering and tokenizing examples",
+    )
+    status = np.asarray(encoded["status"])
+    if (status == MALFORMED).any():
+        first = int(np.flatnonzero(status == MALFORMED)[0])
+        raise ConfigError(
+            f"{source.spec}: {(status == MALFORMED).sum()} malformed examples; the first, record {first}: "
+            f"{encoded[first]['problem']}"
+        )
+    kept = encoded.select(np.flatnonzero((status == KEPT) | (status == TRUNCATED))).remove_columns(
+        ["status", "problem"]
+    )
+    counts = {
+        name: int((status == code).sum()) for code, name in enumerate(("kept", "truncated", "dropped", "skipped"))
+    }
+    counts["kept"] += counts["truncated"]
+    if len(kept) == 0:
+        raise ConfigError(
+            f"{source.spec}: no example has an answer token within --seq-len {seq_len}: nothing to train on"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    features = Features(
+        {
+            "input_ids": Sequence(Value("int32"), length=seq_len),
+            "labels": Sequence(Value("int32"), length=seq_len),
+            "loss_tokens": Value("int32"),
+            "examples": Value("int32"),
+        }
+    )
+    blocks = kept.map(
+        pack_examples,
+        fn_kwargs=dict(seq_len=seq_len, one_per_block=data_format.packing == "pad", pad_id=pad_id),
+        batched=True,
+        batch_size=PACK_BATCH,
+        remove_columns=kept.column_names,
+        features=features,
+        desc=f"{'packing' if data_format.packing == 'pack' else 'padding'} examples into {seq_len}-token blocks",
+    )
+    return blocks, {**counts, **block_stats(blocks, kept, seq_len)}
+
+
+def block_stats(blocks: Dataset, kept: Dataset, seq_len: int) -> dict:
+    """Answer tokens (those the loss counts) and example tokens, as fractions of all block tokens."""
+    block_tokens = len(blocks) * seq_len
+    answer_tokens = int(np.sum(blocks["loss_tokens"]))
+    example_tokens = pc.sum(pc.list_value_length(kept.with_format("arrow")["input_ids"])).as_py()
+    return {
+        "blocks": len(blocks),
+        "tokens": block_tokens,
+        "answer_tokens": answer_tokens,
+        "answer_fraction": answer_tokens / block_tokens,
+        "fill_fraction": example_tokens / block_tokens,
+    }
+
+
+def describe(spec: str, stats: dict, data_format: DataFormat, seq_len: int) -> str:
+    how = "packed" if data_format.packing == "pack" else "padded"
+    return (
+        f"{spec}: {stats['kept']:,} examples in {stats['blocks']:,} blocks of {seq_len} tokens ({how})"
+        f": {stats['answer_fraction']:.1%} answer tokens, {stats['fill_fraction']:.1%} filled; "
+        f"{stats['truncated']} truncated and {stats['dropped']} dropped (longer than --seq-len, --overlong), "
+        f"{stats['skipped']} skipped (no answer token)"
+    )
