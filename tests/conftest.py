@@ -12,7 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.helpers import free_port, write_ds_config  # noqa: E402
+from tests.helpers import CHATML, chat_records, free_port, write_ds_config  # noqa: E402
 from train.sources import embedded_corpus  # noqa: E402
 from train.tokenizer import train_bpe_tokenizer  # noqa: E402
 
@@ -36,6 +36,28 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
     texts = (json.loads(line)["text"] for line in open(corpus))
     train_bpe_tokenizer(texts, vocab_size=512, out_dir=out)
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """The corpus tokenizer with ChatML's two special tokens and template (as a Qwen2.5 tokenizer has them)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    out = tmp_path_factory.mktemp("chat_tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_corpus(corpus, tmp_path_factory) -> Path:
+    """600 chat examples (system turns, one or two exchanges) made of the corpus' verses, as jsonl."""
+    verses = [json.loads(line)["text"] for line in itertools.islice(open(corpus), 600)]
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in chat_records(verses)))
+    return path
 
 
 @pytest.fixture

@@ -51,6 +51,29 @@ def ds_config(train_batch: int = 8, micro: int = 2, **overrides) -> dict:
     return {k: v for k, v in config.items() if v is not None}
 
 
+# The ChatML template of Qwen2.5-style chat models (no system prompt added), for tokenizers trained here.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' "
+    "+ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def chat_records(verses: list[str]) -> list[dict]:
+    """Chat examples made of verses: the user gives the first 6 words of a verse, the assistant up to 6 more;
+    every third example has a system turn, every fourth a second exchange (the next verse)."""
+    records = []
+    for i, verse in enumerate(verses):
+        messages = [{"role": "system", "content": "You are a scribe."}] if i % 3 == 0 else []
+        for text in [verse, verses[(i + 1) % len(verses)]][: 2 if i % 4 == 0 else 1]:
+            words = text.split()
+            messages += [
+                {"role": "user", "content": "Continue: " + " ".join(words[:6])},
+                {"role": "assistant", "content": " ".join(words[6:12])},
+            ]
+        records.append({"messages": messages})
+    return records
+
+
 def write_file(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -7,8 +7,8 @@ included, so the model learns to stop). Each example is followed by EOS, labelle
 The first token of an example is never labelled, so no answer token is predicted from the example before it.
 
 Every block holds `seq_len` tokens, the shape DeepSpeed's pipeline buffers are built for: examples are packed
-in order, a block closed (padded) when the next one does not fit (`--packing pack`), or one per block
-(`--packing pad`). Padding is right-sided and labelled -100, so causal attention keeps it invisible. Packed
+nearly in order, each into the first of the last few blocks with room for it (`--packing pack`), or one per
+block (`--packing pad`); the rest of a block is padding. Padding is right-sided and labelled -100, so causal attention keeps it invisible. Packed
 examples attend to the examples before them in their block (no document mask crosses the stages; see the
 README). An example longer than `seq_len` is cut to it or dropped (`--overlong`); one left with no answer
 token is skipped. Both are counted and printed.
@@ -28,6 +28,7 @@ from train.sources import Source, load_columns
 KEPT, TRUNCATED, TOO_LONG, NO_ANSWER, MALFORMED = range(5)
 MAP_BATCH = 1000
 PACK_BATCH = 10_000
+OPEN_BLOCKS = 8  # blocks an example may still join (packing)
 
 
 @dataclass(frozen=True)
@@ -157,27 +158,35 @@ def encode_examples(batch: dict, tokenizer, data_format: DataFormat, seq_len: in
 
 
 def pack_examples(batch: dict, seq_len: int, one_per_block: bool, pad_id: int) -> dict:
-    """A `datasets.map` batch of kept examples -> blocks of exactly `seq_len` tokens, examples in order."""
-    blocks: dict[str, list] = {"input_ids": [], "labels": [], "loss_tokens": [], "examples": []}
-    ids: list[int] = []
-    labels: list[int] = []
-    count = 0
+    """A `datasets.map` batch of kept examples -> blocks of exactly `seq_len` tokens.
 
-    def close_block() -> None:
+    Each example goes into the first of the last `OPEN_BLOCKS` blocks that has room for it, else into a new
+    block (the oldest open one is then closed): near to in-order packing, which keeps the validation blocks
+    at the end of a source unbiased, while short examples fill the gaps that long ones leave."""
+    blocks: dict[str, list] = {"input_ids": [], "labels": [], "loss_tokens": [], "examples": []}
+    open_blocks: list[tuple[list[int], list[int], list[int]]] = []  # (ids, labels, [example count])
+
+    def close_block(ids: list[int], labels: list[int], count: list[int]) -> None:
         padding = seq_len - len(ids)
         blocks["input_ids"].append(ids + [pad_id] * padding)
         blocks["labels"].append(labels + [IGNORE_INDEX] * padding)
         # The loss predicts labels[t + 1] from position t: a label at position 0 is never counted.
         blocks["loss_tokens"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
-        blocks["examples"].append(count)
+        blocks["examples"].append(count[0])
 
     for example_ids, example_labels in zip(batch["input_ids"], batch["labels"], strict=True):
-        if ids and (one_per_block or len(ids) + len(example_ids) > seq_len):
-            close_block()
-            ids, labels, count = [], [], 0
-        ids, labels, count = ids + example_ids, labels + example_labels, count + 1
-    if ids:
-        close_block()
+        fits = [b for b in open_blocks if not one_per_block and len(b[0]) + len(example_ids) <= seq_len]
+        if not fits:
+            if len(open_blocks) >= (1 if one_per_block else OPEN_BLOCKS):
+                close_block(*open_blocks.pop(0))
+            open_blocks.append(([], [], [0]))
+            fits = open_blocks[-1:]
+        ids, labels, count = fits[0]
+        ids += example_ids
+        labels += example_labels
+        count[0] += 1
+    for block in open_blocks:
+        close_block(*block)
     return blocks
 
 
