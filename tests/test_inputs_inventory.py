@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers import REPO, write_ds_config, write_file
+from tests.helpers import CHATML, REPO, write_ds_config, write_file
 from tests.test_bad_input import run_preflight
 
 
@@ -32,6 +32,10 @@ def _tokenizer_without_eos(path):
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")), unk_token="[UNK]"
     ).save_pretrained(path)
     return path
+
+
+def _chatml(tmp):
+    return write_file(tmp / "chatml.jinja", CHATML)
 
 
 def _dir(path):
@@ -154,6 +158,27 @@ INVENTORY = [
         "data-hub-unreachable",
         lambda t, g: ["--data", "wikitext#wikitext-2-raw-v1@train"],
         "--data wikitext: no such local folder, and the Hugging Face Hub did not serve it",
+    ),
+    ("chat-without-tokenizer", lambda t, g: ["--data-format", "chat"], "needs a pretrained tokenizer"),
+    (
+        "chat-template-missing-file",
+        lambda t, g: ["--data-format", "chat", "--tokenizer", g["tokenizer"], "--chat-template", t / "chat.jinja"],
+        "--chat-template",
+    ),
+    (
+        "chat-tokenizer-without-template",
+        lambda t, g: ["--data-format", "chat", "--tokenizer", g["tokenizer"]],
+        "has no chat template; pass --chat-template",
+    ),
+    (
+        "chat-missing-column",
+        lambda t, g: ["--data-format", "chat", "--tokenizer", g["tokenizer"], "--chat-template", _chatml(t)],
+        "no column 'messages'",
+    ),
+    (
+        "prompt-completion-missing-column",
+        lambda t, g: ["--data-format", "prompt-completion", "--tokenizer", g["tokenizer"]],
+        "no column 'prompt'",
     ),
     ("val-data-missing", lambda t, g: ["--val-data", t / "val.jsonl"], "data file not found"),
     ("load-missing-folder", lambda t, g: ["--load", t / "old" / "checkpoints"], "--load"),

@@ -8,10 +8,11 @@ The first token of an example is never labelled, so no answer token is predicted
 
 Every block holds `seq_len` tokens, the shape DeepSpeed's pipeline buffers are built for: examples are packed
 nearly in order, each into the first of the last few blocks with room for it (`--packing pack`), or one per
-block (`--packing pad`); the rest of a block is padding. Padding is right-sided and labelled -100, so causal attention keeps it invisible. Packed
-examples attend to the examples before them in their block (no document mask crosses the stages; see the
-README). An example longer than `seq_len` is cut to it or dropped (`--overlong`); one left with no answer
-token is skipped. Both are counted and printed.
+block (`--packing pad`); the rest of a block is padding, right-sided and labelled -100, so causal attention
+keeps it invisible. Packed examples attend to the examples before them in their block: no document mask
+crosses the stages (README: "Fine-tune a chat model" gives the measured effect). An example longer than
+`seq_len` is cut to it or dropped (`--overlong`); one left with no answer token is skipped. Both are
+counted and printed.
 """
 
 from dataclasses import asdict, dataclass

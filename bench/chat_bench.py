@@ -1,0 +1,118 @@
+"""Chat fine-tuning next to plain-text training, and what packing without document masks costs.
+
+    python -m bench.chat_bench [--steps 40] [--verses 8000]
+
+Builds its own data and tokenizer in a fresh folder (nothing is read from ~/.cache/pipegpt): the default run's
+BPE (8,192) trained on the embedded corpus, with ChatML's two special tokens and template added, and chat
+examples made of the first `--verses` verses (tests/helpers.py: chat_records). Then trains the default model
+and layout (gpt2-tiny, 2 stages, ds_configs/cpu_pp2.json, 128-token blocks) on the plain text, on packed chat
+data and on padded chat data, and prints a table: the packing efficiency (answer tokens / block tokens), the
+block fill, tokens/s and answer tokens/s (median after step 10), and the final validation loss.
+
+Packed examples attend to the examples before them in their block. The second table measures that: the
+packed run's exported model scores its held-out answers once in their packed blocks and once with every
+example alone (the padded layout, exact), over the same answer tokens.
+"""
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.pipeline_bench import run
+from models.loss import IGNORE_INDEX
+from tests.helpers import CHATML, QUIET_RUN, chat_records, cli, deepspeed_command
+from train.data import packed_dataset
+from train.examples import DataFormat, example_blocks
+from train.sources import embedded_corpus, resolve_sources
+
+
+def train(name: str, work: Path, steps: int, **flags) -> Path:
+    out = work / name
+    args = cli(train_steps=steps, eval_blocks=64, output_dir=out, data_cache_dir=work / "cache", **QUIET_RUN, **flags)
+    run(deepspeed_command(2, 29681, args), env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    return out
+
+
+def chat_setup(work: Path, text_run: Path, verses: int) -> tuple[Path, Path]:
+    """A chat tokenizer (the text run's BPE + ChatML) and a chat jsonl made of verses."""
+    tokenizer = AutoTokenizer.from_pretrained(text_run / "tokenizer")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(work / "chat_tokenizer")
+    texts = [json.loads(line)["text"] for line in itertools.islice(open(embedded_corpus()), verses)]
+    data = work / "chat.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in chat_records(texts)))
+    return work / "chat_tokenizer", data
+
+
+def median_after_10(out: Path, value) -> float:
+    """The median of `value(metrics)` over the logged steps after the first 10."""
+    return statistics.median(
+        [value(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()][10:]
+    )
+
+
+@torch.no_grad()
+def cross_example_effect(out: Path, data: Path, tokenizer, work: Path) -> tuple[float, float, int]:
+    """Mean held-out answer loss of the packed run's export: in the packed blocks, and example by example."""
+    model = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    blocks = packed_dataset(resolve_sources([str(data)]), DataFormat("chat"), tokenizer, 128, 0.02, work / "cache")
+    packed_sum = alone_sum = count = 0.0
+    for row in blocks["validation"]:
+        ids, labels = row["input_ids"].long(), row["labels"].long()
+        n = int((labels[1:] != IGNORE_INDEX).sum())
+        packed_sum += model(ids[None], labels=labels[None]).loss.item() * n
+        ends = (ids == tokenizer.eos_token_id).nonzero().flatten().tolist()  # each example ends with EOS
+        for start, end in zip([0] + [e + 1 for e in ends], ends, strict=False):
+            example_labels = labels[start : end + 1]
+            k = int((example_labels[1:] != IGNORE_INDEX).sum())
+            if k:
+                alone_sum += model(ids[None, start : end + 1], labels=example_labels[None]).loss.item() * k
+        count += n
+    return packed_sum / count, alone_sum / count, int(count)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--verses", type=int, default=8000)
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="chat_bench_"))
+    print(f"fresh data cache and tokenizer in {work}")
+    text = train("text", work, a.steps)
+    tokenizer_dir, data = chat_setup(work, text, a.verses)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    runs = {"text": text}
+    for packing in ("pack", "pad"):
+        runs[f"chat, {packing}ed"] = train(
+            f"chat_{packing}", work, a.steps, data=data, tokenizer=tokenizer_dir, data_format="chat", packing=packing
+        )
+    print("| data | blocks | answer tokens / block tokens | fill | tokens/s | answer tokens/s | eval loss |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, out in runs.items():
+        speed = median_after_10(out, lambda m: m["tokens_per_sec"])
+        eval_loss = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
+        if name == "text":
+            print(f"| text | | 1.000 | 1.000 | {speed:,.0f} | {speed:,.0f} | {eval_loss:.3f} |")
+            continue
+        packing = "pack" if "pack" in name else "pad"
+        (source,) = resolve_sources([str(data)])
+        _, stats = example_blocks(source, DataFormat("chat", packing=packing), tokenizer, 128, None)
+        answer_speed = median_after_10(out, lambda m: m["tokens_per_sec"] * (1 - m["masked_fraction"]))
+        print(
+            f"| {name} | {stats['blocks']:,} | {stats['answer_fraction']:.3f} | {stats['fill_fraction']:.3f} | "
+            f"{speed:,.0f} | {answer_speed:,.0f} | {eval_loss:.3f} |"
+        )
+    packed, alone, count = cross_example_effect(runs["chat, packed"], data, tokenizer, work)
+    print(f"\nheld-out answers of the packed run ({count:,} answer tokens): mean loss in packed blocks {packed:.4f}, ")
+    print(f"each example alone {alone:.4f}: attention across examples changes it by {(packed - alone) / alone:+.2%}")
+
+
+if __name__ == "__main__":
+    main()
