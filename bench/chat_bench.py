@@ -89,8 +89,8 @@ def main() -> None:
     tokenizer_dir, data = chat_setup(work, text, a.verses)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     runs = {"text": text}
-    for packing in ("pack", "pad"):
-        runs[f"chat, {packing}ed"] = train(
+    for packing, name in (("pack", "chat, packed"), ("pad", "chat, padded")):
+        runs[name] = train(
             f"chat_{packing}", work, a.steps, data=data, tokenizer=tokenizer_dir, data_format="chat", packing=packing
         )
     print("| data | blocks | answer tokens / block tokens | fill | tokens/s | answer tokens/s | eval loss |")
@@ -99,7 +99,7 @@ def main() -> None:
         speed = median_after_10(out, lambda m: m["tokens_per_sec"])
         eval_loss = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
         if name == "text":
-            print(f"| text | | 1.000 | 1.000 | {speed:,.0f} | {speed:,.0f} | {eval_loss:.3f} |")
+            print(f"| text | | all | 1.000 | {speed:,.0f} | {speed:,.0f} | {eval_loss:.3f} |")
             continue
         packing = "pack" if "pack" in name else "pad"
         (source,) = resolve_sources([str(data)])

@@ -18,8 +18,8 @@ STEPS, SEQ_LEN, MICRO_BATCH = 6, 128, 2
 
 @pytest.fixture(scope="module")
 def chat_runs(chat_corpus, chat_tokenizer_dir, tmp_path_factory):
-    """6 steps of chat fine-tuning (packed, global batch 8 of micro-batches of 2) as pp=1 and pp=2, and pp=2
-    again resumed from its step-3 checkpoint."""
+    """6 steps of chat fine-tuning (packed, global batch 8 of micro-batches of 2) as pp=1, pp=2 and 2 data-parallel
+    replicas, and pp=2 again resumed from its step-3 checkpoint."""
     tmp = tmp_path_factory.mktemp("chat_runs")
     write_json(tmp / "model.json", tiny_gpt2(positions=SEQ_LEN))
     args = small_run_args(
@@ -35,21 +35,25 @@ def chat_runs(chat_corpus, chat_tokenizer_dir, tmp_path_factory):
         trace_batches=True,
         save_interval=3,
     )
-    runs = {name: tmp / name for name in ("pp1", "pp2", "pp2_resumed")}
+    runs = {name: tmp / name for name in ("pp1", "pp2", "dp2", "pp2_resumed")}
     launch([*args, "--pipeline-stages", 1, "--output-dir", runs["pp1"]], 1)
     launch([*args, "--pipeline-stages", 2, "--output-dir", runs["pp2"]], 2)
+    launch([*args, "--pipeline-stages", 1, "--output-dir", runs["dp2"]], 2)
     resume = ["--load", runs["pp2"] / "checkpoints" / "step_3", "--output-dir", runs["pp2_resumed"]]
     launch([*args, "--pipeline-stages", 2, *resume], 2)
     return tmp, runs
 
 
-def test_two_stages_train_the_losses_of_one(chat_runs):
+@pytest.mark.parametrize("layout", ["pp2", "dp2"])
+def test_two_stages_or_two_replicas_train_the_losses_of_one_rank(chat_runs, layout):
+    """Replicas hold different numbers of answer tokens: their losses are weighted by them, not averaged."""
     _, runs = chat_runs
-    pp1, pp2 = read_metrics(runs["pp1"]), read_metrics(runs["pp2"])
-    assert len(pp1) == len(pp2) == STEPS and pp1[-1]["loss"] < pp1[0]["loss"]
-    for ours, reference in zip(pp2, pp1, strict=True):
+    pp1, other = read_metrics(runs["pp1"]), read_metrics(runs[layout])
+    assert len(pp1) == len(other) == STEPS and pp1[-1]["loss"] < pp1[0]["loss"]
+    for ours, reference in zip(other, pp1, strict=True):
         assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-4)
-    assert pp2[-1]["eval_loss"] == pytest.approx(pp1[-1]["eval_loss"], rel=1e-4)
+        assert ours["answer_tokens"] == reference["answer_tokens"]
+    assert other[-1]["eval_loss"] == pytest.approx(pp1[-1]["eval_loss"], rel=1e-4)
 
 
 def test_both_end_stages_feed_the_same_labels_in_the_configured_shape(chat_runs):
