@@ -2,8 +2,9 @@
 
     python -m bench.chat_bench [--steps 40] [--verses 8000]
 
-Builds its own data and tokenizer in a fresh folder (nothing is read from ~/.cache/pipegpt): the default run's
-BPE (8,192) trained on the embedded corpus, with ChatML's two special tokens and template added, and chat
+Builds its own data and tokenizer in a fresh folder (nothing is read from a cache): the default run's BPE
+(8,192) trained on the embedded corpus, with ChatML's two special tokens and template added (every run uses
+it, so that all have the same vocabulary and head), and chat
 examples made of the first `--verses` verses (tests/helpers.py: chat_records). Then trains the default model
 and layout (gpt2-tiny, 2 stages, ds_configs/cpu_pp2.json, 128-token blocks) on the plain text, on packed chat
 data and on padded chat data, and prints a table: the packing efficiency (answer tokens / block tokens), the
@@ -18,18 +19,19 @@ import argparse
 import itertools
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench import fresh_work_dir
 from bench.pipeline_bench import run
 from models.loss import IGNORE_INDEX
 from tests.helpers import CHATML, QUIET_RUN, chat_records, cli, deepspeed_command
 from train.data import packed_dataset
 from train.examples import DataFormat, example_blocks
-from train.sources import embedded_corpus, resolve_sources
+from train.sources import embedded_corpus, load_texts, resolve_sources
+from train.tokenizer import train_bpe_tokenizer
 
 
 def train(name: str, work: Path, steps: int, **flags) -> Path:
@@ -39,9 +41,11 @@ def train(name: str, work: Path, steps: int, **flags) -> Path:
     return out
 
 
-def chat_setup(work: Path, text_run: Path, verses: int) -> tuple[Path, Path]:
-    """A chat tokenizer (the text run's BPE + ChatML) and a chat jsonl made of verses."""
-    tokenizer = AutoTokenizer.from_pretrained(text_run / "tokenizer")
+def chat_setup(work: Path, verses: int) -> tuple[Path, Path]:
+    """The tokenizer of every run (the default run's BPE + ChatML: text and chat runs have the same vocabulary,
+    hence the same head) and a chat jsonl made of verses."""
+    texts = load_texts(resolve_sources([embedded_corpus()])[0])
+    tokenizer = train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), 8192, work / "bpe")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(work / "chat_tokenizer")
@@ -83,10 +87,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--verses", type=int, default=8000)
     a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="chat_bench_"))
-    print(f"fresh data cache and tokenizer in {work}")
-    text = train("text", work, a.steps)
-    tokenizer_dir, data = chat_setup(work, text, a.verses)
+    work = fresh_work_dir("chat_bench")
+    tokenizer_dir, data = chat_setup(work, a.verses)
+    text = train("text", work, a.steps, tokenizer=tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     runs = {"text": text}
     for packing, name in (("pack", "chat, packed"), ("pad", "chat, padded")):

@@ -11,10 +11,10 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from bench import fresh_work_dir
 from train.data import packed_dataset, packed_source
 from train.examples import TEXT
 from train.sources import embedded_corpus, load_texts, resolve_sources
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--synthetic-mb", type=int, default=100)
     p.add_argument("--num-proc", type=int, default=os.cpu_count())
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="pipegpt_bench_"))
+    work = fresh_work_dir("data_bench")
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
     tokenizer = train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), 8192, work / "tokenizer")
     corpora = {

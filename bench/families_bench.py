@@ -11,9 +11,9 @@ logged steps after the first 10, and GFLOP/s (FLOPs per token x tokens/s: compar
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
+from bench import fresh_work_dir
 from bench.pipeline_bench import run
 from tests.helpers import QUIET_RUN, cli, deepspeed_command
 
@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="families_bench_"))
+    work = fresh_work_dir("families_bench")
     tokenizer, rows = None, {m: [] for m in a.models}
     for _ in range(a.repeats):
         for model in a.models:

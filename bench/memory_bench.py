@@ -12,10 +12,10 @@ and the median seconds per step, so the cost of activation checkpointing shows n
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from bench import fresh_work_dir
 from bench.pipeline_bench import run
 from models.architecture import discover
 from models.hf_weights import config_from_dict
@@ -67,7 +67,7 @@ def main() -> None:
     from train.sources import embedded_corpus, load_texts, resolve_sources
     from train.tokenizer import train_bpe_tokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="pipegpt_memory_bench_"))
+    work = fresh_work_dir("memory_bench")
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
     train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), VOCAB, work / "tokenizer")
     print(

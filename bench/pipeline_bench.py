@@ -8,7 +8,9 @@ without ZeRO, since every variant has one data-parallel replica and ZeRO would s
 Every variant runs `--repeats` times in this invocation; the table gives the
 median and the fastest seconds per step after 2 warm-up steps (the fastest is the cost without
 this shared machine's bursts of noise). Pipeline efficiency = ideal / measured, with ideal =
-(plain loop on 1 thread) / p x (m + p - 1) / m: what p perfect stages would take.
+(plain loop on 1 thread) / p x (m + p - 1) / m: what p perfect stages would take. Two ideals: from the
+1-thread loop running alone, and contended, from two 1-thread loops running at the same time (as two
+stages share this machine's cores, memory bandwidth and caches: each computes slower than alone).
 """
 
 import argparse
@@ -17,9 +19,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from bench import fresh_work_dir
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO, MICROS, SEQ = 2, 16, 128
@@ -119,6 +122,7 @@ def torch_pipelining(layers: int, schedule: str, steps: int) -> list[float]:
 VARIANTS = [
     "plain transformers loop, 2 threads",
     "plain transformers loop, 1 thread",
+    "plain transformers loop, 1 thread, two at once",
     "ours, 1 stage, 2 threads",
     "ours, 2 stages (parameters)",
     "ours, 2 stages (flops)",
@@ -131,7 +135,12 @@ def measure(name: str, layers: int, steps: int, work: Path) -> list[float]:
     if name.startswith("plain"):
         threads = "2" if "2 threads" in name else "1"
         cmd = [sys.executable, "-m", "bench.pipeline_bench", "--plain", str(layers), threads, "--steps", str(steps)]
-        return json.loads(run(cmd).stdout)
+        if "two at once" not in name:
+            return json.loads(run(cmd).stdout)
+        # Two 1-thread loops sharing the machine, as two pipeline stages do: each one's step times.
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        return [t for proc in procs for t in json.loads(proc.communicate()[0])]
     if name.startswith("ours"):
         stages = 1 if "1 stage" in name else 2
         return ours(layers, stages, steps, work, work / "tokenizer", "flops" if "flops" in name else "parameters")
@@ -152,12 +161,12 @@ def main() -> None:
     from train.sources import embedded_corpus, load_texts, resolve_sources
     from train.tokenizer import train_bpe_tokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="pipegpt_pipe_bench_"))
+    work = fresh_work_dir("pipeline_bench")
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
     train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), 1024, work / "tokenizer")
     print(
         "| blocks | variant | s/step median | s/step fastest | tokens/s (median) | vs plain, 2 threads "
-        "| pipeline efficiency (median / fastest) |"
+        "| pipeline efficiency, median (alone / contended) |"
     )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for layers in a.layers:
@@ -168,13 +177,18 @@ def main() -> None:
             for name in wanted:
                 results[name].append(measure(name, layers, a.steps, work))
         plain2 = statistics.median(statistics.median(t) for t in results["plain transformers loop, 2 threads"])
-        plain1 = results["plain transformers loop, 1 thread"]
-        ideal = statistics.median(statistics.median(t) for t in plain1) / 2 * (MICROS + 1) / MICROS
-        ideal_fastest = min(min(t) for t in plain1) / 2 * (MICROS + 1) / MICROS
+        # What 2 perfect stages would take: half a 1-thread loop's step, plus the fill and drain of 1F1B.
+        ideal, contended = (
+            statistics.median(statistics.median(t) for t in results[f"plain transformers loop, 1 thread{which}"])
+            / 2
+            * (MICROS + 1)
+            / MICROS
+            for which in ("", ", two at once")
+        )
         for name, repeats in results.items():
             for times in repeats:
                 median, fastest = statistics.median(times), min(times)
-                eff = f"{ideal / median:.2f} / {ideal_fastest / fastest:.2f}" if "2 stages" in name else ""
+                eff = f"{ideal / median:.2f} / {contended / median:.2f}" if "2 stages" in name else ""
                 print(
                     f"| {layers} | {name} | {median:.3f} | {fastest:.3f} | {MICRO * MICROS * SEQ / median:,.0f} "
                     f"| {plain2 / median:.2f} | {eff} |",

@@ -197,11 +197,15 @@ def _pretrained_config(model: str) -> PretrainedConfig:
         raise ValueError(not_found("--model", model, e)) from None
 
 
-def resolve_model_config(model_config: str | None, model: str | None, vocab_size: int | None) -> PretrainedConfig:
+def resolve_model_config(
+    model_config: str | None, model: str | None, vocab_size: int | None, fused_gelu: bool = True
+) -> PretrainedConfig:
     """The model's shape: from pretrained weights (`model`), a preset name, or a config file/dir.
 
     `vocab_size` (the tokenizer's) sets the vocabulary of a from-scratch model; a pretrained model keeps
-    its own. Raises ValueError for a family the pipeline does not support.
+    its own. With `fused_gelu`, GPT-2's `gelu_new` becomes `gelu_pytorch_tanh`: the same tanh approximation
+    (within ~3e-7) as one fused kernel instead of the ~8 elementwise kernels transformers runs `gelu_new` as.
+    Raises ValueError for a family the pipeline does not support.
     """
     if model is not None:
         config = _pretrained_config(model)
@@ -217,5 +221,7 @@ def resolve_model_config(model_config: str | None, model: str | None, vocab_size
         config = _config_file(path, vocab_size)
     else:
         raise ValueError("give --model-config (a preset or config.json) or --model (pretrained weights)")
+    if fused_gelu and getattr(config, "activation_function", None) == "gelu_new":
+        config.activation_function = "gelu_pytorch_tanh"
     discover(config)  # refuses unsupported families and attention kernels
     return config

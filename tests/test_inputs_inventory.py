@@ -105,6 +105,37 @@ INVENTORY = [
         "wall_clock_breakdown crashes DeepSpeed",
     ),
     (
+        "ds-unknown-key",
+        lambda t, g: ["--deepspeed_config", write_ds_config(t / "k.json", seed=1)],
+        'DeepSpeed 0.19.8 does not know "seed"',
+    ),
+    (
+        "ds-unknown-nested-key",
+        lambda t, g: ["--deepspeed_config", write_ds_config(t / "n.json", checkpoint={"load_universl": True})],
+        'does not know "checkpoint.load_universl"; did you mean "load_universal"?',
+    ),
+    (
+        "ds-compile-enabled",
+        lambda t, g: ["--deepspeed_config", write_ds_config(t / "c.json", compile={"enabled": True})],
+        '"compile.enabled": Extra inputs are not permitted',
+    ),
+    (
+        "ds-ill-typed-key",
+        lambda t, g: [
+            "--deepspeed_config",
+            write_ds_config(t / "i.json", zero_optimization={"stage": 1, "reduce_bucket_size": "big"}),
+        ],
+        '"zero_optimization.reduce_bucket_size": Input should be a valid integer',
+    ),
+    (
+        "ds-ill-typed-scalar",
+        lambda t, g: [
+            "--deepspeed_config",
+            write_ds_config(t / "a.json", activation_checkpointing={"partition_activations": "yes"}),
+        ],
+        '"activation_checkpointing.partition_activations" must be true or false',
+    ),
+    (
         "model-config-bad-json",
         lambda t, g: ["--model-config", write_file(t / "c.json", "{'n_layer': 4}")],
         "cannot read",

@@ -72,3 +72,22 @@ def test_layer_seeding_draws_what_torch_manual_seed_draws():
     expected = torch.rand(5), torch.randn(3, 3)
     _seed_layer(np.int64(1234 * 7 + 3))
     assert all(torch.equal(e, d) for e, d in zip(expected, (torch.rand(5), torch.randn(3, 3)), strict=True))
+
+
+def test_fused_gelu_computes_what_gpt2s_gelu_new_computes(corpus, tokenizer_dir, tmp_path, one_rank_group):
+    """An imported GPT-2 checkpoint (gelu_new) runs as gelu_pytorch_tanh unless kept: same logits and loss."""
+    from models.presets import resolve_model_config
+
+    tokenizer, input_ids = real_batches(corpus, tokenizer_dir, tmp_path)
+    hf, _ = hf_and_pipeline(tokenizer, tmp_path, one_rank_group, activation_function="gelu_new")
+    fused = resolve_model_config(None, str(tmp_path / "hf"), None)
+    kept = resolve_model_config(None, str(tmp_path / "hf"), None, fused_gelu=False)
+    assert (fused.activation_function, kept.activation_function) == ("gelu_pytorch_tanh", "gelu_new")
+    assert resolve_model_config("gpt2-tiny", None, 512).activation_function == "gelu_pytorch_tanh"
+    arch = discover(fused)
+    pipe = build_pipeline(arch, num_stages=1).eval()
+    load_hf_weights(pipe, tmp_path / "hf", arch)
+    with torch.no_grad():
+        ours, theirs = pipe(input_ids[:8]), hf(input_ids[:8], labels=input_ids[:8])
+    assert 0 < (ours - theirs.logits).abs().max().item() <= 1e-5  # not the same kernels, the same function
+    assert abs(next_token_cross_entropy(ours, input_ids[:8]).item() - theirs.loss.item()) <= 1e-6

@@ -21,7 +21,7 @@ def _shared_actions(parser: argparse.ArgumentParser) -> dict[str, tuple]:
 
 def test_main_prepare_and_plan_share_their_flags_and_defaults():
     trainer = _shared_actions(build_parser())
-    assert len(trainer) == 10, trainer
+    assert len(trainer) == 11, trainer
     assert _shared_actions(train.plan.build_parser()) == trainer
     # train.prepare parses with the trainer's own parser: its flags are the trainer's by construction.
     assert train.prepare.parse_args is parse_args

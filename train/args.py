@@ -51,6 +51,11 @@ def shared_flags() -> list[argparse.ArgumentParser]:
     )
     model.add_argument("--model", default=None, help="pretrained HF model (save_pretrained dir or hub name)")
     model.add_argument(
+        "--keep-gelu-new",
+        action="store_true",
+        help="keep GPT-2's gelu_new (~8 kernels) instead of the same function fused (gelu_pytorch_tanh)",
+    )
+    model.add_argument(
         "--tokenizer",
         default=None,
         help="HF tokenizer dir or hub name; default: the --model's, else a byte-level BPE trained on the data",

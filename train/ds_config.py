@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.ds_schema import check_with_deepspeed
 from train.errors import ConfigError
 
 
@@ -32,6 +33,9 @@ def load_ds_config(path: str | Path, train_steps: int) -> dict:
     # DeepSpeed clips at 1.0 when the key is absent; make the value visible in the resolved config.
     config.setdefault("gradient_clipping", 1.0)
     check_optimizer_and_scheduler(config, path)
+    if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
+        raise ConfigError("DeepSpeed config enables both bf16 and fp16; enable one")
+    check_with_deepspeed(config, path)  # every other key, by DeepSpeed's own config classes
     return config
 
 
@@ -138,8 +142,6 @@ def check_layout(config: dict, world_size: int, pipeline_stages: int, num_layers
             f"ZeRO stage {zero_stage(config)} is incompatible with pipeline parallelism in DeepSpeed; "
             'set "zero_optimization": {"stage": 1} (or 0)'
         )
-    if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
-        raise ConfigError("DeepSpeed config enables both bf16 and fp16; enable one")
     if config.get("wall_clock_breakdown") and pipeline_stages > 1:
         raise ConfigError("wall_clock_breakdown crashes DeepSpeed 0.19.8 with more than one stage; set it to false")
     return batch_layout(config, world_size // pipeline_stages)

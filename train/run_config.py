@@ -93,7 +93,7 @@ def data_format_from_flags(flags: Flags) -> DataFormat:
 
 def model_config_from_flags(flags: Flags, vocab_size: int | None) -> PretrainedConfig:
     try:
-        return resolve_model_config(flags.model_config, flags.model, vocab_size)
+        return resolve_model_config(flags.model_config, flags.model, vocab_size, fused_gelu=not flags.keep_gelu_new)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
 
