@@ -56,6 +56,11 @@ INVENTORY = [
     ("flag-range-checkpointing", lambda t, g: ["--activation-checkpoint-interval", -1], "must be 0 (off) or positive"),
     ("flag-range-dist-timeout", lambda t, g: ["--dist-timeout", 0], "--dist-timeout must be at least 1"),
     ("flag-partition-method", lambda t, g: ["--partition-method", "best"], "--partition-method 'best'"),
+    (
+        "flag-compile-backend",
+        lambda t, g: ["--compile", "--compile-backend", "tensorrt_nope"],
+        "--compile-backend 'tensorrt_nope' is not a torch.compile backend",
+    ),
     ("flag-stages-zero", lambda t, g: ["--pipeline-stages", 0], "--pipeline-stages must be at least 1"),
     ("ds-not-object", lambda t, g: ["--deepspeed_config", write_file(t / "l.json", "[1, 2]")], "must be a JSON object"),
     (

@@ -146,6 +146,12 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
     train.add_argument("--eval-blocks", type=int, default=None, help="validation blocks per evaluation (default: all)")
     train.add_argument("--log-interval", type=int, default=10)
     train.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every pipeline layer (DeepSpeed's engine.compile); the first step pays the compilation",
+    )
+    train.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    train.add_argument(
         "--dist-timeout",
         type=float,
         default=300,

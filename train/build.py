@@ -130,6 +130,8 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         # One write, so that the ranks' reports do not interleave on the shared stdout.
         sys.stdout.write(f"rank {rank()}: loaded {loaded} pretrained tensors for layers {start}-{stop - 1}\n")
     engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=parameter_groups(pipe), config=config.ds_config)
+    if flags.compile:  # one torch.compile per layer (PipelineModule.compile), done lazily in the first step
+        engine.compile(backend=flags.compile_backend)
     return engine
 
 
@@ -210,7 +212,9 @@ def build_run(config: RunConfig) -> Run:
         batches,
         data_iter=iter(batches) if feeds_data else None,
         log=log,
-        meter=StepMeter(engine, config.batch, flags.seq_len, flops, peak, memory_before_model, checkpoints),
+        meter=StepMeter(
+            engine, config.batch, flags.seq_len, flops, peak, memory_before_model, checkpoints, flags.compile
+        ),
         evaluator=Evaluator(engine, splits["validation"], eval_blocks, tokenizer, config, log),
         checkpointer=Checkpointer(
             engine, checkpoints, model_config, config, {"wandb_run_id": log.run_id, "data_seed": flags.seed}

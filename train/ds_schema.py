@@ -83,6 +83,8 @@ def pydantic_line(error, config: dict) -> str:
         stem = model.__name__.lower().removeprefix("deepspeed").removesuffix("config")
         section = sorted(failing, key=lambda k: not k.startswith(stem))[:1]
     line = f'"{".".join(section + loc)}": {first["msg"]}'
+    if (section + loc)[0] == "compile":
+        line += " (this block configures DeepCompile; torch.compile of every pipeline layer is pipegpt's --compile)"
     if first["type"] != "extra_forbidden":
         return line + f" (got {json.dumps(first.get('input'), default=str)})"
     for part in loc[:-1]:  # down to the model that holds the unknown key

@@ -29,6 +29,7 @@ def train(run: Run) -> Path:
             start = time.perf_counter()
             loss = engine.train_batch(data_iter=run.data_iter).item()
             seconds = time.perf_counter() - start
+            run.meter.report_compile(seconds)
             data_wait = run.batches.take_wait_seconds()
             answer_tokens = run.batches.step_loss_tokens
             timeline = run.profiler.end()

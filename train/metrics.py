@@ -14,6 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from train.checkpoint import latest_tag
+from train.distributed import say
 from train.ds_config import BatchLayout
 from train.errors import RunError
 from train.mfu import tflops_and_mfu
@@ -131,10 +132,18 @@ class StepMeter:
         peak_tflops: float | None,
         memory_before_model: int,
         checkpoints: Path,
+        compiled: bool = False,
     ):
         self.engine, self.batch, self.flops_per_token, self.peak_tflops = engine, batch, flops_per_token, peak_tflops
         self.tokens_per_step = batch.global_batch * seq_len
         self.memory_before_model, self.checkpoints = memory_before_model, checkpoints
+        self.compile_report_due = compiled
+
+    def report_compile(self, seconds: float) -> None:
+        """With --compile, once: the first step's time, which holds the compilation of this run's layers."""
+        if self.compile_report_due:
+            say(f"compile: the first step took {seconds:.1f} s (torch.compile of every layer, forward and backward)")
+            self.compile_report_due = False
 
     def grad_norm(self, step: int, loss: float) -> float:
         """The step's global gradient norm, after checking that the run has not diverged."""

@@ -5,6 +5,8 @@ them). Any bad value is a `ConfigError` naming the flag and the fix. Nothing dow
 re-resolves a flag's raw value.
 """
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +93,33 @@ def data_format_from_flags(flags: Flags) -> DataFormat:
     )
 
 
+def check_compile(flags: Flags) -> None:
+    """A backend torch.compile knows, with what it needs here: inductor compiles C++ on CPU, Triton on GPUs."""
+    if not flags.compile:
+        return
+    import shutil
+
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if flags.compile_backend not in backends:
+        raise ConfigError(
+            f"--compile-backend {flags.compile_backend!r} is not a torch.compile backend: use one of {backends}"
+        )
+    if flags.compile_backend != "inductor":
+        return
+    if get_accelerator().device_name() == "cpu":
+        compiler = os.environ.get("CXX", "g++")
+        if not shutil.which(compiler):
+            raise ConfigError(
+                f"--compile with inductor on CPU needs a C++ compiler ({compiler} not found): install g++ or set CXX, "
+                "or pass --compile-backend aot_eager"
+            )
+    elif importlib.util.find_spec("triton") is None:
+        raise ConfigError("--compile with inductor on a GPU needs triton: pip install triton, or drop --compile")
+
+
 def model_config_from_flags(flags: Flags, vocab_size: int | None) -> PretrainedConfig:
     try:
         return resolve_model_config(flags.model_config, flags.model, vocab_size, fused_gelu=not flags.keep_gelu_new)
@@ -113,6 +142,7 @@ def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:
 def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     """The checked, resolved configuration, or a ConfigError naming the fix."""
     check_flag_ranges(flags)
+    check_compile(flags)
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     bpe_vocab_size = flags.vocab_size or DEFAULT_BPE_VOCAB
     model_config = model_config_from_flags(flags, bpe_vocab_size)
