@@ -1,12 +1,19 @@
-"""GPU throughput, MFU and memory of the pipeline engine, one stage, bf16, in one short go.
+"""GPU throughput, MFU and memory of the pipeline engine, one stage, bf16, eager and compiled, in one command.
 
-    python -m bench.gpu_bench [--models gpt2-medium gpt2-large] [--steps 20] [--micro-batch-size 8]
+    python -m bench.gpu_bench [--models gpt2-large llama-3.2-1b] [--steps 12] [--dry-run]
 
-For a lent GPU: random tokens (no data path), vocab 50257, seq 1024, ZeRO-1, fp32 gradient
-accumulation, the optimizer of `ds_configs/gpu_bf16.json` (DeepSpeed's FusedAdam, JIT-built on first
-use; `--torch-adam` takes torch's AdamW instead). Each model runs without and with activation
-checkpointing of every block. Prints a markdown table: tokens/s, TFLOP/s and MFU (`train/mfu.py`'s
-peak table) of the median step, and the peak memory the model added beside `train.plan`'s estimate.
+For a lent GPU (one run; about 5 minutes on an H100/H200): random tokens (no data path), seq 1024,
+ZeRO-1, bf16 with fp32 gradient accumulation, the optimizer of `ds_configs/gpu_bf16.json` (DeepSpeed's
+FusedAdam, JIT-built on first use; `--torch-adam` takes torch's AdamW). Every model runs eager and compiled
+(`--compile`'s path: DeepSpeed's `engine.compile()`, one `torch.compile` per pipeline layer), each with the
+largest micro-batch that fits: the largest power of two whose `train.plan` estimate stays under 85% of the
+device's memory, halved after an out-of-memory error. Prints a markdown table: micro-batch, tokens/s,
+TFLOP/s and MFU (`train/mfu.py`'s peak table) of the median step after 3, and the peak memory the model
+added beside the planner's estimate.
+
+`--dry-run` runs the same code on this machine's CPU with tiny models (gpt2-tiny, llama-tiny), seq 64,
+micro-batch 2, 3 steps, fp32: the test suite runs it, so that the script is known to work before a device
+is lent.
 """
 
 import argparse
@@ -32,75 +39,111 @@ from train.memory_model import plan_stages  # noqa: E402
 from train.mfu import device_name, peak_tflops, tflops_and_mfu  # noqa: E402
 
 GPU_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "gpu_bf16.json"
+MICRO_BATCHES = 4  # per step; the bubble does not exist with one stage
 
 
-def bench_one(name: str, checkpoint_interval: int, a: argparse.Namespace, peak: float | None) -> str:
-    accelerator = get_accelerator()
-    arch = discover(resolve_model_config(name, None, None))
+def engine_config(micro_batch_size: int, a: argparse.Namespace) -> dict:
     optimizer = json.loads(GPU_CONFIG.read_text())["optimizer"]
-    if a.torch_adam:
+    if a.torch_adam or a.dry_run:
         optimizer["params"]["torch_adam"] = True
-    ds_config = {
-        "train_batch_size": a.micro_batch_size * a.micro_batches,
-        "train_micro_batch_size_per_gpu": a.micro_batch_size,
+    config = {
+        "train_batch_size": micro_batch_size * MICRO_BATCHES,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
         "optimizer": optimizer,
-        "bf16": {"enabled": True},
-        "data_types": {"grad_accum_dtype": "fp32"},
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": 1},
         "steps_per_print": 10**9,
     }
+    if not a.dry_run:
+        config.update({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}})
+    return config
+
+
+def largest_micro_batch(arch, a: argparse.Namespace) -> int:
+    """The largest power of two (up to 64) whose planned peak fits in 85% of the device memory."""
+    if a.dry_run:
+        return 2
+    budget = 0.85 * get_accelerator().total_memory()
+    fitting = [
+        size
+        for size in (64, 32, 16, 8, 4, 2, 1)
+        if plan_stages(arch, engine_config(size, a), 1, 1, a.seq_len, "flops")[0].peak <= budget
+    ]
+    return fitting[0] if fitting else 1
+
+
+def train_steps(arch, micro_batch_size: int, compiled: bool, a: argparse.Namespace) -> tuple[list[float], float]:
+    """Step times and the peak memory (GiB) the model, optimizer and activations added."""
+    accelerator = get_accelerator()
     accelerator.empty_cache()
     before = accelerator.memory_allocated()
     accelerator.reset_peak_memory_stats()
-    pipe = build_pipeline(arch, num_stages=1, activation_checkpoint_interval=checkpoint_interval, seq_len=a.seq_len)
-    engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds_config)
-    ids = torch.randint(0, arch.config.vocab_size, (a.micro_batch_size, a.seq_len))
+    pipe = build_pipeline(arch, num_stages=1, seq_len=a.seq_len)
+    config = engine_config(micro_batch_size, a)
+    engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=config)
+    if compiled:
+        engine.compile(backend=a.compile_backend)
+    ids = torch.randint(0, arch.config.vocab_size, (micro_batch_size, a.seq_len))
     batches = itertools.repeat((ids, ids))
     times = []
-    for _ in range(a.steps):
-        accelerator.synchronize()
-        start = time.perf_counter()
-        engine.train_batch(batches)
-        accelerator.synchronize()
-        times.append(time.perf_counter() - start)
-    measured = (accelerator.max_memory_allocated() - before) / 2**30
-    planned = plan_stages(arch, ds_config, 1, 1, a.seq_len, "flops", checkpoint_interval)[0]
-    tokens_per_sec = a.micro_batch_size * a.micro_batches * a.seq_len / statistics.median(times[3:])
+    try:
+        for _ in range(a.steps):
+            accelerator.synchronize()
+            start = time.perf_counter()
+            engine.train_batch(batches)
+            accelerator.synchronize()
+            times.append(time.perf_counter() - start)
+        return times, (accelerator.max_memory_allocated() - before) / 2**30
+    finally:
+        engine.destroy()
+        del engine, pipe
+        torch._dynamo.reset()
+
+
+def bench_one(name: str, compiled: bool, a: argparse.Namespace, peak: float | None) -> str:
+    arch = discover(resolve_model_config(name, None, None))
+    micro_batch_size = largest_micro_batch(arch, a)
+    while True:
+        try:
+            times, measured = train_steps(arch, micro_batch_size, compiled, a)
+            break
+        except torch.OutOfMemoryError:
+            if micro_batch_size == 1:
+                return f"| {name} | {'compiled' if compiled else 'eager'} | does not fit | | | | | |"
+            micro_batch_size //= 2
+    planned = plan_stages(arch, engine_config(micro_batch_size, a), 1, 1, a.seq_len, "flops")[0].peak / 2**30
+    tokens_per_sec = micro_batch_size * MICRO_BATCHES * a.seq_len / statistics.median(times[3:] or times)
     perf = tflops_and_mfu(flops_per_token(arch, a.seq_len), tokens_per_sec, 1, peak)
     mfu = f"{perf['mfu']:.1%}" if perf["mfu"] is not None else "n/a"
-    params = sum(p.numel() for p in pipe.parameters()) / 1e6
-    del engine, pipe
     return (
-        f"| {name} | {params:.0f}M | {'every block' if checkpoint_interval else 'off'} | {tokens_per_sec:,.0f} | "
-        f"{perf['tflops_per_device']:.1f} | {mfu} | {measured:.1f} | {planned.peak / 2**30:.1f} "
-        f"({planned.memory['activations'] / 2**30:.1f}) | {planned.peak / 2**30 / measured:.2f} |"
+        f"| {name} | {'compiled' if compiled else 'eager'} | {micro_batch_size} | {tokens_per_sec:,.0f} | "
+        f"{perf['tflops_per_device']:.2f} | {mfu} | {times[0]:.1f} | {measured:.2f} | {planned:.2f} |"
     )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="+", default=["gpt2-medium", "gpt2-large"])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--micro-batches", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=1024)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None, help="presets (default: gpt2-large llama-3.2-1b)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=None, help="default 1024 (64 with --dry-run)")
+    p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--torch-adam", action="store_true", help="torch's AdamW instead of DeepSpeed's FusedAdam")
+    p.add_argument("--dry-run", action="store_true", help="tiny models on this machine's CPU, fp32, 3 steps")
     a = p.parse_args()
+    if a.dry_run:
+        a.models, a.steps, a.seq_len = a.models or ["gpt2-tiny", "llama-tiny"], 3, a.seq_len or 64
+    a.models, a.seq_len = a.models or ["gpt2-large", "llama-3.2-1b"], a.seq_len or 1024
     init_distributed()
-    peak = peak_tflops("bf16")
+    peak = None if a.dry_run else peak_tflops("bf16")
     print(
-        f"device: {device_name()}, bf16 peak {peak} TFLOP/s, torch {torch.__version__}, "
-        f"micro-batch {a.micro_batch_size} x {a.micro_batches}, seq {a.seq_len}"
+        f"device: {device_name()}, {'fp32 (dry run)' if a.dry_run else f'bf16 peak {peak} TFLOP/s'}, "
+        f"torch {torch.__version__}, {MICRO_BATCHES} micro-batches a step, seq {a.seq_len}, {a.steps} steps"
     )
-    print(
-        "| model | parameters | activation checkpointing | tokens/s | TFLOP/s | MFU | peak memory GiB "
-        "| planned GiB (activations) | planned / measured |"
-    )
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | mode | micro-batch | tokens/s | TFLOP/s | MFU | first step s | peak memory GiB | planned GiB |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in a.models:
-        for checkpoint_interval in (0, 1):
-            print(bench_one(name, checkpoint_interval, a, peak), flush=True)
+        for compiled in (False, True):
+            print(bench_one(name, compiled, a, peak), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python -m bench.pipeline_bench [--layers 4 8] [--steps 12] [--repeats 2] [--only "1 stage" Schedule1F1B]
 
+Ours runs eager and with `--compile` (inductor; the 2 warm-up steps hold the compilation).
+
 GPT-2 d=256, vocab 1024, seq 128, micro-batch 2, 16 micro-batches per step, fp32, AdamW,
 clipping 1.0 by the global gradient norm (every variant, so that all compute the same update); ours
 without ZeRO, since every variant has one data-parallel replica and ZeRO would shard nothing.
@@ -68,7 +70,9 @@ def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return proc
 
 
-def ours(layers: int, stages: int, steps: int, work: Path, tokenizer: Path, partition: str) -> list[float]:
+def ours(
+    layers: int, stages: int, steps: int, work: Path, tokenizer: Path, partition: str, compiled: bool = False
+) -> list[float]:
     from tests.helpers import QUIET_RUN, cli, deepspeed_command, ds_config, tiny_gpt2, write_json
 
     model = write_json(work / f"gpt2_{layers}.json", tiny_gpt2(layers, 256, 4, SEQ, vocab_size=1024))
@@ -91,6 +95,7 @@ def ours(layers: int, stages: int, steps: int, work: Path, tokenizer: Path, part
         eval_blocks=32,
         output_dir=out,
         data_cache_dir=work / "cache",
+        compile=compiled,
         **QUIET_RUN,
     )
     run(deepspeed_command(stages, 29655, flags), env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages)})
@@ -124,8 +129,10 @@ VARIANTS = [
     "plain transformers loop, 1 thread",
     "plain transformers loop, 1 thread, two at once",
     "ours, 1 stage, 2 threads",
+    "ours, 1 stage, 2 threads, compiled",
     "ours, 2 stages (parameters)",
     "ours, 2 stages (flops)",
+    "ours, 2 stages (flops), compiled",
     "torch Schedule1F1B, 2 stages",
     "torch ScheduleGPipe, 2 stages",
 ]
@@ -143,7 +150,8 @@ def measure(name: str, layers: int, steps: int, work: Path) -> list[float]:
         return [t for proc in procs for t in json.loads(proc.communicate()[0])]
     if name.startswith("ours"):
         stages = 1 if "1 stage" in name else 2
-        return ours(layers, stages, steps, work, work / "tokenizer", "flops" if "flops" in name else "parameters")
+        partition = "flops" if "flops" in name else "parameters"
+        return ours(layers, stages, steps, work, work / "tokenizer", partition, compiled="compiled" in name)
     return torch_pipelining(layers, "1f1b" if "1F1B" in name else "gpipe", steps)
 
 

@@ -1,0 +1,26 @@
+"""The GPU benchmark's CPU dry run: the script a lent device will run works before one is lent."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.mark.ranks  # a training process of its own, ~30 s with compilation
+def test_gpu_bench_dry_run_prints_eager_and_compiled_rows_for_both_families():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_bench", "--dry-run"],
+        cwd=REPO,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    table = {(cells[0].strip(), cells[1].strip()): cells for cells in rows[1:]}
+    assert set(table) == {(m, mode) for m in ("gpt2-tiny", "llama-tiny") for mode in ("eager", "compiled")}
+    assert all(float(cells[3].replace(",", "")) > 0 for cells in table.values())  # tokens/s
