@@ -1,16 +1,16 @@
 """Chat fine-tuning next to plain-text training, and what packing without document masks costs.
 
-    python -m bench.chat_bench [--steps 40] [--verses 8000]
+    python -m bench.chat_bench [--steps 40] [--verses 8000] [--repeats 2]
 
 Builds its own data and tokenizer in a fresh folder (nothing is read from a cache): the default run's BPE
 (8,192) trained on the embedded corpus, with ChatML's two special tokens and template added (every run uses
-it, so that all have the same vocabulary and head), and chat
-examples made of the first `--verses` verses (tests/helpers.py: chat_records). Then trains the default model
-and layout (gpt2-tiny, 2 stages, ds_configs/cpu_pp2.json, 128-token blocks) on the plain text, on packed chat
-data and on padded chat data, and prints a table: the packing efficiency (answer tokens / block tokens), the
-block fill, tokens/s and answer tokens/s (median after step 10), and the final validation loss.
+it, so that all have the same vocabulary and head), and chat examples made of the first `--verses` verses
+(tests/helpers.py: chat_records). Then trains the default model and layout (gpt2-tiny, 2 stages,
+ds_configs/cpu_pp2.json, 128-token blocks) on the plain text, on packed chat data and on padded chat data,
+`--repeats` times round robin, and prints a table: the packing efficiency (answer tokens / block tokens),
+the block fill, tokens/s of each run and answer tokens/s (medians after step 10), the final validation loss.
 
-Packed examples attend to the examples before them in their block. The second table measures that: the
+Packed examples attend to the examples before them in their block. The last lines measure that: the
 packed run's exported model scores its held-out answers once in their packed blocks and once with every
 example alone (the padded layout, exact), over the same answer tokens.
 """
@@ -82,37 +82,40 @@ def cross_example_effect(out: Path, data: Path, tokenizer, work: Path) -> tuple[
     return packed_sum / count, alone_sum / count, int(count)
 
 
+VARIANTS = {"text": {}, "chat, packed": {"packing": "pack"}, "chat, padded": {"packing": "pad"}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--verses", type=int, default=8000)
+    p.add_argument("--repeats", type=int, default=2, help="runs of each variant, round robin")
     a = p.parse_args()
     work = fresh_work_dir("chat_bench")
     tokenizer_dir, data = chat_setup(work, a.verses)
-    text = train("text", work, a.steps, tokenizer=tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    runs = {"text": text}
-    for packing, name in (("pack", "chat, packed"), ("pad", "chat, padded")):
-        runs[name] = train(
-            f"chat_{packing}", work, a.steps, data=data, tokenizer=tokenizer_dir, data_format="chat", packing=packing
-        )
-    print("| data | blocks | answer tokens / block tokens | fill | tokens/s | answer tokens/s | eval loss |")
+    runs = {name: [] for name in VARIANTS}
+    for repeat in range(a.repeats):  # round robin: a slow spell of this shared machine hits every variant alike
+        for name, flags in VARIANTS.items():
+            chat = dict(data=data, data_format="chat", **flags) if flags else {}
+            folder = f"{name.replace(', ', '_')}_{repeat}"
+            runs[name].append(train(folder, work, a.steps, tokenizer=tokenizer_dir, **chat))
+    print("| data | blocks | answer tokens / block tokens | fill | tokens/s (runs) | answer tokens/s | eval loss |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, out in runs.items():
-        speed = median_after_10(out, lambda m: m["tokens_per_sec"])
-        eval_loss = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
+    for name, outs in runs.items():
+        speeds = " / ".join(f"{median_after_10(out, lambda m: m['tokens_per_sec']):,.0f}" for out in outs)
+        eval_loss = [json.loads(line) for line in (outs[0] / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
         if name == "text":
-            print(f"| text | | all | 1.000 | {speed:,.0f} | {speed:,.0f} | {eval_loss:.3f} |")
+            print(f"| text | | all | 1.000 | {speeds} | | {eval_loss:.3f} |")
             continue
-        packing = "pack" if "pack" in name else "pad"
         (source,) = resolve_sources([str(data)])
-        _, stats = example_blocks(source, DataFormat("chat", packing=packing), tokenizer, 128, None)
-        answer_speed = median_after_10(out, lambda m: m["tokens_per_sec"] * (1 - m["masked_fraction"]))
+        _, stats = example_blocks(source, DataFormat("chat", **VARIANTS[name]), tokenizer, 128, None)
+        answer_speed = median_after_10(outs[0], lambda m: m["tokens_per_sec"] * (1 - m["masked_fraction"]))
         print(
             f"| {name} | {stats['blocks']:,} | {stats['answer_fraction']:.3f} | {stats['fill_fraction']:.3f} | "
-            f"{speed:,.0f} | {answer_speed:,.0f} | {eval_loss:.3f} |"
+            f"{speeds} | {answer_speed:,.0f} | {eval_loss:.3f} |"
         )
-    packed, alone, count = cross_example_effect(runs["chat, packed"], data, tokenizer, work)
+    packed, alone, count = cross_example_effect(runs["chat, packed"][0], data, tokenizer, work)
     print(f"\nheld-out answers of the packed run ({count:,} answer tokens): mean loss in packed blocks {packed:.4f}, ")
     print(f"each example alone {alone:.4f}: attention across examples changes it by {(packed - alone) / alone:+.2%}")
 

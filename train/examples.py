@@ -195,6 +195,10 @@ def example_blocks(
     source: Source, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None
 ) -> tuple[Dataset, dict]:
     """All blocks of one instruction or chat source, and their counts (examples kept, cut, skipped; tokens)."""
+    if not tokenizer.is_fast:  # answers are located by the character offsets of the tokens
+        raise ConfigError(
+            f"--data-format {data_format.kind} needs a fast (Rust) tokenizer; {tokenizer.name_or_path} is not"
+        )
     template = chat_template_of(data_format, tokenizer) if data_format.kind == "chat" else None
     records = load_columns(source, data_format.columns())
     encoded = records.map(
@@ -225,24 +229,27 @@ def example_blocks(
             f"{source.spec}: no example has an answer token within --seq-len {seq_len}: nothing to train on"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    features = Features(
-        {
-            "input_ids": Sequence(Value("int32"), length=seq_len),
-            "labels": Sequence(Value("int32"), length=seq_len),
-            "loss_tokens": Value("int32"),
-            "examples": Value("int32"),
-        }
-    )
     blocks = kept.map(
         pack_examples,
         fn_kwargs=dict(seq_len=seq_len, one_per_block=data_format.packing == "pad", pad_id=pad_id),
         batched=True,
         batch_size=PACK_BATCH,
         remove_columns=kept.column_names,
-        features=features,
+        features=block_features(seq_len),
         desc=f"{'packing' if data_format.packing == 'pack' else 'padding'} examples into {seq_len}-token blocks",
     )
     return blocks, {**counts, **block_stats(blocks, kept, seq_len)}
+
+
+def block_features(seq_len: int) -> Features:
+    return Features(
+        {
+            "input_ids": Sequence(Value("int32"), length=seq_len),
+            "labels": Sequence(Value("int32"), length=seq_len),
+            "loss_tokens": Value("int32"),  # the positions the loss counts (labels[1:] that are not -100)
+            "examples": Value("int32"),
+        }
+    )
 
 
 def block_stats(blocks: Dataset, kept: Dataset, seq_len: int) -> dict:
