@@ -141,6 +141,24 @@ INVENTORY = [
         '"activation_checkpointing.partition_activations" must be true or false',
     ),
     (
+        "ds-optimizer-param-string",
+        lambda t, g: [
+            "--deepspeed_config",
+            write_ds_config(t / "o.json", optimizer={"type": "AdamW", "params": {"lr": "3e-4"}}),
+        ],
+        '"optimizer.params.lr" must be a number',
+    ),
+    (
+        "ds-scheduler-param-unknown",
+        lambda t, g: [
+            "--deepspeed_config",
+            write_ds_config(
+                t / "s.json", scheduler={"type": "WarmupLR", "params": {"warmup_steps": 3, "warmup_type": "linear"}}
+            ),
+        ],
+        '"scheduler.params.warmup_steps" is not a parameter of WarmupLR; did you mean "warmup_num_steps"?',
+    ),
+    (
         "model-config-bad-json",
         lambda t, g: ["--model-config", write_file(t / "c.json", "{'n_layer': 4}")],
         "cannot read",

@@ -6,11 +6,14 @@ sections (`checkpoint`, `activation_checkpointing`, `pipeline`, ...) with `dict.
 or misspelt key there is silently ignored, and a string where a number belongs fails inside `initialize` on
 every rank. We let DeepSpeed read the JSON through a dict that records every key it asks for and the default
 it asks with: a present key never asked for is unknown (with the nearest key DeepSpeed did ask for), a value
-whose type differs from its default's is ill-typed. `optimizer.params` and `scheduler.params` are read later,
-by the optimizer and the schedule, and are not checked here.
+whose type differs from its default's is ill-typed. `optimizer.params` and `scheduler.params` are passed later
+as keyword arguments to the optimizer and schedule classes DeepSpeed picks: they are checked against those
+classes' signatures (every Adam class DeepSpeed may pick for "Adam"/"AdamW"; a `torch.optim` class; one of
+DeepSpeed's schedules), names and the types of their defaults.
 """
 
 import difflib
+import inspect
 import json
 import logging
 import typing
@@ -116,20 +119,66 @@ def all_models(base: type) -> list[type]:
     return found
 
 
-def ill_typed(path: str, value: object, default: object) -> str | None:
-    if value is None or default is None or isinstance(default, dict | list | str):
+def ill_typed(path: str, value: object, default: object, owner: str = "DeepSpeed") -> str | None:
+    """Why `value` cannot stand where `owner` reads a bool, whole number or number (its default's type)."""
+    if value is None or not isinstance(default, bool | int | float):
         return None
     if isinstance(default, bool):  # 0 and 1 too, as DeepSpeed's pydantic sections take them
         ok, what = isinstance(value, bool) or value in (0, 1), "true or false"
-    elif isinstance(default, int):
-        ok, what = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-    else:
+    else:  # an int default may stand for any number (torch's momentum=0, weight_decay=0)
         ok, what = isinstance(value, int | float) and not isinstance(value, bool), "a number"
-    return (
-        None
-        if ok
-        else f'"{path}" must be {what} (DeepSpeed\'s default: {json.dumps(default)}), not {json.dumps(value)}'
-    )
+    if ok:
+        return None
+    return f'"{path}" must be {what} ({owner}\'s default: {json.dumps(default)}), not {json.dumps(value)}'
+
+
+def keyword_defaults(classes: list) -> dict[str, object]:
+    """{keyword: default (None when it has none)} of the classes' constructors, past the parameters/optimizer."""
+    keywords: dict[str, object] = {}
+    for cls in classes:
+        for name, parameter in list(inspect.signature(cls.__init__).parameters.items())[2:]:
+            if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+                empty = parameter.default is inspect.Parameter.empty
+                keywords.setdefault(name, None if empty else parameter.default)
+    return keywords
+
+
+def parameter_classes(config: dict) -> dict[str, tuple[str, dict]]:
+    """{"optimizer.params" / "scheduler.params": (what takes them, their keywords)} for the classes known here."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    found = {}
+    optimizer = str(config.get("optimizer", {}).get("type", ""))
+    if optimizer.lower() in ("adam", "adamw"):  # DeepSpeed picks one of these by torch_adam, ZeRO offload, ...
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+        keywords = keyword_defaults([torch.optim.AdamW, torch.optim.Adam, FusedAdam, DeepSpeedCPUAdam])
+        keywords.update(torch_adam=False, adam_w_mode=True, fp32_optimizer_states=None)  # popped by DeepSpeed
+        found["optimizer.params"] = (optimizer, keywords)
+    elif optimizer and hasattr(torch.optim, optimizer):
+        found["optimizer.params"] = (f"torch.optim.{optimizer}", keyword_defaults([getattr(torch.optim, optimizer)]))
+    scheduler = str(config.get("scheduler", {}).get("type", ""))
+    if scheduler and hasattr(lr_schedules, scheduler):
+        found["scheduler.params"] = (scheduler, keyword_defaults([getattr(lr_schedules, scheduler)]))
+    return found
+
+
+def check_parameters(config: dict, path: Path) -> None:
+    for section, (taker, keywords) in parameter_classes(config).items():
+        params = config[section.partition(".")[0]].get("params", {})
+        for key, value in params.items():
+            key_path = f"{section}.{key}"
+            if key not in keywords:
+                near = difflib.get_close_matches(key, list(keywords), n=1)
+                hint = f'; did you mean "{near[0]}"?' if near else f"; it takes: {', '.join(sorted(keywords))}"
+                if key == "max_grad_norm":
+                    hint = '; clipping is the top-level "gradient_clipping"'
+                if taker.lower() in ("adam", "adamw"):
+                    taker += " (torch's AdamW/Adam or DeepSpeed's FusedAdam/CPUAdam)"
+                raise ConfigError(f'DeepSpeed config {path}: "{key_path}" is not a parameter of {taker}{hint}')
+            if problem := ill_typed(key_path, value, keywords[key], taker):
+                raise ConfigError(f"DeepSpeed config {path}: {problem}")
 
 
 def check_with_deepspeed(config: dict, path: Path) -> None:
@@ -165,3 +214,4 @@ def check_with_deepspeed(config: dict, path: Path) -> None:
             raise ConfigError(f'DeepSpeed config {path}: DeepSpeed {__version__} does not know "{key_path}"{hint}')
         if key_path in probe.log and (problem := ill_typed(key_path, value, probe.log[key_path])):
             raise ConfigError(f"DeepSpeed config {path}: {problem}")
+    check_parameters(config, path)
