@@ -53,6 +53,30 @@ def test_chat_labels_are_the_assistant_turns_and_their_end_of_turn(tokenizer):
     assert labelled_text(tokenizer, ids, labels) == "God created the heaven.<|im_end|>\nwas without form.<|im_end|>\n"
 
 
+# Like Qwen3's template: only the last assistant turn carries an (empty) think block, so an earlier turn renders
+# differently once later turns follow.
+THINKING = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message['content'] + '<|im_end|>\\n' }}{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_turns_a_template_renders_differently_later_are_found_by_their_content(tokenizer):
+    messages = [
+        {"role": "user", "content": "In the beginning"},
+        {"role": "assistant", "content": "God created the heaven."},
+        {"role": "user", "content": "And the earth"},
+        {"role": "assistant", "content": "was without form."},
+    ]
+    out = encode(tokenizer, DataFormat("chat", chat_template=THINKING), {"messages": [messages]})
+    assert out["status"] == [0]
+    assert labelled_text(tokenizer, out["input_ids"][0], out["labels"][0]) == (
+        "God created the heaven.<|im_end|>\n<think>\n\n</think>\n\nwas without form.<|im_end|>\n"
+    )
+
+
 def test_prompt_completion_labels_are_the_completion_and_eos(tokenizer):
     out = encode(tokenizer, PROMPT_COMPLETION, {"prompt": ["Who led them out?"], "completion": [" Moses."]})
     assert tokenizer.decode(out["input_ids"][0]) == "Who led them out? Moses.<|endoftext|>"

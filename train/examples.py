@@ -86,7 +86,9 @@ def chat_template_of(data_format: DataFormat, tokenizer: PreTrainedTokenizerBase
 
 def chat_text_and_spans(messages: list, tokenizer, template: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns: each from the end of the
-    generation prompt before it to the end of the conversation rendered through it."""
+    generation prompt before it to the end of the conversation rendered through it. Where the template renders
+    a turn differently once later turns follow (Qwen3 drops an empty think block from earlier turns), the turn
+    is found by its content in the whole rendering, followed by the end-of-turn text the template writes."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a list of {role, content} records")
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # datasets fills absent keys
@@ -102,12 +104,16 @@ def chat_text_and_spans(messages: list, tokenizer, template: str) -> tuple[str, 
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             start, through = render(messages[:i], generation_prompt=True), render(messages[: i + 1])
-            if not (text.startswith(through) and through.startswith(start)):
-                raise ValueError(
-                    f"the chat template renders turn {i} differently once later turns follow, so its answer "
-                    "cannot be located; pass a --chat-template that renders earlier turns unchanged"
-                )
-            spans.append((len(start), len(through)))
+            if text.startswith(through) and through.startswith(start):
+                spans.append((len(start), len(through)))
+                continue
+            content = str(message.get("content", "")).strip()
+            found = text.find(content, spans[-1][1] if spans else 0) if content else -1
+            after = through[through.rfind(content) + len(content) :] if content in through else None
+            if found < 0 or after is None:
+                raise ValueError(f"the chat template renders turn {i} so that its answer cannot be located")
+            end = found + len(content)
+            spans.append((found, end + len(after) if text.startswith(after, end) else end))
     return text, spans
 
 
