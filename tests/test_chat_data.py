@@ -33,19 +33,22 @@ def encode(tokenizer, data_format, records: dict, seq_len: int = 512) -> dict:
     return encode_examples(records, tokenizer, data_format, seq_len, template)
 
 
+TWO_EXCHANGES = [
+    {"role": "system", "content": "You are a scribe."},
+    {"role": "user", "content": "In the beginning"},
+    {"role": "assistant", "content": "God created the heaven."},
+    {"role": "user", "content": "And the earth"},
+    {"role": "assistant", "content": "was without form."},
+]
+
+
 def labelled_text(tokenizer, input_ids, labels) -> str:
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(input_ids, labels, strict=True))
     return tokenizer.decode([token for token, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX])
 
 
 def test_chat_labels_are_the_assistant_turns_and_their_end_of_turn(tokenizer):
-    messages = [
-        {"role": "system", "content": "You are a scribe."},
-        {"role": "user", "content": "In the beginning"},
-        {"role": "assistant", "content": "God created the heaven."},
-        {"role": "user", "content": "And the earth"},
-        {"role": "assistant", "content": "was without form."},
-    ]
+    messages = TWO_EXCHANGES
     out = encode(tokenizer, CHAT, {"messages": [messages]})
     ids, labels = out["input_ids"][0], out["labels"][0]
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False) + "<|endoftext|>"
@@ -64,13 +67,7 @@ THINKING = (
 
 
 def test_turns_a_template_renders_differently_later_are_found_by_their_content(tokenizer):
-    messages = [
-        {"role": "user", "content": "In the beginning"},
-        {"role": "assistant", "content": "God created the heaven."},
-        {"role": "user", "content": "And the earth"},
-        {"role": "assistant", "content": "was without form."},
-    ]
-    out = encode(tokenizer, DataFormat("chat", chat_template=THINKING), {"messages": [messages]})
+    out = encode(tokenizer, DataFormat("chat", chat_template=THINKING), {"messages": [TWO_EXCHANGES]})
     assert out["status"] == [0]
     assert labelled_text(tokenizer, out["input_ids"][0], out["labels"][0]) == (
         "God created the heaven.<|im_end|>\n<think>\n\n</think>\n\nwas without form.<|im_end|>\n"
