@@ -76,7 +76,7 @@ class TrainMicroBatches:
         if not self.masked:
             return None
         self.step_loss_tokens = int(self.loss_tokens[self.global_indices(step)].sum())
-        return torch.tensor(self.num_micro_batches * self.dp_size / self.step_loss_tokens)
+        return answer_token_scale(self.num_micro_batches, self.dp_size, self.step_loss_tokens)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -103,6 +103,12 @@ class TrainMicroBatches:
     def close(self) -> None:
         if self.trace is not None:
             self.trace.close()
+
+
+def answer_token_scale(num_micro_batches: int, dp_size: int, answer_tokens: float) -> torch.Tensor:
+    """What each micro-batch's summed loss is multiplied by, so that DeepSpeed's mean over the micro-batches and
+    the replicas of a step is the mean over the step's answer tokens (models/loss.py)."""
+    return torch.tensor(num_micro_batches * dp_size / answer_tokens)
 
 
 def engine_inputs(rows: dict, part: slice, scale: torch.Tensor | None) -> tuple:
@@ -132,7 +138,7 @@ def eval_steps(
         if masked:  # the answer tokens of this evaluation step on every replica
             step_blocks = [r * per_replica + first + j for r in range(dp_size) for j in range(per_step)]
             weight = float(blocks[step_blocks]["loss_tokens"].sum())
-            scale = torch.tensor(num_micro_batches * dp_size / weight)
+            scale = answer_token_scale(num_micro_batches, dp_size, weight)
         start = dp_rank * per_replica + first
         rows = blocks[list(range(start, start + per_step))]
         micro_batches = [
