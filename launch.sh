@@ -9,7 +9,7 @@
 #                the same MASTER_ADDR (node 0's address) and either NNODES (NUM_GPUS ranks on each) or HOSTFILE
 # Bad values of these, like bad flags, stop with one `error:` line and exit code 2 before any rank starts.
 # SIGTERM or SIGINT to launch.sh reaches every rank of this node: they finish the current step, save it and
-# exit with code 143 (train/preemption.py).
+# exit with code 143 (train/distributed/preemption.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup_env.sh

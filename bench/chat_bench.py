@@ -28,10 +28,10 @@ from bench import fresh_work_dir
 from bench.pipeline_bench import run
 from models.loss import IGNORE_INDEX
 from tests.helpers import CHATML, QUIET_RUN, chat_records, cli, deepspeed_command
-from train.data import packed_dataset
-from train.examples import DataFormat, example_blocks
-from train.sources import embedded_corpus, load_texts, resolve_sources
-from train.tokenizer import train_bpe_tokenizer
+from train.data.examples import DataFormat, example_blocks
+from train.data.packing import packed_dataset
+from train.data.sources import embedded_corpus, load_texts, resolve_sources
+from train.data.tokenizer import train_bpe_tokenizer
 
 
 def train(name: str, work: Path, steps: int, **flags) -> Path:
@@ -66,7 +66,14 @@ def median_after_10(out: Path, value) -> float:
 def cross_example_effect(out: Path, data: Path, tokenizer, work: Path) -> tuple[float, float, int]:
     """Mean held-out answer loss of the packed run's export: in the packed blocks, and example by example."""
     model = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
-    blocks = packed_dataset(resolve_sources([str(data)]), DataFormat("chat"), tokenizer, 128, 0.02, work / "cache")
+    blocks = packed_dataset(
+        resolve_sources([str(data)]),
+        DataFormat("chat"),
+        tokenizer,
+        seq_len=128,
+        val_fraction=0.02,
+        cache_dir=work / "cache",
+    )
     packed_sum = alone_sum = count = 0.0
     for row in blocks["validation"]:
         ids, labels = row["input_ids"].long(), row["labels"].long()

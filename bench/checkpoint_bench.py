@@ -19,10 +19,10 @@ import torch  # noqa: E402
 from models.architecture import discover  # noqa: E402
 from models.pipeline import build_pipeline  # noqa: E402
 from models.presets import resolve_model_config  # noqa: E402
-from train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from train.distributed import init_distributed  # noqa: E402
+from train.checkpoint.checkpointer import load_checkpoint, save_checkpoint  # noqa: E402
+from train.checkpoint.universal import convert_to_universal  # noqa: E402
+from train.distributed.setup import init_distributed  # noqa: E402
 from train.export import export_checkpoint  # noqa: E402
-from train.universal_checkpoint import convert_to_universal  # noqa: E402
 
 DS_CONFIG = {
     "train_batch_size": 1,

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from bench import fresh_work_dir
-from train.data import packed_dataset, packed_source
-from train.examples import TEXT
-from train.sources import embedded_corpus, load_texts, resolve_sources
-from train.tokenizer import train_bpe_tokenizer
+from train.data.examples import TEXT
+from train.data.packing import packed_dataset, packed_source
+from train.data.sources import embedded_corpus, load_texts, resolve_sources
+from train.data.tokenizer import train_bpe_tokenizer
 
 
 def synthetic_corpus(path: Path, megabytes: int) -> Path:
@@ -60,10 +60,10 @@ def main() -> None:
         raw, tokens = raw_tokens_per_sec(texts, tokenizer)
         cache = work / "cache"
         start = time.perf_counter()
-        packed_source(source, TEXT, tokenizer, 128, cache, args.num_proc)
+        packed_source(source, TEXT, tokenizer, seq_len=128, cache_dir=cache, num_proc=args.num_proc)
         ours = tokens / (time.perf_counter() - start)
         start = time.perf_counter()
-        splits = packed_dataset([source], TEXT, tokenizer, 128, 0.02, cache)
+        splits = packed_dataset([source], TEXT, tokenizer, seq_len=128, val_fraction=0.02, cache_dir=cache)
         splits["train"][0]  # noqa: B018 (touch the memory map)
         reload = time.perf_counter() - start
         print(f"| {name} | {tokens:,} | {raw:,.0f} | {ours:,.0f} | {ours / raw:.2f} | {reload:.2f} |", flush=True)

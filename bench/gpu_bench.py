@@ -8,7 +8,7 @@ FusedAdam, JIT-built on first use; `--torch-adam` takes torch's AdamW). Every mo
 (`--compile`'s path: DeepSpeed's `engine.compile()`, one `torch.compile` per pipeline layer), each with the
 largest micro-batch that fits: the largest power of two whose `train.plan` estimate stays under 85% of the
 device's memory, halved after an out-of-memory error. Prints a markdown table: micro-batch, tokens/s,
-TFLOP/s and MFU (`train/mfu.py`'s peak table) of the median step after 3, and the peak memory the model
+TFLOP/s and MFU (`train/observe/mfu.py`'s peak table) of the median step after 3, and the peak memory the model
 added beside the planner's estimate.
 
 `--dry-run` runs the same code on this machine's CPU with tiny models (gpt2-tiny, llama-tiny), seq 64,
@@ -34,9 +34,9 @@ from models.architecture import discover  # noqa: E402
 from models.flops import flops_per_token  # noqa: E402
 from models.pipeline import build_pipeline  # noqa: E402
 from models.presets import resolve_model_config  # noqa: E402
-from train.distributed import init_distributed  # noqa: E402
-from train.memory_model import plan_stages  # noqa: E402
-from train.mfu import device_name, peak_tflops, tflops_and_mfu  # noqa: E402
+from train.distributed.setup import init_distributed  # noqa: E402
+from train.observe.mfu import device_name, peak_tflops, tflops_and_mfu  # noqa: E402
+from train.planning.memory_model import plan_stages  # noqa: E402
 
 GPU_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "gpu_bf16.json"
 MICRO_BATCHES = 4  # per step; the bubble does not exist with one stage

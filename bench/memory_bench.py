@@ -20,7 +20,7 @@ from bench.pipeline_bench import run
 from models.architecture import discover
 from models.hf_weights import config_from_dict
 from tests.helpers import QUIET_RUN, cli, deepspeed_command, ds_config, tiny_gpt2, write_json
-from train.memory_model import plan_stages
+from train.planning.memory_model import plan_stages
 
 SEQ, VOCAB = 128, 8192  # the vocabulary is the BPE tokenizer's, trained here on the embedded corpus
 # (blocks, width, heads, stages, micro-batch, micro-batches)
@@ -64,8 +64,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=4)
     a = p.parse_args()
-    from train.sources import embedded_corpus, load_texts, resolve_sources
-    from train.tokenizer import train_bpe_tokenizer
+    from train.data.sources import embedded_corpus, load_texts, resolve_sources
+    from train.data.tokenizer import train_bpe_tokenizer
 
     work = fresh_work_dir("memory_bench")
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")

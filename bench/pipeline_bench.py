@@ -166,8 +166,8 @@ def main() -> None:
     if a.plain:
         print(json.dumps(plain_loop(a.plain[0], a.plain[1], a.steps)))
         return
-    from train.sources import embedded_corpus, load_texts, resolve_sources
-    from train.tokenizer import train_bpe_tokenizer
+    from train.data.sources import embedded_corpus, load_texts, resolve_sources
+    from train.data.tokenizer import train_bpe_tokenizer
 
     work = fresh_work_dir("pipeline_bench")
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")

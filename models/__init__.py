@@ -1,1 +1,2 @@
-"""GPT-2 as DeepSpeed pipeline layers, its loss, presets and Hugging Face weight conversion."""
+"""Any supported Hugging Face causal LM as DeepSpeed pipeline layers: its structure, the layers, the loss, FLOPs,
+presets, hub names, and the conversion between Hugging Face weights and pipeline layers."""

@@ -14,12 +14,15 @@ initialised by the family's own `_init_weights` (which also recomputes rotary fr
 """
 
 import copy
+import functools
 import json
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from train.errors import first_line
 
 # model_type -> what the README calls it. Each is tested against its transformers model (tests/test_families.py).
 SUPPORTED_FAMILIES = {
@@ -33,8 +36,32 @@ SUPPORTED_FAMILIES = {
     "gemma": "Gemma",
     "olmo2": "OLMo 2",
 }
+# The kinds of pipeline layer, in the order `Architecture.pipeline_layers` lists them.
+EMBEDDING, DECODER, FINAL_NORM, HEAD, TIED_HEAD = "embedding", "decoder", "final_norm", "head", "tied_head"
 # Attention kernels that are causal when called without a mask (eager is not: it attends to the future).
 CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass(frozen=True)
+class PipelineLayer:
+    """One layer of the pipeline's flat layer list: its kind and the HF modules it holds (full paths).
+
+    A layer keeps each module under the module's own name (`wte`, `ln_f`, `lm_head`), except a decoder layer,
+    which keeps transformers' layer as `layer`; so a parameter's HF key is a renaming (`hf_key`)."""
+
+    kind: str  # EMBEDDING, DECODER, FINAL_NORM, HEAD or TIED_HEAD
+    modules: tuple[str, ...]  # e.g. ("transformer.wte", "transformer.wpe", "transformer.drop"), ("model.layers.3",)
+    parameters: int  # as DeepSpeed counts them: a tied head counts its own copy of the token embedding
+    decoder_index: int | None = None  # the decoder layer's index in the HF model
+
+    def hf_key(self, name: str) -> str:
+        """HF state-dict key of the parameter `name` of this layer."""
+        if self.kind == DECODER:
+            return f"{self.modules[0]}.{name.removeprefix('layer.')}"
+        if self.kind == TIED_HEAD:
+            raise ValueError("the tied LM head has no parameters of its own (it uses the token embedding's)")
+        parent = self.modules[0].rpartition(".")[0]  # the decoder (embedding, final norm) or the model (head)
+        return f"{parent}.{name}" if parent else name
 
 
 @dataclass(frozen=True)
@@ -79,16 +106,33 @@ class Architecture:
     def parameters_of(self, path: str) -> int:
         return sum(p.numel() for p in self.meta_model().get_submodule(path).parameters())
 
+    def pipeline_layers(self) -> list[PipelineLayer]:
+        """The pipeline's layers in order, the one place that order is written: the embedding stage, the decoder
+        layers, the final norm, the LM head (tied: the token embedding again). Specs, weight names, FLOPs,
+        parameter counts and the planner's memory model all read this list."""
+        return list(self._pipeline_layers)
+
+    @functools.cached_property
+    def _pipeline_layers(self) -> tuple[PipelineLayer, ...]:  # the instance is frozen: computed once
+        embedding = tuple(f"{self.prefix}.{name}" for name in self.embedding)
+        token = f"{self.prefix}.{self.token_embedding}"
+        norm = f"{self.prefix}.{self.final_norm}"
+        return (
+            PipelineLayer(EMBEDDING, embedding, sum(self.parameters_of(path) for path in embedding)),
+            *[
+                PipelineLayer(DECODER, (path,), self.parameters_of(path), decoder_index=i)
+                for i, path in ((i, self.layer_path(i)) for i in range(self.num_layers))
+            ],
+            PipelineLayer(FINAL_NORM, (norm,), self.parameters_of(norm)),
+            PipelineLayer(TIED_HEAD, (token,), self.parameters_of(token))
+            if self.tied
+            else PipelineLayer(HEAD, (self.head,), self.parameters_of(self.head)),
+        )
+
     def layer_parameters(self) -> list[int]:
-        """Parameters of every pipeline layer as DeepSpeed counts them for `parameters` partitioning: a
-        tied head counts its own copy of the token embedding (so the model has all but the last)."""
-        head = self.parameters_of(f"{self.prefix}.{self.token_embedding}" if self.tied else self.head)
-        return [
-            sum(self.parameters_of(f"{self.prefix}.{name}") for name in self.embedding),
-            *[self.parameters_of(self.layer_path(i)) for i in range(self.num_layers)],
-            self.parameters_of(f"{self.prefix}.{self.final_norm}"),
-            head,
-        ]
+        """Parameters of every pipeline layer as DeepSpeed counts them for `parameters` partitioning (a tied head
+        counts its copy of the token embedding, so the model has all but the last)."""
+        return [layer.parameters for layer in self.pipeline_layers()]
 
     def parameters(self) -> int:
         counts = self.layer_parameters()
@@ -157,7 +201,7 @@ def discover(config: PretrainedConfig) -> Architecture:
         model = meta_model(config)
     except (ValueError, ImportError) as e:  # e.g. a model without SDPA, or flash attention not installed
         raise ValueError(
-            f"{model_type} cannot run with {config._attn_implementation} attention ({str(e).splitlines()[0]}); "
+            f"{model_type} cannot run with {config._attn_implementation} attention ({first_line(e)}); "
             "pipegpt needs an attention kernel that is causal without a mask (sdpa or flash attention), not eager"
         ) from None
     base = model.base_model

@@ -53,6 +53,12 @@ def restore_layer_seed_offset(pipe: PipelineModule, offset: int) -> None:
     pipe.micro_offset = offset
 
 
+def set_global_steps(engine: PipelineEngine, step: int) -> None:
+    """The engine's step counter after a weights-only load (`load_state_dir` restores no engine state): DeepSpeed
+    reads `global_steps` for its LR-schedule and logging decisions, and the next `save_checkpoint` stores it."""
+    engine.global_steps = step
+
+
 def wrap_instructions(engine: PipelineEngine, wrap: Callable[[str, Callable], Callable]) -> None:
     """Give this engine instance (and no other) a copy of its schedule's instruction table, each entry
     wrapped: `engine._INSTRUCTION_MAP` maps instruction classes to the bound methods the 1F1B schedule

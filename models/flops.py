@@ -12,7 +12,7 @@ no FLOPs. The second term is attention's QK^T and AV, counted for the full (not 
 
 from deepspeed.runtime.utils import partition_balanced
 
-from models.architecture import Architecture
+from models.architecture import DECODER, HEAD, TIED_HEAD, Architecture
 
 
 def block_flops_per_token(arch: Architecture, seq_len: int, index: int = 0) -> float:
@@ -25,20 +25,23 @@ def head_flops_per_token(arch: Architecture) -> float:
     return 6 * arch.config.vocab_size * arch.hidden_size
 
 
-def layer_flops(arch: Architecture, seq_len: int) -> list[float]:
-    """Forward + backward FLOPs per token of each pipeline layer, in `layer_specs` order.
+def layer_flops(arch: Architecture, seq_len: int, token_weight: bool = True) -> list[float]:
+    """Forward + backward FLOPs per token of each pipeline layer (`Architecture.pipeline_layers`).
 
-    The embedding and final norm get a token weight (their element-wise work), so that a stage is
-    never left without a layer.
+    The embedding and final norm do element-wise work only. For partitioning they get a token weight
+    (`token_weight`), so that a stage is never left without a layer; for MFU they count 0.
     """
-    blocks = [block_flops_per_token(arch, seq_len, i) for i in range(arch.num_layers)]
-    small = 1e-3 * blocks[0]
-    return [small, *blocks, small, head_flops_per_token(arch)]
+    small = 1e-3 * block_flops_per_token(arch, seq_len) if token_weight else 0.0
+    costs = {
+        DECODER: lambda layer: block_flops_per_token(arch, seq_len, layer.decoder_index),
+        HEAD: lambda layer: head_flops_per_token(arch),
+        TIED_HEAD: lambda layer: head_flops_per_token(arch),
+    }
+    return [costs.get(layer.kind, lambda layer: small)(layer) for layer in arch.pipeline_layers()]
 
 
 def flops_per_token(arch: Architecture, seq_len: int) -> float:
-    costs = layer_flops(arch, seq_len)
-    return sum(costs[1:-2]) + costs[-1]
+    return sum(layer_flops(arch, seq_len, token_weight=False))
 
 
 def flops_partition(arch: Architecture, seq_len: int, stages: int) -> list[int]:

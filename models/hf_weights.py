@@ -13,7 +13,7 @@ from deepspeed.pipe import PipelineModule
 from safetensors import safe_open
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
-from models.architecture import Architecture, discover
+from models.architecture import TIED_HEAD, Architecture, discover
 from models.pipeline import TIED_EMBEDDING_KEY
 
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
@@ -21,14 +21,7 @@ _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 
 def hf_name(arch: Architecture, layer_idx: int, name: str) -> str:
     """HF state-dict key of parameter `name` of pipeline layer `layer_idx`."""
-    n = arch.num_layers
-    if layer_idx == 0 or layer_idx == n + 1:  # embedding or final norm
-        return f"{arch.prefix}.{name}"
-    if 1 <= layer_idx <= n:
-        return f"{arch.layer_path(layer_idx - 1)}.{name.removeprefix('layer.')}"
-    if layer_idx == n + 2 and not arch.tied:
-        return name  # the head is a child of the causal-LM model itself
-    raise ValueError(f"pipeline layer {layer_idx} has no parameters of its own (the tied LM head)")
+    return arch.pipeline_layers()[layer_idx].hf_key(name)
 
 
 def pipeline_param_to_hf(arch: Architecture, pipe_name: str) -> str:
@@ -42,71 +35,6 @@ def pipeline_param_to_hf(arch: Architecture, pipe_name: str) -> str:
 def config_from_dict(settings: dict) -> PretrainedConfig:
     """The config class of `settings["model_type"]`, filled from a `to_dict()` (a checkpoint manifest)."""
     return CONFIG_MAPPING[settings["model_type"]].from_dict(settings)
-
-
-def not_found(flag: str, name: str, error: BaseException) -> str:
-    """One line for a `--model`/`--tokenizer`/dataset name that is neither a local folder nor served by the hub.
-
-    transformers answers a mistyped folder with "Repo id must be in the form 'repo_name'": true of hub
-    names, useless to someone who mistyped a path. Say which of the two the name could have been.
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return f"{flag} {name}: no such folder; check the path"
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return (
-        f"{flag} {name}: no such local folder, and the Hugging Face Hub did not serve it ({reason}); check the "
-        "path, or download it where the hub is reachable and pass its folder (HF_HUB_OFFLINE=1 uses the local cache)"
-    )
-
-
-def check_hub_name(flag: str, name: str, repo_type: str = "model") -> None:
-    """Fail within seconds when `name` cannot come from the hub: not a repo id, or the hub unreachable (one 5 s
-    request, no retries; transformers and datasets retry for ~20 s) and nothing of it in the local cache.
-    Offline mode (HF_HUB_OFFLINE=1) leaves it to the library, which then reads the cache only."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError as e:
-        raise ValueError(not_found(flag, name, e)) from None
-    if constants.HF_HUB_OFFLINE:
-        return
-    try:
-        HfApi().repo_info(name, repo_type=repo_type, timeout=5)
-    except Exception as e:  # connection, HTTP 401/404 (many types)
-        cached = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{name.replace('/', '--')}"
-        if not cached.is_dir():
-            raise ValueError(not_found(flag, name, e)) from None
-
-
-def check_model_dir(path: Path) -> None:
-    """A `save_pretrained` folder: config.json and safetensors weights (ValueError naming what is missing)."""
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model {path} is not a save_pretrained folder: it has no config.json")
-    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        raise ValueError(
-            f"--model {path} has no model.safetensors: re-save it with save_pretrained(safe_serialization=True)"
-        )
-
-
-def resolve_model_dir(model: str) -> Path:
-    """A local `save_pretrained` folder, or a hub name downloaded (safetensors and config only)."""
-    path = Path(model)
-    if path.exists():
-        check_model_dir(path)
-        return path
-    from huggingface_hub import snapshot_download
-
-    check_hub_name("--model", model)
-    try:
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-    except Exception as e:  # hub errors come in many types (offline, HTTP, validation); all mean the same here
-        raise ValueError(not_found("--model", model, e)) from None
 
 
 def _checkpoint_key_renamer(arch: Architecture):
@@ -211,7 +139,8 @@ def hf_state_dict_from_pipeline_checkpoint(checkpoint_dir: Path, arch: Architect
     files written by the first data-parallel replica of every stage hold the whole model.
     """
     files = layer_files(checkpoint_dir)
-    expected = set(range(arch.num_layers + (2 if arch.tied else 3)))
+    layers = arch.pipeline_layers()
+    expected = {i for i, layer in enumerate(layers) if layer.kind != TIED_HEAD}  # a tied head's file is the embedding's
     if missing := sorted(expected - files.keys()):
         raise FileNotFoundError(
             f"{checkpoint_dir} lacks layer files {missing}: incomplete or not a pipeline checkpoint of this model"
@@ -220,7 +149,7 @@ def hf_state_dict_from_pipeline_checkpoint(checkpoint_dir: Path, arch: Architect
     for layer_idx in sorted(expected):
         layer_state = torch.load(files[layer_idx], map_location="cpu", weights_only=True)
         for name, tensor in layer_state.items():
-            state[hf_name(arch, layer_idx, name)] = tensor.float()
+            state[layers[layer_idx].hf_key(name)] = tensor.float()
     if arch.tied:
         state[f"{arch.head}.weight"] = state[f"{arch.prefix}.{arch.token_embedding}.weight"]
     return state

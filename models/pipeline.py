@@ -1,10 +1,11 @@
-"""Any supported Hugging Face causal LM as a flat list of DeepSpeed pipeline layers.
+"""Any supported Hugging Face causal LM as a flat list of DeepSpeed pipeline layers, one per entry of
+`Architecture.pipeline_layers` (the one place their order is written):
 
-    layer 0        EmbeddingPipe     the decoder's modules before its layers (token embedding, positions, dropout)
-    layer 1..n     DecoderLayerPipe  transformers' own decoder layer, one per layer, with its own rotary module
-    layer n+1      FinalNormPipe     the final norm
-    layer n+2      the LM head       untied: HeadPipe; tied: the layer-0 module again (TiedLayerSpec),
-                                     used as F.linear(h, token_embedding.weight)
+    embedding   EmbeddingPipe     the decoder's modules before its layers (token embedding, positions, dropout)
+    decoder     DecoderLayerPipe  transformers' own decoder layer, one per layer, with its own rotary module
+    final_norm  FinalNormPipe     the final norm
+    head        HeadPipe          an untied LM head
+    tied_head   EmbeddingPipe     the embedding again (TiedLayerSpec), as F.linear(h, token_embedding.weight)
 
 Only the hidden states cross stages: each decoder layer computes its rotary cos/sin from the positions
 0..S-1 itself (DeepSpeed 0.19.8 would mark received cos/sin `requires_grad` and assert a gradient for
@@ -18,7 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
-from models.architecture import Architecture
+from models.architecture import DECODER, EMBEDDING, FINAL_NORM, HEAD, TIED_HEAD, Architecture, PipelineLayer
 from models.deepspeed_internals import PipelineModuleHooks
 from models.flops import flops_partition
 from models.loss import next_token_cross_entropy
@@ -63,8 +64,7 @@ class DecoderLayerPipe(nn.Module):
         if self.rotary is not None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
             kwargs = {"position_ids": position_ids, "position_embeddings": self.rotary(hidden, position_ids)}
-        out = self.layer(hidden, **kwargs)  # no mask: the attention is causal (see pipeline_config)
-        return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return a tuple
+        return self.layer(hidden, **kwargs)  # no mask: causal (see pipeline_config); transformers 5 returns a tensor
 
     def _apply(self, fn, recurse=True):
         # Keep the rotary frequencies in fp32 when DeepSpeed casts the model to bf16/fp16: only move them.
@@ -98,16 +98,22 @@ class HeadPipe(nn.Module):
         return getattr(self, self.name)(hidden)
 
 
-def layer_specs(arch: Architecture) -> list[LayerSpec]:
-    """The flat list of layer specs that `PipelineModule` partitions into stages."""
+# The module class of each kind of layer (also what DeepSpeed's `type:` partition method matches).
+LAYER_CLASSES: dict[str, type[nn.Module]] = {
+    EMBEDDING: EmbeddingPipe,
+    DECODER: DecoderLayerPipe,
+    FINAL_NORM: FinalNormPipe,
+    HEAD: HeadPipe,
+    TIED_HEAD: EmbeddingPipe,
+}
+
+
+def layer_spec(arch: Architecture, layer: PipelineLayer) -> LayerSpec:
     tied_weight = [f"{arch.token_embedding}.weight"]
-    first = (
-        TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, arch, tied_weight_attr=tied_weight)
-        if arch.tied
-        else LayerSpec(EmbeddingPipe, arch)
-    )
-    head = (
-        TiedLayerSpec(
+    if layer.kind == EMBEDDING and arch.tied:
+        return TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingPipe, arch, tied_weight_attr=tied_weight)
+    if layer.kind == TIED_HEAD:
+        return TiedLayerSpec(
             TIED_EMBEDDING_KEY,
             EmbeddingPipe,
             arch,
@@ -115,11 +121,14 @@ def layer_specs(arch: Architecture) -> list[LayerSpec]:
             forward_fn=EmbeddingPipe.tied_head,
             tied_weight_attr=tied_weight,
         )
-        if arch.tied
-        else LayerSpec(HeadPipe, arch)
-    )
-    blocks = [LayerSpec(DecoderLayerPipe, arch, i) for i in range(arch.num_layers)]
-    return [first, *blocks, LayerSpec(FinalNormPipe, arch), head]
+    if layer.kind == DECODER:
+        return LayerSpec(DecoderLayerPipe, arch, layer.decoder_index)
+    return LayerSpec(LAYER_CLASSES[layer.kind], arch)
+
+
+def layer_specs(arch: Architecture) -> list[LayerSpec]:
+    """The flat list of layer specs that `PipelineModule` partitions into stages."""
+    return [layer_spec(arch, layer) for layer in arch.pipeline_layers()]
 
 
 class CausalLMPipeline(PipelineModuleHooks):

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from models.architecture import SUPPORTED_FAMILIES, discover
-from models.hf_weights import check_hub_name, check_model_dir, not_found
+from models.hub import check_hub_name, check_model_dir, not_found
 
 
 def _rope(theta: float, **scaling) -> dict:

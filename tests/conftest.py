@@ -13,8 +13,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.helpers import CHATML, chat_records, free_port, write_ds_config  # noqa: E402
-from train.sources import embedded_corpus  # noqa: E402
-from train.tokenizer import train_bpe_tokenizer  # noqa: E402
+from train.data.sources import embedded_corpus  # noqa: E402
+from train.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 
 def pytest_configure(config):
@@ -70,7 +70,7 @@ def one_rank_group():
     """A real single-rank gloo process group, for building PipelineModules and engines in-process."""
     import torch.distributed as dist
 
-    from train.distributed import init_distributed
+    from train.distributed.setup import init_distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not dist.is_initialized():

@@ -146,7 +146,7 @@ def test_stale_jit_build_lock_is_named(capsys, good, tmp_path, monkeypatch):
 def test_cuda_arch_suffixes_deepspeed_cannot_parse_are_dropped(monkeypatch, capsys):
     """CUDA images set TORCH_CUDA_ARCH_LIST="9.0a"; DeepSpeed 0.19.8's JIT build of FusedAdam crashes on it
     (int("0a"), seen on a lent H200). The sanitised list is one DeepSpeed's own sort accepts."""
-    from train.distributed import _drop_arch_suffixes_deepspeed_cannot_parse
+    from train.distributed.setup import _drop_arch_suffixes_deepspeed_cannot_parse
 
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 10.0f+PTX")
     _drop_arch_suffixes_deepspeed_cannot_parse()

@@ -13,11 +13,11 @@ from models.hf_weights import load_hf_weights
 from models.loss import IGNORE_INDEX
 from models.pipeline import build_pipeline
 from tests.helpers import CHATML, tiny_gpt2, write_ds_config
-from train.batches import TrainMicroBatches
-from train.data import cache_key, packed_dataset
+from train.data.batches import TrainMicroBatches
+from train.data.examples import TEXT, DataFormat, chat_template_of, encode_examples, example_blocks
+from train.data.packing import cache_key, packed_dataset
+from train.data.sources import resolve_sources
 from train.errors import ConfigError
-from train.examples import TEXT, DataFormat, chat_template_of, encode_examples, example_blocks
-from train.sources import resolve_sources
 
 CHAT = DataFormat("chat")
 PROMPT_COMPLETION = DataFormat("prompt-completion")
@@ -187,9 +187,16 @@ def test_masked_loss_over_a_global_batch_equals_hf(tokenizer, chat_corpus, tmp_p
     """DeepSpeed's train_batch over 4 micro-batches of padded chat examples (each with its own number of
     answer tokens) reports what `model(input_ids, labels=labels).loss` gives over all of them at once."""
     splits = packed_dataset(
-        resolve_sources([str(chat_corpus)]), DataFormat("chat", packing="pad"), tokenizer, 64, 0.1, tmp_path / "c"
+        resolve_sources([str(chat_corpus)]),
+        DataFormat("chat", packing="pad"),
+        tokenizer,
+        seq_len=64,
+        val_fraction=0.1,
+        cache_dir=tmp_path / "c",
     )
-    batches = TrainMicroBatches(splits["train"], 2, 4, dp_rank=0, dp_size=1, seed=3)
+    batches = TrainMicroBatches(
+        blocks=splits["train"], micro_batch_size=2, num_micro_batches=4, dp_rank=0, dp_size=1, seed=3
+    )
     feed = iter(batches)
     micro_batches = [next(feed) for _ in range(4)]
     counts = {int((labels[0][:, 1:] != IGNORE_INDEX).sum()) for _, labels in micro_batches}

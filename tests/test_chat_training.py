@@ -7,9 +7,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.helpers import launch, read_metrics, small_run_args, tiny_gpt2, write_ds_config, write_json
-from train.data import packed_dataset
-from train.examples import DataFormat
-from train.sources import resolve_sources
+from train.data.examples import DataFormat
+from train.data.packing import packed_dataset
+from train.data.sources import resolve_sources
 
 pytestmark = pytest.mark.ranks
 
@@ -71,7 +71,12 @@ def test_logged_answer_tokens_are_those_of_the_steps_blocks(chat_runs, chat_corp
     tmp, runs = chat_runs
     tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
     train = packed_dataset(
-        resolve_sources([str(chat_corpus)]), DataFormat("chat"), tokenizer, SEQ_LEN, 0.05, tmp / "cache"
+        resolve_sources([str(chat_corpus)]),
+        DataFormat("chat"),
+        tokenizer,
+        seq_len=SEQ_LEN,
+        val_fraction=0.05,
+        cache_dir=tmp / "cache",
     )["train"]
     trace = [json.loads(line) for line in (runs["pp1"] / "batches" / "stage0_dp0.jsonl").read_text().splitlines()]
     for metrics in read_metrics(runs["pp1"]):

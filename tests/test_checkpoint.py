@@ -24,7 +24,8 @@ from tests.helpers import (
     write_ds_config,
     write_json,
 )
-from train.checkpoint import latest_tag, save_checkpoint, verified_tag_dir
+from train.checkpoint.checkpointer import save_checkpoint
+from train.checkpoint.manifest import latest_tag, verified_tag_dir
 from train.errors import ConfigError
 from train.export import export_checkpoint
 
@@ -154,8 +155,8 @@ def test_universal_checkpoint_loads_every_adam_moment_and_weight(reference, one_
     from models.hf_weights import config_from_dict
     from models.pipeline import build_pipeline
     from tests.helpers import ds_config
-    from train.checkpoint import read_manifest
-    from train.universal_checkpoint import convert_to_universal
+    from train.checkpoint.manifest import read_manifest
+    from train.checkpoint.universal import convert_to_universal
 
     _, ref_dir = reference
     universal = convert_to_universal(verified_tag_dir(ref_dir / "checkpoints" / "step_5"))
@@ -242,11 +243,11 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
     (GPT-2: tied head; Llama: untied head, GQA)."""
     from transformers import LlamaConfig
 
-    from train.batches import TrainMicroBatches
-    from train.data import packed_dataset
-    from train.examples import TEXT
-    from train.sources import resolve_sources
-    from train.tokenizer import load_tokenizer
+    from train.data.batches import TrainMicroBatches
+    from train.data.examples import TEXT
+    from train.data.packing import packed_dataset
+    from train.data.sources import resolve_sources
+    from train.data.tokenizer import load_tokenizer
 
     tmp, args = setup
     config = (
@@ -276,10 +277,12 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
     parameters = len(dict(model.named_parameters()))  # a tied head's weight once
     assert len(loaded) == 2 and max(loaded) < parameters <= sum(loaded)  # no stage read the whole model
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    blocks = packed_dataset(resolve_sources([str(corpus)]), TEXT, tokenizer, 32, 0.05, tmp / "cache")[
-        "train"
-    ]  # as `setup`
-    micro_batches = TrainMicroBatches(blocks, 2, 4, dp_rank=0, dp_size=1, seed=1234).step_indices(0)
+    blocks = packed_dataset(
+        resolve_sources([str(corpus)]), TEXT, tokenizer, seq_len=32, val_fraction=0.05, cache_dir=tmp / "cache"
+    )["train"]  # as `setup`
+    micro_batches = TrainMicroBatches(
+        blocks=blocks, micro_batch_size=2, num_micro_batches=4, dp_rank=0, dp_size=1, seed=1234
+    ).step_indices(0)
     with torch.no_grad():
         first = [model(ids, labels=ids).loss.item() for ids in (blocks[i]["input_ids"].long() for i in micro_batches)]
     assert read_metrics(out)[0]["loss"] == pytest.approx(sum(first) / len(first), rel=1e-5)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from train.batches import TrainMicroBatches
-from train.data import packed_dataset, tokenize_and_pack
+from train.data.batches import TrainMicroBatches
+from train.data.examples import TEXT
+from train.data.packing import packed_dataset, tokenize_and_pack
+from train.data.sources import embedded_corpus, load_texts, resolve_sources
+from train.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from train.errors import ConfigError
-from train.examples import TEXT
-from train.sources import embedded_corpus, load_texts, resolve_sources
-from train.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 DOCS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.", "   "]
 
@@ -53,7 +53,14 @@ def test_unreadable_sources_are_config_errors(tmp_path):
 def test_packing_separates_documents_with_eos(tmp_path, tokenizer_dir):
     folder = write_all_formats(tmp_path / "data")
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    splits = packed_dataset(resolve_sources([str(folder / "b.jsonl")]), TEXT, tokenizer, 8, 0.2, tmp_path / "c")
+    splits = packed_dataset(
+        resolve_sources([str(folder / "b.jsonl")]),
+        TEXT,
+        tokenizer,
+        seq_len=8,
+        val_fraction=0.2,
+        cache_dir=tmp_path / "c",
+    )
     blocks = torch.cat([splits["train"][:]["input_ids"], splits["validation"][:]["input_ids"]]).flatten().tolist()
     expected = []
     for doc in DOCS[:2]:  # the whitespace-only document is skipped
@@ -67,17 +74,17 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer_dir, corpus):
     data = tmp_path / "corpus.jsonl"
     data.write_text(corpus.read_text())
     cache = tmp_path / "cache"
-    first = packed_dataset(resolve_sources([str(data)]), TEXT, tokenizer, 32, 0.1, cache)
-    again = packed_dataset(resolve_sources([str(data)]), TEXT, tokenizer, 32, 0.1, cache)
+    first = packed_dataset(resolve_sources([str(data)]), TEXT, tokenizer, seq_len=32, val_fraction=0.1, cache_dir=cache)
+    again = packed_dataset(resolve_sources([str(data)]), TEXT, tokenizer, seq_len=32, val_fraction=0.1, cache_dir=cache)
     assert len(list(cache.iterdir())) == 1, "second call re-tokenized instead of reading the cache"
     assert torch.equal(first["train"][:]["input_ids"], again["train"][:]["input_ids"])
     with open(data, "a") as f:
         f.write(json.dumps({"text": "Amen."}) + "\n")
-    packed_dataset(resolve_sources([str(data)]), TEXT, tokenizer, 32, 0.1, cache)
-    packed_dataset(resolve_sources([str(data)]), TEXT, tokenizer, 64, 0.1, cache)
+    packed_dataset(resolve_sources([str(data)]), TEXT, tokenizer, seq_len=32, val_fraction=0.1, cache_dir=cache)
+    packed_dataset(resolve_sources([str(data)]), TEXT, tokenizer, seq_len=64, val_fraction=0.1, cache_dir=cache)
     assert len(list(cache.iterdir())) == 3, "a changed file or seq_len was served from a stale cache"
     other = train_bpe_tokenizer(iter([DOCS[:2]]), vocab_size=300, out_dir=tmp_path / "other_tokenizer")
-    packed_dataset(resolve_sources([str(data)]), TEXT, other, 64, 0.1, cache)
+    packed_dataset(resolve_sources([str(data)]), TEXT, other, seq_len=64, val_fraction=0.1, cache_dir=cache)
     assert len(list(cache.iterdir())) == 4, "another tokenizer was served a stale cache"
 
 
@@ -90,21 +97,30 @@ def test_weighted_mixture_and_explicit_validation(tmp_path, tokenizer_dir, corpu
     cache = tmp_path / "cache"
     with pytest.raises(ConfigError, match="every --data entry a weight"):
         resolve_sources([f"{tmp_path / 'a.jsonl'}:0.5", str(tmp_path / "b.parquet")])
-    a = packed_dataset(resolve_sources([str(tmp_path / "a.jsonl")]), TEXT, tokenizer, 32, 0.1, cache)["train"]
+    a = packed_dataset(
+        resolve_sources([str(tmp_path / "a.jsonl")]), TEXT, tokenizer, seq_len=32, val_fraction=0.1, cache_dir=cache
+    )["train"]
     sources = resolve_sources([f"{tmp_path / 'a.jsonl'}:0.5", f"{tmp_path / 'b.parquet'}:0.5"])
     with pytest.raises(ConfigError, match="has no column 'text'"):
-        packed_dataset(sources, TEXT, tokenizer, 32, 0.1, cache)
+        packed_dataset(sources, TEXT, tokenizer, seq_len=32, val_fraction=0.1, cache_dir=cache)
     (tmp_path / "b.parquet").rename(tmp_path / "b2.parquet")
     pd.DataFrame({"text": [json.loads(x)["text"] for x in lines[2000:2500]]}).to_parquet(tmp_path / "b.parquet")
     sources = resolve_sources([f"{tmp_path / 'a.jsonl'}:0.5", f"{tmp_path / 'b.parquet'}:0.5"])
     val = resolve_sources([str(tmp_path / "val.txt")])
-    splits = packed_dataset(sources, TEXT, tokenizer, 32, 0.1, cache, val_sources=val, seed=3)
+    splits = packed_dataset(
+        sources, TEXT, tokenizer, seq_len=32, val_fraction=0.1, cache_dir=cache, val_sources=val, seed=3
+    )
     train = splits["train"][:]["input_ids"]
     in_a = {
         tuple(r)
-        for r in packed_dataset(resolve_sources([str(tmp_path / "a.jsonl")]), TEXT, tokenizer, 32, 0.0001, cache)[
-            "train"
-        ][:]["input_ids"].tolist()
+        for r in packed_dataset(
+            resolve_sources([str(tmp_path / "a.jsonl")]),
+            TEXT,
+            tokenizer,
+            seq_len=32,
+            val_fraction=0.0001,
+            cache_dir=cache,
+        )["train"][:]["input_ids"].tolist()
     }
     from_a = sum(tuple(r) in in_a for r in train.tolist())
     assert abs(from_a / len(train) - 0.5) < 0.02, "weights 0.5/0.5 not honoured"
@@ -117,10 +133,24 @@ def test_non_utf8_and_empty_sources_are_one_line_errors(tmp_path, tokenizer_dir)
     tokenizer = load_tokenizer(str(tokenizer_dir))
     (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe not utf-8\n")
     with pytest.raises(ConfigError, match="convert it to UTF-8"):
-        packed_dataset(resolve_sources([str(tmp_path / "bad.txt")]), TEXT, tokenizer, 8, 0.1, tmp_path / "c")
+        packed_dataset(
+            resolve_sources([str(tmp_path / "bad.txt")]),
+            TEXT,
+            tokenizer,
+            seq_len=8,
+            val_fraction=0.1,
+            cache_dir=tmp_path / "c",
+        )
     (tmp_path / "blank.txt").write_text("\n   \n\n")
     with pytest.raises(ConfigError, match="blank.txt"):
-        packed_dataset(resolve_sources([str(tmp_path / "blank.txt")]), TEXT, tokenizer, 8, 0.1, tmp_path / "c")
+        packed_dataset(
+            resolve_sources([str(tmp_path / "blank.txt")]),
+            TEXT,
+            tokenizer,
+            seq_len=8,
+            val_fraction=0.1,
+            cache_dir=tmp_path / "c",
+        )
 
 
 def test_malformed_record_read_by_the_ranks_is_one_line(tmp_path):
@@ -135,10 +165,24 @@ def test_too_small_sources_are_one_line_errors(tmp_path, tokenizer_dir):
     tokenizer = load_tokenizer(str(tokenizer_dir))
     (tmp_path / "short.txt").write_text("In the beginning\n")
     with pytest.raises(ConfigError, match="holds fewer than 64 tokens of text"):
-        packed_dataset(resolve_sources([str(tmp_path / "short.txt")]), TEXT, tokenizer, 64, 0.1, tmp_path / "c")
+        packed_dataset(
+            resolve_sources([str(tmp_path / "short.txt")]),
+            TEXT,
+            tokenizer,
+            seq_len=64,
+            val_fraction=0.1,
+            cache_dir=tmp_path / "c",
+        )
     one_block = len(tokenizer("In the beginning", add_special_tokens=False)["input_ids"]) + 1  # and EOS
     with pytest.raises(ConfigError, match=f"packs into only 1 blocks of {one_block} tokens: too small"):
-        packed_dataset(resolve_sources([str(tmp_path / "short.txt")]), TEXT, tokenizer, one_block, 0.1, tmp_path / "c")
+        packed_dataset(
+            resolve_sources([str(tmp_path / "short.txt")]),
+            TEXT,
+            tokenizer,
+            seq_len=one_block,
+            val_fraction=0.1,
+            cache_dir=tmp_path / "c",
+        )
 
 
 def numbered_blocks(n: int) -> Dataset:
@@ -149,7 +193,15 @@ def numbered_blocks(n: int) -> Dataset:
 def consumed(dp_rank: int, dp_size: int, steps: int, start_step: int = 0) -> list[list[int]]:
     """Block indices each step feeds one replica: global batch 12 = micro-batch 2 x (6 / dp_size) x dp_size."""
     micro_batches = 6 // dp_size
-    batches = TrainMicroBatches(numbered_blocks(100), 2, micro_batches, dp_rank, dp_size, seed=5, start_step=start_step)
+    batches = TrainMicroBatches(
+        blocks=numbered_blocks(100),
+        micro_batch_size=2,
+        num_micro_batches=micro_batches,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=5,
+        start_step=start_step,
+    )
     it = iter(batches)
     return [[int(t) for _ in range(micro_batches) for t in next(it)[0].flatten()] for _ in range(steps)]
 

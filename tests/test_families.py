@@ -19,7 +19,7 @@ from models.hf_weights import load_hf_weights, pipeline_param_to_hf
 from models.loss import next_token_cross_entropy
 from models.pipeline import build_pipeline
 from tests.helpers import write_ds_config
-from train.checkpoint import save_checkpoint
+from train.checkpoint.checkpointer import save_checkpoint
 from train.export import export_checkpoint
 
 VOCAB, SEQ = 128, 24

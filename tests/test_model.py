@@ -8,17 +8,19 @@ from models.architecture import discover
 from models.hf_weights import load_hf_weights
 from models.loss import next_token_cross_entropy
 from models.pipeline import build_pipeline
-from train.data import packed_dataset
-from train.examples import TEXT
-from train.sources import resolve_sources
-from train.tokenizer import load_tokenizer
+from train.data.examples import TEXT
+from train.data.packing import packed_dataset
+from train.data.sources import resolve_sources
+from train.data.tokenizer import load_tokenizer
 
 CONFIG = dict(n_layer=3, n_embd=64, n_head=4, n_positions=64)
 
 
 def real_batches(corpus, tokenizer_dir, tmp_path, seq_len=32):
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    splits = packed_dataset(resolve_sources([str(corpus)]), TEXT, tokenizer, seq_len, 0.1, tmp_path)
+    splits = packed_dataset(
+        resolve_sources([str(corpus)]), TEXT, tokenizer, seq_len=seq_len, val_fraction=0.1, cache_dir=tmp_path
+    )
     return tokenizer, splits["train"]["input_ids"][:24].long()
 
 

@@ -13,7 +13,7 @@ from models.flops import flops_per_token, head_flops_per_token
 from models.hf_weights import config_from_dict
 from models.presets import PRESETS, resolve_model_config
 from tests.helpers import QUIET_RUN, cli, launch, read_metrics, tiny_gpt2, write_ds_config, write_json
-from train.memory_model import plan_stages
+from train.planning.memory_model import plan_stages
 
 
 def narayanan_gpt(layers: int, hidden: int, heads: int) -> Architecture:

@@ -9,9 +9,10 @@ import pytest
 import train.plan
 import train.prepare
 from tests.helpers import REPO, launch, small_run_args, write_ds_config
-from train.args import build_parser, parse_args, shared_flags
-from train.errors import EXIT_ERROR, EXIT_UNEXPECTED, ConfigError, every_rank
-from train.run_config import resolve_run_config
+from train.config.args import build_parser, parse_args, shared_flags
+from train.config.run_config import resolve_run_config
+from train.distributed.agreement import every_rank
+from train.errors import EXIT_ERROR, EXIT_UNEXPECTED, ConfigError
 
 
 def _shared_actions(parser: argparse.ArgumentParser) -> dict[str, tuple]:

@@ -20,7 +20,7 @@ from tests.helpers import (
     write_ds_config,
     write_json,
 )
-from train.checkpoint import latest_tag
+from train.checkpoint.manifest import latest_tag
 from train.errors import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.ranks  # every test here starts launch.sh

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.helpers import launch, read_metrics, small_run_args, tiny_gpt2, write_ds_config, write_json
-from train.data import packed_dataset
-from train.examples import TEXT
-from train.sources import resolve_sources
-from train.tokenizer import load_tokenizer
+from train.data.examples import TEXT
+from train.data.packing import packed_dataset
+from train.data.sources import resolve_sources
+from train.data.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
 
@@ -71,7 +71,9 @@ def test_hf_export_perplexity_matches_last_eval(layout_runs, corpus, tokenizer_d
     run = runs["pp2"]
     last_eval_ppl = [m for m in read_metrics(run) if "eval_ppl" in m][-1]["eval_ppl"]
     tokenizer = load_tokenizer(str(run / "hf"))
-    validation = packed_dataset(resolve_sources([str(corpus)]), TEXT, tokenizer, 32, 0.05, tmp / "cache")["validation"]
+    validation = packed_dataset(
+        resolve_sources([str(corpus)]), TEXT, tokenizer, seq_len=32, val_fraction=0.05, cache_dir=tmp / "cache"
+    )["validation"]
     model = AutoModelForCausalLM.from_pretrained(run / "hf").eval()
     blocks = validation["input_ids"][:32].long()
     with torch.no_grad():
@@ -188,7 +190,7 @@ def test_planner_partition_and_parameters_equal_what_the_pipeline_built(layout_r
 
     from models.architecture import discover
     from models.hf_weights import config_from_dict
-    from train.memory_model import plan_stages, stage_bounds
+    from train.planning.memory_model import plan_stages, stage_bounds
 
     _, runs = layout_runs
     for name in runs:

@@ -1,1 +1,2 @@
-"""Data, tokenizer, training loop, evaluation, checkpoints and metrics."""
+"""The `python -m train.X` commands and the run's composition (build.py), with their parts by concern in the
+sub-packages config, data, checkpoint, observe, distributed and planning."""

@@ -18,22 +18,24 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from models.architecture import Architecture, discover
 from models.flops import flops_per_token
-from models.hf_weights import load_hf_weights, resolve_model_dir
+from models.hf_weights import load_hf_weights
+from models.hub import resolve_model_dir
 from models.pipeline import build_pipeline
-from train.batches import TrainMicroBatches
-from train.checkpoint import Checkpointer, load_checkpoint
-from train.data import evaluation_blocks
-from train.distributed import rank, say
-from train.errors import ConfigError, every_rank, rank_zero_first
-from train.evaluate import Evaluator
-from train.metrics import MetricsLog, StepMeter, memory_in_use, run_record
-from train.mfu import peak_tflops, training_dtype
-from train.preemption import Preemption
+from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
+from train.config.run_config import RunConfig
+from train.data.batches import TrainMicroBatches
+from train.data.packing import evaluation_blocks
+from train.data.tokenizer import tokenizer_too_large
+from train.distributed.agreement import every_rank, rank_zero_first
+from train.distributed.preemption import Preemption
+from train.distributed.setup import rank, say
+from train.distributed.watchdog import HangWatchdog
+from train.errors import ConfigError, first_line
+from train.observe.evaluate import Evaluator
+from train.observe.metrics import MetricsLog, StepMeter, WandbSettings, memory_in_use, run_record
+from train.observe.mfu import peak_tflops, training_dtype
+from train.observe.timeline import ScheduleProfiler
 from train.prepare import prepare_data, prepare_tokenizer
-from train.run_config import RunConfig
-from train.timeline import ScheduleProfiler
-from train.tokenizer import tokenizer_too_large
-from train.watchdog import HangWatchdog
 
 
 class DropMessage(logging.Filter):
@@ -51,7 +53,7 @@ class DropMessage(logging.Filter):
 ds_logger.addFilter(DropMessage("Attempting to get learning rate from scheduler before it has started"))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     config: RunConfig
     model_config: PretrainedConfig  # a from-scratch model's vocabulary is the tokenizer's
@@ -139,7 +141,7 @@ def load_pretrained(pipe: torch.nn.Module, arch: Architecture, model: str) -> in
     try:
         return load_hf_weights(pipe, resolve_model_dir(model), arch)
     except (OSError, ValueError) as e:  # a missing or misshapen tensor
-        raise ConfigError(f"cannot load --model {model}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot load --model {model}: {first_line(e)}") from None
 
 
 def resume(config: RunConfig, engine: PipelineEngine) -> tuple[int, str | None]:
@@ -180,9 +182,15 @@ def training_batches(config: RunConfig, engine: PipelineEngine, blocks: Dataset,
     if config.flags.trace_batches and (engine.is_first_stage() or engine.is_last_stage()):
         trace = config.output_dir / "batches" / f"stage{engine.stage_id}_dp{dp_rank}.jsonl"
         trace.parent.mkdir(exist_ok=True)
-    batch = config.batch
     return TrainMicroBatches(
-        blocks, batch.micro_batch_size, batch.num_micro_batches, dp_rank, dp_size, config.flags.seed, start_step, trace
+        blocks=blocks,
+        micro_batch_size=config.batch.micro_batch_size,
+        num_micro_batches=config.batch.num_micro_batches,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=config.flags.seed,
+        start_step=start_step,
+        trace_path=trace,
     )
 
 
@@ -198,28 +206,59 @@ def build_run(config: RunConfig) -> Run:
     flops = flops_per_token(arch, flags.seq_len)
     record = write_run_record(config, engine, model_config, flops)
     start_step, wandb_run_id = resume(config, engine)
-    log = MetricsLog(config.output_dir, rank() == 0, flags, record, start_step, wandb_run_id)
+    log = MetricsLog(
+        output_dir=config.output_dir,
+        enabled=rank() == 0,
+        total_steps=flags.train_steps,
+        interval=flags.log_interval,
+        wandb=WandbSettings(project=flags.wandb_project, run_name=flags.wandb_run_name, mode=flags.wandb_mode),
+        run_config=record,
+        resume_step=start_step,
+        wandb_run_id=wandb_run_id,
+    )
     batches = training_batches(config, engine, splits["train"], start_step)
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
-    checkpoints = config.output_dir / "checkpoints"
-    peak = peak_tflops(training_dtype(config.ds_config), flags.peak_tflops)
     return Run(
-        config,
-        model_config,
-        tokenizer,
-        engine,
-        start_step,
-        batches,
+        config=config,
+        model_config=model_config,
+        tokenizer=tokenizer,
+        engine=engine,
+        start_step=start_step,
+        batches=batches,
         data_iter=iter(batches) if feeds_data else None,
         log=log,
         meter=StepMeter(
-            engine, config.batch, flags.seq_len, flops, peak, memory_before_model, checkpoints, flags.compile
+            engine=engine,
+            global_batch=config.batch.global_batch,
+            seq_len=flags.seq_len,
+            flops_per_token=flops,
+            peak_tflops=peak_tflops(training_dtype(config.ds_config), flags.peak_tflops),
+            memory_before_model=memory_before_model,
+            compiled=flags.compile,
         ),
-        evaluator=Evaluator(engine, splits["validation"], eval_blocks, tokenizer, config, log),
+        evaluator=Evaluator(
+            engine=engine,
+            blocks=splits["validation"],
+            n_blocks=eval_blocks,
+            tokenizer=tokenizer,
+            batch=config.batch,
+            interval=flags.eval_interval,
+            sample_prompt=None if config.data_format.masked else flags.sample_prompt,
+            sample_tokens=flags.sample_tokens,
+            seq_len=flags.seq_len,
+            seed=flags.seed,
+            log=log,
+        ),
         checkpointer=Checkpointer(
-            engine, checkpoints, model_config, config, {"wandb_run_id": log.run_id, "data_seed": flags.seed}
+            engine=engine,
+            root=config.output_dir / "checkpoints",
+            model_config=model_config,
+            interval=flags.save_interval,
+            keep_last=flags.keep_last,
+            samples_per_step=config.batch.global_batch,
+            client_state={"wandb_run_id": log.run_id, "data_seed": flags.seed},
         ),
-        profiler=ScheduleProfiler(engine, set(flags.profile_steps), config.output_dir),
-        watchdog=HangWatchdog(engine, flags.dist_timeout, config.output_dir / "hang", rank()),
+        profiler=ScheduleProfiler(engine=engine, steps=set(flags.profile_steps), output_dir=config.output_dir),
+        watchdog=HangWatchdog(engine=engine, timeout_s=flags.dist_timeout, report_dir=config.output_dir / "hang"),
         preemption=preemption,
     )

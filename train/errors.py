@@ -4,9 +4,8 @@
   loss. It prints `error: <what went wrong and the fix>` and exits with `EXIT_ERROR` (2).
 - Any other exception is unexpected. Its traceback is appended to `<output-dir>/error.log`, the terminal
   shows `error: <Type>: <message> (traceback in <path>)`, and the run exits with `EXIT_UNEXPECTED` (1).
-- `every_rank(fn)`: every rank runs `fn`, then the ranks agree. If any rank failed, every rank raises
-  the first failure's line, so that no rank waits on a dead peer.
-- `rank_zero_first(fn)`: rank 0 builds (a tokenizer, a data cache), then the others read what it built.
+- `first_line(error)`: the one line an exception is reported by (safe on an empty message).
+- Agreement across ranks (`every_rank`, `rank_zero_first`) is in train/distributed/agreement.py.
 - `entry_point(fn, error_log)`: the one wrapper every command runs in. It turns failures into the line
   and the exit code.
 """
@@ -16,13 +15,9 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch.distributed as dist
 
-from train.distributed import preparation_group
-
-T = TypeVar("T")
 EXIT_ERROR = 2  # an `error:` line naming the problem and the fix: bad input, divergence, an unwritable checkpoint
 EXIT_UNEXPECTED = 1  # a failure of a kind we do not anticipate: the traceback is in error.log
 EXIT_HUNG = 3  # a peer stopped answering for --dist-timeout: stacks in <output-dir>/hang/rank<N>.txt
@@ -49,6 +44,11 @@ class UnexpectedError(RunError):
 _error_log: Path | None = None
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message; its type's name when the message is empty (a bare `assert`)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def set_error_log(path: Path | None) -> None:
     """Where unexpected failures write their tracebacks (`<output-dir>/error.log`); None: to stderr."""
     global _error_log
@@ -59,10 +59,10 @@ def as_run_error(error: BaseException) -> RunError:
     """`error` as the one line to report. An unexpected kind of error has its traceback written first."""
     if isinstance(error, RunError):
         return error
-    first_line = (str(error).strip().splitlines() or [""])[0]
     text = "".join(traceback.format_exception(error))
     where = _write_traceback(text)
-    return UnexpectedError(f"{type(error).__name__}: {first_line} ({where})")
+    message = first_line(error) if str(error).strip() else ""
+    return UnexpectedError(f"{type(error).__name__}: {message} ({where})")
 
 
 def _write_traceback(text: str) -> str:
@@ -77,41 +77,6 @@ def _write_traceback(text: str) -> str:
             pass
     sys.stderr.write(text)
     return "traceback above"
-
-
-def agree(failure: RunError | None, group: dist.ProcessGroup | None = None) -> None:
-    """A collective: if any rank brings a failure, every rank raises the first one (same class, same line)."""
-    reports: list[tuple[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (type(failure).__name__, str(failure)) if failure else None, group=group)
-    first = next((r for r in reports if r), None)
-    if first:
-        kinds = {kind.__name__: kind for kind in (RunError, ConfigError, UnexpectedError)}
-        raise kinds.get(first[0], RunError)(first[1])
-
-
-def every_rank(fn: Callable[[], T], run_here: bool = True, group: dist.ProcessGroup | None = None) -> T | None:
-    """Run `fn` on this rank (when `run_here`), then agree (on `group`, default the world): a failure on any rank
-    stops every rank."""
-    result, failure = None, None
-    if run_here:
-        try:
-            result = fn()
-        except Exception as e:
-            failure = as_run_error(e)
-    agree(failure, group)
-    return result
-
-
-def rank_zero_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on global rank 0 (it fills caches, trains the tokenizer, downloads), then on the first rank
-    of every other node (which finds the work done on a shared filesystem, or does it once for its node),
-    then on all the others, which read what is on disk. A failure on any rank stops every rank."""
-    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    result = None
-    for turn in (rank == 0, rank != 0 and local_rank == 0, local_rank != 0):
-        done = every_rank(fn, run_here=turn, group=preparation_group())
-        result = done if turn else result
-    return result
 
 
 def entry_point(fn: Callable[[], object], error_log: Path | None = None) -> int:

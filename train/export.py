@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from models.hf_weights import config_from_dict, export_hf_model
-from train.checkpoint import read_manifest, verified_tag_dir
+from train.checkpoint.manifest import read_manifest, verified_tag_dir
+from train.data.tokenizer import load_tokenizer
 from train.errors import entry_point
-from train.tokenizer import load_tokenizer
 
 
 def export_checkpoint(checkpoint: Path, out: Path, tokenizer_dir: Path | None = None) -> Path:

@@ -1,6 +1,6 @@
 """Training entry point: `deepspeed --module train.main ARGS` (see launch.sh).
 
-Phases: resolve the run config (train/run_config.py) -> build the run (train/build.py: tokenizer,
+Phases: resolve the run config (train/config/run_config.py) -> build the run (train/build.py: tokenizer,
 packed data, pipeline model, DeepSpeed engine, resume) -> the loop below -> Hugging Face export -> sample.
 """
 
@@ -12,12 +12,13 @@ from pathlib import Path
 import torch.distributed as dist
 
 from models.hf_weights import export_hf_model
-from train.args import Flags, parse_args
 from train.build import Run, build_run
-from train.distributed import init_distributed, rank, say
-from train.errors import RunError, entry_point, every_rank
+from train.config.args import Flags, parse_args
+from train.config.run_config import resolve_run_config
+from train.distributed.agreement import every_rank
+from train.distributed.setup import init_distributed, rank, say
+from train.errors import RunError, entry_point
 from train.generate import generate_text
-from train.run_config import resolve_run_config
 
 
 def train(run: Run) -> Path:
@@ -31,9 +32,10 @@ def train(run: Run) -> Path:
             seconds = time.perf_counter() - start
             run.meter.report_compile(seconds)
             data_wait = run.batches.take_wait_seconds()
-            answer_tokens = run.batches.step_loss_tokens
+            answer_tokens = run.batches.answer_tokens(step)
             timeline = run.profiler.end()
-            grad_norm = run.meter.grad_norm(step, loss)  # stops the run if it diverged
+            grad_norm = run.meter.grad_norm()
+            run.meter.stop_if_diverged(step, loss, grad_norm, last_checkpoint=run.checkpointer.latest_tag())
             evaluate = run.evaluator.should_evaluate(step, step == last)
             if evaluate or run.log.should_log(step, step == last):
                 metrics = run.meter.metrics(loss, grad_norm, seconds, data_wait, answer_tokens, timeline, step == last)

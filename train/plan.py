@@ -6,7 +6,7 @@
 The model and layout flags are the trainer's, with the trainer's defaults.
 
 The partition is the one DeepSpeed will make (the same solver on the same per-layer weights); the memory
-per stage comes from `train/memory_model.py`, checked against measured memory in `bench/memory_bench.py`
+per stage comes from `train/planning/memory_model.py`, checked against measured memory in `bench/memory_bench.py`
 and the tests.
 """
 
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from models.architecture import Architecture, discover
 from models.flops import flops_per_token
-from train.args import Flags, OneLineErrors, parse_args, shared_flags
-from train.ds_config import batch_layout, load_ds_config
+from train.config.args import Flags, OneLineErrors, parse_args, shared_flags
+from train.config.ds_config import batch_layout, load_ds_config
+from train.config.run_config import model_config_from_flags
 from train.errors import ConfigError, entry_point
-from train.memory_model import StagePlan, fits, plan_stages
-from train.mfu import PEAK_TFLOPS, training_dtype
-from train.run_config import model_config_from_flags
+from train.observe.mfu import PEAK_TFLOPS, training_dtype
+from train.planning.memory_model import StagePlan, fits, plan_stages
 
 GPU_MEMORY_GIB = {
     "H200": 141,

@@ -15,13 +15,14 @@ from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from models.architecture import discover
-from models.hf_weights import check_hub_name, check_weights_fit, not_found
-from train.args import parse_args
+from models.hf_weights import check_weights_fit
+from models.hub import check_hub_name, not_found
+from train.config.args import parse_args
+from train.config.run_config import RunConfig, resolve_run_config
+from train.data.examples import chat_template_of
+from train.data.sources import Source, unreadable
+from train.data.tokenizer import load_tokenizer, tokenizer_too_large
 from train.errors import ConfigError, entry_point
-from train.examples import chat_template_of
-from train.run_config import RunConfig, resolve_run_config
-from train.sources import Source, unreadable
-from train.tokenizer import load_tokenizer, tokenizer_too_large
 
 
 def missing_column(where: str, present: list, columns: dict[str, tuple[str, str]]) -> str | None:

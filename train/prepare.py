@@ -10,14 +10,14 @@ import sys
 from datasets import DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from models.hf_weights import resolve_model_dir
-from train.args import Flags, parse_args
-from train.data import default_cache_dir, packed_dataset
+from models.hub import resolve_model_dir
+from train.config.args import Flags, parse_args
+from train.config.run_config import RunConfig, resolve_run_config
+from train.data.packing import default_cache_dir, packed_dataset
+from train.data.sources import load_texts
+from train.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from train.distributed.faults import inject_fault
 from train.errors import entry_point
-from train.faults import inject_fault
-from train.run_config import RunConfig, resolve_run_config
-from train.sources import load_texts
-from train.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 BPE_TRAINING_DOCUMENTS = 2_000_000  # BPE merges settle long before a large corpus is read to the end
 
@@ -56,12 +56,12 @@ def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Datas
         config.sources,
         config.data_format,
         tokenizer,
-        args.seq_len,
-        args.val_fraction,
-        args.data_cache_dir or default_cache_dir(),
-        args.num_proc or os.cpu_count(),
-        config.val_sources,
-        args.seed,
+        seq_len=args.seq_len,
+        val_fraction=args.val_fraction,
+        cache_dir=args.data_cache_dir or default_cache_dir(),
+        num_proc=args.num_proc or os.cpu_count(),
+        val_sources=config.val_sources,
+        seed=args.seed,
     )
 
 

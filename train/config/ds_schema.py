@@ -19,7 +19,7 @@ import logging
 import typing
 from pathlib import Path
 
-from train.errors import ConfigError
+from train.errors import ConfigError, first_line
 
 READ_LATER = ("optimizer.params", "scheduler.params")
 
@@ -200,7 +200,7 @@ def check_with_deepspeed(config: dict, path: Path) -> None:
     except ValidationError as e:
         raise ConfigError(f"DeepSpeed config {path}: {pydantic_line(e, config)}") from None
     except Exception as e:  # DeepSpeedConfigError, assertions and ValueErrors of its older sections
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise ConfigError(f"DeepSpeed config {path}: DeepSpeed {__version__} rejects it: {reason}") from None
     finally:
         logger.setLevel(level)

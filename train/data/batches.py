@@ -26,6 +26,7 @@ class TrainMicroBatches:
 
     def __init__(
         self,
+        *,
         blocks: Dataset,
         micro_batch_size: int,
         num_micro_batches: int,
@@ -42,7 +43,6 @@ class TrainMicroBatches:
         self.masked = "labels" in blocks.column_names
         # Answer tokens of every block, to scale each step's loss (one column read once, 4 bytes per block).
         self.loss_tokens = blocks["loss_tokens"] if self.masked else None
-        self.step_loss_tokens: int | None = None  # the answer tokens of the step fed last (all replicas)
         self.global_batch = micro_batch_size * num_micro_batches * dp_size
         self.steps_per_epoch = len(blocks) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -71,12 +71,16 @@ class TrainMicroBatches:
         mine = self.global_indices(step)[self.dp_rank * per_replica : (self.dp_rank + 1) * per_replica].tolist()
         return [mine[i : i + self.micro_batch_size] for i in range(0, per_replica, self.micro_batch_size)]
 
-    def loss_scale(self, step: int) -> torch.Tensor | None:
-        """micro-batches x replicas / answer tokens of the global batch (masked data), else None."""
+    def answer_tokens(self, step: int) -> int | None:
+        """The answer tokens of the global batch of training step `step` (counted from 1, as the loop counts; all
+        replicas), for instruction and chat data; None for text."""
+        return int(self.loss_tokens[self.global_indices(step - 1)].sum()) if self.masked else None
+
+    def loss_scale(self, index: int) -> torch.Tensor | None:
+        """micro-batches x replicas / answer tokens of global batch `index` (masked data), else None."""
         if not self.masked:
             return None
-        self.step_loss_tokens = int(self.loss_tokens[self.global_indices(step)].sum())
-        return answer_token_scale(self.num_micro_batches, self.dp_size, self.step_loss_tokens)
+        return answer_token_scale(self.num_micro_batches, self.dp_size, self.answer_tokens(index + 1))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -11,8 +11,8 @@ from deepspeed.accelerator import get_accelerator
 
 from models.deepspeed_internals import set_default_group_timeout, skip_shared_memory_all_reduce_build
 
-# Every process group times out this long after --dist-timeout: the hang watchdog (train/watchdog.py) reports
-# first inside the training loop; outside it (set-up, checkpoint saves) the process group's own timeout ends
+# Every process group times out this long after --dist-timeout: the hang watchdog (watchdog.py beside this file)
+# reports first inside the training loop; outside it (set-up, checkpoint saves) the process group's own timeout ends
 # the wait, as an error line naming error.log.
 WATCHDOG_HEAD_START_S = 30
 # Ranks waiting for rank 0 to tokenize a large corpus wait on a group of their own, so that --dist-timeout

@@ -6,18 +6,17 @@ import os
 import resource
 import subprocess
 import time
-from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from train.checkpoint import latest_tag
-from train.distributed import say
-from train.ds_config import BatchLayout
+from train.config.ds_config import BatchLayout
+from train.distributed.setup import say
 from train.errors import RunError
-from train.mfu import tflops_and_mfu
+from train.observe.mfu import tflops_and_mfu
 
 
 def memory_in_use() -> int:
@@ -125,18 +124,19 @@ class StepMeter:
 
     def __init__(
         self,
+        *,
         engine: PipelineEngine,
-        batch: BatchLayout,
+        global_batch: int,
         seq_len: int,
         flops_per_token: float,
         peak_tflops: float | None,
         memory_before_model: int,
-        checkpoints: Path,
         compiled: bool = False,
     ):
-        self.engine, self.batch, self.flops_per_token, self.peak_tflops = engine, batch, flops_per_token, peak_tflops
-        self.tokens_per_step = batch.global_batch * seq_len
-        self.memory_before_model, self.checkpoints = memory_before_model, checkpoints
+        self.engine, self.global_batch = engine, global_batch
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.tokens_per_step = global_batch * seq_len
+        self.memory_before_model = memory_before_model
         self.compile_report_due = compiled
 
     def report_compile(self, seconds: float) -> None:
@@ -145,16 +145,18 @@ class StepMeter:
             say(f"compile: the first step took {seconds:.1f} s (torch.compile of every layer, forward and backward)")
             self.compile_report_due = False
 
-    def grad_norm(self, step: int, loss: float) -> float:
-        """The step's global gradient norm, after checking that the run has not diverged."""
-        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
-        # Without fp16 loss scaling a non-finite gradient is no overflow to skip: the run has diverged.
+    def grad_norm(self) -> float:
+        """The last step's global gradient norm."""
+        return float(self.engine.get_global_grad_norm() or 0.0)
+
+    def stop_if_diverged(self, step: int, loss: float, grad_norm: float, last_checkpoint: str | None) -> None:
+        """Raise (no checkpoint is saved) when the loss, or the gradient without fp16 loss scaling, is not finite:
+        without loss scaling a non-finite gradient is no overflow to skip, the run has diverged."""
         if not math.isfinite(loss) or (not self.engine.fp16_enabled() and not math.isfinite(grad_norm)):
             raise RunError(
                 f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: stopped without saving; the last "
-                f"checkpoint is {latest_tag(self.checkpoints) or 'none'} (lower the LR or check the data)"
+                f"checkpoint is {last_checkpoint or 'none'} (lower the LR or check the data)"
             )
-        return grad_norm
 
     def metrics(
         self,
@@ -175,7 +177,7 @@ class StepMeter:
             "lr": self.engine.get_lr()[0],
             "grad_norm": grad_norm,
             "tokens_per_sec": tokens_per_sec,
-            "samples_per_sec": self.batch.global_batch / seconds,
+            "samples_per_sec": self.global_batch / seconds,
             "step_time": seconds,
             "data_wait": data_wait,
             **tflops_and_mfu(self.flops_per_token, tokens_per_sec, dist.get_world_size(), self.peak_tflops),
@@ -189,6 +191,15 @@ class StepMeter:
         if last_step:
             metrics["tied_embedding_max_diff"] = self.engine.module.tied_weight_max_diff()
         return metrics
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandbSettings:
+    """The --wandb-* flags."""
+
+    project: str
+    run_name: str | None = None
+    mode: str | None = None
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -215,19 +226,21 @@ class MetricsLog:
 
     def __init__(
         self,
+        *,
         output_dir: Path,
         enabled: bool,
-        flags: Namespace,
+        total_steps: int,
+        interval: int,
+        wandb: WandbSettings,
         run_config: dict,
         resume_step: int = 0,
         wandb_run_id: str | None = None,
     ):
-        """`flags`: train_steps, log_interval and the wandb_* flags."""
         self.enabled = enabled
         self.output_dir = output_dir
         self.resume_step = resume_step
         self.sample_rows: list[list] = []
-        self.total_steps, self.interval = flags.train_steps, flags.log_interval
+        self.total_steps, self.interval = total_steps, interval
         self.start = time.perf_counter()
         self.wandb = None
         self.run_id = None
@@ -238,13 +251,13 @@ class MetricsLog:
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a")  # noqa: SIM115 (closed in finish)
-        mode = wandb_mode(flags.wandb_mode)
+        mode = wandb_mode(wandb.mode)
         if mode != "disabled":
-            import wandb
+            import wandb as wandb_sdk
 
-            self.wandb = wandb.init(
-                project=flags.wandb_project,
-                name=flags.wandb_run_name or output_dir.name,
+            self.wandb = wandb_sdk.init(
+                project=wandb.project,
+                name=wandb.run_name or output_dir.name,
                 mode=mode,
                 dir=str(output_dir),
                 config=run_config,

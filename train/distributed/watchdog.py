@@ -6,7 +6,7 @@ deadlocked rank) leaves its peers waiting inside a collective. Every pipeline in
 once a second, and when the current instruction has waited `--dist-timeout`, it writes this rank's
 instruction, micro-batch and the stacks of all its threads to `<output-dir>/hang/rank<N>.txt`, prints one
 line naming the file and exits with `EXIT_HUNG`. It works alike for gloo and NCCL (whose own timeout aborts
-the process without a word), because every process group's timeout is set 30 s later (train/distributed.py).
+the process without a word), because every process group's timeout is set 30 s later (train/distributed/setup.py).
 """
 
 import faulthandler
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from models.deepspeed_internals import wrap_instructions
@@ -26,8 +27,8 @@ from train.errors import EXIT_HUNG
 
 
 class HangWatchdog:
-    def __init__(self, engine: PipelineEngine, timeout_s: float, report_dir: Path, rank: int):
-        self.engine, self.timeout_s, self.report_dir, self.rank = engine, timeout_s, report_dir, rank
+    def __init__(self, *, engine: PipelineEngine, timeout_s: float, report_dir: Path):
+        self.engine, self.timeout_s, self.report_dir, self.rank = engine, timeout_s, report_dir, dist.get_rank()
         self.armed = False
         self.step = 0
         self.doing, self.details, self.since = "start", {}, time.monotonic()

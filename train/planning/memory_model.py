@@ -23,36 +23,38 @@ freed before the step. Checked against measured memory in `bench/memory_bench.py
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
-from models.architecture import Architecture, discover
+from models.architecture import DECODER, Architecture, discover
 from models.flops import flops_partition
-from train.ds_config import batch_layout
+from models.pipeline import LAYER_CLASSES, DecoderLayerPipe
+from train.config.ds_config import batch_layout
 from train.errors import ConfigError
-from train.mfu import training_dtype
-
-LAYER_NAMES = ("EmbeddingPipe", "DecoderLayerPipe", "FinalNormPipe")
+from train.observe.mfu import training_dtype
 
 
 def layer_names(arch: Architecture) -> list[str]:
-    head = "EmbeddingPipe" if arch.tied else "HeadPipe"
-    return [LAYER_NAMES[0], *[LAYER_NAMES[1]] * arch.num_layers, LAYER_NAMES[2], head]
+    """The class name of every pipeline layer, as DeepSpeed names the stages' layers."""
+    return [LAYER_CLASSES[layer.kind].__name__ for layer in arch.pipeline_layers()]
 
 
 def stage_bounds(arch: Architecture, stages: int, method: str, seq_len: int) -> list[int]:
+    """Stage bounds as `PipelineModule._partition_layers` makes them (DeepSpeed 0.19.8, runtime/pipe/module.py)."""
     method = method.lower()
     if method == "uniform":
-        bounds = partition_uniform(arch.num_layers + 3, stages)
+        bounds = partition_uniform(len(arch.pipeline_layers()), stages)
     elif method == "parameters":
         bounds = partition_balanced(arch.layer_parameters(), stages)
     elif method == "flops":
         bounds = flops_partition(arch, seq_len, stages)
-    elif method == "type:decoderlayerpipe":
-        bounds = partition_balanced([0, *[1] * arch.num_layers, 0, 0], stages)
+    elif method.startswith("type:"):  # layers whose class name the regex finds weigh 1, the others 0
+        pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
+        bounds = partition_balanced([int(bool(pattern.search(name))) for name in layer_names(arch)], stages)
     else:
-        raise ConfigError(f"the planner knows flops, parameters, uniform and type:DecoderLayerPipe, not {method!r}")
+        raise ConfigError(f"the planner knows flops, parameters, uniform and type:<regex>, not {method!r}")
     return [int(b) for b in bounds]
 
 
@@ -92,7 +94,6 @@ def _saved_bytes_per_token(config_json: str, scale: float, dtype: str) -> float:
     import torch
 
     from models.hf_weights import config_from_dict
-    from models.pipeline import DecoderLayerPipe
 
     config = config_from_dict(json.loads(config_json))
     config.num_hidden_layers = 1
@@ -147,7 +148,7 @@ def plan_stages(
         # One stage holds a tied embedding once.
         counts_here = counts[start : stop - 1] if stages == 1 and arch.tied else counts[start:stop]
         params = sum(counts_here)
-        blocks = layers.count(LAYER_NAMES[1])
+        blocks = sum(layer.kind == DECODER for layer in arch.pipeline_layers()[start:stop])
         in_flight = min(stages - stage, batch.num_micro_batches)
         if checkpoint_interval:
             activations = in_flight * blocks * tokens * h * width + block_activations * min(blocks, 1)

@@ -6,8 +6,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from models.hf_weights import check_hub_name, not_found
-from train.errors import ConfigError
+from models.hub import check_hub_name, not_found
+from train.errors import ConfigError, first_line
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -23,7 +23,7 @@ def load_tokenizer(name_or_dir: str, flag: str = "--tokenizer") -> PreTrainedTok
             raise ConfigError(str(e)) from None
         if not Path(name_or_dir).exists():
             raise ConfigError(not_found(flag, str(name_or_dir), e)) from None
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise ConfigError(
             f"{flag} {name_or_dir}: cannot load a tokenizer from it ({reason}); pass --tokenizer"
         ) from None

@@ -8,9 +8,9 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from models.deepspeed_internals import clear_eval_outputs
 from models.loss import IGNORE_INDEX
-from train.batches import eval_steps
-from train.metrics import MetricsLog, eval_metrics
-from train.run_config import RunConfig
+from train.config.ds_config import BatchLayout
+from train.data.batches import eval_steps
+from train.observe.metrics import MetricsLog, eval_metrics
 
 
 def evaluate(
@@ -86,26 +86,39 @@ class Evaluator:
     """Validation loss and text samples, every `--eval-interval` steps and at the last step."""
 
     def __init__(
-        self, engine: PipelineEngine, blocks: Dataset, n_blocks: int, tokenizer, config: RunConfig, log: MetricsLog
+        self,
+        *,
+        engine: PipelineEngine,
+        blocks: Dataset,
+        n_blocks: int,
+        tokenizer,
+        batch: BatchLayout,
+        interval: int,
+        sample_prompt: str | None,
+        sample_tokens: int,
+        seq_len: int,
+        seed: int,
+        log: MetricsLog,
     ):
-        """`config`: the RunConfig (batch layout; eval interval, sample prompt and length, seq len, seed flags)."""
+        """`sample_prompt`: the text samples continue; None: held-out prompts (instruction and chat data)."""
         self.engine, self.blocks, self.n_blocks, self.tokenizer, self.log = engine, blocks, n_blocks, tokenizer, log
-        self.batch, self.flags = config.batch, config.flags
-        if config.data_format.masked:
-            self.prompts = held_out_prompts(blocks, config.batch.micro_batch_size)
+        self.batch, self.interval, self.seed = batch, interval, seed
+        self.sample_tokens, self.seq_len = sample_tokens, seq_len
+        if sample_prompt is None:
+            self.prompts = held_out_prompts(blocks, batch.micro_batch_size)
         else:
-            prompt = tokenizer(self.flags.sample_prompt, add_special_tokens=False)["input_ids"]
-            self.prompts = [prompt] * config.batch.micro_batch_size
+            prompt = tokenizer(sample_prompt, add_special_tokens=False)["input_ids"]
+            self.prompts = [prompt] * batch.micro_batch_size
 
     def should_evaluate(self, step: int, last_step: bool) -> bool:
-        return last_step or step % self.flags.eval_interval == 0
+        return last_step or step % self.interval == 0
 
     def evaluate(self, step: int) -> dict:
         """The validation metrics; the samples go to the log."""
-        batch, flags = self.batch, self.flags
+        batch = self.batch
         loss = evaluate(self.engine, self.blocks, batch.micro_batch_size, batch.num_micro_batches, self.n_blocks)
         samples = sample_through_pipeline(
-            self.engine, self.tokenizer, self.prompts, flags.sample_tokens, flags.seq_len, seed=flags.seed + step
+            self.engine, self.tokenizer, self.prompts, self.sample_tokens, self.seq_len, seed=self.seed + step
         )
         self.log.samples(step, samples[:3])
         return eval_metrics(loss)

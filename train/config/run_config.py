@@ -14,12 +14,12 @@ from transformers import PretrainedConfig
 
 from models.architecture import discover
 from models.presets import resolve_model_config
-from train.args import DEFAULT_BPE_VOCAB, Flags
-from train.checkpoint import resume_mode
-from train.ds_config import BatchLayout, check_layout, load_ds_config
-from train.errors import ConfigError
-from train.examples import DataFormat
-from train.sources import Source, embedded_corpus, resolve_sources
+from train.checkpoint.manifest import resume_mode
+from train.config.args import DEFAULT_BPE_VOCAB, Flags
+from train.config.ds_config import BatchLayout, check_layout, load_ds_config
+from train.data.examples import DataFormat
+from train.data.sources import Source, embedded_corpus, resolve_sources
+from train.errors import ConfigError, first_line
 
 # Lowest allowed value of each numeric flag (a BPE vocabulary needs its 256 bytes + EOS).
 LOWEST = {
@@ -50,7 +50,7 @@ class RunConfig:
     data_format: DataFormat
     batch: BatchLayout
     bpe_vocab_size: int  # of a tokenizer trained on the data
-    resume_mode: str | None  # with --load: "exact", "universal" or "weights" (train/checkpoint.py: resume_mode)
+    resume_mode: str | None  # with --load: "exact", "universal" or "weights" (checkpoint/manifest.py: resume_mode)
 
 
 def check_flag_ranges(flags: Flags) -> None:
@@ -124,7 +124,7 @@ def model_config_from_flags(flags: Flags, vocab_size: int | None) -> PretrainedC
     try:
         return resolve_model_config(flags.model_config, flags.model, vocab_size, fused_gelu=not flags.keep_gelu_new)
     except (OSError, ValueError) as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        raise ConfigError(first_line(e)) from None
 
 
 def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:

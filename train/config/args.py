@@ -2,7 +2,7 @@
 
 The model and layout flags are shared, with the same defaults, by `train.main`, `train.prepare` (the same
 parser) and `train.plan` (`shared_flags()` as argparse parents). The parsed flags are read-only: what is
-derived from them is resolved once into a `RunConfig` (train/run_config.py).
+derived from them is resolved once into a `RunConfig` (train/config/run_config.py).
 """
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from models.presets import PRESETS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # train/config/args.py -> the repository
 DEFAULT_DS_CONFIG = REPO / "ds_configs" / "cpu_pp2.json"
 DEFAULT_MODEL_CONFIG = "gpt2-tiny"
 DEFAULT_BPE_VOCAB = 8192

@@ -3,7 +3,7 @@
 Plain text: documents are joined with EOS and cut into blocks; each block is both the input and
 the label (the loss shifts by one, as `GPT2LMHeadModel` does). The tokens left over at the
 end of a source (fewer than one block) are dropped and counted. Instruction and chat data
-become blocks with their own labels (train/examples.py).
+become blocks with their own labels (train/data/examples.py).
 """
 
 import hashlib
@@ -17,9 +17,9 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from train.data.examples import MAP_BATCH, PACK_BATCH, DataFormat, describe, example_blocks
+from train.data.sources import Source, load_texts
 from train.errors import ConfigError
-from train.examples import MAP_BATCH, PACK_BATCH, DataFormat, describe, example_blocks
-from train.sources import Source, load_texts
 
 CACHE_FORMAT = 2  # bump when the packing changes, so that old caches are not served
 
@@ -91,6 +91,7 @@ def packed_source(
     source: Source,
     data_format: DataFormat,
     tokenizer: PreTrainedTokenizerBase,
+    *,
     seq_len: int,
     cache_dir: Path,
     num_proc: int | None = None,
@@ -127,6 +128,7 @@ def packed_dataset(
     sources: list[Source],
     data_format: DataFormat,
     tokenizer: PreTrainedTokenizerBase,
+    *,
     seq_len: int,
     val_fraction: float,
     cache_dir: Path,
@@ -138,7 +140,7 @@ def packed_dataset(
     every training source; it is never shuffled into training."""
     train, validation = [], []
     for source in sources:
-        blocks = packed_source(source, data_format, tokenizer, seq_len, cache_dir, num_proc)
+        blocks = packed_source(source, data_format, tokenizer, seq_len=seq_len, cache_dir=cache_dir, num_proc=num_proc)
         n_val = 0 if val_sources else max(1, round(len(blocks) * val_fraction))
         if len(blocks) - n_val < 1:
             raise ConfigError(f"{source.spec} packs into only {len(blocks)} blocks of {seq_len} tokens: too small")
@@ -146,7 +148,10 @@ def packed_dataset(
         if n_val:
             validation.append(blocks.select(range(len(blocks) - n_val, len(blocks))))
     if val_sources:
-        validation = [packed_source(s, data_format, tokenizer, seq_len, cache_dir, num_proc) for s in val_sources]
+        validation = [
+            packed_source(s, data_format, tokenizer, seq_len=seq_len, cache_dir=cache_dir, num_proc=num_proc)
+            for s in val_sources
+        ]
     weights = [s.weight for s in sources] if sources[0].weight is not None else None
     splits = DatasetDict(train=mix(train, weights, seed), validation=mix(validation, None, seed))
     return splits.with_format("torch")

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.ds_schema import check_with_deepspeed
+from train.config.ds_schema import check_with_deepspeed
 from train.errors import ConfigError
 
 

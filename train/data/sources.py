@@ -1,5 +1,5 @@
 """Where data comes from: `--data` entries resolved to local files or hub datasets, loaded through `datasets`
-as the columns a data format reads (train/examples.py: DataFormat)."""
+as the columns a data format reads (train/data/examples.py: DataFormat)."""
 
 import glob
 import importlib.util
@@ -11,8 +11,8 @@ import pyarrow as pa
 from datasets import Dataset, Value, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
-from models.hf_weights import not_found
-from train.errors import ConfigError
+from models.hub import not_found
+from train.errors import ConfigError, first_line
 
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -95,7 +95,7 @@ def resolve_sources(entries: list[str]) -> list[Source]:
 def unreadable(where: str, builder: str | None, error: BaseException) -> str:
     """One line for a data file `datasets` cannot parse, with the fix that fits the cause."""
     cause = error.__cause__ or error
-    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    reason = first_line(cause)
     if isinstance(cause, UnicodeDecodeError):
         return f"cannot read {where}: {reason}; convert it to UTF-8 text"
     return f"cannot read {where} as {builder} ({reason}); fix or remove the malformed record"

@@ -15,14 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from train.checkpoint import read_manifest, verified_tag_dir, write_manifest
+from train.checkpoint.manifest import is_universal, read_manifest, verified_tag_dir, write_manifest
 from train.errors import ConfigError
 
 SUFFIX = "_universal"
-
-
-def is_universal(tag_dir: Path) -> bool:
-    return (tag_dir / "zero").is_dir()
 
 
 def convert_to_universal(tag_dir: Path) -> Path:

@@ -23,8 +23,8 @@ from datasets import Dataset, Features, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 
 from models.loss import IGNORE_INDEX
-from train.errors import ConfigError
-from train.sources import Source, load_columns
+from train.data.sources import Source, load_columns
+from train.errors import ConfigError, first_line
 
 KEPT, TRUNCATED, TOO_LONG, NO_ANSWER, MALFORMED = range(5)
 MAP_BATCH = 1000
@@ -138,7 +138,7 @@ def encode_examples(batch: dict, tokenizer, data_format: DataFormat, seq_len: in
                 text, answer = prompt + completion, [(len(prompt), len(prompt + completion))]
             problem = ""
         except Exception as e:  # a malformed record or a template error: reported after the map, in one line
-            text, answer, problem = "", [], f"{type(e).__name__}: {e}".splitlines()[0]
+            text, answer, problem = "", [], f"{type(e).__name__}: {first_line(e)}"
         texts.append(text)
         spans.append(answer)
         problems.append(problem)

@@ -38,7 +38,7 @@ COLOURS = {
 class ScheduleProfiler:
     """Records the chosen steps' schedules (none: it does nothing) into `<output_dir>/timeline`."""
 
-    def __init__(self, engine: PipelineEngine, steps: set[int], output_dir: Path):
+    def __init__(self, *, engine: PipelineEngine, steps: set[int], output_dir: Path):
         self.engine, self.steps, self.output_dir = engine, steps, output_dir
         self.events: list[dict] = []
         self.step = None
@@ -85,7 +85,7 @@ class ScheduleProfiler:
         self.events = []
         everyone: list[dict] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        summary = bubble_summary(everyone, self.engine.num_stages, self.engine.micro_batches)
+        summary = bubble_summary(everyone, self.engine.num_stages, self.engine.gradient_accumulation_steps())
         if dist.get_rank() == 0:
             out = self.output_dir / "timeline"
             out.mkdir(parents=True, exist_ok=True)

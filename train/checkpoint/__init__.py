@@ -1,0 +1,1 @@
+"""Checkpoints: tags and manifests (the leaf), the crash-safe checkpointer and resume, universal conversion."""

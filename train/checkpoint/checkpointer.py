@@ -1,0 +1,154 @@
+"""Checkpoints through DeepSpeed's `save_checkpoint`, made crash-safe and resumable.
+
+Every rank writes its part of the tag through DeepSpeed; only when all ranks are done does rank 0 write the
+manifest and move `latest` (train/checkpoint/manifest.py). Loading verifies the manifest first, then restores
+what `resume_mode` decided: the same layout exactly, another layout through DeepSpeed's universal checkpoint
+(train/checkpoint/universal.py), or the weights alone.
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from transformers import PretrainedConfig
+
+from models.deepspeed_internals import layer_seed_offset, restore_layer_seed_offset, set_global_steps
+from train.checkpoint.manifest import (
+    LATEST,
+    is_universal,
+    latest_tag,
+    prune,
+    read_manifest,
+    verified_tag_dir,
+    write_atomically,
+    write_manifest,
+)
+from train.checkpoint.universal import convert_to_universal
+from train.distributed.agreement import every_rank, rank_zero_first
+from train.distributed.faults import inject_fault
+from train.errors import EXIT_ERROR, ConfigError, first_line
+
+
+def layout_of(engine: PipelineEngine) -> dict:
+    return {"pipeline_stages": engine.num_stages, "data_parallel": engine.grid.data_parallel_size}
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(
+    engine: PipelineEngine, root: Path, step: int, client_state: dict, model_config: PretrainedConfig, keep_last: int
+) -> Path:
+    """Save step `step` under `root/step_<step>`; make it `latest` only once every rank has written it."""
+    tag = f"step_{step}"
+    every_rank(lambda: _probe_writable(root / tag))  # fail together, before DeepSpeed starts writing
+    state = {
+        **client_state,
+        "step": step,
+        "layout": layout_of(engine),
+        "rng": rng_state(),
+        "layer_seed_offset": layer_seed_offset(engine.module),
+        # What DeepSpeed's ds_to_universal requires to convert the checkpoint (train/checkpoint/universal.py).
+        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+    }
+    inject_fault(f"save:{tag}", lambda: engine.module.save_state_dict(str(root / tag), engine.checkpoint_engine))
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    except OSError as e:
+        # Peers may be inside DeepSpeed's collectives, so no agreement is possible: exit hard, and the
+        # launcher stops them all.
+        print(f"error: writing checkpoint {root / tag} failed: {e}; `latest` still names the previous one", flush=True)
+        os._exit(EXIT_ERROR)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        write_manifest(root / tag, {"step": step, "layout": layout_of(engine), "model_config": model_config.to_dict()})
+        write_atomically(root / LATEST, tag)
+        prune(root, keep_last)
+    dist.barrier()
+    return root / tag
+
+
+def _probe_writable(tag_dir: Path) -> None:
+    try:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        probe = tag_dir / f".write_probe_{dist.get_rank()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write checkpoint to {tag_dir}: {e.strerror}; the previous checkpoint is kept"
+        ) from None
+
+
+@dataclass(kw_only=True)
+class Checkpointer:
+    """Saves on its schedule (every `interval` steps, 0: never, and at the last step) and remembers the newest
+    complete checkpoint, which the export reads. `client_state` is saved as it is."""
+
+    engine: PipelineEngine
+    root: Path
+    model_config: PretrainedConfig
+    interval: int
+    keep_last: int
+    samples_per_step: int
+    client_state: dict = field(default_factory=dict)
+    last_saved: Path | None = None
+    last_save_seconds: float = 0.0
+
+    def save(self, step: int, last_step: bool) -> None:
+        if not last_step and not (self.interval and step % self.interval == 0):
+            return
+        state = {"consumed_samples": step * self.samples_per_step, **self.client_state}
+        start = time.perf_counter()
+        self.last_saved = save_checkpoint(self.engine, self.root, step, state, self.model_config, self.keep_last)
+        self.last_save_seconds = time.perf_counter() - start
+
+    def latest_tag(self) -> str | None:
+        """The newest complete checkpoint under `root`, this run's or an earlier one's."""
+        return latest_tag(self.root)
+
+
+def load_checkpoint(engine: PipelineEngine, load: Path, mode: str) -> dict:
+    """Restore the checkpoint as `resume_mode` decided; returns the client state (its step first of all)."""
+    tag_dir = verified_tag_dir(load)
+    if mode == "universal":
+        tag_dir = rank_zero_first(lambda: convert_to_universal(tag_dir))
+    elif mode == "weights" and is_universal(tag_dir):
+        tag_dir = verified_tag_dir(tag_dir.parent / read_manifest(tag_dir)["universal_of"])
+    try:
+        if mode != "weights":
+            _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            set_rng_state(client_state["rng"])
+            if mode == "exact" and "layer_seed_offset" in client_state:  # dropout masks continue where they were
+                restore_layer_seed_offset(engine.module, client_state["layer_seed_offset"])
+            return client_state
+        # Weights only: the per-layer files are layout-independent; DeepSpeed's fp32 copies follow them.
+        engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine)
+        if hasattr(engine.optimizer, "refresh_fp32_params"):
+            engine.optimizer.refresh_fp32_params()
+    except (RuntimeError, OSError, KeyError, AssertionError) as e:
+        raise ConfigError(f"cannot load checkpoint {tag_dir}: {first_line(e)}") from None
+    state = torch.load(next(tag_dir.glob("mp_rank_00_model_states.pt")), map_location="cpu", weights_only=False)
+    client_state = {k: state[k] for k in ("step", "consumed_samples", "wandb_run_id", "lr_scheduler") if k in state}
+    if engine.lr_scheduler is not None and "lr_scheduler" in client_state:
+        engine.lr_scheduler.load_state_dict(client_state["lr_scheduler"])
+    set_global_steps(engine, client_state["step"])
+    return client_state

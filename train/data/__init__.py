@@ -1,0 +1,1 @@
+"""Data: sources, the tokenizer, instruction and chat examples, packed cached blocks, the order of batches."""

@@ -1,0 +1,1 @@
+"""Distributed: process groups, agreement across ranks, the hang watchdog, preemption, fault injection."""

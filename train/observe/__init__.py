@@ -1,0 +1,1 @@
+"""Observability: per-step metrics (metrics.jsonl, W&B), evaluation and samples, schedule timelines, MFU."""
