@@ -25,9 +25,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench import fresh_work_dir
+from bench.fixtures import CHATML, QUIET_RUN, chat_records, cli, deepspeed_command
 from bench.pipeline_bench import run
 from models.loss import IGNORE_INDEX
-from tests.helpers import CHATML, QUIET_RUN, chat_records, cli, deepspeed_command
 from train.data.examples import DataFormat, example_blocks
 from train.data.packing import packed_dataset
 from train.data.sources import embedded_corpus, load_texts, resolve_sources

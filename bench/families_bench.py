@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 
 from bench import fresh_work_dir
+from bench.fixtures import QUIET_RUN, cli, deepspeed_command
 from bench.pipeline_bench import run
-from tests.helpers import QUIET_RUN, cli, deepspeed_command
 
 
 def train(model: str, stages: int, steps: int, work: Path, tokenizer: Path | None) -> Path:

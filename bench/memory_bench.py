@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from bench import fresh_work_dir
+from bench.fixtures import QUIET_RUN, cli, deepspeed_command, ds_config, tiny_gpt2, write_json
 from bench.pipeline_bench import run
 from models.architecture import discover
 from models.hf_weights import config_from_dict
-from tests.helpers import QUIET_RUN, cli, deepspeed_command, ds_config, tiny_gpt2, write_json
 from train.planning.memory_model import plan_stages
 
 SEQ, VOCAB = 128, 8192  # the vocabulary is the BPE tokenizer's, trained here on the embedded corpus

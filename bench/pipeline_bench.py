@@ -73,7 +73,7 @@ def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
 def ours(
     layers: int, stages: int, steps: int, work: Path, tokenizer: Path, partition: str, compiled: bool = False
 ) -> list[float]:
-    from tests.helpers import QUIET_RUN, cli, deepspeed_command, ds_config, tiny_gpt2, write_json
+    from bench.fixtures import QUIET_RUN, cli, deepspeed_command, ds_config, tiny_gpt2, write_json
 
     model = write_json(work / f"gpt2_{layers}.json", tiny_gpt2(layers, 256, 4, SEQ, vocab_size=1024))
     ds = ds_config(

@@ -166,3 +166,38 @@ def test_launcher_environment_rows(good, tmp_path, env, expected):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "spawned" not in proc.stdout + proc.stderr
+
+
+def test_an_exception_with_an_empty_message_is_one_line_not_a_traceback(good, corpus, tokenizer_dir, tmp_path):
+    """A library that fails with a bare `assert` (an empty message) while a checkpoint, the pretrained weights or
+    the model config load: one `error:` line naming what was loaded, exit 2, no traceback, on every path."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.helpers import small_run_args, tiny_gpt2, write_json
+
+    model_config = write_json(tmp_path / "tiny.json", tiny_gpt2(layers=2, width=32, heads=2))
+    args = small_run_args(corpus, tokenizer_dir, tmp_path, good["config"], model_config, 2, pipeline_stages=1)
+    launch([*args, "--output-dir", tmp_path / "run"], ranks=1)
+    hf_dir = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(**tiny_gpt2(layers=2, width=32, heads=2), vocab_size=512)).save_pretrained(hf_dir)
+    cases = {
+        "checkpoint": (
+            ["--load", tmp_path / "run" / "checkpoints", "--train-steps", 4],
+            "error: cannot load checkpoint ",
+        ),
+        "model": (["--model", hf_dir], f"error: cannot load --model {hf_dir}: OSError"),
+        "config": ([], "error: ValueError"),
+    }
+    for point, (extra, expected) in cases.items():
+        flags = small_run_args(corpus, tokenizer_dir, tmp_path, good["config"], model_config, 2, pipeline_stages=1)
+        flags = [*flags, "--output-dir", tmp_path / point, *[str(a) for a in extra if a is not None]]
+        if point == "model":
+            flags = flags[: flags.index("--model-config")] + flags[flags.index("--model-config") + 2 :]
+        proc = launch(flags, ranks=1, check=False, env={"PIPEGPT_FAULT": f"empty-error:{point}"})
+        output = proc.stdout + proc.stderr
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2, (point, output[-3000:])
+        assert len(errors) == 1 and errors[0].startswith(expected), (point, errors)
+        assert "Traceback" not in output, point
+        if point == "checkpoint":
+            assert errors[0].endswith(": AssertionError"), errors

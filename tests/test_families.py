@@ -11,6 +11,7 @@ import json
 import deepspeed
 import pytest
 import torch
+from deepspeed.pipe import PipelineModule
 from safetensors.torch import load_file
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
@@ -166,7 +167,36 @@ def test_rotary_frequencies_stay_fp32_when_the_model_is_cast_to_bf16(one_rank_gr
 
 def test_layer_parameter_counts_equal_what_deepspeed_counts_by_building_every_layer(pair):
     """Our `parameters`-partition counts come from the meta model; DeepSpeed's own method builds each layer."""
-    from deepspeed.pipe import PipelineModule
-
     _, pipe, arch, _ = pair
+    assert pipe._count_layer_params() == PipelineModule._count_layer_params(pipe) == arch.layer_parameters()
+
+
+def test_one_layer_order_gives_specs_names_flops_and_counts_that_agree_with_deepspeed(pair):
+    """`Architecture.pipeline_layers` is the only list of layers: DeepSpeed's module built from the specs has one
+    layer per entry, of the entry's class, holding the entry's HF modules under their HF keys, with its count."""
+    from models.architecture import DECODER, HEAD, TIED_HEAD
+    from models.flops import layer_flops
+    from models.pipeline import LAYER_CLASSES, EmbeddingPipe, layer_specs
+    from train.planning.memory_model import layer_names
+
+    hf, pipe, arch, _ = pair
+    layers = arch.pipeline_layers()
+    specs = layer_specs(arch)
+    assert [spec.typename for spec in specs] == [LAYER_CLASSES[layer.kind] for layer in layers]
+    assert pipe.stage_layer_names() == layer_names(arch)  # one stage: every layer, as the planner names them
+    assert len(layer_flops(arch, SEQ)) == len(layers)
+    computing = {DECODER, HEAD, TIED_HEAD}  # the others get only a token weight for partitioning
+    small = 1e-3 * layer_flops(arch, SEQ)[1]
+    assert [f > small for f in layer_flops(arch, SEQ)] == [layer.kind in computing for layer in layers]
+    hf_params = dict(hf.named_parameters())
+    mapped = []
+    for index, (layer, built) in enumerate(zip(layers, pipe.forward_funcs, strict=True)):
+        if layer.kind == TIED_HEAD:  # DeepSpeed calls the first layer's module again: nothing of its own
+            assert built.func is EmbeddingPipe.tied_head and built.args[0] is pipe.forward_funcs[0]
+            continue
+        for name, param in built.named_parameters():
+            key = layer.hf_key(name)
+            assert key.startswith(layer.modules) and hf_params[key].shape == param.shape, (index, name, key)
+            mapped.append(key)
+    assert sorted(mapped) == sorted(hf_params)  # every HF weight once (a tied head's is the embedding's)
     assert pipe._count_layer_params() == PipelineModule._count_layer_params(pipe) == arch.layer_parameters()

@@ -27,6 +27,7 @@ from train.data.batches import TrainMicroBatches
 from train.data.packing import evaluation_blocks
 from train.data.tokenizer import tokenizer_too_large
 from train.distributed.agreement import every_rank, rank_zero_first
+from train.distributed.faults import inject_fault
 from train.distributed.preemption import Preemption
 from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
@@ -139,6 +140,7 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
 
 def load_pretrained(pipe: torch.nn.Module, arch: Architecture, model: str) -> int:
     try:
+        inject_fault("empty-error:model", raises=OSError)
         return load_hf_weights(pipe, resolve_model_dir(model), arch)
     except (OSError, ValueError) as e:  # a missing or misshapen tensor
         raise ConfigError(f"cannot load --model {model}: {first_line(e)}") from None

@@ -4,7 +4,6 @@ The same flags as training (`--data`, `--tokenizer`, `--seq-len`, ...); run it o
 node so that the ranks of a large job start by memory-mapping the cache.
 """
 
-import os
 import sys
 
 from datasets import DatasetDict
@@ -13,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from models.hub import resolve_model_dir
 from train.config.args import Flags, parse_args
 from train.config.run_config import RunConfig, resolve_run_config
-from train.data.packing import default_cache_dir, packed_dataset
+from train.data.packing import packed_dataset
 from train.data.sources import load_texts
 from train.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from train.distributed.faults import inject_fault
@@ -58,8 +57,8 @@ def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Datas
         tokenizer,
         seq_len=args.seq_len,
         val_fraction=args.val_fraction,
-        cache_dir=args.data_cache_dir or default_cache_dir(),
-        num_proc=args.num_proc or os.cpu_count(),
+        cache_dir=config.data_cache_dir,
+        num_proc=config.num_proc,
         val_sources=config.val_sources,
         seed=args.seed,
     )

@@ -134,6 +134,7 @@ def load_checkpoint(engine: PipelineEngine, load: Path, mode: str) -> dict:
     elif mode == "weights" and is_universal(tag_dir):
         tag_dir = verified_tag_dir(tag_dir.parent / read_manifest(tag_dir)["universal_of"])
     try:
+        inject_fault("empty-error:checkpoint", raises=AssertionError)
         if mode != "weights":
             _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
             set_rng_state(client_state["rng"])

@@ -9,11 +9,29 @@ import argparse
 from pathlib import Path
 
 from models.presets import PRESETS
+from train.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]  # train/config/args.py -> the repository
 DEFAULT_DS_CONFIG = REPO / "ds_configs" / "cpu_pp2.json"
 DEFAULT_MODEL_CONFIG = "gpt2-tiny"
 DEFAULT_BPE_VOCAB = 8192
+
+
+# Lowest allowed value of each numeric flag (a BPE vocabulary needs its 256 bytes + EOS).
+LOWEST = {
+    "train_steps": 1,
+    "seq_len": 1,
+    "eval_interval": 1,
+    "log_interval": 1,
+    "save_interval": 0,
+    "keep_last": 0,
+    "seed": 0,
+    "sample_tokens": 0,
+    "vocab_size": 257,
+    "activation_checkpoint_interval": 0,
+    "dist_timeout": 1,
+}
+PARTITION_METHODS = ("parameters", "uniform", "flops")
 
 
 class Flags(argparse.Namespace):
@@ -221,3 +239,20 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     if flags.model_config is None and flags.model is None:
         flags.model_config = DEFAULT_MODEL_CONFIG
     return flags.freeze()
+
+
+def check_flag_ranges(flags: Flags) -> None:
+    for flag, low in LOWEST.items():
+        value = getattr(flags, flag)
+        if value is not None and value < low:
+            what = "0 (off) or positive" if low == 0 and flag == "activation_checkpoint_interval" else f"at least {low}"
+            raise ConfigError(f"--{flag.replace('_', '-')} must be {what}")
+    if flags.peak_tflops is not None and flags.peak_tflops <= 0:
+        raise ConfigError("--peak-tflops must be positive (the device's dense peak for the training dtype)")
+    method = flags.partition_method.lower()
+    if method not in PARTITION_METHODS and not method.startswith("type:"):
+        raise ConfigError(
+            f"--partition-method {flags.partition_method!r}: use flops, parameters, uniform or type:<regex>"
+        )
+    if not 0 < flags.val_fraction < 1:
+        raise ConfigError("--val-fraction must be between 0 and 1")

@@ -96,9 +96,7 @@ def batch_layout(config: dict, data_parallel_size: int) -> BatchLayout:
     micro_batch_size = config.get("train_micro_batch_size_per_gpu")
     accumulation = config.get("gradient_accumulation_steps")
     if micro_batch_size is None:
-        raise ConfigError(
-            "DeepSpeed config must set train_micro_batch_size_per_gpu (the pipeline's micro_batch_size-batch size)"
-        )
+        raise ConfigError("DeepSpeed config must set train_micro_batch_size_per_gpu (the pipeline's micro-batch size)")
     if train_batch is None and accumulation is None:
         raise ConfigError("DeepSpeed config must set train_batch_size or gradient_accumulation_steps")
     if accumulation is None:

@@ -15,30 +15,16 @@ from transformers import PretrainedConfig
 from models.architecture import discover
 from models.presets import resolve_model_config
 from train.checkpoint.manifest import resume_mode
-from train.config.args import DEFAULT_BPE_VOCAB, Flags
+from train.config.args import DEFAULT_BPE_VOCAB, Flags, check_flag_ranges
 from train.config.ds_config import BatchLayout, check_layout, load_ds_config
 from train.data.examples import DataFormat
+from train.data.packing import default_cache_dir
 from train.data.sources import Source, embedded_corpus, resolve_sources
+from train.distributed.faults import inject_fault
 from train.errors import ConfigError, first_line
 
-# Lowest allowed value of each numeric flag (a BPE vocabulary needs its 256 bytes + EOS).
-LOWEST = {
-    "train_steps": 1,
-    "seq_len": 1,
-    "eval_interval": 1,
-    "log_interval": 1,
-    "save_interval": 0,
-    "keep_last": 0,
-    "seed": 0,
-    "sample_tokens": 0,
-    "vocab_size": 257,
-    "activation_checkpoint_interval": 0,
-    "dist_timeout": 1,
-}
-PARTITION_METHODS = ("parameters", "uniform", "flops")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     flags: Flags  # the parsed flags, as given (read-only)
     world_size: int
@@ -48,26 +34,11 @@ class RunConfig:
     sources: list[Source]
     val_sources: list[Source] | None  # None: --val-fraction of every source is held out
     data_format: DataFormat
+    data_cache_dir: Path  # --data-cache-dir, or PIPEGPT_CACHE, or ~/.cache/pipegpt
+    num_proc: int  # tokenization processes: --num-proc, or every core
     batch: BatchLayout
     bpe_vocab_size: int  # of a tokenizer trained on the data
     resume_mode: str | None  # with --load: "exact", "universal" or "weights" (checkpoint/manifest.py: resume_mode)
-
-
-def check_flag_ranges(flags: Flags) -> None:
-    for flag, low in LOWEST.items():
-        value = getattr(flags, flag)
-        if value is not None and value < low:
-            what = "0 (off) or positive" if low == 0 and flag == "activation_checkpoint_interval" else f"at least {low}"
-            raise ConfigError(f"--{flag.replace('_', '-')} must be {what}")
-    if flags.peak_tflops is not None and flags.peak_tflops <= 0:
-        raise ConfigError("--peak-tflops must be positive (the device's dense peak for the training dtype)")
-    method = flags.partition_method.lower()
-    if method not in PARTITION_METHODS and not method.startswith("type:"):
-        raise ConfigError(
-            f"--partition-method {flags.partition_method!r}: use flops, parameters, uniform or type:<regex>"
-        )
-    if not 0 < flags.val_fraction < 1:
-        raise ConfigError("--val-fraction must be between 0 and 1")
 
 
 def data_format_from_flags(flags: Flags) -> DataFormat:
@@ -122,6 +93,7 @@ def check_compile(flags: Flags) -> None:
 
 def model_config_from_flags(flags: Flags, vocab_size: int | None) -> PretrainedConfig:
     try:
+        inject_fault("empty-error:config", raises=ValueError)
         return resolve_model_config(flags.model_config, flags.model, vocab_size, fused_gelu=not flags.keep_gelu_new)
     except (OSError, ValueError) as e:
         raise ConfigError(first_line(e)) from None
@@ -163,15 +135,17 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     sources = resolve_sources(flags.data or [embedded_corpus()])
     val_sources = resolve_sources(flags.val_data) if flags.val_data else None
     return RunConfig(
-        flags,
-        world_size,
-        flags.output_dir.resolve(),
-        ds_config,
-        model_config,
-        sources,
-        val_sources,
-        data_format_from_flags(flags),
-        batch,
-        bpe_vocab_size,
-        resume,
+        flags=flags,
+        world_size=world_size,
+        output_dir=flags.output_dir.resolve(),
+        ds_config=ds_config,
+        model_config=model_config,
+        sources=sources,
+        val_sources=val_sources,
+        data_format=data_format_from_flags(flags),
+        data_cache_dir=flags.data_cache_dir or default_cache_dir(),
+        num_proc=flags.num_proc or os.cpu_count() or 1,
+        batch=batch,
+        bpe_vocab_size=bpe_vocab_size,
+        resume_mode=resume,
     )

@@ -7,6 +7,9 @@ one line. Unset (always, outside the tests), every call here returns at once. Th
   prepares the packed data, before any other rank reads it.
 - `save:step_N`: during the save of checkpoint step_N, every rank writes its layer files, then
   kills itself with SIGKILL, as a lost node would, before the checkpoint is complete.
+- `empty-error:checkpoint`, `empty-error:model`, `empty-error:config`: while loading a checkpoint, the
+  pretrained weights or the model config, the library call raises an exception with an empty message
+  (a bare `assert` in DeepSpeed, say), of the kind that load reports as bad input.
 """
 
 import os
@@ -18,10 +21,15 @@ import torch.distributed as dist
 SWITCH = "PIPEGPT_FAULT"
 
 
-def inject_fault(point: str, first_half: Callable[[], object] | None = None) -> None:
-    """If the switch names `point`: do `first_half` of the work, then fail the way the point documents."""
+def inject_fault(
+    point: str, first_half: Callable[[], object] | None = None, raises: type[Exception] = RuntimeError
+) -> None:
+    """If the switch names `point`: do `first_half` of the work, then fail the way the point documents
+    (`raises`: the exception of an `empty-error:` point)."""
     if os.environ.get(SWITCH) != point:
         return
+    if point.startswith("empty-error:"):
+        raise raises()
     if point == "prepare-data":
         if not dist.is_initialized() or dist.get_rank() == 0:
             raise RuntimeError(f"fault injected by {SWITCH}={point}")
