@@ -110,6 +110,16 @@ class PipelineModuleHooks(PipelineModule):
         # for the `parameters` partition (minutes for a 70B model).
         return self.layer_parameter_counts()
 
+    def allreduce_tied_weight_gradients(self) -> None:
+        # DeepSpeed all-reduces `weight.grad` of every tied weight; a frozen tied embedding (LoRA) has no gradient
+        # on any of its stages, and `all_reduce(None)` raises. Trainable tied weights are reduced as DeepSpeed does.
+        if all(weight.requires_grad for weight, _, _ in self.tied_weights()):
+            super().allreduce_tied_weight_gradients()
+            return
+        for weight, _, group in self.tied_weights():
+            if weight.requires_grad:
+                dist.all_reduce(weight.grad, group=group)
+
     @torch.no_grad()
     def _synchronize_tied_weights(self) -> None:
         # DeepSpeed broadcasts the tied embedding with grad enabled, which records the in-place

@@ -22,6 +22,7 @@ from torch import nn
 from models.architecture import DECODER, EMBEDDING, FINAL_NORM, HEAD, TIED_HEAD, Architecture, PipelineLayer
 from models.deepspeed_internals import PipelineModuleHooks
 from models.flops import flops_partition
+from models.lora import AdapterPlan, add_adapters, load_initial_adapters
 from models.loss import next_token_cross_entropy
 
 TIED_EMBEDDING_KEY = "embed"
@@ -44,6 +45,10 @@ class EmbeddingPipe(nn.Module):
                 hidden = hidden + module(torch.arange(input_ids.shape[-1], device=input_ids.device))
             elif name != self.token_embedding:
                 hidden = module(hidden)  # dropout
+        if torch.is_grad_enabled() and not hidden.requires_grad:
+            # A frozen embedding (LoRA): a checkpointed layer after it would see an input without a gradient and
+            # record nothing for its adapters (what transformers' `enable_input_require_grads` does).
+            hidden.requires_grad_(True)
         return hidden
 
     def tied_head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -156,6 +161,22 @@ class CausalLMPipeline(PipelineModuleHooks):
 
     def layer_parameter_counts(self) -> list[int]:
         return self.arch.layer_parameters()  # from the meta model: nothing is built
+
+    def add_adapters(self, plan: AdapterPlan, seed: int) -> int:
+        """peft's LoRA layers on this stage's modules that `plan` targets, each layer's adapters initialised from
+        (seed, layer index) so that every layout starts from the same ones; every other parameter is frozen.
+        With `plan.initial`, the adapters start from that PEFT adapter file. Returns the adapted modules."""
+        start, _ = self.stage_layers()
+        layers, adapted = self.arch.pipeline_layers(), 0
+        for offset, module in enumerate(self.forward_funcs):
+            if isinstance(module, nn.Module):  # not the tied head, which calls the embedding's module
+                layer = layers[start + offset]
+                adapted += add_adapters(module, layer, plan, seed=seed * 1_000_003 + start + offset)
+                if plan.initial is not None:
+                    load_initial_adapters(module, layer, plan.initial)
+        for name, param in self.named_parameters():  # the tied head's copy of the embedding too
+            param.requires_grad_("lora_" in name)
+        return adapted
 
     @torch.no_grad()
     def tied_weight_max_diff(self) -> float:

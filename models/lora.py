@@ -1,0 +1,236 @@
+"""LoRA through the pipeline with `peft`'s own layers: which modules get adapters, the adapters on each stage, and
+the adapter folder PEFT loads.
+
+- **Which modules.** `plan_adapters` lets peft itself match a `LoraConfig` against the whole model, built on the meta
+  device (`get_peft_model`: "all-linear", lists of names, regexes, `layers_to_transform`, `exclude_modules`,
+  `rank_pattern`), so a target means here exactly what it means to peft. The result is every adapted module's HF
+  name with its rank and alpha.
+- **On each stage.** `add_adapters` gives each pipeline layer of the stage the adapters of its own modules with
+  `inject_adapter_in_model`, seeded per layer (the same adapters whatever the layout), after the base weights are
+  loaded, and freezes everything else: only `lora_` parameters train.
+- **Out.** `adapter_state` renames a layer's adapter tensors to PEFT's keys (`base_model.model.<HF name>.lora_A.weight`)
+  and `save_adapter` writes `adapter_config.json` and `adapter_model.safetensors` as `PeftModel.save_pretrained` does.
+"""
+
+import copy
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.architecture import DECODER, TIED_HEAD, Architecture, PipelineLayer
+
+ADAPTER = "default"  # peft's adapter name; PEFT's files drop it from the keys
+PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the HF names in its adapter files
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# LoraConfig settings that cannot work through the pipeline (module wrappers the stages would have to share).
+UNSUPPORTED = {
+    "modules_to_save": "train those modules fully instead (without LoRA), or leave them frozen",
+    "trainable_token_indices": "not supported through the pipeline",
+    "layer_replication": "not supported through the pipeline",
+}
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """The LoRA adapters of a run: peft's config (targets expanded as peft expands them) and each adapted module's
+    HF name with its (rank, alpha); `initial`: adapter weights to start from (a PEFT adapter folder's)."""
+
+    config: LoraConfig
+    targets: dict[str, tuple[int, float]]
+    initial: Path | None = None
+
+    def to_dict(self) -> dict:
+        """What checkpoints record, to refuse a resume with other adapters."""
+        return {"config": self.config.to_dict(), "targets": {k: list(v) for k, v in self.targets.items()}}
+
+
+def lora_config(
+    *, rank: int, alpha: float | None, dropout: float, target_modules: list[str] | None, base_model: str | None
+) -> LoraConfig:
+    """The `LoraConfig` of `--lora-rank` and its flags (alpha defaults to the rank: a scale of 1)."""
+    targets: str | list[str] = (
+        "all-linear" if not target_modules or target_modules == ["all-linear"] else target_modules
+    )
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
+
+
+def read_peft_config(path: Path) -> tuple[LoraConfig, Path | None]:
+    """A `LoraConfig` from `adapter_config.json` (or a folder holding one), and the folder's adapter weights if it
+    has them (training then starts from them). ValueError on anything that is not a LoRA config."""
+    file = path / CONFIG_FILE if path.is_dir() else path
+    try:
+        settings = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--peft-config {path}: cannot read {file.name} ({e})") from None
+    if settings.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"--peft-config {path}: a {settings['peft_type']} adapter; pipegpt trains LoRA adapters")
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    try:
+        config = LoraConfig(**{k: v for k, v in settings.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--peft-config {path}: not a valid LoraConfig ({e})") from None
+    weights = file.parent / WEIGHTS_FILE
+    return config, weights if weights.is_file() else None
+
+
+def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None = None) -> AdapterPlan:
+    """Every module peft adapts under `config` in this model, found by peft on the meta model (no memory)."""
+    for setting, fix in UNSUPPORTED.items():
+        if getattr(config, setting, None):
+            raise ValueError(f"LoRA setting {setting}={getattr(config, setting)!r}: {fix}")
+    if config.bias != "none":
+        raise ValueError(f"LoRA bias={config.bias!r}: only 'none' (biases stay frozen) works through the pipeline")
+    if config.r < 1:
+        raise ValueError(f"LoRA rank {config.r}: must be at least 1")
+    model = copy.deepcopy(arch.meta_model())
+    try:
+        with torch.device("meta"):
+            peft_model = get_peft_model(model, copy.deepcopy(config))
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if _is_linear(m) and n})
+        raise ValueError(
+            f"LoRA target modules {config.target_modules}: not found in this {arch.config.model_type} model "
+            f"({str(e).partition('.')[0]}); its linear layers: {', '.join(linear)}"
+        ) from None
+    targets = {
+        name: (module.r[ADAPTER], module.lora_alpha[ADAPTER])
+        for name, module in peft_model.base_model.model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    layers = arch.pipeline_layers()
+    if arch.tied and any(_owner(layers, name).kind == TIED_HEAD for name in targets):
+        raise ValueError(f"LoRA on {arch.head}: this model ties its LM head to the embedding; target other modules")
+    expanded = peft_model.peft_config[ADAPTER]  # "all-linear" replaced by the module names it matched
+    return AdapterPlan(
+        config=dataclasses.replace(expanded, base_model_name_or_path=config.base_model_name_or_path),
+        targets=targets,
+        initial=initial,
+    )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _owner(layers: list[PipelineLayer], hf_name: str) -> PipelineLayer:
+    """The pipeline layer holding the HF module `hf_name` (the tied head only when no other layer does)."""
+    holders = [layer for layer in layers if any(hf_name == m or hf_name.startswith(m + ".") for m in layer.modules)]
+    return next((layer for layer in holders if layer.kind != TIED_HEAD), holders[0])
+
+
+def local_name(layer: PipelineLayer, hf_name: str) -> str:
+    """The name, inside the pipeline layer, of its HF module `hf_name` (the inverse of `PipelineLayer.hf_key`)."""
+    if layer.kind == DECODER:
+        return "layer" + hf_name.removeprefix(layer.modules[0])
+    parent = layer.modules[0].rpartition(".")[0]
+    return hf_name.removeprefix(parent + ".") if parent else hf_name
+
+
+def add_adapters(layer_module: nn.Module, layer: PipelineLayer, plan: AdapterPlan, seed: int) -> int:
+    """Inject this layer's adapters (peft's LoRA layers, initialised from `seed`) and freeze the rest of the layer.
+    Returns the number of adapted modules."""
+    mine = {local_name(layer, n): ra for n, ra in plan.targets.items() if layer.kind != TIED_HEAD and _inside(layer, n)}
+    if mine:
+        exact = {re.escape(name): ra for name, ra in mine.items()}
+        config = dataclasses.replace(
+            plan.config,
+            target_modules=sorted(mine),
+            layers_to_transform=None,
+            layers_pattern=None,
+            exclude_modules=None,
+            rank_pattern={k: r for k, (r, _) in exact.items()},
+            alpha_pattern={k: a for k, (_, a) in exact.items()},
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, layer_module, adapter_name=ADAPTER)
+    for name, param in layer_module.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return len(mine)
+
+
+def _inside(layer: PipelineLayer, hf_name: str) -> bool:
+    return any(hf_name == m or hf_name.startswith(m + ".") for m in layer.modules)
+
+
+def peft_key(layer: PipelineLayer, name: str) -> str:
+    """PEFT's key, in an adapter file, of the adapter parameter `name` of the pipeline layer."""
+    return PEFT_PREFIX + layer.hf_key(name).replace(f".{ADAPTER}.", ".")
+
+
+def adapter_state(layer: PipelineLayer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's adapter tensors (from its module or its checkpoint file) under PEFT's keys."""
+    return {peft_key(layer, name): tensor for name, tensor in state.items() if "lora_" in name}
+
+
+def load_initial_adapters(layer_module: nn.Module, layer: PipelineLayer, weights: Path) -> int:
+    """Copy a PEFT adapter file's tensors into this layer's adapters; returns how many. A tensor the layer expects
+    but the file lacks (or of another shape) is a ValueError."""
+    stored = load_file(str(weights))
+    loaded = 0
+    with torch.no_grad():
+        for name, param in layer_module.named_parameters():
+            if "lora_" not in name:
+                continue
+            key = peft_key(layer, name)
+            if key not in stored or stored[key].shape != param.shape:
+                found = "missing" if key not in stored else f"{tuple(stored[key].shape)}, expected {tuple(param.shape)}"
+                raise ValueError(f"adapter file {weights}: {key} {found}; was it trained with this LoRA config?")
+            param.copy_(stored[key])
+            loaded += 1
+    return loaded
+
+
+def save_adapter(out_dir: Path, plan: AdapterPlan, tensors: dict[str, torch.Tensor], base_model: str | None) -> Path:
+    """A PEFT adapter folder: `adapter_config.json` (peft's own writer) and `adapter_model.safetensors`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(plan.config, base_model_name_or_path=base_model, inference_mode=True)
+    config.save_pretrained(str(out_dir))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        str(out_dir / WEIGHTS_FILE),
+        metadata={"format": "pt"},
+    )
+    return out_dir
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def adapter_parameters(arch: Architecture, plan: AdapterPlan) -> list[int]:
+    """Adapter parameters of every pipeline layer (in_features x r + r x out_features per module; DoRA adds a
+    magnitude vector of out_features), from the meta model."""
+    model = arch.meta_model()
+    counts = [0] * len(arch.pipeline_layers())
+    layers = arch.pipeline_layers()
+    for name, (rank, _) in plan.targets.items():
+        module = model.get_submodule(name)
+        weight = module.weight
+        if isinstance(module, nn.Embedding):
+            fan_in, fan_out = weight.shape
+        elif type(module).__name__ == "Conv1D":
+            fan_in, fan_out = weight.shape
+        else:
+            fan_out, fan_in = weight.shape
+        count = rank * (fan_in + fan_out) + (fan_out if plan.config.use_dora else 0)
+        counts[layers.index(_owner(layers, name))] += count
+    return counts
