@@ -5,6 +5,7 @@ for a tied embedding). Each pipeline layer keeps its HF pieces under their HF na
 a per-layer prefix plus that name (a decoder layer's `layer.` stands for `<prefix>.layers.<i>.`).
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -165,3 +166,19 @@ def export_hf_model(checkpoint_dir: Path, config: PretrainedConfig, out_dir: Pat
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """A digest that tells pretrained models apart in seconds, whatever their size: every safetensors file's header
+    (names, shapes, dtypes, offsets) and 64 KiB from the middle and the end of its data. Two fine-tunes of one
+    architecture share headers but not data, so a LoRA checkpoint cannot be resumed on the wrong base unnoticed."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(header_size))
+            for offset in (8 + header_size + (size - 8 - header_size) // 2, max(8 + header_size, size - 65536)):
+                f.seek(offset)
+                digest.update(f.read(65536))
+    return digest.hexdigest()[:32]

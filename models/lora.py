@@ -49,7 +49,8 @@ class AdapterPlan:
 
     def to_dict(self) -> dict:
         """What checkpoints record, to refuse a resume with other adapters."""
-        return {"config": self.config.to_dict(), "targets": {k: list(v) for k, v in self.targets.items()}}
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in self.config.to_dict().items()}
+        return {"config": config, "targets": {k: list(v) for k, v in self.targets.items()}}
 
 
 def lora_config(
@@ -70,6 +71,12 @@ def lora_config(
     )
 
 
+def lora_settings(settings: dict) -> dict:
+    """The `LoraConfig` fields of a saved config dict (`LoraConfig.to_dict()` or an adapter_config.json)."""
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    return {k: v for k, v in settings.items() if k in fields}
+
+
 def read_peft_config(path: Path) -> tuple[LoraConfig, Path | None]:
     """A `LoraConfig` from `adapter_config.json` (or a folder holding one), and the folder's adapter weights if it
     has them (training then starts from them). ValueError on anything that is not a LoRA config."""
@@ -80,9 +87,8 @@ def read_peft_config(path: Path) -> tuple[LoraConfig, Path | None]:
         raise ValueError(f"--peft-config {path}: cannot read {file.name} ({e})") from None
     if settings.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"--peft-config {path}: a {settings['peft_type']} adapter; pipegpt trains LoRA adapters")
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
     try:
-        config = LoraConfig(**{k: v for k, v in settings.items() if k in fields})
+        config = LoraConfig(**lora_settings(settings))
     except (TypeError, ValueError) as e:
         raise ValueError(f"--peft-config {path}: not a valid LoraConfig ({e})") from None
     weights = file.parent / WEIGHTS_FILE
@@ -101,7 +107,7 @@ def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None =
     model = copy.deepcopy(arch.meta_model())
     try:
         with torch.device("meta"):
-            peft_model = get_peft_model(model, copy.deepcopy(config))
+            peft_model = get_peft_model(model, dataclasses.replace(config, base_model_name_or_path=None))
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if _is_linear(m) and n})
         raise ValueError(
@@ -114,8 +120,10 @@ def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None =
         if isinstance(module, LoraLayer)
     }
     layers = arch.pipeline_layers()
-    if arch.tied and any(_owner(layers, name).kind == TIED_HEAD for name in targets):
+    if arch.tied and arch.head in targets:
         raise ValueError(f"LoRA on {arch.head}: this model ties its LM head to the embedding; target other modules")
+    if outside := [name for name in targets if _owner(layers, name) is None]:  # e.g. a rotary module
+        raise ValueError(f"LoRA on {outside[0]}: not a module of any pipeline layer; target the decoder's modules")
     expanded = peft_model.peft_config[ADAPTER]  # "all-linear" replaced by the module names it matched
     return AdapterPlan(
         config=dataclasses.replace(expanded, base_model_name_or_path=config.base_model_name_or_path),
@@ -128,10 +136,9 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _owner(layers: list[PipelineLayer], hf_name: str) -> PipelineLayer:
-    """The pipeline layer holding the HF module `hf_name` (the tied head only when no other layer does)."""
-    holders = [layer for layer in layers if any(hf_name == m or hf_name.startswith(m + ".") for m in layer.modules)]
-    return next((layer for layer in holders if layer.kind != TIED_HEAD), holders[0])
+def _owner(layers: list[PipelineLayer], hf_name: str) -> PipelineLayer | None:
+    """The pipeline layer holding the HF module `hf_name` (not the tied head: it holds the embedding again)."""
+    return next((layer for layer in layers if layer.kind != TIED_HEAD and _inside(layer, hf_name)), None)
 
 
 def local_name(layer: PipelineLayer, hf_name: str) -> str:
@@ -146,6 +153,7 @@ def add_adapters(layer_module: nn.Module, layer: PipelineLayer, plan: AdapterPla
     """Inject this layer's adapters (peft's LoRA layers, initialised from `seed`) and freeze the rest of the layer.
     Returns the number of adapted modules."""
     mine = {local_name(layer, n): ra for n, ra in plan.targets.items() if layer.kind != TIED_HEAD and _inside(layer, n)}
+    # (the tied head's module is the embedding's, which gets its adapters, if any, as layer 0)
     if mine:
         exact = {re.escape(name): ra for name, ra in mine.items()}
         config = dataclasses.replace(
@@ -234,3 +242,23 @@ def adapter_parameters(arch: Architecture, plan: AdapterPlan) -> list[int]:
         count = rank * (fan_in + fan_out) + (fan_out if plan.config.use_dora else 0)
         counts[layers.index(_owner(layers, name))] += count
     return counts
+
+
+def adapters_from_checkpoint(checkpoint_dir: Path, arch: Architecture) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of a LoRA pipeline checkpoint (its per-layer files), under PEFT's keys, fp32."""
+    from models.hf_weights import layer_files
+
+    layers, tensors = arch.pipeline_layers(), {}
+    for index, path in layer_files(checkpoint_dir).items():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors |= {k: v.float() for k, v in adapter_state(layers[index], state).items()}
+    return tensors
+
+
+def merged_model(base_dir: Path, adapter_dir: Path) -> nn.Module:
+    """The base model with the adapters merged into its weights (peft's `merge_and_unload`)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -18,9 +18,10 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from models.architecture import Architecture, discover
 from models.flops import flops_per_token
-from models.hf_weights import load_hf_weights
+from models.hf_weights import load_hf_weights, weights_fingerprint
 from models.hub import resolve_model_dir
-from models.pipeline import build_pipeline
+from models.lora import AdapterPlan
+from models.pipeline import CausalLMPipeline, build_pipeline
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from train.config.run_config import RunConfig
 from train.data.batches import TrainMicroBatches
@@ -127,15 +128,33 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         )
     except ValueError as e:  # a partition DeepSpeed cannot run
         raise ConfigError(str(e)) from None
+    start, stop = pipe.stage_layers()
     if flags.model:
         loaded = every_rank(lambda: load_pretrained(pipe, arch, flags.model))
-        start, stop = pipe.stage_layers()
         # One write, so that the ranks' reports do not interleave on the shared stdout.
         sys.stdout.write(f"rank {rank()}: loaded {loaded} pretrained tensors for layers {start}-{stop - 1}\n")
+    if config.adapters is not None:
+        adapted = every_rank(lambda: add_adapters(pipe, config.adapters, flags.seed))
+        trainable, held = sum(p.numel() for p in pipe.parameters() if p.requires_grad), sum_parameters(pipe)
+        sys.stdout.write(
+            f"rank {rank()}: LoRA on {adapted} modules of layers {start}-{stop - 1}: {trainable:,} trainable of "
+            f"{held:,} parameters ({trainable / held:.2%})\n"
+        )
     engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=parameter_groups(pipe), config=config.ds_config)
     if flags.compile:  # one torch.compile per layer (PipelineModule.compile), done lazily in the first step
         engine.compile(backend=flags.compile_backend)
     return engine
+
+
+def add_adapters(pipe: CausalLMPipeline, adapters: AdapterPlan, seed: int) -> int:
+    try:
+        return pipe.add_adapters(adapters, seed)
+    except (OSError, ValueError) as e:  # an initial adapter file that does not fit
+        raise ConfigError(first_line(e)) from None
+
+
+def sum_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def load_pretrained(pipe: torch.nn.Module, arch: Architecture, model: str) -> int:
@@ -152,7 +171,8 @@ def resume(config: RunConfig, engine: PipelineEngine) -> tuple[int, str | None]:
     flags = config.flags
     if not flags.load:
         return 0, None
-    client_state = every_rank(lambda: load_checkpoint(engine, flags.load, config.resume_mode))
+    adapters_only = config.adapters is not None
+    client_state = every_rank(lambda: load_checkpoint(engine, flags.load, config.resume_mode, adapters_only))
     how = {"exact": "", "universal": " (another layout: through a universal checkpoint)", "weights": " (weights only)"}[
         config.resume_mode
     ]
@@ -170,8 +190,9 @@ def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: Pr
     record = run_record(config.flags.as_dict(), config.ds_config, engine, batch, model_config.to_dict(), flops)
     if rank() == 0:
         (config.output_dir / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
+    trains = f" ({record['trainable_parameters']:,} trainable: LoRA)" if config.adapters is not None else ""
     say(
-        f"model: {model_config.model_type}, {record['parameters']:,} parameters, {engine.num_stages} stages x "
+        f"model: {model_config.model_type}, {record['parameters']:,} parameters{trains}, {engine.num_stages} stages x "
         f"{engine.grid.data_parallel_size} data-parallel, layer bounds {record['topology']['stage_layer_bounds']}, "
         f"{batch.num_micro_batches} micro-batches of {batch.micro_batch_size}"
     )
@@ -194,6 +215,20 @@ def training_batches(config: RunConfig, engine: PipelineEngine, blocks: Dataset,
         start_step=start_step,
         trace_path=trace,
     )
+
+
+def adapter_manifest(config: RunConfig) -> dict:
+    """What a LoRA checkpoint's manifest records: the adapters, and the base model they fit (its name and a
+    fingerprint of its weights), which `--load` and `train.export` need again."""
+    if config.adapters is None:
+        return {}
+    model_dir = resolve_model_dir(config.flags.model)
+    return {
+        "adapters": config.adapters.to_dict(),
+        "base_model": config.flags.model,
+        "base_model_dir": str(model_dir.resolve()),
+        "base_model_fingerprint": weights_fingerprint(model_dir),
+    }
 
 
 def build_run(config: RunConfig) -> Run:
@@ -259,6 +294,8 @@ def build_run(config: RunConfig) -> Run:
             keep_last=flags.keep_last,
             samples_per_step=config.batch.global_batch,
             client_state={"wandb_run_id": log.run_id, "data_seed": flags.seed},
+            adapters_only=config.adapters is not None,
+            manifest=adapter_manifest(config),
         ),
         profiler=ScheduleProfiler(engine=engine, steps=set(flags.profile_steps), output_dir=config.output_dir),
         watchdog=HangWatchdog(engine=engine, timeout_s=flags.dist_timeout, report_dir=config.output_dir / "hang"),

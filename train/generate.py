@@ -22,7 +22,12 @@ def generate_text(
     seed: int = 0,
 ) -> str:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if (model_dir / "adapter_config.json").exists():  # a PEFT adapter: its base model, with the adapters
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(model_dir).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     torch.manual_seed(seed)
     if isinstance(prompt, str):
         inputs = tokenizer(prompt, return_tensors="pt")
@@ -43,7 +48,9 @@ def generate_text(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("model_dir", type=Path, help="a save_pretrained folder or a checkpoint folder")
+    p.add_argument(
+        "model_dir", type=Path, help="a save_pretrained folder, a PEFT adapter folder or a checkpoint folder"
+    )
     p.add_argument("--prompt", default="And God said")
     p.add_argument("--max-new-tokens", type=int, default=60)
     p.add_argument("--temperature", type=float, default=0.8)

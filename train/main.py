@@ -13,11 +13,13 @@ import torch.distributed as dist
 
 from models.hf_weights import export_hf_model
 from train.build import Run, build_run
+from train.checkpoint.manifest import read_manifest
 from train.config.args import Flags, parse_args
 from train.config.run_config import resolve_run_config
 from train.distributed.agreement import every_rank
 from train.distributed.setup import init_distributed, rank, say
 from train.errors import RunError, entry_point
+from train.export import export_adapter
 from train.generate import generate_text
 
 
@@ -54,14 +56,20 @@ def train(run: Run) -> Path:
 
 
 def export_and_sample(run: Run, checkpoint: Path) -> None:
-    """Rank 0 exports the last checkpoint as a Hugging Face folder and samples from it with transformers."""
+    """Rank 0 exports the last checkpoint as a Hugging Face folder (LoRA: a PEFT adapter folder, and the merged
+    model with --merge-adapter) and samples from it with transformers."""
     if rank() != 0:
         return
-    flags, hf_dir = run.config.flags, run.config.output_dir / "hf"
-    export_hf_model(checkpoint, run.model_config, hf_dir, run.tokenizer)
-    say(f"Hugging Face export: {hf_dir}")
+    flags, out = run.config.flags, run.config.output_dir
+    if run.config.adapters is None:
+        model_dir = export_hf_model(checkpoint, run.model_config, out / "hf", run.tokenizer)
+        say(f"Hugging Face export: {model_dir}")
+    else:
+        merged = out / "hf" if flags.merge_adapter else None
+        model_dir = export_adapter(checkpoint, read_manifest(checkpoint), out / "adapter", run.tokenizer, merged)
+        say(f"PEFT adapter: {model_dir}" + (f"; merged model: {merged}" if merged else ""))
     prompt = run.evaluator.prompts[0] if run.config.data_format.masked else flags.sample_prompt
-    say("sample: " + generate_text(hf_dir, prompt, flags.sample_tokens, seed=flags.seed))
+    say("sample: " + generate_text(model_dir, prompt, flags.sample_tokens, seed=flags.seed))
 
 
 def run_training(flags: Flags) -> None:

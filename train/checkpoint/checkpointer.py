@@ -55,9 +55,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    engine: PipelineEngine, root: Path, step: int, client_state: dict, model_config: PretrainedConfig, keep_last: int
+    engine: PipelineEngine,
+    root: Path,
+    step: int,
+    client_state: dict,
+    model_config: PretrainedConfig,
+    keep_last: int,
+    *,
+    adapters_only: bool = False,
+    manifest: dict | None = None,
 ) -> Path:
-    """Save step `step` under `root/step_<step>`; make it `latest` only once every rank has written it."""
+    """Save step `step` under `root/step_<step>`; make it `latest` only once every rank has written it.
+    `adapters_only` (LoRA): the frozen base weights are left out, `--model` holds them; `manifest`: more entries
+    for the manifest (the adapters and the base model they belong to)."""
     tag = f"step_{step}"
     every_rank(lambda: _probe_writable(root / tag))  # fail together, before DeepSpeed starts writing
     state = {
@@ -69,9 +79,14 @@ def save_checkpoint(
         # What DeepSpeed's ds_to_universal requires to convert the checkpoint (train/checkpoint/universal.py).
         UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
     }
-    inject_fault(f"save:{tag}", lambda: engine.module.save_state_dict(str(root / tag), engine.checkpoint_engine))
+    inject_fault(
+        f"save:{tag}",
+        lambda: engine.module.save_state_dict(str(root / tag), engine.checkpoint_engine, adapters_only),
+    )
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+        engine.save_checkpoint(
+            str(root), tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=adapters_only
+        )
     except OSError as e:
         # Peers may be inside DeepSpeed's collectives, so no agreement is possible: exit hard, and the
         # launcher stops them all.
@@ -79,7 +94,13 @@ def save_checkpoint(
         os._exit(EXIT_ERROR)
     dist.barrier()
     if dist.get_rank() == 0:
-        write_manifest(root / tag, {"step": step, "layout": layout_of(engine), "model_config": model_config.to_dict()})
+        entries = {
+            "step": step,
+            "layout": layout_of(engine),
+            "model_config": model_config.to_dict(),
+            **(manifest or {}),
+        }
+        write_manifest(root / tag, entries)
         write_atomically(root / LATEST, tag)
         prune(root, keep_last)
     dist.barrier()
@@ -110,6 +131,8 @@ class Checkpointer:
     keep_last: int
     samples_per_step: int
     client_state: dict = field(default_factory=dict)
+    adapters_only: bool = False  # LoRA: the frozen base is not saved
+    manifest: dict = field(default_factory=dict)  # more manifest entries (the adapters, their base model)
     last_saved: Path | None = None
     last_save_seconds: float = 0.0
 
@@ -118,7 +141,16 @@ class Checkpointer:
             return
         state = {"consumed_samples": step * self.samples_per_step, **self.client_state}
         start = time.perf_counter()
-        self.last_saved = save_checkpoint(self.engine, self.root, step, state, self.model_config, self.keep_last)
+        self.last_saved = save_checkpoint(
+            self.engine,
+            self.root,
+            step,
+            state,
+            self.model_config,
+            self.keep_last,
+            adapters_only=self.adapters_only,
+            manifest=self.manifest,
+        )
         self.last_save_seconds = time.perf_counter() - start
 
     def latest_tag(self) -> str | None:
@@ -126,8 +158,9 @@ class Checkpointer:
         return latest_tag(self.root)
 
 
-def load_checkpoint(engine: PipelineEngine, load: Path, mode: str) -> dict:
-    """Restore the checkpoint as `resume_mode` decided; returns the client state (its step first of all)."""
+def load_checkpoint(engine: PipelineEngine, load: Path, mode: str, adapters_only: bool = False) -> dict:
+    """Restore the checkpoint as `resume_mode` decided; returns the client state (its step first of all).
+    `adapters_only`: a LoRA checkpoint, whose layer files hold the adapters (the base came from --model)."""
     tag_dir = verified_tag_dir(load)
     if mode == "universal":
         tag_dir = rank_zero_first(lambda: convert_to_universal(tag_dir))
@@ -136,13 +169,15 @@ def load_checkpoint(engine: PipelineEngine, load: Path, mode: str) -> dict:
     try:
         inject_fault("empty-error:checkpoint", raises=AssertionError)
         if mode != "weights":
-            _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            _, client_state = engine.load_checkpoint(
+                str(tag_dir.parent), tag=tag_dir.name, load_module_strict=not adapters_only
+            )
             set_rng_state(client_state["rng"])
             if mode == "exact" and "layer_seed_offset" in client_state:  # dropout masks continue where they were
                 restore_layer_seed_offset(engine.module, client_state["layer_seed_offset"])
             return client_state
         # Weights only: the per-layer files are layout-independent; DeepSpeed's fp32 copies follow them.
-        engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine)
+        engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine, strict=not adapters_only)
         if hasattr(engine.optimizer, "refresh_fp32_params"):
             engine.optimizer.refresh_fp32_params()
     except (RuntimeError, OSError, KeyError, AssertionError) as e:

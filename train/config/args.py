@@ -30,6 +30,7 @@ LOWEST = {
     "vocab_size": 257,
     "activation_checkpoint_interval": 0,
     "dist_timeout": 1,
+    "lora_rank": 1,
 }
 PARTITION_METHODS = ("parameters", "uniform", "flops")
 
@@ -84,6 +85,26 @@ def shared_flags() -> list[argparse.ArgumentParser]:
         default=None,
         help="vocabulary of a BPE trained on the data (default "
         f"{DEFAULT_BPE_VOCAB}); for the planner, the tokenizer's (default: the preset's)",
+    )
+    lora = model_parser.add_argument_group("LoRA (adapters trained on a frozen --model, with peft's LoRA layers)")
+    lora.add_argument(
+        "--lora-rank", type=int, default=None, help="train LoRA adapters of this rank instead of every weight"
+    )
+    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    lora.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=None,
+        help="module names (suffixes, as peft matches them) or one regex; default all-linear: every linear layer "
+        "of the decoder, not the LM head",
+    )
+    lora.add_argument(
+        "--peft-config",
+        type=Path,
+        default=None,
+        help="a LoraConfig as PEFT saves it (adapter_config.json, or a folder with one; with its "
+        "adapter_model.safetensors, training starts from those adapters), instead of the --lora-* flags",
     )
     layout_parser = argparse.ArgumentParser(add_help=False)
     layout = layout_parser.add_argument_group("layout")
@@ -219,6 +240,11 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
         help="prompt of the samples of text runs (chat and prompt-completion runs sample held-out prompts)",
     )
     out.add_argument("--sample-tokens", type=int, default=40)
+    out.add_argument(
+        "--merge-adapter",
+        action="store_true",
+        help="LoRA: also export the base model with the adapters merged in, as <output-dir>/hf (beside adapter/)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,3 +282,7 @@ def check_flag_ranges(flags: Flags) -> None:
         )
     if not 0 < flags.val_fraction < 1:
         raise ConfigError("--val-fraction must be between 0 and 1")
+    if not 0 <= flags.lora_dropout < 1:
+        raise ConfigError("--lora-dropout must be at least 0 and below 1")
+    if flags.lora_alpha is not None and flags.lora_alpha <= 0:
+        raise ConfigError("--lora-alpha must be positive")

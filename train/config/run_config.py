@@ -13,8 +13,11 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from models.architecture import discover
+from models.hf_weights import weights_fingerprint
+from models.lora import AdapterPlan
 from models.presets import resolve_model_config
-from train.checkpoint.manifest import resume_mode
+from train.checkpoint.manifest import read_manifest, resume_mode, verified_tag_dir
+from train.config.adapters import adapters_from_flags, check_checkpoint_adapters, check_every_stage_trains
 from train.config.args import DEFAULT_BPE_VOCAB, Flags, check_flag_ranges
 from train.config.ds_config import BatchLayout, check_layout, load_ds_config
 from train.data.examples import DataFormat
@@ -22,6 +25,7 @@ from train.data.packing import default_cache_dir
 from train.data.sources import Source, embedded_corpus, resolve_sources
 from train.distributed.faults import inject_fault
 from train.errors import ConfigError, first_line
+from train.planning.memory_model import stage_bounds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +42,7 @@ class RunConfig:
     num_proc: int  # tokenization processes: --num-proc, or every core
     batch: BatchLayout
     bpe_vocab_size: int  # of a tokenizer trained on the data
+    adapters: AdapterPlan | None  # LoRA (train/config/adapters.py); None: every weight trains
     resume_mode: str | None  # with --load: "exact", "universal" or "weights" (checkpoint/manifest.py: resume_mode)
 
 
@@ -124,12 +129,20 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
             f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"
         )
     check_seq_len(model_config, flags.seq_len)
+    adapters = adapters_from_flags(flags, model_config)
+    if adapters is not None:
+        arch = discover(model_config)
+        bounds = stage_bounds(arch, flags.pipeline_stages, flags.partition_method, flags.seq_len)
+        check_every_stage_trains(adapters, model_config, bounds)
     resume = None
     if flags.load is not None:
         if not flags.load.exists():
             raise ConfigError(f"--load {flags.load}: no such folder; pass a run's checkpoints folder or a step_N in it")
         layout = {"pipeline_stages": flags.pipeline_stages, "data_parallel": world_size // flags.pipeline_stages}
         resume = resume_mode(flags.load, flags.reset_optimizer, layout)
+        local_base = flags.model is not None and Path(flags.model).is_dir()
+        fingerprint = weights_fingerprint(Path(flags.model)) if adapters is not None and local_base else None
+        check_checkpoint_adapters(read_manifest(verified_tag_dir(flags.load)), adapters, fingerprint)
         if resume == "universal":  # DeepSpeed reads this when the engine is built
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     sources = resolve_sources(flags.data or [embedded_corpus()])
@@ -147,5 +160,6 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         num_proc=flags.num_proc or os.cpu_count() or 1,
         batch=batch,
         bpe_vocab_size=bpe_vocab_size,
+        adapters=adapters,
         resume_mode=resume,
     )

@@ -79,18 +79,21 @@ def run_environment() -> dict:
 
 def stages_summary(engine: PipelineEngine) -> list[dict]:
     """Layers and parameters of every stage: `parameters` counts the tied embedding on the first stage
-    only (they add up to the model), `held_parameters` is what the stage keeps in memory. A collective."""
+    only (they add up to the model), `held_parameters` is what the stage keeps in memory,
+    `trainable_parameters` what trains (LoRA: the adapters), counted as `parameters`. A collective."""
     pipe = engine.module
     tied = {id(p) for m in pipe.tied_modules.values() for p in m.parameters()}
     params = sum(p.numel() for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
     held = sum(p.numel() for p in pipe.parameters())
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(
-        everyone, (engine.grid.data_parallel_id, engine.stage_id, pipe.stage_layer_names(), params, held)
+    trainable = sum(
+        p.numel() for p in pipe.parameters() if p.requires_grad and (engine.is_first_stage() or id(p) not in tied)
     )
+    everyone = [None] * dist.get_world_size()
+    mine = (engine.grid.data_parallel_id, engine.stage_id, pipe.stage_layer_names(), params, held, trainable)
+    dist.all_gather_object(everyone, mine)
     return [
-        {"stage": stage, "layers": layers, "parameters": n, "held_parameters": h}
-        for dp, stage, layers, n, h in sorted(everyone, key=lambda x: x[1])
+        {"stage": stage, "layers": layers, "parameters": n, "held_parameters": h, "trainable_parameters": t}
+        for dp, stage, layers, n, h, t in sorted(everyone, key=lambda x: x[1])
         if dp == 0
     ]
 
@@ -116,6 +119,7 @@ def run_record(
         "flops_per_token": flops_per_token,
         **run_environment(),
         "parameters": sum(s["parameters"] for s in stages),
+        "trainable_parameters": sum(s["trainable_parameters"] for s in stages),
     }
 
 

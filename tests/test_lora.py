@@ -1,0 +1,171 @@
+"""LoRA in the pipeline computes what `peft`'s model computes, for every family (in-process, real DeepSpeed).
+
+Each family's tiny random model gets peft's adapters twice: once as `get_peft_model(AutoModelForCausalLM)` (the
+reference, its lora_B moved off zero so that the adapters change the output), once on the pipeline's layers from
+the same adapter file. Logits, loss and every adapter gradient agree; only adapters train; the exported adapter
+loads with `PeftModel.from_pretrained`; bad LoRA settings are one line.
+"""
+
+import json
+
+import deepspeed
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from models.architecture import discover
+from models.hf_weights import load_hf_weights
+from models.lora import WEIGHTS_FILE, adapter_state, lora_config, plan_adapters, read_peft_config, save_adapter
+from models.pipeline import build_pipeline
+from tests.helpers import write_ds_config
+from tests.test_families import CASES, IDS, SEQ, VOCAB, hf_model
+
+
+def peft_reference(family: str, settings: dict, folder, rank: int = 4, **lora) -> PeftModel:
+    """The HF model with peft's adapters (lora_B random, not zero), saved: base in folder/base, adapter in
+    folder/adapter."""
+    model = hf_model(family, settings)
+    model.save_pretrained(folder / "base")
+    config = lora_config(rank=rank, alpha=2 * rank, dropout=0.0, target_modules=None, base_model=str(folder / "base"))
+    for key, value in lora.items():
+        setattr(config, key, value)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    peft_model.save_pretrained(folder / "adapter")
+    return peft_model.eval()
+
+
+def pipeline_with_adapters(folder, arch, stages: int = 1):
+    config, initial = read_peft_config(folder / "adapter")
+    plan = plan_adapters(arch, config, initial)
+    pipe = build_pipeline(arch, num_stages=stages, seq_len=SEQ)
+    load_hf_weights(pipe, folder / "base", arch)
+    adapted = pipe.add_adapters(plan, seed=7)
+    return pipe.eval(), plan, adapted
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_pipeline_with_adapters_computes_what_peft_computes(case, tmp_path, one_rank_group):
+    family, _, settings = case
+    reference = peft_reference(family, settings, tmp_path)
+    arch = discover(reference.base_model.model.config)
+    pipe, plan, adapted = pipeline_with_adapters(tmp_path, arch)
+    assert adapted == len(plan.targets) > 0
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    expected = reference(ids, labels=ids)
+    with reference.disable_adapter():
+        base_logits = reference(ids).logits
+    logits = pipe(ids)
+    loss = pipe.loss_fn(logits, ids)
+    assert (expected.logits - base_logits).abs().max() > 1e-3, "the adapters should change the output"
+    assert torch.allclose(logits, expected.logits, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(loss, expected.loss, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    expected.loss.backward()
+    theirs = {k: p.grad for k, p in reference.named_parameters() if p.requires_grad}
+    layers = arch.pipeline_layers()
+    ours = {}
+    for name, param in pipe.named_parameters():
+        if param.requires_grad:
+            index, inner = name.split(".", 1)
+            ours |= adapter_state(layers[int(index)], {inner: param.grad})
+    theirs = {k.replace(".default.", "."): g for k, g in theirs.items()}
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-5, rtol=1e-4), key
+    assert all(p.grad is None for n, p in pipe.named_parameters() if "lora_" not in n), "a base weight got a gradient"
+
+
+def test_only_adapters_train_in_a_deepspeed_engine_and_the_base_stays_bit_identical(tmp_path, one_rank_group):
+    """Real `train_batch` steps (ZeRO-1, AdamW with weight decay, clipping) on a tied model: the optimizer holds the
+    adapters only, the frozen base (the tied embedding too) is bit-identical after 4 steps, the adapters moved."""
+    family, _, settings = next(c for c in CASES if c[0] == "qwen2")
+    peft_reference(family, settings, tmp_path)
+    arch = discover(hf_model(family, settings).config)
+    pipe, plan, _ = pipeline_with_adapters(tmp_path, arch)
+    pipe.train()
+    before = {n: p.detach().clone() for n, p in pipe.named_parameters()}
+    ds_config = json.loads(write_ds_config(tmp_path / "ds.json", 4, 2).read_text().replace('"auto"', "10"))
+    trainable = [p for p in pipe.parameters() if p.requires_grad]
+    engine, optimizer, _, _ = deepspeed.initialize(model=pipe, model_parameters=trainable, config=ds_config)
+    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) <= sum(
+        p.numel() for p in trainable
+    )
+    step_batch = [(ids, ids) for ids in torch.randint(0, VOCAB, (2, 2, SEQ)).unbind()]
+    losses = [engine.train_batch(data_iter=iter(step_batch)).item() for _ in range(4)]
+    assert losses[-1] < losses[0]  # the same batch every step: the adapters learn it
+    after = dict(engine.module.named_parameters())
+    frozen = [n for n in before if "lora_" not in n]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    assert engine.module.tied_weight_max_diff() == 0.0
+
+
+def test_exported_adapter_loads_in_peft_and_equals_the_merged_model(tmp_path, one_rank_group):
+    """The adapter folder written from the pipeline's tensors loads with `PeftModel.from_pretrained` with no
+    missing or unexpected key, and its logits equal those of the base with the adapters merged in."""
+    from transformers import AutoModelForCausalLM
+
+    from models.lora import merged_model
+
+    family, _, settings = next(c for c in CASES if c[0] == "llama")
+    peft_reference(family, settings, tmp_path)
+    arch = discover(hf_model(family, settings).config)
+    pipe, plan, _ = pipeline_with_adapters(tmp_path, arch)
+    with torch.no_grad():  # as training would: the adapters move away from the file they started from
+        for name, param in pipe.named_parameters():
+            if "lora_" in name:
+                param.add_(0.01)
+    layers, tensors = arch.pipeline_layers(), {}
+    for name, param in pipe.named_parameters():
+        index, inner = name.split(".", 1)
+        tensors |= adapter_state(layers[int(index)], {inner: param.detach()})
+    out = save_adapter(tmp_path / "export", plan, tensors, base_model=str(tmp_path / "base"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(base, out)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, pipe(ids), atol=1e-5, rtol=1e-5)
+        merged = merged_model(tmp_path / "base", out).eval()
+        assert torch.allclose(merged(ids).logits, loaded(ids).logits, atol=1e-5, rtol=1e-5)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base") and config["peft_type"] == "LORA"
+    from safetensors.torch import load_file
+
+    assert set(load_file(out / WEIGHTS_FILE)) == {k.replace(".default.", ".") for k in tensors}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(target_modules=["no_such_proj"]), "LoRA target modules ['no_such_proj']: not found in this llama model"),
+        (dict(modules_to_save=["lm_head"]), "LoRA setting modules_to_save"),
+        (dict(bias="all"), "LoRA bias='all'"),
+    ],
+)
+def test_bad_lora_settings_are_one_line(change, message):
+    family, _, settings = next(c for c in CASES if c[0] == "llama")
+    arch = discover(hf_model(family, settings).config)
+    config = lora_config(rank=4, alpha=None, dropout=0.0, target_modules=None, base_model=None)
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")) as raised:
+        plan_adapters(arch, config)
+    assert "\n" not in str(raised.value)
+
+
+def test_lora_on_a_tied_head_is_refused_and_targets_follow_peft():
+    family, _, settings = next(c for c in CASES if c[0] == "qwen2")  # tied
+    arch = discover(hf_model(family, settings).config)
+    tied = lora_config(rank=4, alpha=None, dropout=0.0, target_modules=["q_proj", "lm_head"], base_model=None)
+    with pytest.raises(ValueError, match="ties its LM head"):
+        plan_adapters(arch, tied)
+    some = lora_config(rank=4, alpha=None, dropout=0.0, target_modules=["q_proj", "v_proj"], base_model=None)
+    some.layers_to_transform = [0, 2]
+    plan = plan_adapters(arch, some)
+    assert sorted(plan.targets) == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 2) for m in "qv"]
+    everything = plan_adapters(arch, lora_config(rank=8, alpha=16, dropout=0.0, target_modules=None, base_model=None))
+    assert len(everything.targets) == 7 * arch.num_layers and set(everything.targets.values()) == {(8, 16)}

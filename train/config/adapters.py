@@ -1,0 +1,89 @@
+"""LoRA from the flags: `--lora-rank` and its flags or `--peft-config`, resolved once into an `AdapterPlan`, with
+the checks that need the layout (every stage must train something) and the checkpoint (the same adapters on the
+same base).
+"""
+
+from transformers import PretrainedConfig
+
+from models.architecture import discover
+from models.lora import AdapterPlan, adapter_parameters, lora_config, plan_adapters, read_peft_config
+from train.config.args import Flags
+from train.errors import ConfigError, first_line
+
+LORA_FLAGS = ("lora_alpha", "lora_target_modules")
+
+
+def adapters_from_flags(flags: Flags, model_config: PretrainedConfig) -> AdapterPlan | None:
+    """The run's adapters, or None for full training (every weight trains)."""
+    given = [f"--{name.replace('_', '-')}" for name in LORA_FLAGS if getattr(flags, name) is not None]
+    if flags.lora_dropout:
+        given.append("--lora-dropout")
+    if flags.merge_adapter:
+        given.append("--merge-adapter")
+    if flags.lora_rank is None and flags.peft_config is None:
+        if given:
+            raise ConfigError(f"{' '.join(given)} without --lora-rank: pass --lora-rank R to train LoRA adapters")
+        return None
+    if flags.lora_rank is not None and flags.peft_config is not None:
+        raise ConfigError("--lora-rank and --peft-config both given: the LoRA config comes from one of them")
+    given = [flag for flag in given if flag != "--merge-adapter"]
+    if flags.peft_config is not None and given:
+        raise ConfigError(f"{' '.join(given)} with --peft-config: set them in its adapter_config.json instead")
+    if flags.model is None:
+        raise ConfigError("LoRA trains adapters on a pretrained base model: pass --model (a folder or a hub name)")
+    initial = None
+    try:
+        if flags.peft_config is not None:
+            config, initial = read_peft_config(flags.peft_config)
+            config.base_model_name_or_path = flags.model
+        else:
+            config = lora_config(
+                rank=flags.lora_rank,
+                alpha=flags.lora_alpha,
+                dropout=flags.lora_dropout,
+                target_modules=flags.lora_target_modules,
+                base_model=flags.model,
+            )
+        return plan_adapters(discover(model_config), config, initial)
+    except ValueError as e:
+        raise ConfigError(first_line(e)) from None
+
+
+def check_every_stage_trains(plan: AdapterPlan, model_config: PretrainedConfig, bounds: list[int]) -> None:
+    """DeepSpeed 0.19.8 needs a trainable parameter on every stage (an empty optimizer, ZeRO's partitioning and
+    clipping fail otherwise): each stage must hold at least one adapter."""
+    counts = adapter_parameters(discover(model_config), plan)
+    for stage, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if sum(counts[start:stop]) == 0:
+            raise ConfigError(
+                f"pipeline stage {stage} (layers {start}-{stop - 1}) holds no LoRA adapter, and DeepSpeed needs "
+                "a trainable parameter on every stage: use fewer stages, --partition-method flops, or target "
+                "modules on every stage"
+            )
+
+
+def check_checkpoint_adapters(manifest: dict, plan: AdapterPlan | None, base_fingerprint: str | None) -> None:
+    """A checkpoint resumes only with the adapters and the base model it was trained with."""
+    saved = manifest.get("adapters")
+    if saved is None and plan is not None:
+        raise ConfigError(
+            "--load names a checkpoint of full training, which holds every weight, not LoRA adapters: resume it "
+            "without --lora-rank/--peft-config, or export it (python -m train.export) and pass that as --model"
+        )
+    if saved is not None and plan is None:
+        raise ConfigError(
+            "--load names a LoRA checkpoint (adapters only): resume it with the same --model and "
+            "--lora-rank/--peft-config as the run that saved it"
+        )
+    if plan is None:
+        return
+    if saved["targets"] != plan.to_dict()["targets"]:
+        raise ConfigError(
+            "--load names a LoRA checkpoint with other adapters (modules, ranks or alphas) than these flags "
+            f"give; the checkpoint's: {saved['config'].get('r')=}, {len(saved['targets'])} modules"
+        )
+    if base_fingerprint is not None and manifest.get("base_model_fingerprint") not in (None, base_fingerprint):
+        raise ConfigError(
+            f"--load names a LoRA checkpoint trained on another base model ({manifest.get('base_model')}): "
+            "its adapters only fit the weights they were trained on; pass that model as --model"
+        )
