@@ -1,12 +1,13 @@
-"""Memory: the planner's estimate beside what training really holds, with and without activation checkpointing.
+"""Memory: the planner's estimate beside what training really holds, with and without activation checkpointing,
+and full fine-tuning beside LoRA on the same pretrained model and layout.
 
-    python -m bench.memory_bench [--steps 4]
+    python -m bench.memory_bench [--steps 4] [--only lora|checkpointing]
 
-Each row trains a CPU-sized GPT-2 for a few steps through `train.main` (real ranks, fp32, ZeRO-1,
+Each row trains a CPU-sized model for a few steps through `train.main` (real ranks, fp32, ZeRO-1,
 AdamW) and reads `model_mem_mb/stage<i>`: peak resident memory less what the rank held before the
 model was built (glibc's mmap threshold pinned, so that freed tensors leave the RSS as they leave a
 GPU allocator's counters). Beside it, `train.plan`'s estimate for the same model, layout and DeepSpeed config,
-and the median seconds per step, so the cost of activation checkpointing shows next to its saving.
+and the median seconds per step (and tokens/s), so a cost shows next to its saving.
 """
 
 import argparse
@@ -27,42 +28,106 @@ SEQ, VOCAB = 128, 8192  # the vocabulary is the BPE tokenizer's, trained here on
 CASES = [(8, 384, 6, 1, 4, 4), (8, 384, 6, 2, 4, 8), (6, 512, 8, 2, 4, 8)]
 
 
-def train_and_read_memory(work: Path, case: tuple, checkpoint_interval: int, steps: int) -> tuple[dict, float, dict]:
-    layers, d, heads, stages, micro, micro_batches = case
-    config = tiny_gpt2(layers, d, heads, SEQ, vocab_size=VOCAB)
-    ds = ds_config(
+def measure(work: Path, name: str, ds: dict, stages: int, steps: int, **flags) -> tuple[dict, list]:
+    """Train `steps` steps; (measured model MB per stage, the metrics rows)."""
+    out = work / f"run_{name}_{time.time_ns()}"
+    args = cli(
+        tokenizer=work / "tokenizer",
+        seq_len=SEQ,
+        pipeline_stages=stages,
+        deepspeed_config=write_json(work / f"{name}_ds.json", ds),
+        train_steps=steps,
+        eval_blocks=ds["train_batch_size"],
+        output_dir=out,
+        data_cache_dir=work / "cache",
+        **QUIET_RUN,
+        **flags,
+    )
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    run(deepspeed_command(stages, 29658, args), env=env)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {s: rows[-1][f"model_mem_mb/stage{s}"] for s in range(stages)}, rows
+
+
+def bench_ds_config(micro: int, micro_batches: int) -> dict:
+    return ds_config(
         micro * micro_batches,
         micro,
         scheduler=None,
         optimizer={"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
     )
+
+
+def train_and_read_memory(work: Path, case: tuple, checkpoint_interval: int, steps: int) -> tuple[dict, float, dict]:
+    layers, d, heads, stages, micro, micro_batches = case
+    config = tiny_gpt2(layers, d, heads, SEQ, vocab_size=VOCAB)
+    ds = bench_ds_config(micro, micro_batches)
     name = f"{layers}x{d}_pp{stages}_ac{checkpoint_interval}"
-    out = work / f"run_{name}_{time.time_ns()}"
-    flags = cli(
+    measured, rows = measure(
+        work,
+        name,
+        ds,
+        stages,
+        steps,
         model_config=write_json(work / f"{name}.json", config),
-        tokenizer=work / "tokenizer",
-        seq_len=SEQ,
-        pipeline_stages=stages,
-        deepspeed_config=write_json(work / f"{name}_ds.json", ds),
         activation_checkpoint_interval=checkpoint_interval,
-        train_steps=steps,
-        eval_blocks=micro * micro_batches,
-        output_dir=out,
-        data_cache_dir=work / "cache",
-        **QUIET_RUN,
     )
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages), "MALLOC_MMAP_THRESHOLD_": "131072"}
-    run(deepspeed_command(stages, 29658, flags), env=env)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    measured = {s: rows[-1][f"model_mem_mb/stage{s}"] for s in range(stages)}
     plans = plan_stages(discover(config_from_dict(config)), ds, stages, 1, SEQ, "flops", checkpoint_interval)
     planned = {p.stage: (p.peak / 2**20, p.memory["activations"] / 2**20) for p in plans}
     return measured, statistics.median(r["step_time"] for r in rows[1:]), planned
 
 
+# A Llama-style model (GQA, SwiGLU, untied head) saved with save_pretrained, fine-tuned fully and with LoRA.
+LLAMA = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=SEQ,
+    tie_word_embeddings=False,
+)
+LORA_RANK, LORA_STAGES, LORA_MICRO = 16, 2, (4, 8)
+
+
+def full_versus_lora(work: Path, steps: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.lora import lora_config, plan_adapters
+
+    torch.manual_seed(0)
+    base = work / "llama_base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **LLAMA)).save_pretrained(base)
+    arch = discover(config_from_dict({"model_type": "llama", "vocab_size": VOCAB, **LLAMA}))
+    ds = bench_ds_config(*LORA_MICRO)
+    adapters = plan_adapters(
+        arch, lora_config(rank=LORA_RANK, alpha=None, dropout=0.0, target_modules=None, base_model=None)
+    )
+    print(
+        f"\nfull fine-tuning vs LoRA (rank {LORA_RANK}, all-linear), {LORA_STAGES} stages, {LORA_MICRO[1]} x "
+        f"{LORA_MICRO[0]} micro-batches of {SEQ} tokens, fp32, ZeRO-1"
+    )
+    print("| training | stage | trainable | planned peak MB | measured MB | planned / measured | s/step | tokens/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, extra, plan_adapters_ in (("full", {}, None), ("LoRA", {"lora_rank": LORA_RANK}, adapters)):
+        measured, rows = measure(work, f"llama_{name}", ds, LORA_STAGES, steps, model=base, **extra)
+        plans = plan_stages(arch, ds, LORA_STAGES, 1, SEQ, "flops", 0, plan_adapters_)
+        step_time = statistics.median(r["step_time"] for r in rows[1:])
+        tokens = statistics.median(r["tokens_per_sec"] for r in rows[1:])
+        for plan in plans:
+            mb, peak = measured[plan.stage], plan.peak / 2**20
+            print(
+                f"| {name} | {plan.stage} | {plan.trainable / 1e6:,.2f}M | {peak:,.0f} | {mb:,.0f} | {peak / mb:.2f} "
+                f"| {step_time:.2f} | {tokens:,.0f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--only", choices=["lora", "checkpointing"], default=None, help="one of the two tables")
     a = p.parse_args()
     from train.data.sources import embedded_corpus, load_texts, resolve_sources
     from train.data.tokenizer import train_bpe_tokenizer
@@ -70,6 +135,13 @@ def main() -> None:
     work = fresh_work_dir("memory_bench")
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
     train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), VOCAB, work / "tokenizer")
+    if a.only != "lora":
+        checkpointing_table(work, a.steps)
+    if a.only != "checkpointing":
+        full_versus_lora(work, a.steps)
+
+
+def checkpointing_table(work: Path, steps: int) -> None:
     print(
         "| model | stages | micro-batches | activation checkpointing | stage | planned peak MB (activations) "
         "| measured MB | planned / measured | s/step |"
@@ -78,7 +150,7 @@ def main() -> None:
     for case in CASES:
         layers, d, _, stages, micro, micro_batches = case
         for interval in (0, 1):
-            measured, step_time, planned = train_and_read_memory(work, case, interval, a.steps)
+            measured, step_time, planned = train_and_read_memory(work, case, interval, steps)
             for stage, mb in measured.items():
                 peak, activations = planned[stage]
                 checkpointing = "every block" if interval else "off"

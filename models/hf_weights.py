@@ -170,15 +170,21 @@ def export_hf_model(checkpoint_dir: Path, config: PretrainedConfig, out_dir: Pat
 
 def weights_fingerprint(model_dir: Path) -> str:
     """A digest that tells pretrained models apart in seconds, whatever their size: every safetensors file's header
-    (names, shapes, dtypes, offsets) and 64 KiB from the middle and the end of its data. Two fine-tunes of one
-    architecture share headers but not data, so a LoRA checkpoint cannot be resumed on the wrong base unnoticed."""
+    (names, shapes, dtypes, offsets) and, of every tensor, 4 KiB from the start, the middle and the end of its
+    data (~12 KiB per tensor: seconds for 70B). Two fine-tunes of one architecture share headers but not the data
+    of any tensor they trained, so a LoRA checkpoint is not resumed on the wrong base unnoticed. (A change of a
+    few weights outside the sampled bytes would go unseen: a full hash of 140 GB would cost minutes per launch.)"""
     digest = hashlib.sha256()
     for path in sorted(model_dir.glob("*.safetensors")):
-        size = path.stat().st_size
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(header_size))
-            for offset in (8 + header_size + (size - 8 - header_size) // 2, max(8 + header_size, size - 65536)):
-                f.seek(offset)
-                digest.update(f.read(65536))
+            header = f.read(header_size)
+            digest.update(header)
+            for name, entry in sorted(json.loads(header).items()):
+                if name == "__metadata__":
+                    continue
+                start, stop = entry["data_offsets"]
+                for offset in sorted({start, (start + stop) // 2, max(start, stop - 4096)}):
+                    f.seek(8 + header_size + offset)
+                    digest.update(f.read(min(4096, stop - offset)))
     return digest.hexdigest()[:32]

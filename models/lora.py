@@ -108,11 +108,13 @@ def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None =
     try:
         with torch.device("meta"):
             peft_model = get_peft_model(model, dataclasses.replace(config, base_model_name_or_path=None))
-    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+    except ValueError:  # peft: "Target modules {...} not found in the base model"
         linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if _is_linear(m) and n})
+        wanted = config.target_modules
+        wanted = wanted if isinstance(wanted, str) else ", ".join(sorted(wanted))
         raise ValueError(
-            f"LoRA target modules {config.target_modules}: not found in this {arch.config.model_type} model "
-            f"({str(e).partition('.')[0]}); its linear layers: {', '.join(linear)}"
+            f"LoRA target modules {wanted}: not found in this {arch.config.model_type} model; its linear layers: "
+            f"{', '.join(linear)}"
         ) from None
     targets = {
         name: (module.r[ADAPTER], module.lora_alpha[ADAPTER])

@@ -19,6 +19,7 @@ from bench.fixtures import (  # noqa: F401 (shared with the benchmarks, imported
     write_file,
     write_json,
 )
+from train.checkpoint.manifest import latest_tag
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,3 +176,29 @@ def read_wandb_offline_run(run_dir: Path) -> tuple[dict, list[dict], list[str]]:
             tables |= {k.removesuffix("._type") for k, v in row.items() if k.endswith("._type") and v == "table-file"}
             history.append(row)
     return config, history, sorted(tables)
+
+
+def kill_one_rank_after_first_checkpoint(args: list[str], ranks: int, out) -> None:
+    """launch.sh ARGS; once the first checkpoint is complete, SIGKILL the last rank, as a lost node."""
+    env = {**os.environ, "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [str(REPO / "launch.sh"), *map(str, args), "--output-dir", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while latest_tag(out / "checkpoints") is None:
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.02)
+        victim = subprocess.run(
+            ["pgrep", "-f", f"train.main --local_rank={ranks - 1} .*{out}"], capture_output=True, text=True
+        ).stdout.split()
+        assert victim, "rank process not found"
+        os.kill(int(victim[0]), signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        kill_process_group(proc)

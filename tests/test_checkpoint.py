@@ -1,12 +1,8 @@
 """Checkpoints survive a killed rank and a crash mid-save, resume exactly, change layout, export losslessly."""
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import time
 
 import deepspeed
 import pytest
@@ -14,9 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from tests.helpers import (
-    REPO,
-    free_port,
-    kill_process_group,
+    kill_one_rank_after_first_checkpoint,
     launch,
     read_metrics,
     small_run_args,
@@ -60,31 +54,6 @@ def reference(setup):
     out = tmp / "reference"
     launch([*args, "--output-dir", out], ranks=2)
     return {m["step"]: m["loss"] for m in read_metrics(out)}, out
-
-
-def kill_one_rank_after_first_checkpoint(args: list[str], ranks: int, out) -> None:
-    env = {**os.environ, "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [str(REPO / "launch.sh"), *args, "--output-dir", str(out)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while latest_tag(out / "checkpoints") is None:
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.02)
-        victim = subprocess.run(
-            ["pgrep", "-f", f"train.main --local_rank={ranks - 1} .*{out}"], capture_output=True, text=True
-        ).stdout.split()
-        assert victim, "rank process not found"
-        os.kill(int(victim[0]), signal.SIGKILL)
-        assert proc.wait(timeout=120) != 0
-    finally:
-        kill_process_group(proc)
 
 
 @pytest.mark.ranks

@@ -38,6 +38,14 @@ def _chatml(tmp):
     return write_file(tmp / "chatml.jinja", CHATML)
 
 
+def _full_checkpoint(root):
+    """A complete (manifest-verified) checkpoint tag of a full-training run, as far as the preflight reads it."""
+    manifest = {"step": 1, "layout": {"pipeline_stages": 2, "data_parallel": 1}, "model_config": {}, "files": {}}
+    write_file(root / "step_1" / "pipegpt_manifest.json", json.dumps(manifest))
+    write_file(root / "latest", "step_1")
+    return root
+
+
 def _dir(path):
     path.mkdir(parents=True)
     return path
@@ -241,6 +249,67 @@ INVENTORY = [
         "load-incomplete",
         lambda t, g: ["--load", write_file(t / "ck" / "step_5" / "mp_rank_00_model_states.pt", "").parent],
         "is incomplete",
+    ),
+    (
+        "lora-rank-zero",
+        lambda t, g: ["--model", _tiny_gpt2(t / "m", 512), "--tokenizer", g["tokenizer"], "--lora-rank", 0],
+        "--lora-rank must be at least 1",
+    ),
+    ("lora-without-model", lambda t, g: ["--lora-rank", 8], "LoRA trains adapters on a pretrained base model"),
+    ("lora-flag-without-rank", lambda t, g: ["--lora-alpha", 16], "--lora-alpha without --lora-rank"),
+    (
+        "lora-target-missing",
+        lambda t, g: [
+            *("--model", _tiny_gpt2(t / "m", 512), "--tokenizer", g["tokenizer"], "--lora-rank", 4),
+            *("--lora-target-modules", "q_proj"),
+        ],
+        "LoRA target modules q_proj: not found in this gpt2 model; its linear layers: c_attn, c_fc, c_proj, lm_head",
+    ),
+    (
+        "lora-tied-head",
+        lambda t, g: [
+            *("--model", _tiny_gpt2(t / "m", 512), "--tokenizer", g["tokenizer"], "--lora-rank", 4),
+            *("--lora-target-modules", "c_attn", "lm_head"),
+        ],
+        "this model ties its LM head to the embedding",
+    ),
+    (
+        "lora-peft-config-unreadable",
+        lambda t, g: [
+            "--model",
+            _tiny_gpt2(t / "m", 512),
+            "--tokenizer",
+            g["tokenizer"],
+            "--peft-config",
+            t / "a.json",
+        ],
+        "--peft-config",
+    ),
+    (
+        "lora-peft-config-not-lora",
+        lambda t, g: [
+            *("--model", _tiny_gpt2(t / "m", 512), "--tokenizer", g["tokenizer"], "--peft-config"),
+            write_file(t / "ia3" / "adapter_config.json", '{"peft_type": "IA3"}'),
+        ],
+        "a IA3 adapter; pipegpt trains LoRA adapters",
+    ),
+    (
+        "lora-stage-without-adapters",
+        lambda t, g: [
+            *("--model", _tiny_gpt2(t / "m", 512), "--tokenizer", g["tokenizer"], "--peft-config"),
+            write_file(
+                t / "p" / "adapter_config.json", '{"r": 4, "target_modules": ["c_attn"], "layers_to_transform": [0]}'
+            ),
+        ],
+        "pipeline stage 1 (layers 2-4) holds no LoRA adapter",
+    ),
+    (
+        "lora-on-full-checkpoint",
+        lambda t, g: [
+            *("--model", _tiny_gpt2(t / "m", 512), "--tokenizer", g["tokenizer"], "--lora-rank", 4, "--load"),
+            _full_checkpoint(t / "ck"),
+        ],
+        "--load names a checkpoint of full training",
     ),
     ("output-dir-under-a-file", lambda t, g: ["--output-dir", write_file(t / "a_file", "") / "run"], "is a file"),
 ]

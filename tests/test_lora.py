@@ -141,7 +141,7 @@ def test_exported_adapter_loads_in_peft_and_equals_the_merged_model(tmp_path, on
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(target_modules=["no_such_proj"]), "LoRA target modules ['no_such_proj']: not found in this llama model"),
+        (dict(target_modules=["no_such_proj"]), "LoRA target modules no_such_proj: not found in this llama model"),
         (dict(modules_to_save=["lm_head"]), "LoRA setting modules_to_save"),
         (dict(bias="all"), "LoRA bias='all'"),
     ],
@@ -152,7 +152,7 @@ def test_bad_lora_settings_are_one_line(change, message):
     config = lora_config(rank=4, alpha=None, dropout=0.0, target_modules=None, base_model=None)
     for key, value in change.items():
         setattr(config, key, value)
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")) as raised:
+    with pytest.raises(ValueError, match=message) as raised:
         plan_adapters(arch, config)
     assert "\n" not in str(raised.value)
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from models.architecture import Architecture, discover
 from models.flops import flops_per_token
+from models.lora import AdapterPlan
+from train.config.adapters import adapters_from_flags
 from train.config.args import Flags, OneLineErrors, parse_args, shared_flags
 from train.config.ds_config import batch_layout, load_ds_config
 from train.config.run_config import model_config_from_flags
@@ -65,6 +67,7 @@ class Plan:
     world_size: int
     stages: int
     plans: list[StagePlan]
+    adapters: AdapterPlan | None = None
 
     @property
     def data_parallel(self) -> int:
@@ -73,7 +76,9 @@ class Plan:
 
 def make_plan(flags: Flags) -> Plan:
     """The plan for `--pipeline-stages` (or, with `--search-stages`, the fewest stages that fit)."""
-    arch = discover(model_config_from_flags(flags, flags.vocab_size))
+    model_config = model_config_from_flags(flags, flags.vocab_size)
+    arch = discover(model_config)
+    adapters = adapters_from_flags(flags, model_config, need_base=False)
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     gpu, world = flags.gpu.upper(), flags.nodes * flags.gpus_per_node
     if gpu not in GPU_MEMORY_GIB:
@@ -91,12 +96,13 @@ def make_plan(flags: Flags) -> Plan:
                 flags.seq_len,
                 flags.partition_method,
                 flags.activation_checkpoint_interval,
+                adapters,
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if fits(plans, GPU_MEMORY_GIB[gpu] * 2**30):
             break
-    return Plan(arch, ds_config, gpu, world, stages, plans)
+    return Plan(arch, ds_config, gpu, world, stages, plans, adapters)
 
 
 def print_plan(plan: Plan, flags: Flags) -> None:
@@ -112,6 +118,13 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         f"seq {flags.seq_len}; {flags.nodes} x {flags.gpus_per_node} {gpu} ({GPU_MEMORY_GIB[gpu]} GiB), "
         f"{training_dtype(ds_config)}"
     )
+    if plan.adapters is not None:
+        trainable = sum(p.trainable for p in plan.plans)
+        print(
+            f"LoRA: rank {plan.adapters.config.r} on {len(plan.adapters.targets)} modules, {trainable / 1e6:,.1f}M "
+            f"trainable parameters ({trainable / arch.parameters():.2%}); the base is frozen: no gradients or "
+            "optimizer states for it"
+        )
     print(
         f"layout: {stages} pipeline stages x {plan.data_parallel} data-parallel replicas, {batch.num_micro_batches} "
         f"micro-batches of {batch.micro_batch_size} (global batch {batch.global_batch}), "
@@ -139,6 +152,8 @@ def print_plan(plan: Plan, flags: Flags) -> None:
                 "data_parallel": plan.data_parallel,
                 "bubble": bubble,
                 "stage_parameters": [p.parameters for p in plan.plans],
+                "stage_trainable_parameters": [p.trainable for p in plan.plans],
+                "stage_peak_gib": [p.peak / 2**30 for p in plan.plans],
             }
         )
     )
@@ -146,15 +161,16 @@ def print_plan(plan: Plan, flags: Flags) -> None:
 
 def print_memory_table(plans: list[StagePlan]) -> None:
     print(
-        "| stage | layers | parameters | weights GiB | optimizer GiB | gradients GiB (backward / step) "
+        "| stage | layers | parameters | trainable | weights GiB | optimizer GiB | gradients GiB (backward / step) "
         "| activations GiB | peak GiB |"
     )
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for plan in plans:
         m = {k: v / 2**30 for k, v in plan.memory.items()}
         layers = f"{plan.layers[0]} .. {plan.layers[-1]} ({len(plan.layers)})"
         print(
-            f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {m['weights']:.2f} | {m['optimizer']:.2f} | "
+            f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {plan.trainable / 1e6:,.1f}M | "
+            f"{m['weights']:.2f} | {m['optimizer']:.2f} | "
             f"{m['reduction'] + m['backward_gradients']:.2f} / {m['reduction'] + m['step_gradients']:.2f} | "
             f"{m['activations']:.2f} | {plan.peak / 2**30:.2f} |"
         )

@@ -13,12 +13,13 @@ from train.errors import ConfigError, first_line
 LORA_FLAGS = ("lora_alpha", "lora_target_modules")
 
 
-def adapters_from_flags(flags: Flags, model_config: PretrainedConfig) -> AdapterPlan | None:
-    """The run's adapters, or None for full training (every weight trains)."""
+def adapters_from_flags(flags: Flags, model_config: PretrainedConfig, need_base: bool = True) -> AdapterPlan | None:
+    """The run's adapters, or None for full training (every weight trains). `need_base=False`: the planner, which
+    plans a preset's shape without its weights."""
     given = [f"--{name.replace('_', '-')}" for name in LORA_FLAGS if getattr(flags, name) is not None]
     if flags.lora_dropout:
         given.append("--lora-dropout")
-    if flags.merge_adapter:
+    if getattr(flags, "merge_adapter", False):  # a trainer flag (the planner has none)
         given.append("--merge-adapter")
     if flags.lora_rank is None and flags.peft_config is None:
         if given:
@@ -29,7 +30,7 @@ def adapters_from_flags(flags: Flags, model_config: PretrainedConfig) -> Adapter
     given = [flag for flag in given if flag != "--merge-adapter"]
     if flags.peft_config is not None and given:
         raise ConfigError(f"{' '.join(given)} with --peft-config: set them in its adapter_config.json instead")
-    if flags.model is None:
+    if flags.model is None and need_base:
         raise ConfigError("LoRA trains adapters on a pretrained base model: pass --model (a folder or a hub name)")
     initial = None
     try:

@@ -30,6 +30,7 @@ from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
 from models.architecture import DECODER, Architecture, discover
 from models.flops import flops_partition
+from models.lora import AdapterPlan, adapter_parameters, local_name
 from models.pipeline import LAYER_CLASSES, DecoderLayerPipe
 from train.config.ds_config import batch_layout
 from train.errors import ConfigError
@@ -62,8 +63,9 @@ def stage_bounds(arch: Architecture, stages: int, method: str, seq_len: int) -> 
 class StagePlan:
     stage: int
     layers: list[str]
-    parameters: int  # what this stage holds (a tied embedding on both ends)
+    parameters: int  # what this stage holds (a tied embedding on both ends), adapters not counted
     memory: dict[str, float]  # bytes by kind: weights, optimizer, reduction, backward/step gradients, activations
+    trainable: int  # what trains: all of `parameters`, or with LoRA the stage's adapters
 
     @property
     def peak(self) -> float:
@@ -72,7 +74,7 @@ class StagePlan:
         return held + max(m["backward_gradients"] + m["activations"], m["step_gradients"])
 
 
-def saved_bytes_per_token(arch: Architecture, dtype: str) -> float:
+def saved_bytes_per_token(arch: Architecture, dtype: str, adapters: AdapterPlan | None = None) -> float:
     """Bytes autograd keeps per token for one decoder layer's backward, counted on real layers.
 
     Every tensor saved for backward is recorded once (by storage), parameters excluded. This is what
@@ -85,12 +87,26 @@ def saved_bytes_per_token(arch: Architecture, dtype: str) -> float:
     config = arch.config
     head_dim = arch.attention_width / config.num_attention_heads
     settings = config.to_json_string(use_diff=False)
-    narrow, wide = (_saved_bytes_per_token(settings, size / head_dim, dtype) for size in (8, 16))
+    lora = json.dumps(first_block_lora(arch, adapters), sort_keys=True) if adapters is not None else None
+    narrow, wide = (_saved_bytes_per_token(settings, size / head_dim, dtype, lora) for size in (8, 16))
     return narrow + (wide - narrow) / 8 * (head_dim - 8)
 
 
+def first_block_lora(arch: Architecture, adapters: AdapterPlan) -> dict:
+    """The LoRA settings of the first adapted decoder layer, with its modules' names inside the layer (the
+    narrow copies measured for the activations get the same adapters; with a frozen base, autograd keeps
+    what the adapters need instead of what the weights' gradients would)."""
+    blocks = [layer for layer in arch.pipeline_layers() if layer.kind == DECODER]
+    for layer in blocks:
+        names = sorted(local_name(layer, n) for n in adapters.targets if n.startswith(layer.modules[0] + "."))
+        if names:
+            rank, alpha = adapters.targets[f"{layer.modules[0]}{names[0].removeprefix('layer')}"]
+            return {"target_modules": names, "r": rank, "lora_alpha": alpha, "use_dora": adapters.config.use_dora}
+    return {"target_modules": [], "r": 1, "lora_alpha": 1, "use_dora": False}
+
+
 @functools.lru_cache
-def _saved_bytes_per_token(config_json: str, scale: float, dtype: str) -> float:
+def _saved_bytes_per_token(config_json: str, scale: float, dtype: str, lora_json: str | None = None) -> float:
     import torch
 
     from models.hf_weights import config_from_dict
@@ -102,7 +118,16 @@ def _saved_bytes_per_token(config_json: str, scale: float, dtype: str) -> float:
             setattr(config, width, round(getattr(config, width) * scale))
     tokens = 64
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    layer = DecoderLayerPipe(discover(config), 0).to(torch_dtype).train()
+    layer = DecoderLayerPipe(discover(config), 0)
+    if lora_json is not None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = json.loads(lora_json)
+        for param in layer.parameters():
+            param.requires_grad_(False)
+        if lora["target_modules"]:
+            inject_adapter_in_model(LoraConfig(**lora), layer)
+    layer = layer.to(torch_dtype).train()
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     seen: dict[int, int] = {}
 
@@ -126,7 +151,10 @@ def plan_stages(
     seq_len: int,
     method: str,
     checkpoint_interval: int = 0,
+    adapters: AdapterPlan | None = None,
 ) -> list[StagePlan]:
+    """Memory per stage. With `adapters` (LoRA) the stage holds its frozen weights and its adapters at the
+    training width, and only the adapters have gradients, optimizer states and ZeRO buckets."""
     batch = batch_layout(ds_config, data_parallel)
     dtype = training_dtype(ds_config)
     width = 4 if dtype == "fp32" else 2
@@ -138,8 +166,9 @@ def plan_stages(
     optimizer_width = 12 / replicas if zero or dtype != "fp32" else 8
     names = layer_names(arch)
     counts = arch.layer_parameters()
+    adapter_counts = adapter_parameters(arch, adapters) if adapters is not None else None
     tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
-    block_activations = saved_bytes_per_token(arch, dtype) * tokens
+    block_activations = saved_bytes_per_token(arch, dtype, adapters) * tokens
     plans = []
     bounds = stage_bounds(arch, stages, method, seq_len)
     for stage in range(stages):
@@ -148,6 +177,8 @@ def plan_stages(
         # One stage holds a tied embedding once.
         counts_here = counts[start : stop - 1] if stages == 1 and arch.tied else counts[start:stop]
         params = sum(counts_here)
+        trainable = sum(adapter_counts[start:stop]) if adapter_counts is not None else params
+        held = params + (trainable if adapter_counts is not None else 0)
         blocks = sum(layer.kind == DECODER for layer in arch.pipeline_layers()[start:stop])
         in_flight = min(stages - stage, batch.num_micro_batches)
         if checkpoint_interval:
@@ -157,14 +188,14 @@ def plan_stages(
         if stop == len(names):  # logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient
             activations += tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
         memory = {
-            "weights": params * width,
-            "optimizer": params * optimizer_width,
-            "reduction": min(params, bucket) * grad_width,
-            "backward_gradients": params * grad_width,
-            "step_gradients": params * (12 / replicas if zero else 4),
+            "weights": held * width,
+            "optimizer": trainable * optimizer_width,
+            "reduction": min(trainable, bucket) * grad_width,
+            "backward_gradients": trainable * grad_width,
+            "step_gradients": trainable * (12 / replicas if zero else 4),
             "activations": activations,
         }
-        plans.append(StagePlan(stage, layers, params, memory))
+        plans.append(StagePlan(stage, layers, params, memory, trainable))
     return plans
 
 

@@ -1,0 +1,168 @@
+"""LoRA training over real CPU ranks equals a plain PyTorch loop on peft's model, in every layout.
+
+For a Llama-style (untied, GQA) and a Qwen2-style (tied) model, runs start from the same PEFT adapter file
+(`--peft-config`, lora_B off zero) on the same frozen base: pp=1, pp=2, and pp=2 with activation checkpointing.
+The reference is `PeftModel.from_pretrained(AutoModelForCausalLM..., is_trainable=True)` trained by hand on the
+blocks the pipeline's first stage recorded (`--trace-batches`), with the same AdamW, the same DeepSpeed
+warm-up + cosine schedule (its own class) and clipping at 1.0: the per-step losses and the exported adapter agree.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.runtime.lr_schedules import WarmupCosineLR
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from models.lora import WEIGHTS_FILE
+from tests.helpers import kill_one_rank_after_first_checkpoint, launch, read_metrics, small_run_args, write_ds_config
+from tests.test_lora import peft_reference
+from train.checkpoint.manifest import latest_tag
+from train.data.examples import TEXT
+from train.data.packing import packed_dataset
+from train.data.sources import resolve_sources
+from train.data.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
+
+STEPS, SEQ = 6, 32
+_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+MODELS = {"llama": dict(_SHAPE, tie_word_embeddings=False), "qwen2": dict(_SHAPE, tie_word_embeddings=True)}
+LAYOUTS = {"pp1": (1, []), "pp2": (2, []), "pp2_checkpointing": (2, ["--activation-checkpoint-interval", 1])}
+
+
+@pytest.fixture(scope="module")
+def lora_runs(corpus, tokenizer_dir, tmp_path_factory) -> dict[str, tuple[Path, dict[str, Path]]]:
+    """family -> (its folder: base/, adapter/, ds.json, cache/; the runs by layout)."""
+    families = {}
+    for family, settings in MODELS.items():
+        tmp = tmp_path_factory.mktemp(f"lora_{family}")
+        peft_reference(family, settings, tmp)
+        ds_config = write_ds_config(tmp / "ds.json")
+        runs = {}
+        for name, (stages, extra) in LAYOUTS.items():
+            args = lora_args(corpus, tokenizer_dir, tmp, ds_config)
+            launch([*args, "--pipeline-stages", stages, *extra, "--output-dir", tmp / name], ranks=stages)
+            runs[name] = tmp / name
+        families[family] = tmp, runs
+    return families
+
+
+def lora_args(corpus: Path, tokenizer_dir: Path, tmp: Path, ds_config: Path, steps: int = STEPS) -> list:
+    return small_run_args(
+        corpus,
+        tokenizer_dir,
+        tmp,
+        ds_config,
+        None,
+        steps,
+        model=tmp / "base",
+        peft_config=tmp / "adapter",
+        trace_batches=True,
+        save_interval=3,
+    )
+
+
+def plain_loop(tmp: Path, run: Path, corpus: Path, tokenizer_dir: Path) -> tuple[list[float], dict]:
+    """peft's model trained by hand on the blocks the pipeline's first stage fed, step by step."""
+    base = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32, attn_implementation="sdpa")
+    model = PeftModel.from_pretrained(base, tmp / "adapter", is_trainable=True).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)  # every LoRA matrix is 2-D: all decay
+    schedule = WarmupCosineLR(optimizer, total_num_steps=STEPS, warmup_num_steps=2, warmup_type="linear")
+    blocks = packed_dataset(
+        resolve_sources([str(corpus)]),
+        TEXT,
+        load_tokenizer(str(tokenizer_dir)),
+        seq_len=SEQ,
+        val_fraction=0.05,
+        cache_dir=tmp / "cache",
+    )["train"]
+    trace = [json.loads(line) for line in (run / "batches" / "stage0_dp0.jsonl").read_text().splitlines()]
+    losses = []
+    for step in range(1, STEPS + 1):
+        micro_batches = [record["blocks"] for record in trace if record["step"] == step]
+        step_losses = []
+        for indices in micro_batches:
+            ids = torch.stack([blocks[i]["input_ids"] for i in indices]).long()
+            loss = model(ids, labels=ids).loss
+            (loss / len(micro_batches)).backward()
+            step_losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(sum(step_losses) / len(step_losses))
+    return losses, get_peft_model_state_dict(model)
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_lora_in_every_layout_equals_a_plain_loop_on_peft(lora_runs, family, corpus, tokenizer_dir):
+    tmp, runs = lora_runs[family]
+    expected, adapter = plain_loop(tmp, runs["pp1"], corpus, tokenizer_dir)
+    initial = load_file(tmp / "adapter" / WEIGHTS_FILE)
+    assert max((adapter[k] - initial[k]).abs().max().item() for k in initial) > 1e-3, "the adapters did not train"
+    for name, run in runs.items():
+        losses = [m["loss"] for m in read_metrics(run)]
+        assert len(losses) == STEPS
+        for ours, reference in zip(losses, expected, strict=True):
+            assert abs(ours - reference) <= 1e-5 * abs(reference), (family, name, losses, expected)
+        exported = load_file(run / "adapter" / WEIGHTS_FILE)
+        assert exported.keys() == adapter.keys(), (family, name)
+        worst = max((exported[k] - adapter[k]).abs().max().item() for k in adapter)
+        assert worst <= 1e-5, (family, name, worst)
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_lora_runs_train_adapters_only_and_report_them(lora_runs, family):
+    tmp, runs = lora_runs[family]
+    record = json.loads((runs["pp2"] / "run_config.json").read_text())
+    stages = record["topology"]["stages"]
+    assert all(0 < s["trainable_parameters"] < s["held_parameters"] / 5 for s in stages), stages
+    adapter = load_file(tmp / "adapter" / WEIGHTS_FILE)
+    assert record["trainable_parameters"] == sum(t.numel() for t in adapter.values())
+    manifest = json.loads((runs["pp2"] / "checkpoints" / "step_6" / "pipegpt_manifest.json").read_text())
+    assert manifest["base_model"] == str(tmp / "base") and len(manifest["base_model_fingerprint"]) == 32
+    weights = [size for name, size in manifest["files"].items() if name.startswith("layer_")]
+    assert sum(weights) < (tmp / "base" / "model.safetensors").stat().st_size / 5, "the base was saved"
+    if family == "qwen2":
+        assert read_metrics(runs["pp2"])[-1]["tied_embedding_max_diff"] == 0.0
+
+
+def test_sigkilled_lora_run_resumes_bit_exactly(lora_runs, corpus, tokenizer_dir):
+    tmp, runs = lora_runs["llama"]
+    out = tmp / "killed"
+    args = [*lora_args(corpus, tokenizer_dir, tmp, tmp / "ds.json"), "--pipeline-stages", 2]
+    kill_one_rank_after_first_checkpoint(args, 2, out)
+    resumed_at = int(latest_tag(out / "checkpoints").removeprefix("step_"))
+    assert resumed_at < STEPS
+    launch([*args, "--output-dir", out, "--load", out / "checkpoints"], ranks=2)
+    after = {m["step"]: m["loss"] for m in read_metrics(out)}
+    uninterrupted = {m["step"]: m["loss"] for m in read_metrics(runs["pp2"])}
+    assert after == uninterrupted
+
+
+def test_lora_checkpoint_refuses_another_base_model(lora_runs, corpus, tokenizer_dir, tmp_path):
+    tmp, runs = lora_runs["llama"]
+    other = AutoModelForCausalLM.from_pretrained(tmp / "base")
+    with torch.no_grad():
+        other.model.layers[2].mlp.down_proj.weight.add_(1e-3)  # one matrix fine-tuned: the same shapes
+    other.save_pretrained(tmp_path / "other")
+    args = lora_args(corpus, tokenizer_dir, tmp, tmp / "ds.json", steps=STEPS + 2)
+    args[args.index("--model") + 1] = str(tmp_path / "other")
+    flags = [*args, "--pipeline-stages", 1, "--load", runs["pp1"] / "checkpoints", "--output-dir", tmp_path / "r"]
+    proc = launch(flags, 1, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --load names a LoRA checkpoint trained on another")
+    assert "spawned" not in proc.stdout + proc.stderr
