@@ -187,3 +187,11 @@ def test_config_json_without_special_tokens_makes_no_warning(capsys, good, tmp_p
     )
     captured = capsys.readouterr()
     assert "token_id" not in captured.err + captured.out
+
+
+def test_an_empty_message_while_the_model_config_loads_is_one_line(capsys, good, monkeypatch):
+    """transformers (or any library) raising an exception with an empty message while the model config resolves:
+    one `error:` line naming the exception's type, exit 2, no traceback (PIPEGPT_FAULT=empty-error:config)."""
+    monkeypatch.setenv("PIPEGPT_FAULT", "empty-error:config")
+    line = run_preflight(capsys, 2, "--deepspeed_config", good["config"], "--data", good["data"])
+    assert line == "error: ValueError"
