@@ -24,6 +24,7 @@ from models.deepspeed_internals import PipelineModuleHooks
 from models.flops import flops_partition
 from models.lora import AdapterPlan, add_adapters, load_initial_adapters
 from models.loss import next_token_cross_entropy
+from models.quantize import Quantization, quantize_4bit
 
 TIED_EMBEDDING_KEY = "embed"
 
@@ -161,6 +162,18 @@ class CausalLMPipeline(PipelineModuleHooks):
 
     def layer_parameter_counts(self) -> list[int]:
         return self.arch.layer_parameters()  # from the meta model: nothing is built
+
+    def quantize_4bit(self, quantization: Quantization, compute_dtype: torch.dtype) -> int:
+        """QLoRA: this stage's decoder layers' linear weights to 4 bits (bitsandbytes), quantized on the device
+        as they move there. Call after the base weights are loaded, before the adapters. Returns the modules."""
+        device = get_accelerator().current_device_name()
+        layers = self.arch.pipeline_layers()
+        start, _ = self.stage_layers()
+        return sum(
+            quantize_4bit(module, quantization, compute_dtype, device)
+            for offset, module in enumerate(self.forward_funcs)
+            if layers[start + offset].kind == DECODER
+        )
 
     def add_adapters(self, plan: AdapterPlan, seed: int) -> int:
         """peft's LoRA layers on this stage's modules that `plan` targets, each layer's adapters initialised from

@@ -195,3 +195,28 @@ def test_an_empty_message_while_the_model_config_loads_is_one_line(capsys, good,
     monkeypatch.setenv("PIPEGPT_FAULT", "empty-error:config")
     line = run_preflight(capsys, 2, "--deepspeed_config", good["config"], "--data", good["data"])
     assert line == "error: ValueError"
+
+
+def test_4bit_without_lora_and_without_bitsandbytes_are_one_line(capsys, good, tmp_path):
+    """`--load-in-4bit` needs LoRA (a 4-bit base cannot train), and bitsandbytes; both are one line before any rank
+    (bitsandbytes is hidden from a fresh preflight process, as on a machine without it)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    from tests.test_inputs_inventory import _tiny_gpt2
+
+    line = run_preflight(capsys, 2, "--deepspeed_config", good["config"], "--data", good["data"], "--load-in-4bit")
+    assert line == "error: --load-in-4bit without --lora-rank: pass --lora-rank R to train LoRA adapters"
+    model = _tiny_gpt2(tmp_path / "m", 512)
+    hide = (
+        "import sys; sys.modules['bitsandbytes'] = None; from train.preflight import main; sys.exit(main(sys.argv[1:]))"
+    )
+    flags = ["--world-size", "2", "--deepspeed_config", good["config"], "--data", good["data"], "--model", model]
+    flags += ["--tokenizer", good["tokenizer"], "--lora-rank", "4", "--load-in-4bit"]
+    proc = subprocess.run(
+        [sys.executable, "-c", hide, *map(str, flags)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith("error: --load-in-4bit needs bitsandbytes") and "pip install bitsandbytes" in errors[0]

@@ -38,11 +38,14 @@ def peft_reference(family: str, settings: dict, folder, rank: int = 4, **lora) -
     return peft_model.eval()
 
 
-def pipeline_with_adapters(folder, arch, stages: int = 1):
+def pipeline_with_adapters(folder, arch, stages: int = 1, before_adapters=None):
+    """The pipeline on folder/base with the adapters of folder/adapter; `before_adapters(pipe)`: e.g. quantize."""
     config, initial = read_peft_config(folder / "adapter")
     plan = plan_adapters(arch, config, initial)
     pipe = build_pipeline(arch, num_stages=stages, seq_len=SEQ)
     load_hf_weights(pipe, folder / "base", arch)
+    if before_adapters is not None:
+        before_adapters(pipe)
     adapted = pipe.add_adapters(plan, seed=7)
     return pipe.eval(), plan, adapted
 

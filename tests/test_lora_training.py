@@ -15,7 +15,7 @@ import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from models.lora import WEIGHTS_FILE
 from tests.helpers import kill_one_rank_after_first_checkpoint, launch, read_metrics, small_run_args, write_ds_config
@@ -39,7 +39,11 @@ _SHAPE = dict(
     max_position_embeddings=64,
 )
 MODELS = {"llama": dict(_SHAPE, tie_word_embeddings=False), "qwen2": dict(_SHAPE, tie_word_embeddings=True)}
-LAYOUTS = {"pp1": (1, []), "pp2": (2, []), "pp2_checkpointing": (2, ["--activation-checkpoint-interval", 1])}
+LAYOUTS = {
+    "pp1": (1, ["--merge-adapter"]),
+    "pp2": (2, []),
+    "pp2_checkpointing": (2, ["--activation-checkpoint-interval", 1]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +78,18 @@ def lora_args(corpus: Path, tokenizer_dir: Path, tmp: Path, ds_config: Path, ste
     )
 
 
-def plain_loop(tmp: Path, run: Path, corpus: Path, tokenizer_dir: Path) -> tuple[list[float], dict]:
-    """peft's model trained by hand on the blocks the pipeline's first stage fed, step by step."""
-    base = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32, attn_implementation="sdpa")
+def plain_loop(
+    tmp: Path, run: Path, corpus: Path, tokenizer_dir: Path, quantization: BitsAndBytesConfig | None = None
+) -> tuple[list[float], dict]:
+    """peft's model trained by hand on the blocks the pipeline's first stage fed, step by step (`quantization`:
+    on transformers' 4-bit model)."""
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp / "base",
+        dtype=torch.float32,
+        attn_implementation="sdpa",
+        quantization_config=quantization,
+        device_map="cpu" if quantization else None,
+    )
     model = PeftModel.from_pretrained(base, tmp / "adapter", is_trainable=True).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)  # every LoRA matrix is 2-D: all decay
@@ -166,3 +179,51 @@ def test_lora_checkpoint_refuses_another_base_model(lora_runs, corpus, tokenizer
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --load names a LoRA checkpoint trained on another")
     assert "spawned" not in proc.stdout + proc.stderr
+
+
+def test_qlora_on_two_stages_equals_a_plain_loop_on_transformers_4bit_model(lora_runs, corpus, tokenizer_dir):
+    """QLoRA (NF4 base) on 2 stages against peft on `from_pretrained(quantization_config=BitsAndBytesConfig(...))`."""
+    tmp, _ = lora_runs["llama"]
+    out = tmp / "qlora_pp2"
+    args = [*lora_args(corpus, tokenizer_dir, tmp, tmp / "ds.json"), "--pipeline-stages", 2, "--load-in-4bit"]
+    proc = launch([*args, "--output-dir", out], ranks=2)
+    assert "linear layers in 4 bits (nf4)" in proc.stdout
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    expected, adapter = plain_loop(tmp, out, corpus, tokenizer_dir, quantization=nf4)
+    full_precision = [m["loss"] for m in read_metrics(tmp / "pp2")]
+    losses = [m["loss"] for m in read_metrics(out)]
+    assert losses != full_precision, "the 4-bit base should train other losses than the full-precision one"
+    for ours, reference in zip(losses, expected, strict=True):
+        assert abs(ours - reference) <= 1e-5 * abs(reference), (losses, expected)
+    exported = load_file(out / "adapter" / WEIGHTS_FILE)
+    assert max((exported[k] - adapter[k]).abs().max().item() for k in adapter) <= 1e-5
+    manifest = json.loads((out / "checkpoints" / "step_6" / "pipegpt_manifest.json").read_text())
+    assert manifest["quantization"] == {"quant_type": "nf4", "double_quant": False}
+
+
+def test_merged_export_equals_the_base_with_the_adapter(lora_runs):
+    """`--merge-adapter`: hf/ is the base with the adapters merged in; it loads with no missing or unexpected key
+    and its logits equal `PeftModel.from_pretrained(base, adapter/)`'s (≤1e-5)."""
+    ids = torch.randint(0, 512, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    for family, (tmp, runs) in lora_runs.items():
+        merged, info = AutoModelForCausalLM.from_pretrained(runs["pp1"] / "hf", output_loading_info=True)
+        assert not any(info.values()), (family, info)
+        base = AutoModelForCausalLM.from_pretrained(tmp / "base")
+        with_adapter = PeftModel.from_pretrained(base, runs["pp1"] / "adapter").eval()
+        with torch.no_grad():
+            expected, got = with_adapter(ids).logits, merged.eval()(ids).logits
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (family, (got - expected).abs().max())
+
+
+def test_lora_checkpoint_resumes_in_another_layout_through_a_universal_checkpoint(lora_runs, corpus, tokenizer_dir):
+    """pp=2's step-3 checkpoint (adapters and their Adam moments) resumed on one stage trains pp=2's steps 4-6."""
+    tmp, runs = lora_runs["llama"]
+    out = tmp / "universal_pp1"
+    args = [*lora_args(corpus, tokenizer_dir, tmp, tmp / "ds.json"), "--pipeline-stages", 1]
+    proc = launch([*args, "--load", runs["pp2"] / "checkpoints" / "step_3", "--output-dir", out], ranks=1)
+    assert "through a universal checkpoint" in proc.stdout
+    resumed = {m["step"]: m["loss"] for m in read_metrics(out)}
+    uninterrupted = {m["step"]: m["loss"] for m in read_metrics(runs["pp2"])}
+    assert sorted(resumed) == [4, 5, 6]
+    for step, loss in resumed.items():
+        assert abs(loss - uninterrupted[step]) <= 1e-5 * abs(loss), (step, resumed, uninterrupted)

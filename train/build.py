@@ -3,6 +3,7 @@ model and its DeepSpeed engine, the resumed state, and the components the loop d
 meter, evaluator, checkpointer, schedule profiler)."""
 
 import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -133,6 +134,10 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         loaded = every_rank(lambda: load_pretrained(pipe, arch, flags.model))
         # One write, so that the ranks' reports do not interleave on the shared stdout.
         sys.stdout.write(f"rank {rank()}: loaded {loaded} pretrained tensors for layers {start}-{stop - 1}\n")
+    if config.quantization is not None:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[training_dtype(config.ds_config)]
+        quantized = every_rank(lambda: pipe.quantize_4bit(config.quantization, dtype))
+        sys.stdout.write(f"rank {rank()}: {quantized} linear layers in 4 bits ({config.quantization.quant_type})\n")
     if config.adapters is not None:
         adapted = every_rank(lambda: add_adapters(pipe, config.adapters, flags.seed))
         trainable, held = sum(p.numel() for p in pipe.parameters() if p.requires_grad), sum_parameters(pipe)
@@ -223,8 +228,10 @@ def adapter_manifest(config: RunConfig) -> dict:
     if config.adapters is None:
         return {}
     model_dir = resolve_model_dir(config.flags.model)
+    quantization = config.quantization
     return {
         "adapters": config.adapters.to_dict(),
+        "quantization": dataclasses.asdict(quantization) if quantization is not None else None,
         "base_model": config.flags.model,
         "base_model_dir": str(model_dir.resolve()),
         "base_model_fingerprint": weights_fingerprint(model_dir),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from models.architecture import Architecture, discover
 from models.flops import flops_per_token
 from models.lora import AdapterPlan
+from models.quantize import Quantization
 from train.config.adapters import adapters_from_flags
 from train.config.args import Flags, OneLineErrors, parse_args, shared_flags
 from train.config.ds_config import batch_layout, load_ds_config
@@ -79,6 +80,11 @@ def make_plan(flags: Flags) -> Plan:
     model_config = model_config_from_flags(flags, flags.vocab_size)
     arch = discover(model_config)
     adapters = adapters_from_flags(flags, model_config, need_base=False)
+    quantization = (
+        Quantization(quant_type=flags.bnb_4bit_quant_type, double_quant=flags.bnb_4bit_double_quant)
+        if flags.load_in_4bit
+        else None
+    )
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     gpu, world = flags.gpu.upper(), flags.nodes * flags.gpus_per_node
     if gpu not in GPU_MEMORY_GIB:
@@ -97,6 +103,7 @@ def make_plan(flags: Flags) -> Plan:
                 flags.partition_method,
                 flags.activation_checkpoint_interval,
                 adapters,
+                quantization,
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -124,6 +131,7 @@ def print_plan(plan: Plan, flags: Flags) -> None:
             f"LoRA: rank {plan.adapters.config.r} on {len(plan.adapters.targets)} modules, {trainable / 1e6:,.1f}M "
             f"trainable parameters ({trainable / arch.parameters():.2%}); the base is frozen: no gradients or "
             "optimizer states for it"
+            + ("; its decoder's linear layers in 4 bits (QLoRA)" if flags.load_in_4bit else "")
         )
     print(
         f"layout: {stages} pipeline stages x {plan.data_parallel} data-parallel replicas, {batch.num_micro_batches} "

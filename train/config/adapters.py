@@ -3,10 +3,13 @@ the checks that need the layout (every stage must train something) and the check
 same base).
 """
 
+import dataclasses
+
 from transformers import PretrainedConfig
 
 from models.architecture import discover
 from models.lora import AdapterPlan, adapter_parameters, lora_config, plan_adapters, read_peft_config
+from models.quantize import Quantization, check_4bit_available
 from train.config.args import Flags
 from train.errors import ConfigError, first_line
 
@@ -22,6 +25,8 @@ def adapters_from_flags(flags: Flags, model_config: PretrainedConfig, need_base:
     if getattr(flags, "merge_adapter", False):  # a trainer flag (the planner has none)
         given.append("--merge-adapter")
     if flags.lora_rank is None and flags.peft_config is None:
+        if flags.load_in_4bit:
+            given.append("--load-in-4bit")
         if given:
             raise ConfigError(f"{' '.join(given)} without --lora-rank: pass --lora-rank R to train LoRA adapters")
         return None
@@ -63,8 +68,10 @@ def check_every_stage_trains(plan: AdapterPlan, model_config: PretrainedConfig, 
             )
 
 
-def check_checkpoint_adapters(manifest: dict, plan: AdapterPlan | None, base_fingerprint: str | None) -> None:
-    """A checkpoint resumes only with the adapters and the base model it was trained with."""
+def check_checkpoint_adapters(
+    manifest: dict, plan: AdapterPlan | None, base_fingerprint: str | None, quantization: Quantization | None
+) -> None:
+    """A checkpoint resumes only with the adapters, the base model and the base's precision it was trained with."""
     saved = manifest.get("adapters")
     if saved is None and plan is not None:
         raise ConfigError(
@@ -83,8 +90,33 @@ def check_checkpoint_adapters(manifest: dict, plan: AdapterPlan | None, base_fin
             "--load names a LoRA checkpoint with other adapters (modules, ranks or alphas) than these flags "
             f"give; the checkpoint's: {saved['config'].get('r')=}, {len(saved['targets'])} modules"
         )
+    saved_quantization = manifest.get("quantization")
+    if saved_quantization != (dataclasses.asdict(quantization) if quantization is not None else None):
+        saved_text = (
+            "a 4-bit base ({quant_type}, double_quant={double_quant})".format(**saved_quantization)
+            if (saved_quantization)
+            else "a full-precision base"
+        )
+        raise ConfigError(
+            f"--load names a LoRA checkpoint trained on {saved_text}: resume it with the same --load-in-4bit "
+            "and --bnb-4bit-* flags"
+        )
     if base_fingerprint is not None and manifest.get("base_model_fingerprint") not in (None, base_fingerprint):
         raise ConfigError(
-            f"--load names a LoRA checkpoint trained on another base model ({manifest.get('base_model')}): "
-            "its adapters only fit the weights they were trained on; pass that model as --model"
+            f"--load names a LoRA checkpoint trained on another base model (it was {manifest.get('base_model')}, "
+            f"whose weights' fingerprint was {manifest.get('base_model_fingerprint')}; --model's is {base_fingerprint})"
+            ": adapters only fit the weights they were trained on; pass that model as --model"
         )
+
+
+def quantization_from_flags(flags: Flags, adapters: AdapterPlan | None) -> Quantization | None:
+    """QLoRA's 4-bit base (`--load-in-4bit`), or None; checked to run on this device."""
+    if not flags.load_in_4bit:
+        return None
+    if adapters is None:  # adapters_from_flags has refused --load-in-4bit without LoRA already
+        raise ConfigError("--load-in-4bit without --lora-rank: a 4-bit base can only be frozen (QLoRA)")
+    try:
+        check_4bit_available()
+    except ValueError as e:
+        raise ConfigError(first_line(e)) from None
+    return Quantization(quant_type=flags.bnb_4bit_quant_type, double_quant=flags.bnb_4bit_double_quant)

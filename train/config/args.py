@@ -106,6 +106,16 @@ def shared_flags() -> list[argparse.ArgumentParser]:
         help="a LoraConfig as PEFT saves it (adapter_config.json, or a folder with one; with its "
         "adapter_model.safetensors, training starts from those adapters), instead of the --lora-* flags",
     )
+    lora.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="QLoRA: hold the base's decoder linear layers in 4 bits (bitsandbytes, as BitsAndBytesConfig("
+        "load_in_4bit=True)), each stage quantizing its own layers as it loads them",
+    )
+    lora.add_argument("--bnb-4bit-quant-type", choices=["nf4", "fp4"], default="nf4", help="the 4-bit data type")
+    lora.add_argument(
+        "--bnb-4bit-double-quant", action="store_true", help="quantize the block scales too (~0.4 bits a weight less)"
+    )
     layout_parser = argparse.ArgumentParser(add_help=False)
     layout = layout_parser.add_argument_group("layout")
     layout.add_argument(

@@ -16,8 +16,14 @@ from models.architecture import discover
 from models.hf_weights import weights_fingerprint
 from models.lora import AdapterPlan
 from models.presets import resolve_model_config
+from models.quantize import Quantization
 from train.checkpoint.manifest import read_manifest, resume_mode, verified_tag_dir
-from train.config.adapters import adapters_from_flags, check_checkpoint_adapters, check_every_stage_trains
+from train.config.adapters import (
+    adapters_from_flags,
+    check_checkpoint_adapters,
+    check_every_stage_trains,
+    quantization_from_flags,
+)
 from train.config.args import DEFAULT_BPE_VOCAB, Flags, check_flag_ranges
 from train.config.ds_config import BatchLayout, check_layout, load_ds_config
 from train.data.examples import DataFormat
@@ -43,6 +49,7 @@ class RunConfig:
     batch: BatchLayout
     bpe_vocab_size: int  # of a tokenizer trained on the data
     adapters: AdapterPlan | None  # LoRA (train/config/adapters.py); None: every weight trains
+    quantization: Quantization | None  # QLoRA's 4-bit base (--load-in-4bit)
     resume_mode: str | None  # with --load: "exact", "universal" or "weights" (checkpoint/manifest.py: resume_mode)
 
 
@@ -130,6 +137,7 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         )
     check_seq_len(model_config, flags.seq_len)
     adapters = adapters_from_flags(flags, model_config)
+    quantization = quantization_from_flags(flags, adapters)
     if adapters is not None:
         arch = discover(model_config)
         bounds = stage_bounds(arch, flags.pipeline_stages, flags.partition_method, flags.seq_len)
@@ -142,7 +150,7 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         resume = resume_mode(flags.load, flags.reset_optimizer, layout)
         local_base = flags.model is not None and Path(flags.model).is_dir()
         fingerprint = weights_fingerprint(Path(flags.model)) if adapters is not None and local_base else None
-        check_checkpoint_adapters(read_manifest(verified_tag_dir(flags.load)), adapters, fingerprint)
+        check_checkpoint_adapters(read_manifest(verified_tag_dir(flags.load)), adapters, fingerprint, quantization)
         if resume == "universal":  # DeepSpeed reads this when the engine is built
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     sources = resolve_sources(flags.data or [embedded_corpus()])
@@ -161,5 +169,6 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         batch=batch,
         bpe_vocab_size=bpe_vocab_size,
         adapters=adapters,
+        quantization=quantization,
         resume_mode=resume,
     )

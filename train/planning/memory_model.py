@@ -32,6 +32,7 @@ from models.architecture import DECODER, Architecture, discover
 from models.flops import flops_partition
 from models.lora import AdapterPlan, adapter_parameters, local_name
 from models.pipeline import LAYER_CLASSES, DecoderLayerPipe
+from models.quantize import Quantization, quantized_parameters
 from train.config.ds_config import batch_layout
 from train.errors import ConfigError
 from train.observe.mfu import training_dtype
@@ -152,9 +153,11 @@ def plan_stages(
     method: str,
     checkpoint_interval: int = 0,
     adapters: AdapterPlan | None = None,
+    quantization: Quantization | None = None,
 ) -> list[StagePlan]:
     """Memory per stage. With `adapters` (LoRA) the stage holds its frozen weights and its adapters at the
-    training width, and only the adapters have gradients, optimizer states and ZeRO buckets."""
+    training width, and only the adapters have gradients, optimizer states and ZeRO buckets; with `quantization`
+    (QLoRA) the decoder's linear weights take `Quantization.bytes_per_weight` instead."""
     batch = batch_layout(ds_config, data_parallel)
     dtype = training_dtype(ds_config)
     width = 4 if dtype == "fp32" else 2
@@ -167,6 +170,11 @@ def plan_stages(
     names = layer_names(arch)
     counts = arch.layer_parameters()
     adapter_counts = adapter_parameters(arch, adapters) if adapters is not None else None
+    meta = arch.meta_model()
+    quantized_counts = [
+        quantized_parameters(meta.get_submodule(layer.modules[0])) if quantization and layer.kind == DECODER else 0
+        for layer in arch.pipeline_layers()
+    ]
     tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
     block_activations = saved_bytes_per_token(arch, dtype, adapters) * tokens
     plans = []
@@ -187,8 +195,9 @@ def plan_stages(
             activations = in_flight * blocks * block_activations
         if stop == len(names):  # logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient
             activations += tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
+        quantized = sum(quantized_counts[start:stop])
         memory = {
-            "weights": held * width,
+            "weights": (held - quantized) * width + (quantized * quantization.bytes_per_weight() if quantized else 0),
             "optimizer": trainable * optimizer_width,
             "reduction": min(trainable, bucket) * grad_width,
             "backward_gradients": trainable * grad_width,
