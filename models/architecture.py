@@ -36,6 +36,8 @@ SUPPORTED_FAMILIES = {
     "gemma": "Gemma",
     "olmo2": "OLMo 2",
 }
+# DeepSpeed's key of the tied embedding (TiedLayerSpec): its parameters are named `tied_modules.embed.<name>`.
+TIED_EMBEDDING_KEY = "embed"
 # The kinds of pipeline layer, in the order `Architecture.pipeline_layers` lists them.
 EMBEDDING, DECODER, FINAL_NORM, HEAD, TIED_HEAD = "embedding", "decoder", "final_norm", "head", "tied_head"
 # Attention kernels that are causal when called without a mask (eager is not: it attends to the future).

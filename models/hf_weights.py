@@ -14,8 +14,7 @@ from deepspeed.pipe import PipelineModule
 from safetensors import safe_open
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
-from models.architecture import TIED_HEAD, Architecture, discover
-from models.pipeline import TIED_EMBEDDING_KEY
+from models.architecture import TIED_EMBEDDING_KEY, TIED_HEAD, Architecture, discover
 
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 

@@ -12,15 +12,18 @@ the adapter folder PEFT loads.
   and `save_adapter` writes `adapter_config.json` and `adapter_model.safetensors` as `PeftModel.save_pretrained` does.
 """
 
+import contextlib
 import copy
 import dataclasses
 import json
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -36,6 +39,15 @@ UNSUPPORTED = {
     "trainable_token_indices": "not supported through the pipeline",
     "layer_replication": "not supported through the pipeline",
 }
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Without the warnings PEFT_NOTES explains."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,7 @@ def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None =
         raise ValueError(f"LoRA rank {config.r}: must be at least 1")
     model = copy.deepcopy(arch.meta_model())
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), quiet_peft():
             peft_model = get_peft_model(model, dataclasses.replace(config, base_model_name_or_path=None))
     except ValueError:  # peft: "Target modules {...} not found in the base model"
         linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if _is_linear(m) and n})
@@ -167,10 +179,8 @@ def add_adapters(layer_module: nn.Module, layer: PipelineLayer, plan: AdapterPla
             rank_pattern={k: r for k, (r, _) in exact.items()},
             alpha_pattern={k: a for k, (_, a) in exact.items()},
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), quiet_peft():
             torch.manual_seed(seed)
-            from peft import inject_adapter_in_model
-
             inject_adapter_in_model(config, layer_module, adapter_name=ADAPTER)
     for name, param in layer_module.named_parameters():
         param.requires_grad_("lora_" in name)

@@ -19,14 +19,21 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
-from models.architecture import DECODER, EMBEDDING, FINAL_NORM, HEAD, TIED_HEAD, Architecture, PipelineLayer
+from models.architecture import (
+    DECODER,
+    EMBEDDING,
+    FINAL_NORM,
+    HEAD,
+    TIED_EMBEDDING_KEY,
+    TIED_HEAD,
+    Architecture,
+    PipelineLayer,
+)
 from models.deepspeed_internals import PipelineModuleHooks
 from models.flops import flops_partition
 from models.lora import AdapterPlan, add_adapters, load_initial_adapters
 from models.loss import next_token_cross_entropy
 from models.quantize import Quantization, quantize_4bit
-
-TIED_EMBEDDING_KEY = "embed"
 
 
 class EmbeddingPipe(nn.Module):

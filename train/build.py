@@ -34,7 +34,7 @@ from train.distributed.preemption import Preemption
 from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
-from train.observe.evaluate import Evaluator
+from train.observe.evaluate import Evaluator, Sampling
 from train.observe.metrics import MetricsLog, StepMeter, WandbSettings, memory_in_use, run_record
 from train.observe.mfu import peak_tflops, training_dtype
 from train.observe.timeline import ScheduleProfiler
@@ -284,13 +284,15 @@ def build_run(config: RunConfig) -> Run:
             engine=engine,
             blocks=splits["validation"],
             n_blocks=eval_blocks,
-            tokenizer=tokenizer,
             batch=config.batch,
             interval=flags.eval_interval,
-            sample_prompt=None if config.data_format.masked else flags.sample_prompt,
-            sample_tokens=flags.sample_tokens,
-            seq_len=flags.seq_len,
-            seed=flags.seed,
+            sampling=Sampling(
+                tokenizer=tokenizer,
+                prompt=None if config.data_format.masked else flags.sample_prompt,
+                tokens=flags.sample_tokens,
+                seq_len=flags.seq_len,
+                seed=flags.seed,
+            ),
             log=log,
         ),
         checkpointer=Checkpointer(

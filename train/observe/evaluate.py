@@ -1,10 +1,13 @@
 """Validation loss and text samples, with the pipeline engine's own forward-only schedule."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from datasets import Dataset
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from transformers import PreTrainedTokenizerBase
 
 from models.deepspeed_internals import clear_eval_outputs
 from models.loss import IGNORE_INDEX
@@ -82,8 +85,19 @@ def held_out_prompts(blocks: Dataset, count: int) -> list[list[int]]:
     return (prompts * count)[:count]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """What the samples at every evaluation continue, and how far."""
+
+    tokenizer: PreTrainedTokenizerBase
+    prompt: str | None  # the text samples continue; None: held-out prompts (instruction and chat data)
+    tokens: int  # new tokens per sample
+    seq_len: int  # the pipeline's fixed block length
+    seed: int  # each evaluation samples from seed + step
+
+
 class Evaluator:
-    """Validation loss and text samples, every `--eval-interval` steps and at the last step."""
+    """Validation loss and text samples, every `interval` steps and at the last step."""
 
     def __init__(
         self,
@@ -91,23 +105,17 @@ class Evaluator:
         engine: PipelineEngine,
         blocks: Dataset,
         n_blocks: int,
-        tokenizer,
         batch: BatchLayout,
         interval: int,
-        sample_prompt: str | None,
-        sample_tokens: int,
-        seq_len: int,
-        seed: int,
+        sampling: Sampling,
         log: MetricsLog,
     ):
-        """`sample_prompt`: the text samples continue; None: held-out prompts (instruction and chat data)."""
-        self.engine, self.blocks, self.n_blocks, self.tokenizer, self.log = engine, blocks, n_blocks, tokenizer, log
-        self.batch, self.interval, self.seed = batch, interval, seed
-        self.sample_tokens, self.seq_len = sample_tokens, seq_len
-        if sample_prompt is None:
+        self.engine, self.blocks, self.n_blocks, self.batch, self.log = engine, blocks, n_blocks, batch, log
+        self.interval, self.sampling = interval, sampling
+        if sampling.prompt is None:
             self.prompts = held_out_prompts(blocks, batch.micro_batch_size)
         else:
-            prompt = tokenizer(sample_prompt, add_special_tokens=False)["input_ids"]
+            prompt = sampling.tokenizer(sampling.prompt, add_special_tokens=False)["input_ids"]
             self.prompts = [prompt] * batch.micro_batch_size
 
     def should_evaluate(self, step: int, last_step: bool) -> bool:
@@ -115,10 +123,10 @@ class Evaluator:
 
     def evaluate(self, step: int) -> dict:
         """The validation metrics; the samples go to the log."""
-        batch = self.batch
+        batch, sampling = self.batch, self.sampling
         loss = evaluate(self.engine, self.blocks, batch.micro_batch_size, batch.num_micro_batches, self.n_blocks)
         samples = sample_through_pipeline(
-            self.engine, self.tokenizer, self.prompts, self.sample_tokens, self.seq_len, seed=self.seed + step
+            self.engine, sampling.tokenizer, self.prompts, sampling.tokens, sampling.seq_len, seed=sampling.seed + step
         )
         self.log.samples(step, samples[:3])
         return eval_metrics(loss)
