@@ -27,6 +27,22 @@ def tiny_gpt2(layers: int = 4, width: int = 64, heads: int = 4, positions: int =
     }
 
 
+def tiny_llama(**overrides) -> dict:
+    """A small Llama config (untied head, GQA: 4 query and 2 key/value heads) with a 512-token vocabulary, the
+    test tokenizer's; `overrides`: other config fields (tie_word_embeddings=True, model_type="qwen2", ...)."""
+    return {
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        **overrides,
+    }
+
+
 def ds_config(train_batch: int = 8, micro: int = 2, **overrides) -> dict:
     """A DeepSpeed config for tests and benches: fp32, ZeRO-1, torch AdamW (bit-exact resumes), warm-up + cosine.
     An override of None drops the key (e.g. scheduler=None)."""

@@ -8,15 +8,10 @@ block scales themselves quantized once more with `double_quant`. peft then wraps
 `lora.bnb.Linear4bit`, which adds the adapters in the compute dtype.
 """
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-# bitsandbytes 0.50 on CPU looks for an optional kernel package at import and warns on every rank without it; its
-# own CPU path is used instead, and is what the tests compare against transformers.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 BLOCK = 64  # bitsandbytes' 4-bit block size (the absmax of every 64 weights is stored)
 

@@ -16,6 +16,7 @@ from bench.fixtures import (  # noqa: F401 (shared with the benchmarks, imported
     ds_config,
     free_port,
     tiny_gpt2,
+    tiny_llama,
     write_file,
     write_json,
 )

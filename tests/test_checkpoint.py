@@ -15,6 +15,7 @@ from tests.helpers import (
     read_metrics,
     small_run_args,
     tiny_gpt2,
+    tiny_llama,
     write_ds_config,
     write_json,
 )
@@ -222,17 +223,7 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
     config = (
         GPT2Config(**{k: v for k, v in MODEL.items() if k != "model_type"}, vocab_size=512)
         if family == "gpt2"
-        else LlamaConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+        else LlamaConfig(**{k: v for k, v in tiny_llama(bos_token_id=0, eos_token_id=0).items() if k != "model_type"})
     )
     torch.manual_seed(11)
     model = AutoModelForCausalLM.from_config(config).eval()

@@ -18,7 +18,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from models.lora import WEIGHTS_FILE
-from tests.helpers import kill_one_rank_after_first_checkpoint, launch, read_metrics, small_run_args, write_ds_config
+from tests.helpers import (
+    kill_one_rank_after_first_checkpoint,
+    launch,
+    read_metrics,
+    small_run_args,
+    tiny_llama,
+    write_ds_config,
+)
 from tests.test_lora import peft_reference
 from train.checkpoint.manifest import latest_tag
 from train.data.examples import TEXT
@@ -29,15 +36,7 @@ from train.data.tokenizer import load_tokenizer
 pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
 
 STEPS, SEQ = 6, 32
-_SHAPE = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+_SHAPE = {k: v for k, v in tiny_llama().items() if k != "model_type"}  # also Qwen2's fields
 MODELS = {"llama": dict(_SHAPE, tie_word_embeddings=False), "qwen2": dict(_SHAPE, tie_word_embeddings=True)}
 LAYOUTS = {
     "pp1": (1, ["--merge-adapter"]),
