@@ -85,6 +85,14 @@ class PipelineModuleHooks(PipelineModule):
         """[start, stop) of the layer specs this stage holds."""
         return self._local_start, self._local_stop
 
+    def stage_modules(self) -> Iterator[tuple[int, torch.nn.Module]]:
+        """(global layer index, built module) of this stage's layers; a tied head, which DeepSpeed keeps as a
+        `partial` calling the first layer's module (`forward_funcs`, module.py), is left out."""
+        start, _ = self.stage_layers()
+        for offset, layer in enumerate(self.forward_funcs):
+            if isinstance(layer, torch.nn.Module):
+                yield start + offset, layer
+
     def stage_layer_names(self) -> list[str]:
         return [spec.typename.__name__ for spec in self._layer_specs[self._local_start : self._local_stop]]
 

@@ -175,25 +175,21 @@ class CausalLMPipeline(PipelineModuleHooks):
         as they move there. Call after the base weights are loaded, before the adapters. Returns the modules."""
         device = get_accelerator().current_device_name()
         layers = self.arch.pipeline_layers()
-        start, _ = self.stage_layers()
         return sum(
             quantize_4bit(module, quantization, compute_dtype, device)
-            for offset, module in enumerate(self.forward_funcs)
-            if layers[start + offset].kind == DECODER
+            for index, module in self.stage_modules()
+            if layers[index].kind == DECODER
         )
 
     def add_adapters(self, plan: AdapterPlan, seed: int) -> int:
         """peft's LoRA layers on this stage's modules that `plan` targets, each layer's adapters initialised from
         (seed, layer index) so that every layout starts from the same ones; every other parameter is frozen.
         With `plan.initial`, the adapters start from that PEFT adapter file. Returns the adapted modules."""
-        start, _ = self.stage_layers()
         layers, adapted = self.arch.pipeline_layers(), 0
-        for offset, module in enumerate(self.forward_funcs):
-            if isinstance(module, nn.Module):  # not the tied head, which calls the embedding's module
-                layer = layers[start + offset]
-                adapted += add_adapters(module, layer, plan, seed=seed * 1_000_003 + start + offset)
-                if plan.initial is not None:
-                    load_initial_adapters(module, layer, plan.initial)
+        for index, module in self.stage_modules():  # not the tied head: it calls the embedding's module
+            adapted += add_adapters(module, layers[index], plan, seed=seed * 1_000_003 + index)
+            if plan.initial is not None:
+                load_initial_adapters(module, layers[index], plan.initial)
         for name, param in self.named_parameters():  # the tied head's copy of the embedding too
             param.requires_grad_("lora_" in name)
         return adapted
