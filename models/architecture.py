@@ -155,6 +155,11 @@ class Architecture:
         return getattr(self.config, "max_position_embeddings", None)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer as transformers builds them: `nn.Linear`, or GPT-2's `Conv1D` (x @ W, its weight transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 _META_MODELS: dict[str, nn.Module] = {}
 
 

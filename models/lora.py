@@ -28,7 +28,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.architecture import DECODER, TIED_HEAD, Architecture, PipelineLayer
+from models.architecture import DECODER, TIED_HEAD, Architecture, PipelineLayer, is_linear
+from train.errors import first_line
 
 ADAPTER = "default"  # peft's adapter name; PEFT's files drop it from the keys
 PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the HF names in its adapter files
@@ -43,7 +44,10 @@ UNSUPPORTED = {
 
 @contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
-    """Without the warnings PEFT_NOTES explains."""
+    """Without the warnings peft 0.21 gives, on every rank, about what it then handles itself: GPT-2's Conv1D sets
+    fan_in_fan_out, "all-linear" on a tied model mentions `ensure_weight_tying` (the tied head takes no adapter
+    here, as in peft's model), and peft calls transformers 5.24's deprecated `is_gradient_checkpointing`. They
+    would break the preflight's one-line errors and fill every rank's log."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -120,8 +124,10 @@ def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None =
     try:
         with torch.device("meta"), quiet_peft():
             peft_model = get_peft_model(model, dataclasses.replace(config, base_model_name_or_path=None))
-    except ValueError:  # peft: "Target modules {...} not found in the base model"
-        linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if _is_linear(m) and n})
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model", or another bad setting
+        if "not found in the base model" not in str(e):
+            raise ValueError(f"LoRA config: {first_line(e)}") from None
+        linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if is_linear(m) and n})
         wanted = config.target_modules
         wanted = wanted if isinstance(wanted, str) else ", ".join(sorted(wanted))
         raise ValueError(
@@ -144,10 +150,6 @@ def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None =
         targets=targets,
         initial=initial,
     )
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def _owner(layers: list[PipelineLayer], hf_name: str) -> PipelineLayer | None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.architecture import is_linear
+
 BLOCK = 64  # bitsandbytes' 4-bit block size (the absmax of every 64 weights is stored)
 
 
@@ -52,10 +54,6 @@ def _drop_quant_state(module: nn.Module, state_dict: dict, prefix: str, local_me
         del state_dict[key]
 
 
-def quantizable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 @torch.no_grad()
 def quantize_4bit(layer: nn.Module, quantization: Quantization, compute_dtype: torch.dtype, device: str) -> int:
     """Replace every linear module inside `layer` by a frozen `Linear4bit` holding its weights, quantized on
@@ -64,7 +62,7 @@ def quantize_4bit(layer: nn.Module, quantization: Quantization, compute_dtype: t
 
     replaced = 0
     for name, module in list(layer.named_modules()):
-        if not name or not quantizable(module):
+        if not name or not is_linear(module):
             continue
         weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()  # Conv1D is x @ W
         out_features, in_features = weight.shape
@@ -100,4 +98,11 @@ def quantize_4bit(layer: nn.Module, quantization: Quantization, compute_dtype: t
 
 def quantized_parameters(layer: nn.Module) -> int:
     """Weights inside `layer` that `quantize_4bit` would quantize (counted on a meta module)."""
-    return sum(m.weight.numel() for name, m in layer.named_modules() if name and quantizable(m))
+    return sum(m.weight.numel() for name, m in layer.named_modules() if name and is_linear(m))
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """The weights a parameter stands for: a 4-bit one packs two in a byte, its original shape is in its quant
+    state."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()

@@ -226,3 +226,36 @@ def test_lora_checkpoint_resumes_in_another_layout_through_a_universal_checkpoin
     assert sorted(resumed) == [4, 5, 6]
     for step, loss in resumed.items():
         assert abs(loss - uninterrupted[step]) <= 1e-5 * abs(loss), (step, resumed, uninterrupted)
+
+
+def test_chat_lora_on_two_stages_trains_the_losses_of_one_stage(chat_corpus, chat_tokenizer_dir, tmp_path):
+    """The main use: `--data-format chat --lora-rank 16` on a tied Qwen2-style checkpoint. Answer-only labels and
+    the answer-token loss scale travel with LoRA as without; pp=2 trains pp=1's losses (≤1e-5 relative)."""
+    from transformers import CONFIG_MAPPING
+
+    torch.manual_seed(3)
+    settings = {k: v for k, v in tiny_llama(vocab_size=514, max_position_embeddings=128).items() if k != "model_type"}
+    model = AutoModelForCausalLM.from_config(CONFIG_MAPPING["qwen2"](**settings, tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "base")
+    args = small_run_args(
+        chat_corpus,
+        chat_tokenizer_dir,
+        tmp_path,
+        write_ds_config(tmp_path / "ds.json", 8, 2),
+        None,
+        STEPS,
+        model=tmp_path / "base",
+        lora_rank=16,
+        lora_alpha=32,
+        data_format="chat",
+        seq_len=128,
+        eval_blocks=8,
+    )
+    for stages in (1, 2):
+        launch([*args, "--pipeline-stages", stages, "--output-dir", tmp_path / f"pp{stages}"], ranks=stages)
+    pp1, pp2 = (read_metrics(tmp_path / f"pp{stages}") for stages in (1, 2))
+    assert [m["answer_tokens"] for m in pp1] == [m["answer_tokens"] for m in pp2]
+    assert all(0.5 < m["masked_fraction"] < 0.95 for m in pp1)
+    for ours, reference in zip(pp2, pp1, strict=True):
+        assert abs(ours["loss"] - reference["loss"]) <= 1e-5 * abs(reference["loss"]), (pp2, pp1)
+    assert (tmp_path / "pp2" / "adapter" / WEIGHTS_FILE).is_file()

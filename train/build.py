@@ -23,6 +23,7 @@ from models.hf_weights import load_hf_weights, weights_fingerprint
 from models.hub import resolve_model_dir
 from models.lora import AdapterPlan
 from models.pipeline import CausalLMPipeline, build_pipeline
+from models.quantize import parameter_count
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from train.config.run_config import RunConfig
 from train.data.batches import TrainMicroBatches
@@ -140,7 +141,8 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         sys.stdout.write(f"rank {rank()}: {quantized} linear layers in 4 bits ({config.quantization.quant_type})\n")
     if config.adapters is not None:
         adapted = every_rank(lambda: add_adapters(pipe, config.adapters, flags.seed))
-        trainable, held = sum(p.numel() for p in pipe.parameters() if p.requires_grad), sum_parameters(pipe)
+        trainable = sum(p.numel() for p in pipe.parameters() if p.requires_grad)
+        held = sum(parameter_count(p) for p in pipe.parameters())
         sys.stdout.write(
             f"rank {rank()}: LoRA on {adapted} modules of layers {start}-{stop - 1}: {trainable:,} trainable of "
             f"{held:,} parameters ({trainable / held:.2%})\n"
@@ -156,10 +158,6 @@ def add_adapters(pipe: CausalLMPipeline, adapters: AdapterPlan, seed: int) -> in
         return pipe.add_adapters(adapters, seed)
     except (OSError, ValueError) as e:  # an initial adapter file that does not fit
         raise ConfigError(first_line(e)) from None
-
-
-def sum_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def load_pretrained(pipe: torch.nn.Module, arch: Architecture, model: str) -> int:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from models.quantize import parameter_count
 from train.config.ds_config import BatchLayout
 from train.distributed.setup import say
 from train.errors import RunError
@@ -83,8 +84,8 @@ def stages_summary(engine: PipelineEngine) -> list[dict]:
     `trainable_parameters` what trains (LoRA: the adapters), counted as `parameters`. A collective."""
     pipe = engine.module
     tied = {id(p) for m in pipe.tied_modules.values() for p in m.parameters()}
-    params = sum(p.numel() for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
-    held = sum(p.numel() for p in pipe.parameters())
+    params = sum(parameter_count(p) for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
+    held = sum(parameter_count(p) for p in pipe.parameters())
     trainable = sum(
         p.numel() for p in pipe.parameters() if p.requires_grad and (engine.is_first_stage() or id(p) not in tied)
     )
