@@ -236,6 +236,44 @@ def adapter_manifest(config: RunConfig) -> dict:
     }
 
 
+def evaluator(
+    config: RunConfig, engine: PipelineEngine, blocks: Dataset, n_blocks: int, tokenizer, log: MetricsLog
+) -> Evaluator:
+    flags = config.flags
+    return Evaluator(
+        engine=engine,
+        blocks=blocks,
+        n_blocks=n_blocks,
+        batch=config.batch,
+        interval=flags.eval_interval,
+        sampling=Sampling(
+            tokenizer=tokenizer,
+            prompt=None if config.data_format.masked else flags.sample_prompt,
+            tokens=flags.sample_tokens,
+            seq_len=flags.seq_len,
+            seed=flags.seed,
+        ),
+        log=log,
+    )
+
+
+def checkpointer(
+    config: RunConfig, engine: PipelineEngine, model_config: PretrainedConfig, log: MetricsLog
+) -> Checkpointer:
+    flags = config.flags
+    return Checkpointer(
+        engine=engine,
+        root=config.output_dir / "checkpoints",
+        model_config=model_config,
+        interval=flags.save_interval,
+        keep_last=flags.keep_last,
+        samples_per_step=config.batch.global_batch,
+        client_state={"wandb_run_id": log.run_id, "data_seed": flags.seed},
+        adapters_only=config.adapters is not None,
+        manifest=adapter_manifest(config),
+    )
+
+
 def build_run(config: RunConfig) -> Run:
     flags = config.flags
     preemption = Preemption()  # from here on, SIGTERM/SIGINT stop the run at a step boundary
@@ -278,32 +316,8 @@ def build_run(config: RunConfig) -> Run:
             memory_before_model=memory_before_model,
             compiled=flags.compile,
         ),
-        evaluator=Evaluator(
-            engine=engine,
-            blocks=splits["validation"],
-            n_blocks=eval_blocks,
-            batch=config.batch,
-            interval=flags.eval_interval,
-            sampling=Sampling(
-                tokenizer=tokenizer,
-                prompt=None if config.data_format.masked else flags.sample_prompt,
-                tokens=flags.sample_tokens,
-                seq_len=flags.seq_len,
-                seed=flags.seed,
-            ),
-            log=log,
-        ),
-        checkpointer=Checkpointer(
-            engine=engine,
-            root=config.output_dir / "checkpoints",
-            model_config=model_config,
-            interval=flags.save_interval,
-            keep_last=flags.keep_last,
-            samples_per_step=config.batch.global_batch,
-            client_state={"wandb_run_id": log.run_id, "data_seed": flags.seed},
-            adapters_only=config.adapters is not None,
-            manifest=adapter_manifest(config),
-        ),
+        evaluator=evaluator(config, engine, splits["validation"], eval_blocks, tokenizer, log),
+        checkpointer=checkpointer(config, engine, model_config, log),
         profiler=ScheduleProfiler(engine=engine, steps=set(flags.profile_steps), output_dir=config.output_dir),
         watchdog=HangWatchdog(engine=engine, timeout_s=flags.dist_timeout, report_dir=config.output_dir / "hang"),
         preemption=preemption,

@@ -58,35 +58,8 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (--help lists the flags)\n")
 
 
-def shared_flags() -> list[argparse.ArgumentParser]:
-    """The model and layout flags of every command, as argparse parents."""
-    model_parser = argparse.ArgumentParser(add_help=False)
-    model = model_parser.add_argument_group("model")
-    model.add_argument(
-        "--model-config",
-        default=None,
-        help=f"preset ({', '.join(PRESETS)}), config.json or HF config "
-        f"dir; default {DEFAULT_MODEL_CONFIG} when --model is not given",
-    )
-    model.add_argument("--model", default=None, help="pretrained HF model (save_pretrained dir or hub name)")
-    model.add_argument(
-        "--keep-gelu-new",
-        action="store_true",
-        help="keep GPT-2's gelu_new (~8 kernels) instead of the same function fused (gelu_pytorch_tanh)",
-    )
-    model.add_argument(
-        "--tokenizer",
-        default=None,
-        help="HF tokenizer dir or hub name; default: the --model's, else a byte-level BPE trained on the data",
-    )
-    model.add_argument(
-        "--vocab-size",
-        type=int,
-        default=None,
-        help="vocabulary of a BPE trained on the data (default "
-        f"{DEFAULT_BPE_VOCAB}); for the planner, the tokenizer's (default: the preset's)",
-    )
-    lora = model_parser.add_argument_group("LoRA (adapters trained on a frozen --model, with peft's LoRA layers)")
+def _lora_flags(p: argparse.ArgumentParser) -> None:
+    lora = p.add_argument_group("LoRA (adapters trained on a frozen --model, with peft's LoRA layers)")
     lora.add_argument(
         "--lora-rank", type=int, default=None, help="train LoRA adapters of this rank instead of every weight"
     )
@@ -116,6 +89,37 @@ def shared_flags() -> list[argparse.ArgumentParser]:
     lora.add_argument(
         "--bnb-4bit-double-quant", action="store_true", help="quantize the block scales too (~0.4 bits a weight less)"
     )
+
+
+def shared_flags() -> list[argparse.ArgumentParser]:
+    """The model and layout flags of every command, as argparse parents."""
+    model_parser = argparse.ArgumentParser(add_help=False)
+    model = model_parser.add_argument_group("model")
+    model.add_argument(
+        "--model-config",
+        default=None,
+        help=f"preset ({', '.join(PRESETS)}), config.json or HF config "
+        f"dir; default {DEFAULT_MODEL_CONFIG} when --model is not given",
+    )
+    model.add_argument("--model", default=None, help="pretrained HF model (save_pretrained dir or hub name)")
+    model.add_argument(
+        "--keep-gelu-new",
+        action="store_true",
+        help="keep GPT-2's gelu_new (~8 kernels) instead of the same function fused (gelu_pytorch_tanh)",
+    )
+    model.add_argument(
+        "--tokenizer",
+        default=None,
+        help="HF tokenizer dir or hub name; default: the --model's, else a byte-level BPE trained on the data",
+    )
+    model.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="vocabulary of a BPE trained on the data (default "
+        f"{DEFAULT_BPE_VOCAB}); for the planner, the tokenizer's (default: the preset's)",
+    )
+    _lora_flags(model_parser)
     layout_parser = argparse.ArgumentParser(add_help=False)
     layout = layout_parser.add_argument_group("layout")
     layout.add_argument(

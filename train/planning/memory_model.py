@@ -170,11 +170,7 @@ def plan_stages(
     names = layer_names(arch)
     counts = arch.layer_parameters()
     adapter_counts = adapter_parameters(arch, adapters) if adapters is not None else None
-    meta = arch.meta_model()
-    quantized_counts = [
-        quantized_parameters(meta.get_submodule(layer.modules[0])) if quantization and layer.kind == DECODER else 0
-        for layer in arch.pipeline_layers()
-    ]
+    quantized_counts = quantized_layer_parameters(arch) if quantization is not None else [0] * len(counts)
     tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
     block_activations = saved_bytes_per_token(arch, dtype, adapters) * tokens
     plans = []
@@ -196,8 +192,9 @@ def plan_stages(
         if stop == len(names):  # logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient
             activations += tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
         quantized = sum(quantized_counts[start:stop])
+        quantized_bytes = quantized * quantization.bytes_per_weight() if quantization is not None else 0
         memory = {
-            "weights": (held - quantized) * width + (quantized * quantization.bytes_per_weight() if quantized else 0),
+            "weights": (held - quantized) * width + quantized_bytes,
             "optimizer": trainable * optimizer_width,
             "reduction": min(trainable, bucket) * grad_width,
             "backward_gradients": trainable * grad_width,
@@ -206,6 +203,15 @@ def plan_stages(
         }
         plans.append(StagePlan(stage, layers, params, memory, trainable))
     return plans
+
+
+def quantized_layer_parameters(arch: Architecture) -> list[int]:
+    """The weights of every pipeline layer that QLoRA holds in 4 bits: the decoder layers' linear ones."""
+    meta = arch.meta_model()
+    return [
+        quantized_parameters(meta.get_submodule(layer.modules[0])) if layer.kind == DECODER else 0
+        for layer in arch.pipeline_layers()
+    ]
 
 
 def fits(plans: list[StagePlan], gpu_bytes: float) -> bool:
