@@ -9,22 +9,14 @@ import json
 
 import pytest
 
-from tests.helpers import launch, read_metrics, small_run_args, write_ds_config
+from tests.helpers import launch, read_metrics, small_run_args, tiny_llama, write_ds_config
 
 pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
 
 STEPS = 6
-_SHAPE = {
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
 MODELS = {
-    "llama": {"model_type": "llama", **_SHAPE, "tie_word_embeddings": False},  # untied head, GQA
-    "qwen2": {"model_type": "qwen2", **_SHAPE, "tie_word_embeddings": True},  # tied head, qkv bias
+    "llama": tiny_llama(tie_word_embeddings=False),  # untied head, GQA
+    "qwen2": tiny_llama(model_type="qwen2", tie_word_embeddings=True),  # tied head, qkv bias
 }
 
 
