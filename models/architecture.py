@@ -143,14 +143,6 @@ class Architecture:
     def layer_path(self, index: int) -> str:
         return f"{self.prefix}.{self.layers}.{index}"
 
-    def sliding_window(self) -> int | None:
-        """The attention window of any layer, if the model uses one (SDPA without a mask ignores it)."""
-        window = getattr(self.config, "sliding_window", None)
-        layer_types = getattr(self.config, "layer_types", None)
-        if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
-            return None
-        return window
-
     def max_positions(self) -> int | None:
         return getattr(self.config, "max_position_embeddings", None)
 

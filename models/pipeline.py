@@ -1,15 +1,20 @@
 """Any supported Hugging Face causal LM as a flat list of DeepSpeed pipeline layers, one per entry of
 `Architecture.pipeline_layers` (the one place their order is written):
 
-    embedding   EmbeddingPipe     the decoder's modules before its layers (token embedding, positions, dropout)
-    decoder     DecoderLayerPipe  transformers' own decoder layer, one per layer, with its own rotary module
-    final_norm  FinalNormPipe     the final norm
+    embedding   EmbeddingPipe     (input_ids, position_ids) -> (hidden, position_ids): token embedding, learned
+                                  positions, dropout (the decoder's modules before its layers)
+    decoder     DecoderLayerPipe  transformers' own decoder layer, one per layer, with its own rotary module and
+                                  the mask transformers' masking utilities give its positions (models/masking.py)
+    final_norm  FinalNormPipe     the final norm; only the hidden states go on
     head        HeadPipe          an untied LM head
     tied_head   EmbeddingPipe     the embedding again (TiedLayerSpec), as F.linear(h, token_embedding.weight)
 
-Only the hidden states cross stages: each decoder layer computes its rotary cos/sin from the positions
-0..S-1 itself (DeepSpeed 0.19.8 would mark received cos/sin `requires_grad` and assert a gradient for
-them). Parameter names are the HF names below a per-layer prefix (see `models/hf_weights.py`).
+Between stages travel the hidden states and the int64 positions (per document under `--attention document`,
+0..S-1 otherwise): DeepSpeed 0.19.8 marks every received float tensor `requires_grad` and asserts a gradient
+for it, but leaves integer tensors alone, so each decoder layer computes its rotary cos/sin and its mask from the
+positions itself. One float tensor and one integer tensor is also the only mix its receive buffers keep apart
+on middle stages (they are reused without checking dtype; ../shared/deepspeed-cpu-notes.md). Parameter names
+are the HF names below a per-layer prefix (see `models/hf_weights.py`).
 """
 
 import torch
@@ -33,6 +38,7 @@ from models.deepspeed_internals import PipelineModuleHooks
 from models.flops import flops_partition
 from models.lora import AdapterPlan, add_adapters, load_initial_adapters
 from models.loss import next_token_cross_entropy
+from models.masking import attention_mask, layer_attention_type
 from models.quantize import Quantization, quantize_4bit
 
 
@@ -46,18 +52,24 @@ class EmbeddingPipe(nn.Module):
         for name in (arch.token_embedding,) if token_only else arch.embedding:
             self.add_module(name, arch.new_module(f"{arch.prefix}.{name}"))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids`, or `(input_ids, position_ids)` -> `(hidden, position_ids)`. Without positions every row is
+        one sequence, 0..S-1 (sampling, and callers that hand a bare tensor)."""
+        input_ids, position_ids = inputs if isinstance(inputs, tuple | list) else (inputs, None)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        position_ids = position_ids.long().contiguous()  # p2p sends need contiguous tensors
         hidden = getattr(self, self.token_embedding)(input_ids)
         for name, module in self.named_children():
             if name == self.position_embedding:
-                hidden = hidden + module(torch.arange(input_ids.shape[-1], device=input_ids.device))
+                hidden = hidden + module(position_ids)
             elif name != self.token_embedding:
                 hidden = module(hidden)  # dropout
         if torch.is_grad_enabled() and not hidden.requires_grad:
             # A frozen embedding (LoRA): a checkpointed layer after it would see an input without a gradient and
             # record nothing for its adapters (what transformers' `enable_input_require_grads` does).
             hidden.requires_grad_(True)
-        return hidden
+        return hidden, position_ids
 
     def tied_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied LM head: logits from the token embedding's weight."""
@@ -65,19 +77,23 @@ class EmbeddingPipe(nn.Module):
 
 
 class DecoderLayerPipe(nn.Module):
-    """transformers' decoder layer with the one-tensor-in, one-tensor-out interface of a pipeline layer."""
+    """transformers' decoder layer with the (hidden, position_ids) interface of the pipeline's middle layers."""
 
     def __init__(self, arch: Architecture, index: int):
         super().__init__()
         self.layer = arch.new_module(arch.layer_path(index))
         self.rotary = arch.new_module(f"{arch.prefix}.{arch.rotary}") if arch.rotary else None
+        self.config, self.attention_type = arch.config, layer_attention_type(arch.config, index)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        kwargs = {}
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, position_ids = inputs
+        kwargs = {
+            "position_ids": position_ids,  # flash attention's variable-length path reads the documents from these
+            "attention_mask": attention_mask(self.config, self.attention_type, hidden, position_ids),
+        }
         if self.rotary is not None:
-            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-            kwargs = {"position_ids": position_ids, "position_embeddings": self.rotary(hidden, position_ids)}
-        return self.layer(hidden, **kwargs)  # no mask: causal (see pipeline_config); transformers 5 returns a tensor
+            kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
+        return self.layer(hidden, **kwargs), position_ids  # transformers 5 layers return a tensor
 
     def _apply(self, fn, recurse=True):
         # Keep the rotary frequencies in fp32 when DeepSpeed casts the model to bf16/fp16: only move them.
@@ -95,8 +111,8 @@ class FinalNormPipe(nn.Module):
         self.name = arch.final_norm
         self.add_module(arch.final_norm, arch.new_module(f"{arch.prefix}.{arch.final_norm}"))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.name)(hidden)
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return getattr(self, self.name)(inputs[0])  # the positions end here: the head and the loss do not read them
 
 
 class HeadPipe(nn.Module):

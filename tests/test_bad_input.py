@@ -99,23 +99,6 @@ def test_eager_attention_is_refused(capsys, good, tmp_path):
     assert "'eager' attention" in line and "sdpa" in line
 
 
-def test_seq_len_above_the_sliding_window(capsys, good, tmp_path):
-    config = model_json(tmp_path, model_type="mistral", sliding_window=64)
-    line = run_preflight(
-        capsys,
-        2,
-        "--model-config",
-        config,
-        "--seq-len",
-        128,
-        "--deepspeed_config",
-        good["config"],
-        "--data",
-        good["data"],
-    )
-    assert "--seq-len 128 exceeds the model's 64-token sliding attention window" in line
-
-
 def test_missing_data_file(capsys, good, tmp_path):
     line = run_preflight(capsys, 2, "--deepspeed_config", good["config"], "--data", tmp_path / "missing.jsonl")
     assert "data file not found" in line and "missing.jsonl" in line

@@ -117,7 +117,11 @@ def test_packed_blocks_have_one_shape_and_keep_every_example_whole(tokenizer, ch
     kept_ids = [examples["input_ids"][i] for i in kept]
     for blocks, one_per_block in ((packed, False), (padded, True)):
         expected = pack_as_documented(kept_ids, 128, one_per_block)
-        assert blocks["input_ids"] == [b + [tokenizer.pad_token_id] * (128 - len(b)) for b in expected]
+        flat = [[t for example in b for t in example] for b in expected]
+        assert blocks["input_ids"] == [b + [tokenizer.pad_token_id] * (128 - len(b)) for b in flat]
+        # Each example's positions count from 0, and so do the padding's (a document of its own).
+        lengths = [[len(example) for example in b] + [128 - len(f)] for b, f in zip(expected, flat, strict=True)]
+        assert blocks["position_ids"] == [[p for n in b for p in range(n)] for b in lengths]
     assert max(padded["examples"]) == 1 and len(padded) == len(kept)
     assert len(packed) < len(padded) and stats["answer_fraction"] > padded_stats["answer_fraction"]
     lengths = sum(len(ids) for ids in kept_ids)
@@ -127,17 +131,18 @@ def test_packed_blocks_have_one_shape_and_keep_every_example_whole(tokenizer, ch
     assert template == CHATML
 
 
-def pack_as_documented(examples: list[list[int]], seq_len: int, one_per_block: bool) -> list[list[int]]:
-    """The packing rule, written out: the first of the last 8 blocks with room, else a new block."""
+def pack_as_documented(examples: list[list[int]], seq_len: int, one_per_block: bool) -> list[list[list[int]]]:
+    """The packing rule, written out: the first of the last 8 blocks with room, else a new block. Each block is
+    the list of its examples."""
     closed, open_blocks = [], []
     for example in examples:
-        fits = [b for b in open_blocks if not one_per_block and len(b) + len(example) <= seq_len]
+        fits = [b for b in open_blocks if not one_per_block and sum(map(len, b)) + len(example) <= seq_len]
         if not fits:
             if len(open_blocks) == (1 if one_per_block else 8):
                 closed.append(open_blocks.pop(0))
             open_blocks.append([])
             fits = open_blocks[-1:]
-        fits[0].extend(example)
+        fits[0].append(example)
     return closed + open_blocks
 
 
@@ -195,7 +200,13 @@ def test_masked_loss_over_a_global_batch_equals_hf(tokenizer, chat_corpus, tmp_p
         cache_dir=tmp_path / "c",
     )
     batches = TrainMicroBatches(
-        blocks=splits["train"], micro_batch_size=2, num_micro_batches=4, dp_rank=0, dp_size=1, seed=3
+        blocks=splits["train"],
+        micro_batch_size=2,
+        num_micro_batches=4,
+        dp_rank=0,
+        dp_size=1,
+        seed=3,
+        document_attention=True,  # the default for chat data; one example per block, so HF's causal loss holds
     )
     feed = iter(batches)
     micro_batches = [next(feed) for _ in range(4)]
@@ -205,7 +216,7 @@ def test_masked_loss_over_a_global_batch_equals_hf(tokenizer, chat_corpus, tmp_p
     config = tiny_gpt2(layers=2, width=32, heads=2, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0)
     hf = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in config.items() if k != "model_type"}))
     hf.save_pretrained(tmp_path / "hf")
-    input_ids = torch.cat([ids for ids, _ in micro_batches])
+    input_ids = torch.cat([ids for (ids, _), _ in micro_batches])
     labels = torch.cat([labels for _, (labels, _) in micro_batches])
     with torch.no_grad():
         expected = hf(input_ids, labels=labels).loss.item()

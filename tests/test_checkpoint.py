@@ -241,7 +241,13 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
         resolve_sources([str(corpus)]), TEXT, tokenizer, seq_len=32, val_fraction=0.05, cache_dir=tmp / "cache"
     )["train"]  # as `setup`
     micro_batches = TrainMicroBatches(
-        blocks=blocks, micro_batch_size=2, num_micro_batches=4, dp_rank=0, dp_size=1, seed=1234
+        blocks=blocks,
+        micro_batch_size=2,
+        num_micro_batches=4,
+        dp_rank=0,
+        dp_size=1,
+        seed=1234,
+        document_attention=False,
     ).step_indices(0)
     with torch.no_grad():
         first = [model(ids, labels=ids).loss.item() for ids in (blocks[i]["input_ids"].long() for i in micro_batches)]

@@ -57,7 +57,7 @@ def test_packing_separates_documents_with_eos(tmp_path, tokenizer_dir):
         resolve_sources([str(folder / "b.jsonl")]),
         TEXT,
         tokenizer,
-        seq_len=8,
+        seq_len=7,
         val_fraction=0.2,
         cache_dir=tmp_path / "c",
     )
@@ -65,8 +65,15 @@ def test_packing_separates_documents_with_eos(tmp_path, tokenizer_dir):
     expected = []
     for doc in DOCS[:2]:  # the whitespace-only document is skipped
         expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert blocks == expected[: len(expected) // 8 * 8]
-    assert splits["train"][:]["input_ids"].shape[1] == 8
+    assert blocks == expected[: len(expected) // 7 * 7]
+    assert splits["train"][:]["input_ids"].shape[1] == 7
+    # Positions count from 0 at every block's first token and after every EOS (a document's first token).
+    positions = torch.cat([splits["train"][:]["position_ids"], splits["validation"][:]["position_ids"]]).flatten()
+    position = []
+    for t in range(len(blocks)):
+        position.append(0 if t % 7 == 0 or blocks[t - 1] == tokenizer.eos_token_id else position[-1] + 1)
+    assert positions.tolist() == position
+    assert any(p == 0 and t % 7 for t, p in enumerate(position)), "no document starts inside a block"
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, tokenizer_dir, corpus):
@@ -200,10 +207,11 @@ def consumed(dp_rank: int, dp_size: int, steps: int, start_step: int = 0) -> lis
         dp_rank=dp_rank,
         dp_size=dp_size,
         seed=5,
+        document_attention=False,
         start_step=start_step,
     )
     it = iter(batches)
-    return [[int(t) for _ in range(micro_batches) for t in next(it)[0].flatten()] for _ in range(steps)]
+    return [[int(t) for _ in range(micro_batches) for t in next(it)[0][0].flatten()] for _ in range(steps)]
 
 
 def test_replicas_are_disjoint_and_cover_the_global_batch():

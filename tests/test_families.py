@@ -17,7 +17,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from models.architecture import SUPPORTED_FAMILIES, discover
 from models.hf_weights import load_hf_weights, pipeline_param_to_hf
-from models.loss import next_token_cross_entropy
+from models.loss import IGNORE_INDEX, next_token_cross_entropy
 from models.pipeline import build_pipeline
 from tests.helpers import write_ds_config
 from train.checkpoint.checkpointer import save_checkpoint
@@ -49,9 +49,18 @@ CASES = [
     ),
     ("llama", "untied, GQA, llama3 rope scaling", dict(_SHAPE, num_key_value_heads=2, rope_parameters=_LLAMA3_ROPE)),
     ("llama", "tied (Llama-3.2 style)", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
-    ("mistral", "untied, GQA, sliding window", dict(_SHAPE, num_key_value_heads=2, sliding_window=64)),
+    (
+        "mistral",
+        "untied, GQA, sliding window shorter than the block",
+        dict(_SHAPE, num_key_value_heads=2, sliding_window=9),
+    ),
     ("qwen2", "tied, qkv bias", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
     ("qwen2", "untied (Qwen2.5-7B style)", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
+    (
+        "qwen2",
+        "sliding window on the upper layers only (layer_types)",
+        dict(_SHAPE, num_key_value_heads=2, use_sliding_window=True, sliding_window=9, max_window_layers=2),
+    ),
     ("qwen3", "q/k norm, head_dim != hidden/heads", dict(_SHAPE, num_key_value_heads=2, head_dim=32)),
     ("gpt_neox", "parallel residual, partial rotary, untied embed_out", dict(_SHAPE, rotary_pct=0.25)),
     ("gpt_neox", "sequential residual", dict(_SHAPE, rotary_pct=0.5, use_parallel_residual=False)),
@@ -162,7 +171,7 @@ def test_rotary_frequencies_stay_fp32_when_the_model_is_cast_to_bf16(one_rank_gr
     assert layer.layer.self_attn.q_proj.weight.dtype == torch.bfloat16
     assert layer.rotary.inv_freq.dtype == torch.float32 and torch.equal(layer.rotary.inv_freq, expected)
     hidden = torch.randn(2, SEQ, arch.hidden_size, dtype=torch.bfloat16)
-    assert layer(hidden).dtype == torch.bfloat16
+    assert layer((hidden, torch.arange(SEQ).expand(2, SEQ)))[0].dtype == torch.bfloat16
 
 
 def test_layer_parameter_counts_equal_what_deepspeed_counts_by_building_every_layer(pair):
@@ -200,3 +209,45 @@ def test_one_layer_order_gives_specs_names_flops_and_counts_that_agree_with_deep
             mapped.append(key)
     assert sorted(mapped) == sorted(hf_params)  # every HF weight once (a tied head's is the embedding's)
     assert pipe._count_layer_params() == PipelineModule._count_layer_params(pipe) == arch.layer_parameters()
+
+
+DOCUMENTS = [7, 3, 9, 5]  # lengths of the documents packed into one SEQ-token block
+
+
+def packed_block(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One block of several random documents: (input_ids, position_ids), each [1, SEQ], and the documents."""
+    generator = torch.Generator().manual_seed(seed)
+    documents = [torch.randint(0, VOCAB, (n,), generator=generator) for n in DOCUMENTS]
+    positions = torch.cat([torch.arange(n) for n in DOCUMENTS])
+    assert len(positions) == SEQ
+    return torch.cat(documents)[None], positions[None], documents
+
+
+def test_document_attention_computes_each_packed_document_as_hf_does_alone(pair):
+    """The loss of a packed block under document attention is the token-weighted mean of each document's HF loss
+    alone (its positions from 0, and the first token of each document no target); causal attention differs."""
+    hf, pipe, _, _ = pair
+    ids, positions, documents = packed_block(4)
+    labels = ids.masked_fill(positions == 0, IGNORE_INDEX)  # as train/data/batches.py labels text
+    with torch.no_grad():
+        document = next_token_cross_entropy(pipe((ids, positions)), labels).item()
+        causal = next_token_cross_entropy(pipe(ids), labels).item()
+        alone = sum(hf(d[None], labels=d[None]).loss.item() * (len(d) - 1) for d in documents)
+    expected = alone / sum(len(d) - 1 for d in documents)
+    assert document == pytest.approx(expected, abs=1e-5)
+    assert abs(causal - expected) > 1e-3, "causal attention gave the per-document loss: the mask is not applied"
+
+
+def test_document_attention_isolates_documents_and_is_causal(pair):
+    """Changing a token of one document moves no logit of the other documents nor of its own earlier tokens."""
+    _, pipe, _, _ = pair
+    ids, positions, _ = packed_block(5)
+    second = slice(DOCUMENTS[0], DOCUMENTS[0] + DOCUMENTS[1])
+    changed = ids.clone()
+    changed[0, second.start + 1] = (changed[0, second.start + 1] + 11) % VOCAB  # the second document's 2nd token
+    with torch.no_grad():
+        a, b = pipe((ids, positions)), pipe((changed, positions))
+    moved = (a - b).abs().amax(dim=-1)[0] > 0
+    assert moved[second.start + 1 : second.stop].any(), "the changed token moved nothing"
+    assert not moved[: second.start + 1].any(), "an earlier token or an earlier document saw the change"
+    assert not moved[second.stop :].any(), "a later document attended across its boundary"

@@ -215,6 +215,7 @@ def training_batches(config: RunConfig, engine: PipelineEngine, blocks: Dataset,
         dp_rank=dp_rank,
         dp_size=dp_size,
         seed=config.flags.seed,
+        document_attention=config.document_attention,
         start_step=start_step,
         trace_path=trace,
     )
@@ -245,6 +246,7 @@ def evaluator(
         blocks=blocks,
         n_blocks=n_blocks,
         batch=config.batch,
+        document_attention=config.document_attention,
         interval=flags.eval_interval,
         sampling=Sampling(
             tokenizer=tokenizer,

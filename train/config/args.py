@@ -177,6 +177,14 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         help="prompt-completion and chat data: several examples per --seq-len block, or one (padded)",
     )
     data.add_argument(
+        "--attention",
+        choices=["document", "causal"],
+        default=None,
+        help="document: a token of a packed block attends only to earlier tokens of its own document, whose "
+        "positions start at 0 (as if it were alone); causal: to every earlier token of the block. Default: "
+        "document for prompt-completion and chat data, causal for text (README: Attention in packed blocks)",
+    )
+    data.add_argument(
         "--overlong",
         choices=["truncate", "drop"],
         default="truncate",

@@ -44,6 +44,7 @@ class RunConfig:
     sources: list[Source]
     val_sources: list[Source] | None  # None: --val-fraction of every source is held out
     data_format: DataFormat
+    document_attention: bool  # --attention document: per-document masks and positions in packed blocks
     data_cache_dir: Path  # --data-cache-dir, or PIPEGPT_CACHE, or ~/.cache/pipegpt
     num_proc: int  # tokenization processes: --num-proc, or every core
     batch: BatchLayout
@@ -115,12 +116,6 @@ def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:
     arch = discover(model_config)
     if arch.max_positions() is not None and seq_len > arch.max_positions():
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's {arch.max_positions()} positions")
-    if (window := arch.sliding_window()) is not None and seq_len > window:
-        # Without a mask SDPA attends to every earlier token: beyond the window that is not the model.
-        raise ConfigError(
-            f"--seq-len {seq_len} exceeds the model's {window}-token sliding attention window, which the pipeline "
-            f"does not mask; use --seq-len {window} or less"
-        )
 
 
 def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
@@ -153,6 +148,7 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         check_checkpoint_adapters(read_manifest(verified_tag_dir(flags.load)), adapters, fingerprint, quantization)
         if resume == "universal":  # DeepSpeed reads this when the engine is built
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    data_format = data_format_from_flags(flags)
     sources = resolve_sources(flags.data or [embedded_corpus()])
     val_sources = resolve_sources(flags.val_data) if flags.val_data else None
     return RunConfig(
@@ -163,7 +159,8 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         model_config=model_config,
         sources=sources,
         val_sources=val_sources,
-        data_format=data_format_from_flags(flags),
+        data_format=data_format,
+        document_attention=(flags.attention or ("document" if data_format.masked else "causal")) == "document",
         data_cache_dir=flags.data_cache_dir or default_cache_dir(),
         num_proc=flags.num_proc or os.cpu_count() or 1,
         batch=batch,

@@ -9,6 +9,11 @@ batch. The position is a pure function of the step, which makes resuming exact.
 Blocks of instruction or chat data carry their own labels and answer-token counts: each micro-batch's
 labels then travel with the scale that turns the loss into the mean over the global batch's answer tokens
 (models/loss.py).
+
+The first stage gets (input_ids, position_ids): under document attention the positions stored with each block
+(each document counted from 0), else 0..S-1 for every row (causal across the block). Under document attention
+no document's first token is a target of the token before it (the end of another document): for text its label
+is -100 here; instruction and chat examples never label their first token.
 """
 
 import hashlib
@@ -20,9 +25,11 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from models.loss import IGNORE_INDEX
+
 
 class TrainMicroBatches:
-    """Endless iterator of (input_ids, labels) micro-batches for one data-parallel replica."""
+    """Endless iterator of ((input_ids, position_ids), labels) micro-batches for one data-parallel replica."""
 
     def __init__(
         self,
@@ -33,10 +40,12 @@ class TrainMicroBatches:
         dp_rank: int,
         dp_size: int,
         seed: int,
+        document_attention: bool,
         start_step: int = 0,
         trace_path: Path | None = None,
     ):
         self.blocks = blocks
+        self.document_attention = document_attention
         self.micro_batch_size = micro_batch_size
         self.num_micro_batches = num_micro_batches
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -92,11 +101,12 @@ class TrainMicroBatches:
             self.wait_seconds += time.perf_counter() - start
             for index, indices in enumerate(micro_batches):
                 part = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
-                input_ids, labels = engine_inputs(rows, part, scale)
+                inputs, labels = engine_inputs(rows, part, scale, self.document_attention)
+                input_ids = inputs[0]
                 if self.trace is not None:
                     self.trace.write(json.dumps(trace_record(self.step + 1, index, indices, input_ids, labels)) + "\n")
                     self.trace.flush()
-                yield input_ids, labels
+                yield inputs, labels
             self.step += 1
 
     def take_wait_seconds(self) -> float:
@@ -115,11 +125,22 @@ def answer_token_scale(num_micro_batches: int, dp_size: int, answer_tokens: floa
     return torch.tensor(num_micro_batches * dp_size / answer_tokens)
 
 
-def engine_inputs(rows: dict, part: slice, scale: torch.Tensor | None) -> tuple:
-    """(input_ids, labels) of one micro-batch as the engine takes it: labels are the inputs for text, and
-    (labels, loss scale) for masked data (DeepSpeed hands a tuple of tensors to the loss function as it is)."""
+def engine_inputs(rows: dict, part: slice, scale: torch.Tensor | None, document_attention: bool) -> tuple:
+    """((input_ids, position_ids), labels) of one micro-batch as the engine takes it: labels are the inputs for
+    text (less each document's first token under document attention), and (labels, loss scale) for masked data
+    (DeepSpeed hands a tuple of tensors to the loss function as it is)."""
     input_ids = rows["input_ids"][part].long()
-    return input_ids, input_ids if scale is None else (rows["labels"][part].long(), scale)
+    if document_attention:
+        position_ids = rows["position_ids"][part].long()
+    else:
+        position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids).contiguous()
+    if scale is not None:
+        labels = (rows["labels"][part].long(), scale)
+    elif document_attention:
+        labels = input_ids.masked_fill(position_ids == 0, IGNORE_INDEX)
+    else:
+        labels = input_ids
+    return (input_ids, position_ids), labels
 
 
 def trace_record(step: int, index: int, blocks: list[int], input_ids: torch.Tensor, labels) -> dict:
@@ -130,10 +151,18 @@ def trace_record(step: int, index: int, blocks: list[int], input_ids: torch.Tens
 
 
 def eval_steps(
-    blocks: Dataset, micro_batch_size: int, num_micro_batches: int, dp_rank: int, dp_size: int, max_blocks: int
+    blocks: Dataset,
+    *,
+    micro_batch_size: int,
+    num_micro_batches: int,
+    dp_rank: int,
+    dp_size: int,
+    max_blocks: int,
+    document_attention: bool,
 ) -> list[tuple[list, float]]:
-    """The first `max_blocks` validation blocks in order, as evaluation steps of this replica's (input_ids,
-    labels) micro-batches, each with its weight in the mean: 1 for text, its answer tokens for masked data."""
+    """The first `max_blocks` validation blocks in order, as evaluation steps of this replica's micro-batches
+    (as `engine_inputs` makes them), each with its weight in the mean: 1 for text, its answer tokens for masked
+    data."""
     per_replica, per_step = max_blocks // dp_size, micro_batch_size * num_micro_batches
     masked = "labels" in blocks.column_names
     steps = []
@@ -146,7 +175,8 @@ def eval_steps(
         start = dp_rank * per_replica + first
         rows = blocks[list(range(start, start + per_step))]
         micro_batches = [
-            engine_inputs(rows, slice(i, i + micro_batch_size), scale) for i in range(0, per_step, micro_batch_size)
+            engine_inputs(rows, slice(i, i + micro_batch_size), scale, document_attention)
+            for i in range(0, per_step, micro_batch_size)
         ]
         steps.append((micro_batches, weight))
     return steps

@@ -9,8 +9,9 @@ The first token of an example is never labelled, so no answer token is predicted
 Every block holds `seq_len` tokens, the shape DeepSpeed's pipeline buffers are built for: examples are packed
 nearly in order, each into the first of the last few blocks with room for it (`--packing pack`), or one per
 block (`--packing pad`); the rest of a block is padding, right-sided and labelled -100, so causal attention
-keeps it invisible. Packed examples attend to the examples before them in their block: no document mask
-crosses the stages (README: "Fine-tune a chat model" gives the measured effect). An example longer than
+keeps it invisible. Each token's position in its example is stored beside it (the padding counts as one more
+example), so that under `--attention document` (the default for these formats) a packed example sees only
+itself, at the positions it would have alone. An example longer than
 `seq_len` is cut to it or dropped (`--overlong`); one left with no answer token is skipped. Both are
 counted and printed.
 """
@@ -170,28 +171,29 @@ def pack_examples(batch: dict, seq_len: int, one_per_block: bool, pad_id: int) -
     Each example goes into the first of the last `OPEN_BLOCKS` blocks that has room for it, else into a new
     block (the oldest open one is then closed): near to in-order packing, which keeps the validation blocks
     at the end of a source unbiased, while short examples fill the gaps that long ones leave."""
-    blocks: dict[str, list] = {"input_ids": [], "labels": [], "loss_tokens": [], "examples": []}
-    open_blocks: list[tuple[list[int], list[int], list[int]]] = []  # (ids, labels, [example count])
+    blocks: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "loss_tokens": [], "examples": []}
+    open_blocks: list[tuple[list[int], list[int], list[int]]] = []  # (ids, labels, the lengths of its examples)
 
-    def close_block(ids: list[int], labels: list[int], count: list[int]) -> None:
+    def close_block(ids: list[int], labels: list[int], lengths: list[int]) -> None:
         padding = seq_len - len(ids)
         blocks["input_ids"].append(ids + [pad_id] * padding)
         blocks["labels"].append(labels + [IGNORE_INDEX] * padding)
+        blocks["position_ids"].append([p for length in (*lengths, padding) for p in range(length)])
         # The loss predicts labels[t + 1] from position t: a label at position 0 is never counted.
         blocks["loss_tokens"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
-        blocks["examples"].append(count[0])
+        blocks["examples"].append(len(lengths))
 
     for example_ids, example_labels in zip(batch["input_ids"], batch["labels"], strict=True):
         fits = [b for b in open_blocks if not one_per_block and len(b[0]) + len(example_ids) <= seq_len]
         if not fits:
             if len(open_blocks) >= (1 if one_per_block else OPEN_BLOCKS):
                 close_block(*open_blocks.pop(0))
-            open_blocks.append(([], [], [0]))
+            open_blocks.append(([], [], []))
             fits = open_blocks[-1:]
-        ids, labels, count = fits[0]
+        ids, labels, lengths = fits[0]
         ids += example_ids
         labels += example_labels
-        count[0] += 1
+        lengths.append(len(example_ids))
     for block in open_blocks:
         close_block(*block)
     return blocks
@@ -252,6 +254,7 @@ def block_features(seq_len: int) -> Features:
         {
             "input_ids": Sequence(Value("int32"), length=seq_len),
             "labels": Sequence(Value("int32"), length=seq_len),
+            "position_ids": Sequence(Value("int32"), length=seq_len),  # in its example (padding: one more)
             "loss_tokens": Value("int32"),  # the positions the loss counts (labels[1:] that are not -100)
             "examples": Value("int32"),
         }

@@ -1,8 +1,10 @@
 """Sources -> `datasets` -> blocks of `seq_len` tokens, cached on disk, split into training and validation.
 
 Plain text: documents are joined with EOS and cut into blocks; each block is both the input and
-the label (the loss shifts by one, as `GPT2LMHeadModel` does). The tokens left over at the
-end of a source (fewer than one block) are dropped and counted. Instruction and chat data
+the label (the loss shifts by one, as `GPT2LMHeadModel` does). Every block also stores each token's position
+in its document (0 at a document's first token and at the block's first token, a document cut by the block
+boundary continuing as a document of its own): `--attention document` feeds those positions to the model.
+The tokens left over at the end of a source (fewer than one block) are dropped and counted. Instruction and chat data
 become blocks with their own labels (train/data/examples.py).
 """
 
@@ -21,7 +23,7 @@ from train.data.examples import MAP_BATCH, PACK_BATCH, DataFormat, describe, exa
 from train.data.sources import Source, load_texts
 from train.errors import ConfigError
 
-CACHE_FORMAT = 2  # bump when the packing changes, so that old caches are not served
+CACHE_FORMAT = 3  # bump when the packing changes, so that old caches are not served
 
 
 def tokenize_and_pack(
@@ -47,23 +49,45 @@ def tokenize_and_pack(
         desc="tokenizing",
     )
     carry = np.empty(0, dtype=np.int32)  # tokens of the current, unfinished block
+    carry_starts = np.empty(0, dtype=bool)  # which of them start a document
 
     def pack_into_blocks(batch: pa.Table) -> dict:
-        nonlocal carry
-        flat = np.concatenate([carry, batch["input_ids"].combine_chunks().flatten().to_numpy()])
+        nonlocal carry, carry_starts
+        docs = batch["input_ids"].combine_chunks()
+        starts = np.zeros(len(docs.values), dtype=bool)
+        starts[docs.offsets.to_numpy()[:-1]] = True  # documents are never empty: each ends with EOS
+        flat = np.concatenate([carry, docs.flatten().to_numpy()])
+        starts = np.concatenate([carry_starts, starts])
         n_blocks = len(flat) // seq_len
-        carry = flat[n_blocks * seq_len :]
-        return {"input_ids": flat[: n_blocks * seq_len].reshape(n_blocks, seq_len)}
+        carry, carry_starts = flat[n_blocks * seq_len :], starts[n_blocks * seq_len :]
+        return {
+            "input_ids": flat[: n_blocks * seq_len].reshape(n_blocks, seq_len),
+            "position_ids": document_positions(starts[: n_blocks * seq_len].reshape(n_blocks, seq_len)),
+        }
 
     blocks = tokenized.with_format("arrow").map(
         pack_into_blocks,
         batched=True,
         batch_size=PACK_BATCH,
         load_from_cache_file=False,  # the leftover count is computed while packing
-        features=Features({"input_ids": Sequence(Value("int32"), length=seq_len)}),
+        features=Features(
+            {
+                "input_ids": Sequence(Value("int32"), length=seq_len),
+                "position_ids": Sequence(Value("int32"), length=seq_len),
+            }
+        ),
         desc=f"packing into {seq_len}-token blocks",
     )
     return blocks.with_format(None), len(carry)
+
+
+def document_positions(starts: np.ndarray) -> np.ndarray:
+    """[blocks, seq_len] flags of the tokens that start a document -> each token's position in its document,
+    counted from the last start in its block (a block's first token always starts one)."""
+    starts = starts.copy()
+    starts[:, 0] = True
+    index = np.arange(starts.shape[1])
+    return (index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)).astype(np.int32)
 
 
 def cache_key(source: Source, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> str:

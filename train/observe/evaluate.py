@@ -17,7 +17,13 @@ from train.observe.metrics import MetricsLog, eval_metrics
 
 
 def evaluate(
-    engine: PipelineEngine, blocks: Dataset, micro_batch_size: int, num_micro_batches: int, n_blocks: int
+    engine: PipelineEngine,
+    blocks: Dataset,
+    *,
+    micro_batch_size: int,
+    num_micro_batches: int,
+    n_blocks: int,
+    document_attention: bool,
 ) -> float:
     """Mean next-token loss over the first `n_blocks` validation blocks (a multiple of one global batch).
 
@@ -26,7 +32,15 @@ def evaluate(
     step is the mean over its answer tokens, and the steps are weighted by them.
     """
     dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
-    steps = eval_steps(blocks, micro_batch_size, num_micro_batches, dp_rank, dp_size, n_blocks)
+    steps = eval_steps(
+        blocks,
+        micro_batch_size=micro_batch_size,
+        num_micro_batches=num_micro_batches,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        max_blocks=n_blocks,
+        document_attention=document_attention,
+    )
     losses = [engine.eval_batch(iter(micro_batches)).item() * weight for micro_batches, weight in steps]
     return sum(losses) / sum(weight for _, weight in steps)
 
@@ -45,8 +59,9 @@ def sample_through_pipeline(
     """One sample per prompt (token ids; as many prompts as a micro-batch holds), decoded by the pipeline itself.
 
     Every new token is one forward-only pass of a fixed (micro_batch_size, seq_len) block, so the
-    engine's activation buffers keep their training shape; the last stage samples and broadcasts
-    the tokens to the other stages. Causal attention makes the padding after each row invisible.
+    engine's activation buffers keep their training shape (the positions 0..S-1 of one sequence per row beside
+    the tokens); the last stage samples and broadcasts the tokens to the other stages. Causal attention makes
+    the padding after each row invisible.
     """
     rows = torch.arange(len(prompts))
     block = torch.full((len(prompts), seq_len), tokenizer.eos_token_id, dtype=torch.long)
@@ -54,13 +69,18 @@ def sample_through_pipeline(
     for row, prompt in enumerate(prompts):
         block[row, : len(prompt)] = torch.tensor(prompt)
     lengths = torch.tensor([len(prompt) for prompt in prompts])
+    positions = torch.arange(seq_len).expand_as(block).contiguous()
     device = get_accelerator().current_device_name()
     last_stage = engine.grid.stage_to_global(engine.num_stages - 1, data=engine.grid.data_parallel_id)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(min(new_tokens, seq_len - int(lengths.max()))):
         clear_eval_outputs(engine)
         out = engine.eval_batch(
-            iter([(block, block)]), compute_loss=False, reduce_output=None, bcast_loss=False, num_micro_batches=1
+            iter([((block, positions), block)]),
+            compute_loss=False,
+            reduce_output=None,
+            bcast_loss=False,
+            num_micro_batches=1,
         )
         next_ids = torch.zeros(len(prompts), dtype=torch.long, device=device)
         if engine.is_last_stage():
@@ -106,11 +126,13 @@ class Evaluator:
         blocks: Dataset,
         n_blocks: int,
         batch: BatchLayout,
+        document_attention: bool,
         interval: int,
         sampling: Sampling,
         log: MetricsLog,
     ):
         self.engine, self.blocks, self.n_blocks, self.batch, self.log = engine, blocks, n_blocks, batch, log
+        self.document_attention = document_attention
         self.interval, self.sampling = interval, sampling
         if sampling.prompt is None:
             self.prompts = held_out_prompts(blocks, batch.micro_batch_size)
@@ -124,7 +146,14 @@ class Evaluator:
     def evaluate(self, step: int) -> dict:
         """The validation metrics; the samples go to the log."""
         batch, sampling = self.batch, self.sampling
-        loss = evaluate(self.engine, self.blocks, batch.micro_batch_size, batch.num_micro_batches, self.n_blocks)
+        loss = evaluate(
+            self.engine,
+            self.blocks,
+            micro_batch_size=batch.micro_batch_size,
+            num_micro_batches=batch.num_micro_batches,
+            n_blocks=self.n_blocks,
+            document_attention=self.document_attention,
+        )
         samples = sample_through_pipeline(
             self.engine, sampling.tokenizer, self.prompts, sampling.tokens, sampling.seq_len, seed=sampling.seed + step
         )

@@ -140,7 +140,7 @@ def _saved_bytes_per_token(config_json: str, scale: float, dtype: str, lora_json
 
     hidden = torch.randn(1, tokens, config.hidden_size, dtype=torch_dtype, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(hidden)
+        layer((hidden, torch.arange(tokens).unsqueeze(0)))
     return sum(seen.values()) / tokens
 
 
