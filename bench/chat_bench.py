@@ -1,4 +1,4 @@
-"""Chat fine-tuning next to plain-text training, and what packing without document masks costs.
+"""Chat fine-tuning next to plain-text training, and what attention across packed examples costs.
 
     python -m bench.chat_bench [--steps 40] [--verses 8000] [--repeats 2]
 
@@ -6,13 +6,15 @@ Builds its own data and tokenizer in a fresh folder (nothing is read from a cach
 (8,192) trained on the embedded corpus, with ChatML's two special tokens and template added (every run uses
 it, so that all have the same vocabulary and head), and chat examples made of the first `--verses` verses
 (tests/helpers.py: chat_records). Then trains the default model and layout (gpt2-tiny, 2 stages,
-ds_configs/cpu_pp2.json, 128-token blocks) on the plain text, on packed chat data and on padded chat data,
-`--repeats` times round robin, and prints a table: the packing efficiency (answer tokens / block tokens),
-the block fill, tokens/s of each run and answer tokens/s (medians after step 10), the final validation loss.
+ds_configs/cpu_pp2.json, 128-token blocks) on the plain text, on packed chat data under document attention
+(the default) and under causal attention, and on padded chat data, `--repeats` times round robin, and prints a
+table: the packing efficiency (answer tokens / block tokens), the block fill, tokens/s of each run and answer
+tokens/s (medians after step 10), the final validation loss (in the run's own blocks and attention), and the
+held-out answer loss of its export with every example alone: the same answer tokens for every chat run.
 
-Packed examples attend to the examples before them in their block. The last lines measure that: the
-packed run's exported model scores its held-out answers once in their packed blocks and once with every
-example alone (the padded layout, exact), over the same answer tokens.
+The last lines score the held-out answers of the packed runs' exports in their packed blocks, as HF computes
+them without positions (attention across the examples) and with the blocks' positions (transformers then
+masks each example), against each example alone.
 """
 
 import argparse
@@ -63,8 +65,9 @@ def median_after_10(out: Path, value) -> float:
 
 
 @torch.no_grad()
-def cross_example_effect(out: Path, data: Path, tokenizer, work: Path) -> tuple[float, float, int]:
-    """Mean held-out answer loss of the packed run's export: in the packed blocks, and example by example."""
+def held_out_answer_losses(out: Path, data: Path, tokenizer, work: Path) -> dict[str, float]:
+    """Mean held-out answer loss of a run's export over the packed validation blocks: `causal` (HF on the block,
+    no positions), `document` (HF on the block with its positions) and `alone` (each example by itself)."""
     model = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
     blocks = packed_dataset(
         resolve_sources([str(data)]),
@@ -74,22 +77,28 @@ def cross_example_effect(out: Path, data: Path, tokenizer, work: Path) -> tuple[
         val_fraction=0.02,
         cache_dir=work / "cache",
     )
-    packed_sum = alone_sum = count = 0.0
+    sums, count = {"causal": 0.0, "document": 0.0, "alone": 0.0}, 0
     for row in blocks["validation"]:
-        ids, labels = row["input_ids"].long(), row["labels"].long()
+        ids, labels, positions = row["input_ids"].long(), row["labels"].long(), row["position_ids"].long()
         n = int((labels[1:] != IGNORE_INDEX).sum())
-        packed_sum += model(ids[None], labels=labels[None]).loss.item() * n
-        ends = (ids == tokenizer.eos_token_id).nonzero().flatten().tolist()  # each example ends with EOS
-        for start, end in zip([0] + [e + 1 for e in ends], ends, strict=False):
-            example_labels = labels[start : end + 1]
+        sums["causal"] += model(ids[None], labels=labels[None]).loss.item() * n
+        sums["document"] += model(ids[None], position_ids=positions[None], labels=labels[None]).loss.item() * n
+        starts = (positions == 0).nonzero().flatten().tolist() + [len(ids)]
+        for start, end in itertools.pairwise(starts):
+            example_labels = labels[start:end]
             k = int((example_labels[1:] != IGNORE_INDEX).sum())
             if k:
-                alone_sum += model(ids[None, start : end + 1], labels=example_labels[None]).loss.item() * k
+                sums["alone"] += model(ids[None, start:end], labels=example_labels[None]).loss.item() * k
         count += n
-    return packed_sum / count, alone_sum / count, int(count)
+    return {name: total / count for name, total in sums.items()} | {"answer_tokens": count}
 
 
-VARIANTS = {"text": {}, "chat, packed": {"packing": "pack"}, "chat, padded": {"packing": "pad"}}
+VARIANTS = {
+    "text": {},
+    "chat, packed": {"packing": "pack"},
+    "chat, packed, causal": {"packing": "pack", "attention": "causal"},
+    "chat, padded": {"packing": "pad"},
+}
 
 
 def main() -> None:
@@ -107,24 +116,34 @@ def main() -> None:
             chat = dict(data=data, data_format="chat", **flags) if flags else {}
             folder = f"{name.replace(', ', '_')}_{repeat}"
             runs[name].append(train(folder, work, a.steps, tokenizer=tokenizer_dir, **chat))
-    print("| data | blocks | answer tokens / block tokens | fill | tokens/s (runs) | answer tokens/s | eval loss |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| data | blocks | answer tokens / block tokens | fill | tokens/s (runs) | answer tokens/s | eval loss "
+        "| held-out answers alone |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    scores = {}
     for name, outs in runs.items():
         speeds = " / ".join(f"{median_after_10(out, lambda m: m['tokens_per_sec']):,.0f}" for out in outs)
         eval_loss = [json.loads(line) for line in (outs[0] / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
         if name == "text":
-            print(f"| text | | all | 1.000 | {speeds} | | {eval_loss:.3f} |")
+            print(f"| text | | all | 1.000 | {speeds} | | {eval_loss:.3f} | |")
             continue
         (source,) = resolve_sources([str(data)])
-        _, stats = example_blocks(source, DataFormat("chat", **VARIANTS[name]), tokenizer, 128, None)
+        _, stats = example_blocks(source, DataFormat("chat", packing=VARIANTS[name]["packing"]), tokenizer, 128, None)
+        scores[name] = held_out_answer_losses(outs[0], data, tokenizer, work)
         answer_speed = median_after_10(outs[0], lambda m: m["tokens_per_sec"] * (1 - m["masked_fraction"]))
         print(
             f"| {name} | {stats['blocks']:,} | {stats['answer_fraction']:.3f} | {stats['fill_fraction']:.3f} | "
-            f"{speeds} | {answer_speed:,.0f} | {eval_loss:.3f} |"
+            f"{speeds} | {answer_speed:,.0f} | {eval_loss:.3f} | {scores[name]['alone']:.4f} |"
         )
-    packed, alone, count = cross_example_effect(runs["chat, packed"][0], data, tokenizer, work)
-    print(f"\nheld-out answers of the packed run ({count:,} answer tokens): mean loss in packed blocks {packed:.4f}, ")
-    print(f"each example alone {alone:.4f}: attention across examples changes it by {(packed - alone) / alone:+.2%}")
+    for name in ("chat, packed", "chat, packed, causal"):
+        score = scores[name]
+        gap = {how: (score[how] - score["alone"]) / score["alone"] for how in ("causal", "document")}
+        print(
+            f"\n{name} run, held-out answers in their packed blocks ({score['answer_tokens']:,} answer tokens): "
+            f"{score['causal']:.4f} across examples ({gap['causal']:+.2%} vs alone), {score['document']:.4f} with "
+            f"the positions ({gap['document']:+.2%}), {score['alone']:.4f} each example alone"
+        )
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ STEPS = 5
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_compiled_pipeline_trains_the_eager_losses(corpus, tokenizer_dir, tmp_path, family):
-    """pp=2, fp32: the same per-step losses within 1e-5 (GPT-2 with activation checkpointing on top)."""
+    """pp=2, fp32: the same per-step losses within 1e-5 (GPT-2 with activation checkpointing on top; Llama with
+    document attention, whose masks transformers builds inside the compiled layers)."""
     model = write_json(tmp_path / "model.json", tiny_gpt2()) if family == "gpt2" else "llama-tiny"
-    extra = ["--activation-checkpoint-interval", 1] if family == "gpt2" else []
+    extra = ["--activation-checkpoint-interval", 1] if family == "gpt2" else ["--attention", "document"]
     args = small_run_args(
         corpus, tokenizer_dir, tmp_path, write_ds_config(tmp_path / "ds.json"), model, STEPS, eval_interval=STEPS
     )

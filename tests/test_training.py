@@ -29,7 +29,7 @@ def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
 @pytest.fixture(scope="module")
 def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
     """The same 6 steps as pp=1, pp=2, pp=2 x dp=2 and pp=2 balanced by FLOPs with activation checkpointing
-    (global batch 8, micro-batch 2, fp32)."""
+    (global batch 8, micro-batch 2, fp32), and with document attention as pp=1 and as pp=2 (FLOPs, checkpointing)."""
     tmp = tmp_path_factory.mktemp("layouts")
     write_json(tmp / "model.json", tiny_gpt2())
     ds_config = write_ds_config(tmp / "ds.json")
@@ -41,6 +41,8 @@ def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
         ("pp2", 2, 2, by_params),
         ("pp2_dp2", 2, 4, []),
         ("pp2_flops_ac", 2, 2, balanced),
+        ("pp1_document", 1, 1, [*by_params, "--attention", "document"]),
+        ("pp2_document", 2, 2, [*balanced, "--attention", "document"]),
     ]
     for name, stages, ranks, extra in layouts:
         out = tmp / name
@@ -58,6 +60,19 @@ def test_layouts_train_the_same_losses(layout_runs):
     for name in ("pp2", "pp2_dp2", "pp2_flops_ac"):
         for ours, reference in zip(losses[name], losses["pp1"], strict=True):
             assert abs(ours - reference) <= 1e-4 * abs(reference), (name, losses[name], losses["pp1"])
+
+
+def test_document_attention_trains_the_same_losses_on_two_stages(layout_runs):
+    """The per-document positions cross the stage boundary beside the hidden states (and through recomputed
+    blocks): pp=2 is pp=1, step by step and in evaluation, and both differ from causal attention over the same
+    blocks (the mask is applied)."""
+    _, runs = layout_runs
+    one, two, causal = (read_metrics(runs[name]) for name in ("pp1_document", "pp2_document", "pp1"))
+    assert len(one) == len(two) == STEPS
+    for ours, reference in zip(two, one, strict=True):
+        assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-5)
+    assert all(abs(d["loss"] - c["loss"]) > 1e-4 for d, c in zip(one, causal, strict=True))
 
 
 def test_tied_embedding_stays_identical_across_stages(layout_runs):

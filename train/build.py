@@ -191,13 +191,14 @@ def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: Pr
     """`run_config.json` (also W&B's config) and the model line; a collective."""
     batch = config.batch
     record = run_record(config.flags.as_dict(), config.ds_config, engine, batch, model_config.to_dict(), flops)
+    record["attention"] = "document" if config.document_attention else "causal"  # --attention, resolved
     if rank() == 0:
         (config.output_dir / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
     trains = f" ({record['trainable_parameters']:,} trainable: LoRA)" if config.adapters is not None else ""
     say(
         f"model: {model_config.model_type}, {record['parameters']:,} parameters{trains}, {engine.num_stages} stages x "
         f"{engine.grid.data_parallel_size} data-parallel, layer bounds {record['topology']['stage_layer_bounds']}, "
-        f"{batch.num_micro_batches} micro-batches of {batch.micro_batch_size}"
+        f"{batch.num_micro_batches} micro-batches of {batch.micro_batch_size}, {record['attention']} attention"
     )
     return record
 
