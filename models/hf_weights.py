@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from deepspeed.pipe import PipelineModule
 from safetensors import safe_open
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
 from models.architecture import TIED_EMBEDDING_KEY, TIED_HEAD, Architecture, discover
+from models.portable import make_portable
 
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 
@@ -155,16 +156,26 @@ def hf_state_dict_from_pipeline_checkpoint(checkpoint_dir: Path, arch: Architect
     return state
 
 
-def export_hf_model(checkpoint_dir: Path, config: PretrainedConfig, out_dir: Path, tokenizer=None) -> Path:
-    """Write a `save_pretrained` folder (safetensors, config, tokenizer) from a pipeline checkpoint."""
+def export_hf_model(
+    checkpoint_dir: Path,
+    config: PretrainedConfig,
+    out_dir: Path,
+    tokenizer=None,
+    generation_config: dict | None = None,
+) -> Path:
+    """Write a `save_pretrained` folder (safetensors, config, tokenizer) from a pipeline checkpoint, readable by
+    transformers 4.x as by 5.x (models/portable.py). `generation_config`: the pretrained model's (its stop tokens
+    and sampling defaults: Llama-3-Instruct stops at <|eot_id|> only through it), else one from the config."""
     arch = discover(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(arch.config)
     state = hf_state_dict_from_pipeline_checkpoint(checkpoint_dir, arch)
+    if generation_config is not None:
+        model.generation_config = GenerationConfig.from_dict(generation_config)
     model.save_pretrained(out_dir, state_dict=state)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return make_portable(out_dir)
 
 
 def weights_fingerprint(model_dir: Path) -> str:

@@ -19,6 +19,9 @@ from train.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "ranks: starts real ranks or launch.sh (the full tier only; see tests/run.sh)")
+    config.addinivalue_line(
+        "markers", "transformers4: reads exports in a second environment with transformers 4.x (the full tier only)"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -69,9 +69,80 @@ THINKING = (
 def test_turns_a_template_renders_differently_later_are_found_by_their_content(tokenizer):
     out = encode(tokenizer, DataFormat("chat", chat_template=THINKING), {"messages": [TWO_EXCHANGES]})
     assert out["status"] == [0]
+    # The think block is the template's, not the answer's: only the contents and their end-of-turn are labelled.
     assert labelled_text(tokenizer, out["input_ids"][0], out["labels"][0]) == (
-        "God created the heaven.<|im_end|>\n<think>\n\n</think>\n\nwas without form.<|im_end|>\n"
+        "God created the heaven.<|im_end|>\nwas without form.<|im_end|>\n"
     )
+
+
+# Three template styles, written here: Llama-3 headers with a default system prompt and `trim`, Zephyr tags with
+# the tokenizer's EOS, and a template whose generation prompt sits inside the message loop (after every user turn).
+LLAMA3_STYLE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|start_header_id|>system<|end_header_id|>\n\nYou are helpful."
+    "<|eot_id|>' }}{% endif %}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt "
+    "%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+ZEPHYR_STYLE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+PROMPT_IN_LOOP = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] + '<|end|>' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% if message['role'] == 'user' "
+    "%}{{ '<|assistant|>' }}{% endif %}{% endif %}{% endfor %}"
+)
+SHAPES = {
+    "assistant first": [
+        {"role": "assistant", "content": "Let there be light."},
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": "There was light."},
+    ],
+    "consecutive assistant turns": [
+        {"role": "user", "content": "Count."},
+        {"role": "assistant", "content": "One."},
+        {"role": "assistant", "content": "Two."},
+    ],
+    "system in the middle": [
+        {"role": "user", "content": "Speak."},
+        {"role": "assistant", "content": "I speak."},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "Done."},
+    ],
+}
+# What is labelled, written out by hand: each answer's content and the end-of-turn text its template writes after it.
+EXPECTED = {
+    (CHATML, "assistant first"): "Let there be light.<|im_end|>\nThere was light.<|im_end|>\n",
+    (CHATML, "consecutive assistant turns"): "One.<|im_end|>\nTwo.<|im_end|>\n",
+    (CHATML, "system in the middle"): "I speak.<|im_end|>\nDone.<|im_end|>\n",
+    (LLAMA3_STYLE, "assistant first"): "Let there be light.<|eot_id|>There was light.<|eot_id|>",
+    (LLAMA3_STYLE, "consecutive assistant turns"): "One.<|eot_id|>Two.<|eot_id|>",
+    (LLAMA3_STYLE, "system in the middle"): "I speak.<|eot_id|>Done.<|eot_id|>",
+    (ZEPHYR_STYLE, "assistant first"): "Let there be light.<|endoftext|>\nThere was light.<|endoftext|>\n",
+    (ZEPHYR_STYLE, "consecutive assistant turns"): "One.<|endoftext|>\nTwo.<|endoftext|>\n",
+    (ZEPHYR_STYLE, "system in the middle"): "I speak.<|endoftext|>\nDone.<|endoftext|>\n",
+    (PROMPT_IN_LOOP, "consecutive assistant turns"): "One.<|end|>Two.<|end|>",
+    (PROMPT_IN_LOOP, "system in the middle"): "I speak.<|end|>Done.<|end|>",
+}
+
+
+@pytest.fixture(scope="module")
+def template_tokenizer(chat_tokenizer_dir):
+    """The chat tokenizer, with the other templates' markers as special tokens (so that none merges with text)."""
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    markers = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end|>"]
+    tokenizer.add_tokens(markers + [f"<|{role}|>" for role in ("system", "user", "assistant")], special_tokens=True)
+    return tokenizer
+
+
+@pytest.mark.parametrize("template, shape", list(EXPECTED), ids=[f"{len(t)}-{s}" for t, s in EXPECTED])
+def test_answer_masks_hold_for_every_conversation_shape(template_tokenizer, template, shape):
+    """The labels are the answers' contents and end-of-turn text, never a default system prompt, a role header, a
+    generation prompt or what stands between turns, whatever the conversation's shape."""
+    out = encode(template_tokenizer, DataFormat("chat", chat_template=template), {"messages": [SHAPES[shape]]})
+    assert out["status"] == [0]
+    assert labelled_text(template_tokenizer, out["input_ids"][0], out["labels"][0]) == EXPECTED[(template, shape)]
 
 
 def test_prompt_completion_labels_are_the_completion_and_eos(tokenizer):
@@ -226,3 +297,22 @@ def test_masked_loss_over_a_global_batch_equals_hf(tokenizer, chat_corpus, tmp_p
     ds_config = json.loads(write_ds_config(tmp_path / "ds.json", 8, 2).read_text().replace('"auto"', "10"))
     engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds_config)
     assert engine.train_batch(iter(micro_batches)).item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_a_chat_template_given_by_file_travels_with_the_run(chat_tokenizer_dir, chat_corpus, tmp_path):
+    """`--chat-template FILE` trains with that template and keeps it in the run's tokenizer/ (which every export
+    copies), with the model's context as the tokenizer's length limit."""
+    import train.prepare
+
+    template = CHATML.replace("'<|im_end|>' ", "'<|im_end|><|im_end|>' ")  # not the tokenizer's own template
+    assert template != CHATML
+    (tmp_path / "template.jinja").write_text(template)
+    flags = ["--data-format", "chat", "--data", chat_corpus, "--tokenizer", chat_tokenizer_dir, "--chat-template"]
+    flags += [tmp_path / "template.jinja", "--seq-len", 128, "--output-dir", tmp_path / "run"]
+    assert train.prepare.main([*map(str, flags), "--data-cache-dir", str(tmp_path / "cache")]) == 0
+    kept = AutoTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
+    assert kept.chat_template == template
+    assert kept.model_max_length == 256  # gpt2-tiny's positions
+    rendered = kept.apply_chat_template(TWO_EXCHANGES, tokenize=False)
+    assert rendered == kept.apply_chat_template(TWO_EXCHANGES, chat_template=template, tokenize=False)
+    assert "<|im_end|><|im_end|>" in rendered

@@ -75,6 +75,17 @@ class Run:
     preemption: Preemption
 
 
+def eval_blocks_line(used: int, validation: int, config: RunConfig) -> str:
+    """How many validation blocks an evaluation uses, and why not all when it does not."""
+    requested = config.flags.eval_blocks
+    if used == validation or (requested is not None and used == requested):
+        return f"{used:,} used per evaluation"
+    return (
+        f"{used:,} of {min(requested or validation, validation):,} used per evaluation: every evaluation step takes "
+        f"a whole global batch of {config.batch.global_batch}"
+    )
+
+
 def model_config_for(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The resolved model config, with a from-scratch model's vocabulary and special tokens from the tokenizer."""
     model_config = copy.deepcopy(config.model_config)
@@ -100,7 +111,7 @@ def prepare_inputs(
     eval_blocks = evaluation_blocks(splits, config.batch.global_batch, config.flags.seq_len, config.flags.eval_blocks)
     say(
         f"data: {len(splits['train']):,} training and {len(splits['validation']):,} validation blocks of "
-        f"{config.flags.seq_len} tokens ({eval_blocks} used per evaluation)"
+        f"{config.flags.seq_len} tokens ({eval_blocks_line(eval_blocks, len(splits['validation']), config)})"
     )
     return tokenizer, model_config, arch, splits, eval_blocks
 
@@ -222,14 +233,19 @@ def training_batches(config: RunConfig, engine: PipelineEngine, blocks: Dataset,
     )
 
 
-def adapter_manifest(config: RunConfig) -> dict:
-    """What a LoRA checkpoint's manifest records: the adapters, and the base model they fit (its name and a
-    fingerprint of its weights), which `--load` and `train.export` need again."""
-    if config.adapters is None:
+def manifest_extras(config: RunConfig) -> dict:
+    """What a checkpoint's manifest records besides the model config: the `--model`'s generation config (its stop
+    tokens and sampling defaults, for the export), and for LoRA the adapters and the base model they fit (its
+    name and a fingerprint of its weights), which `--load` and `train.export` need again."""
+    if config.flags.model is None:
         return {}
     model_dir = resolve_model_dir(config.flags.model)
+    generation = model_dir / "generation_config.json"
+    extras = {"generation_config": json.loads(generation.read_text())} if generation.is_file() else {}
+    if config.adapters is None:
+        return extras
     quantization = config.quantization
-    return {
+    return extras | {
         "adapters": config.adapters.to_dict(),
         "quantization": dataclasses.asdict(quantization) if quantization is not None else None,
         "base_model": config.flags.model,
@@ -273,7 +289,7 @@ def checkpointer(
         samples_per_step=config.batch.global_batch,
         client_state={"wandb_run_id": log.run_id, "data_seed": flags.seed},
         adapters_only=config.adapters is not None,
-        manifest=adapter_manifest(config),
+        manifest=manifest_extras(config),
     )
 
 

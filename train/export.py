@@ -20,6 +20,7 @@ from models.architecture import discover
 from models.hf_weights import config_from_dict, export_hf_model
 from models.hub import resolve_model_dir
 from models.lora import AdapterPlan, adapters_from_checkpoint, lora_settings, merged_model, save_adapter
+from models.portable import make_portable
 from train.checkpoint.manifest import read_manifest, verified_tag_dir
 from train.data.tokenizer import load_tokenizer
 from train.errors import ConfigError, entry_point
@@ -41,7 +42,7 @@ def export_checkpoint(
     if "adapters" not in manifest:
         if merged is not None:
             raise ConfigError(f"--merged: {tag_dir} is a checkpoint of full training, with no adapters to merge")
-        return export_hf_model(tag_dir, config, out, tokenizer)
+        return export_hf_model(tag_dir, config, out, tokenizer, manifest.get("generation_config"))
     return export_adapter(tag_dir, manifest, out, tokenizer, merged)
 
 
@@ -53,6 +54,7 @@ def export_adapter(tag_dir: Path, manifest: dict, out: Path, tokenizer, merged: 
     save_adapter(out, plan, adapters_from_checkpoint(tag_dir, arch), base_model=manifest["base_model"])
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    make_portable(out, context=arch.max_positions())
     if merged is not None:
         base_dir = Path(manifest["base_model_dir"])
         if not base_dir.is_dir():
@@ -60,6 +62,7 @@ def export_adapter(tag_dir: Path, manifest: dict, out: Path, tokenizer, merged: 
         merged_model(base_dir, out).save_pretrained(merged)
         if tokenizer is not None:
             tokenizer.save_pretrained(merged)
+        make_portable(merged)
     return out
 
 

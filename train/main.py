@@ -62,7 +62,8 @@ def export_and_sample(run: Run, checkpoint: Path) -> None:
         return
     flags, out = run.config.flags, run.config.output_dir
     if run.config.adapters is None:
-        model_dir = export_hf_model(checkpoint, run.model_config, out / "hf", run.tokenizer)
+        generation = read_manifest(checkpoint).get("generation_config")
+        model_dir = export_hf_model(checkpoint, run.model_config, out / "hf", run.tokenizer, generation)
         say(f"Hugging Face export: {model_dir}")
     else:
         merged = out / "hf" if flags.merge_adapter else None

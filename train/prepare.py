@@ -5,11 +5,13 @@ node so that the ranks of a large job start by memory-mapping the cache.
 """
 
 import sys
+from pathlib import Path
 
 from datasets import DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from models.hub import resolve_model_dir
+from models.portable import make_portable, max_positions
 from train.config.args import Flags, parse_args
 from train.config.run_config import RunConfig, resolve_run_config
 from train.data.packing import packed_dataset
@@ -22,7 +24,9 @@ BPE_TRAINING_DOCUMENTS = 2_000_000  # BPE merges settle long before a large corp
 
 
 def prepare_tokenizer(config: RunConfig, build: bool) -> PreTrainedTokenizerBase:
-    """The run's tokenizer, saved in `<output_dir>/tokenizer`. `build=False` reads what the builder saved."""
+    """The run's tokenizer, saved in `<output_dir>/tokenizer` with the run's chat template (`--chat-template`) and
+    the model's context as its `model_max_length`, readable by transformers 4.x too (models/portable.py); the
+    exports copy it. `build=False` reads what the builder saved."""
     args, tokenizer_dir = config.flags, config.output_dir / "tokenizer"
     if not build or (args.load and not args.tokenizer and (tokenizer_dir / "tokenizer.json").exists()):
         return load_tokenizer(str(tokenizer_dir))  # saved by the builder, or kept by a resumed run
@@ -32,8 +36,9 @@ def prepare_tokenizer(config: RunConfig, build: bool) -> PreTrainedTokenizerBase
             if args.tokenizer
             else load_tokenizer(str(resolve_model_dir(args.model)), flag="--model")
         )
-        tokenizer.save_pretrained(tokenizer_dir)  # the run folder is self-contained
-        return tokenizer
+        if config.data_format.chat_template is not None:  # trained with it: it travels with the model
+            tokenizer.chat_template = config.data_format.chat_template
+        return save_tokenizer(tokenizer, tokenizer_dir, config)
     print(f"training a byte-level BPE tokenizer (vocab {config.bpe_vocab_size}) on the training text", flush=True)
 
     def documents():
@@ -45,7 +50,13 @@ def prepare_tokenizer(config: RunConfig, build: bool) -> PreTrainedTokenizerBase
                 if seen >= BPE_TRAINING_DOCUMENTS:
                     return
 
-    return train_bpe_tokenizer(documents(), config.bpe_vocab_size, tokenizer_dir)
+    return save_tokenizer(train_bpe_tokenizer(documents(), config.bpe_vocab_size, tokenizer_dir), tokenizer_dir, config)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, config: RunConfig) -> PreTrainedTokenizerBase:
+    tokenizer.save_pretrained(folder)  # the run folder is self-contained
+    make_portable(folder, context=max_positions(config.model_config.to_dict()))
+    return tokenizer
 
 
 def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:

@@ -204,7 +204,13 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training")
     train.add_argument("--seed", type=int, default=1234)
     train.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (and at the end)")
-    train.add_argument("--eval-blocks", type=int, default=None, help="validation blocks per evaluation (default: all)")
+    train.add_argument(
+        "--eval-blocks",
+        type=int,
+        default=None,
+        help="validation blocks per evaluation (default: all), rounded down to whole global batches "
+        "(train_batch_size blocks per evaluation step; the log says how many are used)",
+    )
     train.add_argument("--log-interval", type=int, default=10)
     train.add_argument(
         "--compile",

@@ -85,36 +85,45 @@ def chat_template_of(data_format: DataFormat, tokenizer: PreTrainedTokenizerBase
     return template
 
 
+# Stands in for an assistant turn's content to find where the template puts it (a private-use character, kept by
+# `trim` and by every template seen; never in real data, and the text is only rendered, never tokenized).
+CONTENT_PROBE = "\ue000pipegpt-answer\ue000"
+
+
 def chat_text_and_spans(messages: list, tokenizer, template: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns: each from the end of the
-    generation prompt before it to the end of the conversation rendered through it. Where the template renders
-    a turn differently once later turns follow (Qwen3 drops an empty think block from earlier turns), the turn
-    is found by its content in the whole rendering, followed by the end-of-turn text the template writes."""
+    """The rendered conversation and the character spans of its assistant turns: each from where the template puts
+    the turn's content to the end of the conversation rendered through that turn (the end-of-turn text the
+    template writes after the content). Whatever the template writes before the content (a default system prompt,
+    the role header, a generation prompt inside the message loop) or between turns is not in a span, also for a
+    conversation that starts with the assistant or holds consecutive assistant turns.
+
+    The start is found by rendering the conversation up to the turn with a probe in place of its content. Where
+    the template renders a turn differently once later turns follow (Qwen3 drops an empty think block from
+    earlier turns), the turn is found by its content in the whole rendering, followed by the end-of-turn text
+    the template writes after it."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a list of {role, content} records")
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # datasets fills absent keys
 
-    def render(turns: list, generation_prompt: bool = False) -> str:
-        if not turns:
-            return ""
-        return tokenizer.apply_chat_template(
-            turns, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-        )
+    def render(turns: list) -> str:
+        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False)
 
     text, spans = render(messages), []
     for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start, through = render(messages[:i], generation_prompt=True), render(messages[: i + 1])
-            if text.startswith(through) and through.startswith(start):
-                spans.append((len(start), len(through)))
-                continue
-            content = str(message.get("content", "")).strip()
-            found = text.find(content, spans[-1][1] if spans else 0) if content else -1
-            after = through[through.rfind(content) + len(content) :] if content in through else None
-            if found < 0 or after is None:
-                raise ValueError(f"the chat template renders turn {i} so that its answer cannot be located")
-            end = found + len(content)
-            spans.append((found, end + len(after) if text.startswith(after, end) else end))
+        if message["role"] != "assistant":
+            continue
+        probe = render([*messages[:i], {**message, "content": CONTENT_PROBE}])
+        before, _, after = probe.partition(CONTENT_PROBE)
+        through = render(messages[: i + 1])
+        if _ and text.startswith(before) and text.startswith(through) and len(through) >= len(before):
+            spans.append((len(before), len(through)))
+            continue
+        content = str(message.get("content", "")).strip()
+        found = text.find(content, spans[-1][1] if spans else 0) if content else -1
+        if found < 0 or not _:
+            raise ValueError(f"the chat template renders turn {i} so that its answer cannot be located")
+        end = found + len(content)
+        spans.append((found, end + len(after) if text.startswith(after, end) else end))
     return text, spans
 
 
