@@ -82,7 +82,9 @@ def held_out_answer_losses(out: Path, data: Path, tokenizer, work: Path) -> dict
         ids, labels, positions = row["input_ids"].long(), row["labels"].long(), row["position_ids"].long()
         n = int((labels[1:] != IGNORE_INDEX).sum())
         sums["causal"] += model(ids[None], labels=labels[None]).loss.item() * n
-        sums["document"] += model(ids[None], position_ids=positions[None], labels=labels[None]).loss.item() * n
+        # No cache: with one, transformers 5.24 does not look for packed documents in the positions (masking_utils)
+        document = model(ids[None], position_ids=positions[None], labels=labels[None], use_cache=False)
+        sums["document"] += document.loss.item() * n
         starts = (positions == 0).nonzero().flatten().tolist() + [len(ids)]
         for start, end in itertools.pairwise(starts):
             example_labels = labels[start:end]

@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import deepspeed
 import pytest
@@ -170,6 +172,36 @@ def test_corrupt_or_missing_files_are_named(reference, tmp_path):
     (tag / "layer_02-model_states.pt").unlink()
     with pytest.raises(ConfigError, match="missing layer_02-model_states.pt"):
         verified_tag_dir(tag)
+
+
+@pytest.mark.ranks
+def test_a_damaged_file_of_the_same_size_stops_resume_and_export(setup, reference, tmp_path):
+    """4 KiB zeroed inside the optimizer state of the latest checkpoint (its size unchanged): the content checksum
+    names the file and an earlier checkpoint; nothing resumes, nothing is exported, exit 2."""
+    tmp, args = setup
+    _, ref_dir = reference
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    tag = tmp_path / "checkpoints" / latest_tag(tmp_path / "checkpoints")
+    (damaged,) = tag.glob("zero_pp_rank_0_mp_rank_01_optim_states.pt")
+    size = damaged.stat().st_size
+    with open(damaged, "r+b") as f:
+        f.seek(size // 2)
+        f.write(bytes(4096))
+    assert damaged.stat().st_size == size and verified_tag_dir(tag) == tag  # sizes alone see nothing
+    out = tmp_path / "resumed"
+    proc = launch([*args, "--output-dir", out, "--load", tmp_path / "checkpoints"], ranks=2, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert lines and all(line == lines[0] for line in lines), lines
+    assert f"{damaged.name} differs from what was saved" in lines[0] and "--load" in lines[0] and "step_35" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr and not (out / "metrics.jsonl").exists()
+    export = subprocess.run(
+        [sys.executable, "-m", "train.export", tmp_path / "checkpoints", "--out", tmp_path / "hf"],
+        capture_output=True,
+        text=True,
+    )
+    assert export.returncode == 2 and f"{damaged.name} differs" in export.stderr + export.stdout
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.ranks

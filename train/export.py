@@ -21,7 +21,7 @@ from models.hf_weights import config_from_dict, export_hf_model
 from models.hub import resolve_model_dir
 from models.lora import AdapterPlan, adapters_from_checkpoint, lora_settings, merged_model, save_adapter
 from models.portable import make_portable
-from train.checkpoint.manifest import read_manifest, verified_tag_dir
+from train.checkpoint.manifest import read_manifest, verified_tag_dir, verify_contents
 from train.data.tokenizer import load_tokenizer
 from train.errors import ConfigError, entry_point
 
@@ -34,6 +34,7 @@ def export_checkpoint(
     tag_dir = verified_tag_dir(checkpoint)
     if "universal_of" in read_manifest(tag_dir):  # its weights are the native checkpoint's, beside it
         tag_dir = verified_tag_dir(tag_dir.parent / read_manifest(tag_dir)["universal_of"])
+    verify_contents(tag_dir)
     manifest = read_manifest(tag_dir)
     config = config_from_dict(manifest["model_config"])
     run_tokenizer = tag_dir.parent.parent / "tokenizer"  # <run>/checkpoints/<tag>

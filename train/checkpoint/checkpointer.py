@@ -26,11 +26,14 @@ from transformers import PretrainedConfig
 from models.deepspeed_internals import layer_seed_offset, restore_layer_seed_offset, set_global_steps
 from train.checkpoint.manifest import (
     LATEST,
+    file_records,
     is_universal,
     latest_tag,
     prune,
     read_manifest,
+    tag_files,
     verified_tag_dir,
+    verify_contents,
     write_atomically,
     write_manifest,
 )
@@ -93,6 +96,10 @@ def save_checkpoint(
         print(f"error: writing checkpoint {root / tag} failed: {e}; `latest` still names the previous one", flush=True)
         os._exit(EXIT_ERROR)
     dist.barrier()
+    # Every rank syncs and checksums a share of the files (all ranks list the same folder), rank 0 writes them down.
+    names, world = tag_files(root / tag), dist.get_world_size()
+    shares: list[dict | None] = [None] * world
+    dist.all_gather_object(shares, file_records(root / tag, names[dist.get_rank() :: world], sync=True))
     if dist.get_rank() == 0:
         entries = {
             "step": step,
@@ -100,7 +107,7 @@ def save_checkpoint(
             "model_config": model_config.to_dict(),
             **(manifest or {}),
         }
-        write_manifest(root / tag, entries)
+        write_manifest(root / tag, entries, {name: record for share in shares for name, record in share.items()})
         write_atomically(root / LATEST, tag)
         prune(root, keep_last)
     dist.barrier()
@@ -158,14 +165,23 @@ class Checkpointer:
         return latest_tag(self.root)
 
 
+def verify_on_every_rank(tag_dir: Path) -> None:
+    """Every rank checks the checksums of a share of the tag's files; a damaged file stops every rank with one
+    line naming it."""
+    every_rank(lambda: verify_contents(tag_dir, dist.get_rank(), dist.get_world_size()))
+
+
 def load_checkpoint(engine: PipelineEngine, load: Path, mode: str, adapters_only: bool = False) -> dict:
     """Restore the checkpoint as `resume_mode` decided; returns the client state (its step first of all).
     `adapters_only`: a LoRA checkpoint, whose layer files hold the adapters (the base came from --model)."""
     tag_dir = verified_tag_dir(load)
-    if mode == "universal":
+    verify_on_every_rank(tag_dir)
+    if mode == "universal" and not is_universal(tag_dir):
         tag_dir = rank_zero_first(lambda: convert_to_universal(tag_dir))
+        verify_on_every_rank(tag_dir)  # a conversion left by an earlier run may have been damaged since
     elif mode == "weights" and is_universal(tag_dir):
         tag_dir = verified_tag_dir(tag_dir.parent / read_manifest(tag_dir)["universal_of"])
+        verify_on_every_rank(tag_dir)
     try:
         inject_fault("empty-error:checkpoint", raises=AssertionError)
         if mode != "weights":

@@ -2,9 +2,10 @@
 
 Formats (`--data-format`): `prompt-completion` (two string columns) and `chat` (a column of `{role, content}`
 lists, rendered with the tokenizer's chat template or `--chat-template`). Labels are -100 everywhere but on
-the answers: the completion, or every assistant turn as the template renders it (its end-of-turn token
-included, so the model learns to stop). Each example is followed by EOS, labelled only after a completion.
-The first token of an example is never labelled, so no answer token is predicted from the example before it.
+the answers: the completion, or every assistant turn's content as the template renders it and the
+end-of-turn text it writes after it (so the model learns to stop). Each example is followed by EOS, labelled
+only after a completion. The first token of an example is never labelled, so no answer token is predicted from
+the example before it.
 
 Every block holds `seq_len` tokens, the shape DeepSpeed's pipeline buffers are built for: examples are packed
 nearly in order, each into the first of the last few blocks with room for it (`--packing pack`), or one per
