@@ -22,6 +22,9 @@ else
   NUM_GPUS=${NUM_GPUS:-2}
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+for arg in "$@"; do  # the flags' help once, not once more per rank
+  if [ "$arg" = --help ] || [ "$arg" = -h ]; then exec python -m train.main --help; fi
+done
 
 fail() { echo "error: $*" >&2; exit 2; }
 whole() { [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge "$3" ] || fail "$1 '$2' must be a whole number, at least $3"; }
@@ -65,6 +68,11 @@ else
   preflight=(--world-size "$NUM_GPUS" --master-port "$port")  # the rendezvous runs on this machine
 fi
 python -m train.preflight "${preflight[@]}" "$@"
+# The ranks watch this script's pid (they stop, saving, when it is gone: kill -9 of launch.sh) and local rank 0
+# leaves its exit code here: DeepSpeed's runner exits 0 when its launcher ends on a signal.
+export PIPEGPT_LAUNCHER_PID=$$ PIPEGPT_LAUNCHER_HOST="$(uname -n)"
+PIPEGPT_STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/pipegpt_status.XXXXXX")
+export PIPEGPT_STATUS_FILE
 
 # DeepSpeed's runner dies at once on SIGTERM and leaves its per-node launcher and the ranks running, orphaned:
 # it runs with the signals ignored, and launch.sh passes them on to the ranks themselves (over ssh, DeepSpeed's
@@ -72,6 +80,7 @@ python -m train.preflight "${preflight[@]}" "$@"
 ( trap '' TERM INT; exec "${launcher[@]}" --master_port "$port" --module train.main "$@" ) &
 runner=$!
 forward() {
+  signalled=1
   if [ "$mode" = ssh ]; then
     kill -TERM "$runner" 2>/dev/null || true
   else
@@ -85,4 +94,11 @@ while true; do
   status=$?
   kill -0 "$runner" 2>/dev/null || break  # wait returns early (status > 128) when a trapped signal arrives
 done
+trainer=$(cat "$PIPEGPT_STATUS_FILE" 2>/dev/null || true)
+rm -f "$PIPEGPT_STATUS_FILE"
+if [[ "$trainer" =~ ^[0-9]+$ ]]; then
+  status=$trainer  # what the ranks of this node said: 0 finished, 2 error, 143 stopped after saving, ...
+elif [ "$status" -eq 0 ] && [ -n "${signalled:-}" ]; then
+  status=1  # stopped by a signal without a word from the ranks: not a finished run
+fi
 exit "$status"

@@ -6,7 +6,8 @@ Ours runs eager and with `--compile` (inductor; the 2 warm-up steps hold the com
 
 GPT-2 d=256, vocab 1024, seq 128, micro-batch 2, 16 micro-batches per step, fp32, AdamW,
 clipping 1.0 by the global gradient norm (every variant, so that all compute the same update); ours
-without ZeRO, since every variant has one data-parallel replica and ZeRO would shard nothing.
+with ZeRO-1, which shards nothing with one data-parallel replica but is what clips by the global norm (DeepSpeed
+0.19.8 without ZeRO clips a pipeline by its first stage's norm; pipegpt refuses that).
 Every variant runs `--repeats` times in this invocation; the table gives the
 median and the fastest seconds per step after 2 warm-up steps (the fastest is the cost without
 this shared machine's bursts of noise). Pipeline efficiency = ideal / measured, with ideal =
@@ -80,7 +81,7 @@ def ours(
         MICRO * MICROS,
         MICRO,
         scheduler=None,
-        zero_optimization={"stage": 0},
+        zero_optimization={"stage": 1},  # stage 0 clips by stage 0's norm alone (train/config/ds_config.py)
         optimizer={"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
     )
     out = work / f"run_{layers}_{stages}_{partition}_{time.time_ns()}"

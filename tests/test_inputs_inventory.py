@@ -6,6 +6,7 @@ import pytest
 
 from tests.helpers import CHATML, REPO, write_ds_config, write_file
 from tests.test_bad_input import run_preflight
+from train.config.args import DEFAULT_MODEL_CONFIG
 
 
 def _tiny_gpt2(path, vocab_size=100, **config_changes):
@@ -38,10 +39,20 @@ def _chatml(tmp):
     return write_file(tmp / "chatml.jinja", CHATML)
 
 
-def _full_checkpoint(root):
-    """A complete (manifest-verified) checkpoint tag of a full-training run, as far as the preflight reads it."""
-    manifest = {"step": 1, "layout": {"pipeline_stages": 2, "data_parallel": 1}, "model_config": {}, "files": {}}
-    write_file(root / "step_1" / "pipegpt_manifest.json", json.dumps(manifest))
+def _full_checkpoint(root, model_type: str | None = None, **trained_with):
+    """A complete (manifest-verified) checkpoint tag of a full-training run, as far as the preflight reads it:
+    the default model (or `model_type`'s preset), and what else it was trained with (seq_len, data_format)."""
+    from models.presets import preset_config
+
+    config = preset_config(DEFAULT_MODEL_CONFIG if model_type in (None, "gpt2") else model_type).to_dict()
+    manifest = {"step": 1, "layout": {"pipeline_stages": 2, "data_parallel": 1}, "model_config": config}
+    write_file(root / "step_1" / "pipegpt_manifest.json", json.dumps({**manifest, **trained_with, "files": {}}))
+    write_file(root / "latest", "step_1")
+    return root
+
+
+def _empty_manifest(root):
+    write_file(root / "step_1" / "pipegpt_manifest.json", "")
     write_file(root / "latest", "step_1")
     return root
 
@@ -312,6 +323,31 @@ INVENTORY = [
         "--load names a checkpoint of full training",
     ),
     ("output-dir-under-a-file", lambda t, g: ["--output-dir", write_file(t / "a_file", "") / "run"], "is a file"),
+    (
+        "ds-zero0-clipping-pipeline",
+        lambda t, g: ["--deepspeed_config", write_ds_config(t / "z0.json", zero_optimization={"stage": 0})],
+        "ZeRO stage 0 with more than one pipeline stage clips by the gradient norm of stage 0 alone",
+    ),
+    (
+        "load-empty-manifest",
+        lambda t, g: ["--load", _empty_manifest(t / "ck")],
+        "pipegpt_manifest.json is unreadable (JSONDecodeError)",
+    ),
+    (
+        "load-other-seq-len",
+        lambda t, g: ["--seq-len", 64, "--load", _full_checkpoint(t / "ck", seq_len=128)],
+        "the checkpoint was trained with --seq-len 128, not 64: pass --seq-len 128",
+    ),
+    (
+        "load-other-data-format",
+        lambda t, g: ["--load", _full_checkpoint(t / "ck", data_format="chat")],
+        "the checkpoint was trained on --data-format chat, not text",
+    ),
+    (
+        "load-other-model-config",
+        lambda t, g: ["--model-config", "llama-tiny", "--load", _full_checkpoint(t / "ck", model_type="gpt2")],
+        "the model config differs from the checkpoint's (",
+    ),
 ]
 
 

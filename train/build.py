@@ -25,6 +25,8 @@ from models.lora import AdapterPlan
 from models.pipeline import CausalLMPipeline, build_pipeline
 from models.quantize import parameter_count
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
+from train.checkpoint.manifest import read_manifest, verified_tag_dir
+from train.checkpoint.same_run import check_model_config, check_tokenizer, trained_with
 from train.config.run_config import RunConfig
 from train.data.batches import TrainMicroBatches
 from train.data.packing import evaluation_blocks
@@ -104,6 +106,12 @@ def prepare_inputs(
     others), and the validation blocks used per evaluation."""
     tokenizer = rank_zero_first(lambda: prepare_tokenizer(config, build=rank() == 0))
     model_config = model_config_for(config, tokenizer)
+    if config.flags.load is not None:  # the same run: its tokenizer and model config
+        manifest = read_manifest(verified_tag_dir(config.flags.load))
+        if config.flags.tokenizer or config.flags.model:
+            flag = "--tokenizer" if config.flags.tokenizer else "--model"
+            check_tokenizer(manifest, tokenizer, load=config.flags.load, flag=flag)
+        check_model_config(manifest, model_config.to_dict(), load=config.flags.load)
     arch = discover(model_config)
     splits = rank_zero_first(lambda: prepare_data(config, tokenizer))
     if len(tokenizer) < model_config.vocab_size:
@@ -277,7 +285,7 @@ def evaluator(
 
 
 def checkpointer(
-    config: RunConfig, engine: PipelineEngine, model_config: PretrainedConfig, log: MetricsLog
+    config: RunConfig, engine: PipelineEngine, model_config: PretrainedConfig, tokenizer, log: MetricsLog
 ) -> Checkpointer:
     flags = config.flags
     return Checkpointer(
@@ -289,7 +297,9 @@ def checkpointer(
         samples_per_step=config.batch.global_batch,
         client_state={"wandb_run_id": log.run_id, "data_seed": flags.seed},
         adapters_only=config.adapters is not None,
-        manifest=manifest_extras(config),
+        tokenizer=tokenizer,
+        manifest=manifest_extras(config)
+        | trained_with(tokenizer=tokenizer, seq_len=flags.seq_len, data_format=config.data_format.kind),
     )
 
 
@@ -336,7 +346,7 @@ def build_run(config: RunConfig) -> Run:
             compiled=flags.compile,
         ),
         evaluator=evaluator(config, engine, splits["validation"], eval_blocks, tokenizer, log),
-        checkpointer=checkpointer(config, engine, model_config, log),
+        checkpointer=checkpointer(config, engine, model_config, tokenizer, log),
         profiler=ScheduleProfiler(engine=engine, steps=set(flags.profile_steps), output_dir=config.output_dir),
         watchdog=HangWatchdog(engine=engine, timeout_s=flags.dist_timeout, report_dir=config.output_dir / "hang"),
         preemption=preemption,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 EXIT_ERROR = 2  # an `error:` line naming the problem and the fix: bad input, divergence, an unwritable checkpoint
 EXIT_UNEXPECTED = 1  # a failure of a kind we do not anticipate: the traceback is in error.log
 EXIT_HUNG = 3  # a peer stopped answering for --dist-timeout: stacks in <output-dir>/hang/rank<N>.txt
+EXIT_INTERRUPTED = 130  # Ctrl-C before any rank trained (the preflight, a command): 128 + SIGINT
 EXIT_PREEMPTED = 143  # stopped on SIGTERM/SIGINT after saving the step reached (128 + SIGTERM, as shells report it)
 
 
@@ -73,8 +74,8 @@ def _write_traceback(text: str) -> str:
             with open(_error_log, "a") as f:  # one write per rank: the ranks' reports do not interleave
                 f.write(f"--- rank {rank} (pid {os.getpid()}) ---\n{text}\n")
             return f"traceback in {_error_log}"
-        except OSError:
-            pass
+        except OSError as e:  # a full disk or a read-only folder: the one line still says what failed
+            return f"its traceback could not be written to {_error_log}: {e.strerror}"
     sys.stderr.write(text)
     return "traceback above"
 
@@ -89,6 +90,9 @@ def entry_point(fn: Callable[[], object], error_log: Path | None = None) -> int:
     try:
         fn()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves and exits 143: distributed/preemption.py)
+        print("error: interrupted (Ctrl-C) before training started: nothing was written", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except Exception as e:
         agreed = isinstance(e, RunError)
         failure = as_run_error(e)

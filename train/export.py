@@ -22,6 +22,7 @@ from models.hub import resolve_model_dir
 from models.lora import AdapterPlan, adapters_from_checkpoint, lora_settings, merged_model, save_adapter
 from models.portable import make_portable
 from train.checkpoint.manifest import read_manifest, verified_tag_dir, verify_contents
+from train.checkpoint.same_run import checkpoint_tokenizer_dir
 from train.data.tokenizer import load_tokenizer
 from train.errors import ConfigError, entry_point
 
@@ -37,8 +38,7 @@ def export_checkpoint(
     verify_contents(tag_dir)
     manifest = read_manifest(tag_dir)
     config = config_from_dict(manifest["model_config"])
-    run_tokenizer = tag_dir.parent.parent / "tokenizer"  # <run>/checkpoints/<tag>
-    tokenizer_dir = tokenizer_dir or (run_tokenizer if run_tokenizer.exists() else None)
+    tokenizer_dir = tokenizer_dir or checkpoint_tokenizer_dir(tag_dir)
     tokenizer = load_tokenizer(str(tokenizer_dir)) if tokenizer_dir else None
     if "adapters" not in manifest:
         if merged is not None:

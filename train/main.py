@@ -17,6 +17,7 @@ from train.checkpoint.manifest import read_manifest
 from train.config.args import Flags, parse_args
 from train.config.run_config import resolve_run_config
 from train.distributed.agreement import every_rank
+from train.distributed.run_lock import RunLock
 from train.distributed.setup import init_distributed, rank, say
 from train.errors import RunError, entry_point
 from train.export import export_adapter
@@ -69,24 +70,46 @@ def export_and_sample(run: Run, checkpoint: Path) -> None:
         merged = out / "hf" if flags.merge_adapter else None
         model_dir = export_adapter(checkpoint, read_manifest(checkpoint), out / "adapter", run.tokenizer, merged)
         say(f"PEFT adapter: {model_dir}" + (f"; merged model: {merged}" if merged else ""))
+    if flags.sample_tokens == 0:  # --sample-tokens 0: no sample
+        return
     prompt = run.evaluator.prompts[0] if run.config.data_format.masked else flags.sample_prompt
     say("sample: " + generate_text(model_dir, prompt, flags.sample_tokens, seed=flags.seed))
 
 
 def run_training(flags: Flags) -> None:
     init_distributed(flags.dist_timeout)
+    lock = None
     try:
         config = every_rank(lambda: resolve_run_config(flags, dist.get_world_size()))
+        lock = RunLock(config.output_dir)  # one run per folder: taken before anything is written into it
+        if ended := every_rank(lock.acquire, run_here=rank() == 0):
+            say(f"taking over {config.output_dir} from a run that ended without releasing it ({ended})")
         run = build_run(config)
         export_and_sample(run, train(run))
     except RunError:
         dist.destroy_process_group()  # every rank stops here together: a RunError is agreed
         raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def record_exit_code(code: int) -> None:
+    """Local rank 0 writes its exit code where launch.sh reads it (`PIPEGPT_STATUS_FILE`): DeepSpeed 0.19.8's
+    runner exits 0 when its per-node launcher ends on a signal (runner.py: only a positive return code is passed
+    on), which made a preempted run look finished."""
+    path = os.environ.get("PIPEGPT_STATUS_FILE")
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
+        try:
+            Path(path).write_text(f"{code}\n")
+        except OSError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
     flags = parse_args(argv)
     code = entry_point(lambda: run_training(flags), flags.output_dir.resolve() / "error.log")
+    record_exit_code(code)
     if code != 0:
         # A rank that stops on a failure leaves at once. Left to interpreter exit, the C++ threads of gloo's
         # process groups are sometimes destroyed while joinable ("terminate called without an active

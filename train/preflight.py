@@ -22,6 +22,7 @@ from train.config.run_config import RunConfig, resolve_run_config
 from train.data.examples import chat_template_of
 from train.data.sources import Source, unreadable
 from train.data.tokenizer import load_tokenizer, tokenizer_too_large
+from train.distributed.run_lock import check_not_in_use
 from train.errors import ConfigError, entry_point
 
 
@@ -129,6 +130,7 @@ def check_once(flags, world_size: int, port: int | None) -> None:
             chat_template_of(config.data_format, tokenizer)
     check_sources(config.sources + (config.val_sources or []), config.data_format.columns())
     check_output_dir(flags.output_dir)
+    check_not_in_use(flags.output_dir.resolve())
     if port is not None:
         check_port_free(port)
     warn_about_stale_build_locks()

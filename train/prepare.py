@@ -12,6 +12,8 @@ from transformers import PreTrainedTokenizerBase
 
 from models.hub import resolve_model_dir
 from models.portable import make_portable, max_positions
+from train.checkpoint.manifest import verified_tag_dir
+from train.checkpoint.same_run import checkpoint_tokenizer_dir
 from train.config.args import Flags, parse_args
 from train.config.run_config import RunConfig, resolve_run_config
 from train.data.packing import packed_dataset
@@ -28,8 +30,12 @@ def prepare_tokenizer(config: RunConfig, build: bool) -> PreTrainedTokenizerBase
     the model's context as its `model_max_length`, readable by transformers 4.x too (models/portable.py); the
     exports copy it. `build=False` reads what the builder saved."""
     args, tokenizer_dir = config.flags, config.output_dir / "tokenizer"
-    if not build or (args.load and not args.tokenizer and (tokenizer_dir / "tokenizer.json").exists()):
-        return load_tokenizer(str(tokenizer_dir))  # saved by the builder, or kept by a resumed run
+    if not build:
+        return load_tokenizer(str(tokenizer_dir))  # saved by the builder
+    if args.load and not args.tokenizer and not args.model:  # a resume: the checkpoint's own, never a new one
+        saved = checkpoint_tokenizer_dir(verified_tag_dir(args.load))
+        if saved is not None:
+            return save_tokenizer(load_tokenizer(str(saved), flag="--load"), tokenizer_dir, config)
     if args.tokenizer or args.model:
         tokenizer = (
             load_tokenizer(args.tokenizer)

@@ -8,6 +8,7 @@ what `resume_mode` decided: the same layout exactly, another layout through Deep
 
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,13 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from models.deepspeed_internals import layer_seed_offset, restore_layer_seed_offset, set_global_steps
+from models.portable import make_portable, max_positions
 from train.checkpoint.manifest import (
     LATEST,
+    MANIFEST,
     file_records,
     is_universal,
     latest_tag,
@@ -37,10 +40,11 @@ from train.checkpoint.manifest import (
     write_atomically,
     write_manifest,
 )
+from train.checkpoint.same_run import TOKENIZER_DIR
 from train.checkpoint.universal import convert_to_universal
 from train.distributed.agreement import every_rank, rank_zero_first
 from train.distributed.faults import inject_fault
-from train.errors import EXIT_ERROR, ConfigError, first_line
+from train.errors import EXIT_ERROR, ConfigError, RunError, first_line
 
 
 def layout_of(engine: PipelineEngine) -> dict:
@@ -67,12 +71,14 @@ def save_checkpoint(
     *,
     adapters_only: bool = False,
     manifest: dict | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
     """Save step `step` under `root/step_<step>`; make it `latest` only once every rank has written it.
     `adapters_only` (LoRA): the frozen base weights are left out, `--model` holds them; `manifest`: more entries
     for the manifest (the adapters and the base model they belong to)."""
     tag = f"step_{step}"
     every_rank(lambda: _probe_writable(root / tag))  # fail together, before DeepSpeed starts writing
+    every_rank(lambda: check_free_space(root, tag), run_here=dist.get_rank() == 0)
     state = {
         **client_state,
         "step": step,
@@ -90,11 +96,21 @@ def save_checkpoint(
         engine.save_checkpoint(
             str(root), tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=adapters_only
         )
-    except OSError as e:
-        # Peers may be inside DeepSpeed's collectives, so no agreement is possible: exit hard, and the
-        # launcher stops them all.
-        print(f"error: writing checkpoint {root / tag} failed: {e}; `latest` still names the previous one", flush=True)
+    except Exception as e:  # a full disk is a RuntimeError from torch.save ("file write failed"), not an OSError
+        # Peers may be inside DeepSpeed's collectives, so no agreement is possible: remove the partial tag, exit
+        # hard, and the launcher stops them all (their own writes into the removed folder fail too).
+        shutil.rmtree(root / tag, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**20
+        print(
+            f"error: writing checkpoint {root / tag} failed ({first_line(e)}; {free:,.0f} MB free on its file "
+            f"system); the partial {tag} was removed and `{LATEST}` still names {latest_tag(root) or 'no checkpoint'}: "
+            "free space or pass an --output-dir with room, then --load it",
+            flush=True,
+        )
         os._exit(EXIT_ERROR)
+    if tokenizer is not None and dist.get_rank() == 0:  # the checkpoint is self-contained: --load and export read it
+        tokenizer.save_pretrained(root / tag / TOKENIZER_DIR)
+        make_portable(root / tag / TOKENIZER_DIR, context=max_positions(model_config.to_dict()))
     dist.barrier()
     # Every rank syncs and checksums a share of the files (all ranks list the same folder), rank 0 writes them down.
     names, world = tag_files(root / tag), dist.get_world_size()
@@ -112,6 +128,21 @@ def save_checkpoint(
         prune(root, keep_last)
     dist.barrier()
     return root / tag
+
+
+def check_free_space(root: Path, tag: str) -> None:
+    """Room for another checkpoint as large as the newest complete one (the older ones are pruned only after)."""
+    newest = latest_tag(root)
+    if newest is None or not (root / newest / MANIFEST).is_file():
+        return
+    files = read_manifest(root / newest)["files"].values()
+    needed = sum(record["size"] if isinstance(record, dict) else record for record in files)
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise RunError(
+            f"not enough space for checkpoint {root / tag}: {needed / 2**20:,.0f} MB needed (the size of {newest}), "
+            f"{free / 2**20:,.0f} MB free; free space (or lower --keep-last), then --load {root}: {newest} is complete"
+        )
 
 
 def _probe_writable(tag_dir: Path) -> None:
@@ -139,6 +170,7 @@ class Checkpointer:
     samples_per_step: int
     client_state: dict = field(default_factory=dict)
     adapters_only: bool = False  # LoRA: the frozen base is not saved
+    tokenizer: PreTrainedTokenizerBase | None = None  # saved in every tag
     manifest: dict = field(default_factory=dict)  # more manifest entries (the adapters, their base model)
     last_saved: Path | None = None
     last_save_seconds: float = 0.0
@@ -157,6 +189,7 @@ class Checkpointer:
             self.keep_last,
             adapters_only=self.adapters_only,
             manifest=self.manifest,
+            tokenizer=self.tokenizer,
         )
         self.last_save_seconds = time.perf_counter() - start
 

@@ -142,4 +142,12 @@ def check_layout(config: dict, world_size: int, pipeline_stages: int, num_layers
         )
     if config.get("wall_clock_breakdown") and pipeline_stages > 1:
         raise ConfigError("wall_clock_breakdown crashes DeepSpeed 0.19.8 with more than one stage; set it to false")
-    return batch_layout(config, world_size // pipeline_stages)
+    layout = batch_layout(config, world_size // pipeline_stages)
+    if zero_stage(config) == 0 and pipeline_stages > 1 and config.get("gradient_clipping", 1.0) > 0:
+        # runtime/utils.py clip_grad_norm_ (called by the engine for fp32 without ZeRO) counts a parameter only on
+        # model-parallel rank 0, which in the pipeline grid is the stage index: the "global" norm is stage 0's.
+        raise ConfigError(
+            "ZeRO stage 0 with more than one pipeline stage clips by the gradient norm of stage 0 alone in DeepSpeed "
+            '0.19.8 (silently wrong updates): set "zero_optimization": {"stage": 1}, or "gradient_clipping": 0'
+        )
+    return layout

@@ -18,6 +18,7 @@ from models.lora import AdapterPlan
 from models.presets import resolve_model_config
 from models.quantize import Quantization
 from train.checkpoint.manifest import read_manifest, resume_mode, verified_tag_dir
+from train.checkpoint.same_run import FROM_TOKENIZER, check_layout_of_data, check_model_config
 from train.config.adapters import (
     adapters_from_flags,
     check_checkpoint_adapters,
@@ -145,7 +146,17 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         resume = resume_mode(flags.load, flags.reset_optimizer, layout)
         local_base = flags.model is not None and Path(flags.model).is_dir()
         fingerprint = weights_fingerprint(Path(flags.model)) if adapters is not None and local_base else None
-        check_checkpoint_adapters(read_manifest(verified_tag_dir(flags.load)), adapters, fingerprint, quantization)
+        manifest = read_manifest(verified_tag_dir(flags.load))
+        check_checkpoint_adapters(manifest, adapters, fingerprint, quantization)
+        check_layout_of_data(
+            manifest,
+            load=flags.load,
+            seq_len=flags.seq_len,
+            data_format=flags.data_format,
+            weights_only=flags.reset_optimizer,
+        )
+        # The vocabulary and its special ids of a model trained from scratch come from the tokenizer: checked later.
+        check_model_config(manifest, model_config.to_dict(), load=flags.load, ignore=FROM_TOKENIZER)
         if resume == "universal":  # DeepSpeed reads this when the engine is built
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     data_format = data_format_from_flags(flags)

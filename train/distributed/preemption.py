@@ -1,5 +1,7 @@
 """Preemption: SIGTERM (a scheduler's, a user's `kill`, launch.sh forwarding its own) or SIGINT stops the run
-at the next step boundary with a complete checkpoint.
+at the next step boundary with a complete checkpoint. So does the end of `launch.sh` itself (`kill -9` of it
+leaves DeepSpeed's runner, its per-node launcher and the ranks running with no parent to stop them): each rank
+watches the pid launch.sh exports (`PIPEGPT_LAUNCHER_PID`, on the host it names) once a second.
 
 A signal only sets a flag; after every step the ranks agree (one all-reduce of a scalar) whether any of them
 got one, so that they stop together at the same step, save it through the crash-safe path and exit with
@@ -7,7 +9,11 @@ got one, so that they stop together at the same step, save it through the crash-
 (`terminate_process_tree` in deepspeed/launcher/launch.py, 0.19.8); a step and a save must fit in that.
 """
 
+import os
 import signal
+import socket
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +35,21 @@ class Preemption:
         self.signal_name: str | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        launcher = os.environ.get("PIPEGPT_LAUNCHER_PID")
+        if launcher and os.environ.get("PIPEGPT_LAUNCHER_HOST") == socket.gethostname():
+            threading.Thread(target=self._watch_launcher, args=(int(launcher),), daemon=True).start()
+
+    def _watch_launcher(self, pid: int) -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self.signal_name = f"the end of launch.sh (pid {pid})"
+                print(f"warning: launch.sh (pid {pid}) is gone: stopping at the end of this step", flush=True)
+                return
+            except PermissionError:  # alive, another user's (a recycled pid cannot be told apart)
+                continue
 
     def _on_signal(self, signum: int, frame) -> None:
         self.signal_name = signal.Signals(signum).name

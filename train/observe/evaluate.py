@@ -154,8 +154,14 @@ class Evaluator:
             n_blocks=self.n_blocks,
             document_attention=self.document_attention,
         )
-        samples = sample_through_pipeline(
-            self.engine, sampling.tokenizer, self.prompts, sampling.tokens, sampling.seq_len, seed=sampling.seed + step
-        )
-        self.log.samples(step, samples[:3])
+        if sampling.tokens > 0:  # --sample-tokens 0: no samples
+            samples = sample_through_pipeline(
+                self.engine,
+                sampling.tokenizer,
+                self.prompts,
+                sampling.tokens,
+                sampling.seq_len,
+                seed=sampling.seed + step,
+            )
+            self.log.samples(step, samples[:3])
         return eval_metrics(loss)

@@ -1,0 +1,85 @@
+"""A resume is the same run: what a checkpoint was trained with, recorded in its manifest and checked by `--load`.
+
+A checkpoint holds token ids' embeddings and an optimizer state for one tokenizer, one model config, one block
+length and one data format. Resumed with another tokenizer (a BPE retrained on other data shares about half of
+its entries), the model goes on training on ids that mean other things, without a word; with another config
+of the same shapes (a rope theta), it is another model. `--load` compares each with the manifest and names what
+differs and the flag that fixes it. Without `--tokenizer` or `--model`, a resumed run uses the tokenizer saved in
+the checkpoint (`<tag>/tokenizer`), never a newly trained one.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from train.errors import ConfigError
+
+TOKENIZER_DIR = "tokenizer"  # inside a checkpoint tag: the run's tokenizer, saved with it
+# Config entries that do not change the model a checkpoint holds.
+# What a from-scratch model's config takes from the tokenizer (train/build.py: model_config_for).
+FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id"}
+VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "use_cache"}
+
+
+def checkpoint_tokenizer_dir(tag_dir: Path) -> Path | None:
+    """The tokenizer a checkpoint was trained with: saved in the tag, or (older checkpoints) in its run folder."""
+    for folder in (tag_dir / TOKENIZER_DIR, tag_dir.parent.parent / "tokenizer"):
+        if (folder / "tokenizer_config.json").is_file():
+            return folder
+    return None
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the vocabulary: every token and its id, added and special tokens included."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
+def trained_with(*, tokenizer: PreTrainedTokenizerBase, seq_len: int, data_format: str) -> dict:
+    """The manifest entries `--load` checks (the model config is recorded beside them)."""
+    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": seq_len, "data_format": data_format}
+
+
+def check_layout_of_data(manifest: dict, *, load: Path, seq_len: int, data_format: str, weights_only: bool) -> None:
+    """The block length and data format of the run match the checkpoint's (a weights-only resume may change them)."""
+    if weights_only:
+        return
+    if manifest.get("seq_len", seq_len) != seq_len:
+        raise ConfigError(
+            f"--load {load}: the checkpoint was trained with --seq-len {manifest['seq_len']}, not {seq_len}: pass "
+            f"--seq-len {manifest['seq_len']} (or --reset-optimizer to train its weights on {seq_len}-token blocks)"
+        )
+    if manifest.get("data_format", data_format) != data_format:
+        raise ConfigError(
+            f"--load {load}: the checkpoint was trained on --data-format {manifest['data_format']}, not "
+            f"{data_format}: pass --data-format {manifest['data_format']} (or --reset-optimizer to fine-tune its "
+            "weights on other data)"
+        )
+
+
+def config_differences(saved: dict, ours: dict, ignore: set[str] = frozenset()) -> list[str]:
+    skip = VOLATILE_CONFIG_KEYS | set(ignore)
+    keys = sorted((set(saved) | set(ours)) - skip)
+    return [f"{key} {saved.get(key)!r} vs {ours.get(key)!r}" for key in keys if saved.get(key) != ours.get(key)]
+
+
+def check_model_config(manifest: dict, ours: dict, *, load: Path, ignore: set[str] = frozenset()) -> None:
+    """The model config matches the checkpoint's, but for entries that do not change the model (and `ignore`)."""
+    differences = config_differences(manifest["model_config"], ours, ignore)
+    if differences:
+        raise ConfigError(
+            f"--load {load}: the model config differs from the checkpoint's ({'; '.join(differences[:3])}): pass the "
+            "--model-config (or --model) it was trained with"
+        )
+
+
+def check_tokenizer(manifest: dict, tokenizer: PreTrainedTokenizerBase, *, load: Path, flag: str) -> None:
+    expected = manifest.get("tokenizer_fingerprint")
+    if expected is not None and tokenizer_fingerprint(tokenizer) != expected:
+        raise ConfigError(
+            f"--load {load}: {flag} {tokenizer.name_or_path} is not the tokenizer the checkpoint was trained with "
+            f"(vocabulary hash {tokenizer_fingerprint(tokenizer)}, the checkpoint's {expected}): drop {flag} to use "
+            "the checkpoint's own, or pass the one it was trained with"
+        )
