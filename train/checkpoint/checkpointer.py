@@ -6,6 +6,7 @@ what `resume_mode` decided: the same layout exactly, another layout through Deep
 (train/checkpoint/universal.py), or the weights alone.
 """
 
+import errno
 import os
 import random
 import shutil
@@ -77,8 +78,8 @@ def save_checkpoint(
     `adapters_only` (LoRA): the frozen base weights are left out, `--model` holds them; `manifest`: more entries
     for the manifest (the adapters and the base model they belong to)."""
     tag = f"step_{step}"
+    every_rank(lambda: check_free_space(root, tag), run_here=dist.get_rank() == 0)  # before anything is created
     every_rank(lambda: _probe_writable(root / tag))  # fail together, before DeepSpeed starts writing
-    every_rank(lambda: check_free_space(root, tag), run_here=dist.get_rank() == 0)
     state = {
         **client_state,
         "step": step,
@@ -99,12 +100,14 @@ def save_checkpoint(
     except Exception as e:  # a full disk is a RuntimeError from torch.save ("file write failed"), not an OSError
         # Peers may be inside DeepSpeed's collectives, so no agreement is possible: remove the partial tag, exit
         # hard, and the launcher stops them all (their own writes into the removed folder fail too).
+        # Every failing rank prints this line: the same words on each when the disk is full (the usual cause).
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or shutil.disk_usage(root).free < 2**26
+        reason = "its file system is full" if full else first_line(e)
         shutil.rmtree(root / tag, ignore_errors=True)
-        free = shutil.disk_usage(root).free / 2**20
         print(
-            f"error: writing checkpoint {root / tag} failed ({first_line(e)}; {free:,.0f} MB free on its file "
-            f"system); the partial {tag} was removed and `{LATEST}` still names {latest_tag(root) or 'no checkpoint'}: "
-            "free space or pass an --output-dir with room, then --load it",
+            f"error: writing checkpoint {root / tag} failed ({reason}); the partial {tag} was removed and "
+            f"`{LATEST}` still names {latest_tag(root) or 'no checkpoint'}: free space or pass an --output-dir with "
+            "room, then --load it",
             flush=True,
         )
         os._exit(EXIT_ERROR)

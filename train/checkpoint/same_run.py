@@ -20,7 +20,10 @@ TOKENIZER_DIR = "tokenizer"  # inside a checkpoint tag: the run's tokenizer, sav
 # Config entries that do not change the model a checkpoint holds.
 # What a from-scratch model's config takes from the tokenizer (train/build.py: model_config_for).
 FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id"}
-VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "use_cache"}
+VOLATILE_CONFIG_KEYS = {
+    *("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "use_cache"),
+    *("id2label", "label2id", "output_attentions", "output_hidden_states", "return_dict"),
+}
 
 
 def checkpoint_tokenizer_dir(tag_dir: Path) -> Path | None:
@@ -60,6 +63,7 @@ def check_layout_of_data(manifest: dict, *, load: Path, seq_len: int, data_forma
 
 
 def config_differences(saved: dict, ours: dict, ignore: set[str] = frozenset()) -> list[str]:
+    saved, ours = (json.loads(json.dumps(c, sort_keys=True, default=str)) for c in (saved, ours))  # as saved: JSON
     skip = VOLATILE_CONFIG_KEYS | set(ignore)
     keys = sorted((set(saved) | set(ours)) - skip)
     return [f"{key} {saved.get(key)!r} vs {ours.get(key)!r}" for key in keys if saved.get(key) != ours.get(key)]
