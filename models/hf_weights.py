@@ -5,17 +5,20 @@ for a tied embedding). Each pipeline layer keeps its HF pieces under their HF na
 a per-layer prefix plus that name (a decoder layer's `layer.` stands for `<prefix>.layers.<i>.`).
 """
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 from deepspeed.pipe import PipelineModule
-from safetensors import safe_open
+from safetensors import SafetensorError
+from safetensors import safe_open as _safe_open
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
 from models.architecture import TIED_EMBEDDING_KEY, TIED_HEAD, Architecture, discover
 from models.portable import make_portable
+from train.errors import first_line
 
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 
@@ -86,6 +89,18 @@ class SafetensorsCheckpoint:
         filename, stored_key = self.files[hf_key]
         with safe_open(self.model_dir / filename, framework="pt") as f:
             return f.get_tensor(stored_key)
+
+
+@contextlib.contextmanager
+def safe_open(path: Path, framework: str):
+    """safetensors' `safe_open`, its errors (a truncated or damaged file) as a ValueError naming the file."""
+    try:
+        with _safe_open(path, framework=framework) as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} cannot be read ({first_line(e)}): the file is truncated or damaged; copy or download it again"
+        ) from None
 
 
 def check_weights_fit(model_dir: Path, arch: Architecture) -> None:

@@ -8,10 +8,12 @@ CPU-sized shapes for tests and the default run.
 import json
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from models.architecture import SUPPORTED_FAMILIES, discover
 from models.hub import check_hub_name, check_model_dir, not_found
+from train.errors import first_line
 
 
 def _rope(theta: float, **scaling) -> dict:
@@ -181,7 +183,16 @@ def _config_file(path: Path, vocab_size: int | None) -> PretrainedConfig:
             **settings,
             "vocab_size": vocab_size,
         }
-    return CONFIG_MAPPING[settings["model_type"]].from_dict(settings)
+    try:
+        return CONFIG_MAPPING[settings["model_type"]].from_dict(settings)
+    except (StrictDataclassError, TypeError) as e:  # transformers 5 configs check their fields' types
+        raise ValueError(f"--model-config {path}: {bad_field(e)}; fix {file.name}") from None
+
+
+def bad_field(error: Exception) -> str:
+    """The field a config refused and why, in one line ("Field 'n_layer' expected int, got str (value: '4')")."""
+    cause = error.__cause__ or error
+    return first_line(cause) if str(cause).strip() else first_line(error)
 
 
 def _pretrained_config(model: str) -> PretrainedConfig:
@@ -193,6 +204,8 @@ def _pretrained_config(model: str) -> PretrainedConfig:
         check_hub_name("--model", model)
     try:
         return AutoConfig.from_pretrained(model)
+    except (StrictDataclassError, TypeError) as e:
+        raise ValueError(f"--model {model}: its config.json is not valid ({bad_field(e)})") from None
     except (OSError, ValueError) as e:
         raise ValueError(not_found("--model", model, e)) from None
 

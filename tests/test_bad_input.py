@@ -203,3 +203,14 @@ def test_4bit_without_lora_and_without_bitsandbytes_are_one_line(capsys, good, t
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert errors[0].startswith("error: --load-in-4bit needs bitsandbytes") and "pip install bitsandbytes" in errors[0]
+
+
+def test_commands_without_an_output_folder_end_in_one_line(tmp_path):
+    """train.generate on a folder that does not exist, and train.export on one that holds no checkpoint."""
+    import subprocess
+    import sys
+
+    for command in (["train.generate", tmp_path / "nothing"], ["train.export", tmp_path, "--out", tmp_path / "o"]):
+        done = subprocess.run([sys.executable, "-m", *map(str, command)], capture_output=True, text=True)
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (command, lines)

@@ -136,6 +136,25 @@ def test_weighted_mixture_and_explicit_validation(tmp_path, tokenizer_dir, corpu
     assert val_text.split()[0] in (tmp_path / "val.txt").read_text()
 
 
+def test_a_compressed_source_cut_short_is_one_line_naming_it(tmp_path):
+    import gzip
+
+    records = "".join(json.dumps({"text": f"verse {i} " * 20}) + "\n" for i in range(2000)).encode()
+    whole = gzip.compress(records)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError, match="cut.jsonl.gz") as caught:
+        load_texts(resolve_sources([str(tmp_path / "cut.jsonl.gz")])[0])
+    assert "\n" not in str(caught.value)
+
+
+def test_a_metrics_file_cut_off_by_a_killed_run_is_rewound_without_its_partial_line(tmp_path):
+    from train.observe.metrics import readable_lines
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.9}\n{"step": 3, "lo')
+    assert [json.loads(line)["step"] for line in readable_lines(path)] == [1, 2]
+
+
 def test_non_utf8_and_empty_sources_are_one_line_errors(tmp_path, tokenizer_dir):
     tokenizer = load_tokenizer(str(tokenizer_dir))
     (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe not utf-8\n")

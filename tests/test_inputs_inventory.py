@@ -51,6 +51,13 @@ def _full_checkpoint(root, model_type: str | None = None, **trained_with):
     return root
 
 
+def _truncated(path):
+    """`path` cut to half its bytes, as an interrupted copy or download leaves it."""
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    return path
+
+
 def _empty_manifest(root):
     write_file(root / "step_1" / "pipegpt_manifest.json", "")
     write_file(root / "latest", "step_1")
@@ -323,6 +330,21 @@ INVENTORY = [
         "--load names a checkpoint of full training",
     ),
     ("output-dir-under-a-file", lambda t, g: ["--output-dir", write_file(t / "a_file", "") / "run"], "is a file"),
+    (
+        "model-config-wrong-type",
+        lambda t, g: ["--model-config", write_file(t / "c.json", '{"model_type": "gpt2", "n_layer": "4"}')],
+        "Field 'n_layer' expected int, got str",
+    ),
+    (
+        "model-truncated-safetensors",
+        lambda t, g: [
+            "--model",
+            _truncated(_tiny_gpt2(t / "m", 512) / "model.safetensors").parent,
+            "--tokenizer",
+            g["tokenizer"],
+        ],
+        "model.safetensors cannot be read",
+    ),
     (
         "ds-zero0-clipping-pipeline",
         lambda t, g: ["--deepspeed_config", write_ds_config(t / "z0.json", zero_optimization={"stage": 0})],

@@ -12,6 +12,7 @@
 
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -67,17 +68,17 @@ def as_run_error(error: BaseException) -> RunError:
 
 
 def _write_traceback(text: str) -> str:
+    """The traceback into the error log: the run's `error.log`, or for a command without an output folder (the
+    preflight, train.plan, train.export, train.generate) a file of its own in the temporary folder."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if _error_log is not None:
-        try:
-            _error_log.parent.mkdir(parents=True, exist_ok=True)
-            with open(_error_log, "a") as f:  # one write per rank: the ranks' reports do not interleave
-                f.write(f"--- rank {rank} (pid {os.getpid()}) ---\n{text}\n")
-            return f"traceback in {_error_log}"
-        except OSError as e:  # a full disk or a read-only folder: the one line still says what failed
-            return f"its traceback could not be written to {_error_log}: {e.strerror}"
-    sys.stderr.write(text)
-    return "traceback above"
+    log = _error_log or Path(tempfile.gettempdir()) / f"pipegpt-error-{os.getpid()}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:  # one write per rank: the ranks' reports do not interleave
+            f.write(f"--- rank {rank} (pid {os.getpid()}) ---\n{text}\n")
+        return f"traceback in {log}"
+    except OSError as e:  # a full disk or a read-only folder: the one line still says what failed
+        return f"its traceback could not be written to {log}: {e.strerror}"
 
 
 def entry_point(fn: Callable[[], object], error_log: Path | None = None) -> int:

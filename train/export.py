@@ -14,8 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from peft import LoraConfig
-
 from models.architecture import discover
 from models.hf_weights import config_from_dict, export_hf_model
 from models.hub import resolve_model_dir
@@ -50,6 +48,8 @@ def export_checkpoint(
 def export_adapter(tag_dir: Path, manifest: dict, out: Path, tokenizer, merged: Path | None = None) -> Path:
     """A LoRA checkpoint as a PEFT adapter folder (`base_model_name_or_path`: the base as the run named it), with
     the tokenizer; `merged`: also the base with the adapters merged in, as a save_pretrained folder."""
+    from peft import LoraConfig  # here: importing peft imports bitsandbytes, after models/ has quieted it
+
     arch = discover(config_from_dict(manifest["model_config"]))
     plan = AdapterPlan(config=LoraConfig(**lora_settings(manifest["adapters"]["config"])), targets={})
     save_adapter(out, plan, adapters_from_checkpoint(tag_dir, arch), base_model=manifest["base_model"])

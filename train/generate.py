@@ -5,11 +5,14 @@ python -m train.generate runs/default/checkpoints --prompt "And God said"
 """
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from train.errors import ConfigError, entry_point
 
 
 def generate_text(
@@ -46,7 +49,7 @@ def generate_text(
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument(
         "model_dir", type=Path, help="a save_pretrained folder, a PEFT adapter folder or a checkpoint folder"
@@ -58,14 +61,20 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    return entry_point(lambda: generate_from(a))
+
+
+def generate_from(a: argparse.Namespace) -> None:
     model_dir = a.model_dir
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: no such folder; pass a save_pretrained folder, an adapter or a checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
-        if not (model_dir / "config.json").exists():  # a pipeline checkpoint: export it first
-            from train.export import export_checkpoint
+        if not (model_dir / "config.json").exists() and not (model_dir / "adapter_config.json").exists():
+            from train.export import export_checkpoint  # a pipeline checkpoint: export it first
 
             model_dir = export_checkpoint(model_dir, Path(tmp) / "hf")
         print(generate_text(model_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -116,8 +116,8 @@ def load_columns(source: Source, columns: dict[str, tuple[str, str]]) -> Dataset
         except (UnicodeDecodeError, DatasetGenerationError, pa.ArrowInvalid) as e:
             raise ConfigError(unreadable(where, builder, e)) from None
         except Exception as e:  # the hub: offline, unknown name, config or split (many exception types)
-            if not source.hub_name:
-                raise
+            if not source.hub_name:  # a local file: a compressed file cut short (EOFError), a damaged one, ...
+                raise ConfigError(unreadable(where, builder, e)) from None
             raise ConfigError(not_found("--data", source.hub_name, e)) from None
         plain_text = builder == "text" and [ours for ours, _ in columns.values()] == ["text"]
         wanted = {"text": ("text", "")} if plain_text else columns

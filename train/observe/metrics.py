@@ -124,6 +124,18 @@ def run_record(
     }
 
 
+def readable_lines(path: Path) -> list[str]:
+    """The whole JSON lines of a metrics file: a run killed while writing leaves its last line cut off."""
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if isinstance(json.loads(line), dict) and "step" in json.loads(line):
+                lines.append(line)
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
 class StepMeter:
     """A step's metrics from its loss and time; stops the run when the loss or the gradient diverges."""
 
@@ -253,7 +265,7 @@ class MetricsLog:
             return
         path = output_dir / "metrics.jsonl"
         if path.exists():  # a resumed run rewinds to its checkpoint: steps after it are trained again
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in readable_lines(path) if json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a")  # noqa: SIM115 (closed in finish)
         mode = wandb_mode(wandb.mode)
