@@ -5,7 +5,8 @@
 For a lent GPU (one run; about 5 minutes on an H100/H200): random tokens (no data path), seq 1024,
 ZeRO-1, bf16 with fp32 gradient accumulation, the optimizer of `ds_configs/gpu_bf16.json` (DeepSpeed's
 FusedAdam, JIT-built on first use; `--torch-adam` takes torch's AdamW). Every model runs eager and compiled
-(`--compile`'s path: DeepSpeed's `engine.compile()`, one `torch.compile` per pipeline layer), each with the
+(`--compile`'s path: DeepSpeed's `engine.compile()`, one `torch.compile` per pipeline layer) and eager under
+`--attention document` (blocks of ~48-token documents: transformers' block-causal mask per layer), each with the
 largest micro-batch that fits: the largest power of two whose `train.plan` estimate stays under 85% of the
 device's memory, halved after an out-of-memory error. Prints a markdown table: micro-batch, tokens/s,
 TFLOP/s and MFU (`train/observe/mfu.py`'s peak table) of the median step after 3, and the peak memory the model
@@ -30,6 +31,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
+from bench.attention_bench import packed_positions  # noqa: E402
 from models.architecture import discover  # noqa: E402
 from models.flops import flops_per_token  # noqa: E402
 from models.pipeline import build_pipeline  # noqa: E402
@@ -72,7 +74,9 @@ def largest_micro_batch(arch, a: argparse.Namespace) -> int:
     return fitting[0] if fitting else 1
 
 
-def train_steps(arch, micro_batch_size: int, compiled: bool, a: argparse.Namespace) -> tuple[list[float], float]:
+def train_steps(
+    arch, micro_batch_size: int, compiled: bool, a: argparse.Namespace, document: bool = False
+) -> tuple[list[float], float]:
     """Step times and the peak memory (GiB) the model, optimizer and activations added."""
     accelerator = get_accelerator()
     accelerator.empty_cache()
@@ -84,7 +88,10 @@ def train_steps(arch, micro_batch_size: int, compiled: bool, a: argparse.Namespa
     if compiled:
         engine.compile(backend=a.compile_backend)
     ids = torch.randint(0, arch.config.vocab_size, (micro_batch_size, a.seq_len))
-    batches = itertools.repeat((ids, ids))
+    # Document attention: blocks packed with documents of ~48 tokens (bench/attention_bench.py), each layer's mask
+    # built by transformers from the positions (flash attention, where configured, reads them instead).
+    positions = packed_positions(micro_batch_size, a.seq_len, seed=1) if document else None
+    batches = itertools.repeat(((ids, positions), ids) if document else (ids, ids))
     times = []
     try:
         for _ in range(a.steps):
@@ -100,25 +107,29 @@ def train_steps(arch, micro_batch_size: int, compiled: bool, a: argparse.Namespa
         torch._dynamo.reset()
 
 
-def bench_one(name: str, compiled: bool, a: argparse.Namespace, peak: float | None) -> str:
+def bench_one(name: str, compiled: bool, a: argparse.Namespace, peak: float | None, document: bool = False) -> str:
     arch = discover(resolve_model_config(name, None, None))
     micro_batch_size = largest_micro_batch(arch, a)
     while True:
         try:
-            times, measured = train_steps(arch, micro_batch_size, compiled, a)
+            times, measured = train_steps(arch, micro_batch_size, compiled, a, document)
             break
         except torch.OutOfMemoryError:
             if micro_batch_size == 1:
-                return f"| {name} | {'compiled' if compiled else 'eager'} | does not fit | | | | | |"
+                return f"| {name} | {mode_name(compiled, document)} | does not fit | | | | | |"
             micro_batch_size //= 2
     planned = plan_stages(arch, engine_config(micro_batch_size, a), 1, 1, a.seq_len, "flops")[0].peak / 2**30
     tokens_per_sec = micro_batch_size * MICRO_BATCHES * a.seq_len / statistics.median(times[3:] or times)
     perf = tflops_and_mfu(flops_per_token(arch, a.seq_len), tokens_per_sec, 1, peak)
     mfu = f"{perf['mfu']:.1%}" if perf["mfu"] is not None else "n/a"
     return (
-        f"| {name} | {'compiled' if compiled else 'eager'} | {micro_batch_size} | {tokens_per_sec:,.0f} | "
+        f"| {name} | {mode_name(compiled, document)} | {micro_batch_size} | {tokens_per_sec:,.0f} | "
         f"{perf['tflops_per_device']:.2f} | {mfu} | {times[0]:.1f} | {measured:.2f} | {planned:.2f} |"
     )
+
+
+def mode_name(compiled: bool, document: bool) -> str:
+    return ("compiled" if compiled else "eager") + (", document attention" if document else "")
 
 
 def main() -> None:
@@ -142,8 +153,8 @@ def main() -> None:
     print("| model | mode | micro-batch | tokens/s | TFLOP/s | MFU | first step s | peak memory GiB | planned GiB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in a.models:
-        for compiled in (False, True):
-            print(bench_one(name, compiled, a, peak), flush=True)
+        for compiled, document in ((False, False), (True, False), (False, True)):
+            print(bench_one(name, compiled, a, peak, document), flush=True)
 
 
 if __name__ == "__main__":

@@ -201,3 +201,9 @@ def test_an_exception_with_an_empty_message_is_one_line_not_a_traceback(good, co
         assert "Traceback" not in output, point
         if point == "checkpoint":
             assert errors[0].endswith(": AssertionError"), errors
+
+
+def test_launch_help_prints_the_flags_once(good):
+    proc = launch(["--help"], ranks=2, check=False)
+    assert proc.returncode == 0 and proc.stdout.count("usage: pipegpt") == 1
+    assert "spawned" not in proc.stdout + proc.stderr

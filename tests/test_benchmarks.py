@@ -10,7 +10,7 @@ from tests.helpers import REPO
 
 
 @pytest.mark.ranks  # a training process of its own, ~30 s with compilation
-def test_gpu_bench_dry_run_prints_eager_and_compiled_rows_for_both_families():
+def test_gpu_bench_dry_run_prints_eager_compiled_and_document_rows_for_both_families():
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu_bench", "--dry-run"],
         cwd=REPO,
@@ -22,5 +22,6 @@ def test_gpu_bench_dry_run_prints_eager_and_compiled_rows_for_both_families():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     table = {(cells[0].strip(), cells[1].strip()): cells for cells in rows[1:]}
-    assert set(table) == {(m, mode) for m in ("gpt2-tiny", "llama-tiny") for mode in ("eager", "compiled")}
+    modes = ("eager", "compiled", "eager, document attention")
+    assert set(table) == {(m, mode) for m in ("gpt2-tiny", "llama-tiny") for mode in modes}
     assert all(float(cells[3].replace(",", "")) > 0 for cells in table.values())  # tokens/s
