@@ -142,18 +142,26 @@ def test_full_disks_stop_the_run_with_one_line_and_lose_no_checkpoint(base, tmp_
         assert rank_pids(disk / "run") == []
 
 
-def test_two_ctrl_c_save_the_step_reached_and_exit_143(base):
-    tmp, args = base
-    out = tmp / "interrupted"
+@contextmanager
+def training(args: list[str], out: Path):
+    """A run into `out` that has logged 3 steps (saving only when it stops), killed as a group afterwards."""
     proc = start_launch([*args, "--output-dir", out, "--save-interval", 0], ranks=2)
     try:
         wait_for_steps(out, 3, proc)
+        yield proc
+    finally:
+        kill_process_group(proc)
+    assert verified_tag_dir(out / "checkpoints").name == f"step_{max(m['step'] for m in read_metrics(out))}"
+
+
+def test_two_ctrl_c_save_the_step_reached_and_exit_143(base):
+    tmp, args = base
+    out = tmp / "interrupted"
+    with training(args, out) as proc:
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the whole foreground group
         time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGINT)
         done = finish(proc, timeout=90)
-    finally:
-        kill_process_group(proc)
     assert done.returncode == EXIT_PREEMPTED, (done.returncode, done.stderr[-3000:])
     reached = max(m["step"] for m in read_metrics(out))
     tag = verified_tag_dir(out / "checkpoints")
@@ -165,15 +173,9 @@ def test_two_ctrl_c_save_the_step_reached_and_exit_143(base):
 def test_ranks_stop_saving_when_launch_sh_is_killed(base):
     tmp, args = base
     out = tmp / "orphaned"
-    proc = start_launch([*args, "--output-dir", out, "--save-interval", 0], ranks=2)
-    try:
-        wait_for_steps(out, 3, proc)
+    with training(args, out) as proc:
         os.kill(proc.pid, signal.SIGKILL)  # launch.sh alone: the runner, its launcher and the ranks lose their parent
         killed = time.monotonic()
         while rank_pids(out):
             assert time.monotonic() - killed < 30, "the ranks outlived launch.sh"
             time.sleep(0.2)
-    finally:
-        kill_process_group(proc)
-    reached = max(m["step"] for m in read_metrics(out))
-    assert verified_tag_dir(out / "checkpoints").name == f"step_{reached}"
