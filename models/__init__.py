@@ -1,5 +1,6 @@
-"""Any supported Hugging Face causal LM as DeepSpeed pipeline layers: its structure, the layers, the loss, FLOPs,
-presets, hub names, and the conversion between Hugging Face weights and pipeline layers."""
+"""Any supported Hugging Face causal LM as DeepSpeed pipeline layers: its structure, the layers and their attention
+masks, the loss, FLOPs, presets, hub names, LoRA and 4-bit bases, and the conversion between Hugging Face weights
+and pipeline layers (exports that transformers 4.x and 5.x read alike)."""
 
 import logging
 
