@@ -284,3 +284,14 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
     with torch.no_grad():
         first = [model(ids, labels=ids).loss.item() for ids in (blocks[i]["input_ids"].long() for i in micro_batches)]
     assert read_metrics(out)[0]["loss"] == pytest.approx(sum(first) / len(first), rel=1e-5)
+
+
+def test_pruning_keeps_the_checkpoint_just_saved_beside_an_earlier_runs_later_ones(tmp_path):
+    """A new run into a folder that holds an earlier, longer run's checkpoints: its own newest ones are kept, and
+    the earlier run's later steps are not pruned by it."""
+    from train.checkpoint.manifest import MANIFEST, prune
+
+    for step in (5, 10, 195, 200):
+        write_json(tmp_path / f"step_{step}" / MANIFEST, {"files": {}})
+    prune(tmp_path, keep_last=1, saved=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_195", "step_200"]

@@ -56,7 +56,8 @@ def with_flag(args: list[str], flag: str, value) -> list[str]:
 def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_over(base):
     tmp, args = base
     out = tmp / "shared"
-    first = start_launch([*args, "--output-dir", out, "--seed", 1, "--save-interval", 5], ranks=2)
+    endless = with_flag(args, "--train-steps", 10**6)  # stopped below: it must still run when the second starts
+    first = start_launch([*endless, "--output-dir", out, "--seed", 1, "--save-interval", 5], ranks=2)
     try:
         wait_for_steps(out, 3, first)
         second = launch([*args, "--output-dir", out, "--seed", 2, "--train-steps", 6], ranks=2, check=False)

@@ -128,7 +128,7 @@ def save_checkpoint(
         }
         write_manifest(root / tag, entries, {name: record for share in shares for name, record in share.items()})
         write_atomically(root / LATEST, tag)
-        prune(root, keep_last)
+        prune(root, keep_last, saved=step)
     dist.barrier()
     return root / tag
 

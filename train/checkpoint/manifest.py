@@ -70,12 +70,15 @@ def write_manifest(tag_dir: Path, manifest: dict, records: dict[str, dict] | Non
     write_atomically(tag_dir / MANIFEST, json.dumps({**manifest, "files": dict(sorted(records.items()))}, indent=1))
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints (with their universal conversions)."""
+def prune(root: Path, keep_last: int, saved: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints up to step `saved` (just saved), with their universal
+    conversions. Tags of later steps belong to an earlier run in the same folder: they are left alone, and never
+    count against the run that is saving (which would lose its own newest checkpoint)."""
     tags = sorted(
         (p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / MANIFEST).exists()),
         key=lambda p: int(p.name[5:]),
     )
+    tags = [tag for tag in tags if int(tag.name[5:]) <= saved]
     for old in tags[:-keep_last] if keep_last > 0 else []:
         for folder in root.glob(f"{old.name}_*"):
             shutil.rmtree(folder, ignore_errors=True)
