@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,6 +178,8 @@ def test_ranks_stop_saving_when_launch_sh_is_killed(base):
     with training(args, out) as proc:
         os.kill(proc.pid, signal.SIGKILL)  # launch.sh alone: the runner, its launcher and the ranks lose their parent
         killed = time.monotonic()
+        for pipe in (proc.stdout, proc.stderr):  # keep reading what the ranks print, as a terminal would
+            threading.Thread(target=pipe.read, daemon=True).start()
         while rank_pids(out):
             assert time.monotonic() - killed < 30, "the ranks outlived launch.sh"
             time.sleep(0.2)
