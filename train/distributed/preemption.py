@@ -30,6 +30,20 @@ class Preempted(RunError):
     label = "stopped"
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs: a killed process its parent has not reaped yet (a zombie, state Z) has ended too."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive (a recycled pid cannot be told apart)
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): kill(pid, 0) is all there is
+        return True
+
+
 class Preemption:
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -40,16 +54,10 @@ class Preemption:
             threading.Thread(target=self._watch_launcher, args=(int(launcher),), daemon=True).start()
 
     def _watch_launcher(self, pid: int) -> None:
-        while True:
+        while process_alive(pid):
             time.sleep(1.0)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                self.signal_name = f"the end of launch.sh (pid {pid})"
-                print(f"warning: launch.sh (pid {pid}) is gone: stopping at the end of this step", flush=True)
-                return
-            except PermissionError:  # alive, another user's (a recycled pid cannot be told apart)
-                continue
+        self.signal_name = f"the end of launch.sh (pid {pid})"
+        print(f"warning: launch.sh (pid {pid}) is gone: stopping at the end of this step", flush=True)
 
     def _on_signal(self, signum: int, frame) -> None:
         self.signal_name = signal.Signals(signum).name
