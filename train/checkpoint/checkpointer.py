@@ -98,27 +98,12 @@ def save_checkpoint(
             str(root), tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=adapters_only
         )
     except Exception as e:  # a full disk is a RuntimeError from torch.save ("file write failed"), not an OSError
-        # Peers may be inside DeepSpeed's collectives, so no agreement is possible: remove the partial tag, exit
-        # hard, and the launcher stops them all (their own writes into the removed folder fail too).
-        # Every failing rank prints this line: the same words on each when the disk is full (the usual cause).
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or shutil.disk_usage(root).free < 2**26
-        reason = "its file system is full" if full else first_line(e)
-        shutil.rmtree(root / tag, ignore_errors=True)
-        print(
-            f"error: writing checkpoint {root / tag} failed ({reason}); the partial {tag} was removed and "
-            f"`{LATEST}` still names {latest_tag(root) or 'no checkpoint'}: free space or pass an --output-dir with "
-            "room, then --load it",
-            flush=True,
-        )
-        os._exit(EXIT_ERROR)
+        abandon_save(root, tag, e)
     if tokenizer is not None and dist.get_rank() == 0:  # the checkpoint is self-contained: --load and export read it
         tokenizer.save_pretrained(root / tag / TOKENIZER_DIR)
         make_portable(root / tag / TOKENIZER_DIR, context=max_positions(model_config.to_dict()))
     dist.barrier()
-    # Every rank syncs and checksums a share of the files (all ranks list the same folder), rank 0 writes them down.
-    names, world = tag_files(root / tag), dist.get_world_size()
-    shares: list[dict | None] = [None] * world
-    dist.all_gather_object(shares, file_records(root / tag, names[dist.get_rank() :: world], sync=True))
+    records = checksums_of_every_rank(root / tag)
     if dist.get_rank() == 0:
         entries = {
             "step": step,
@@ -126,11 +111,36 @@ def save_checkpoint(
             "model_config": model_config.to_dict(),
             **(manifest or {}),
         }
-        write_manifest(root / tag, entries, {name: record for share in shares for name, record in share.items()})
+        write_manifest(root / tag, entries, records)
         write_atomically(root / LATEST, tag)
         prune(root, keep_last, saved=step)
     dist.barrier()
     return root / tag
+
+
+def abandon_save(root: Path, tag: str, error: Exception) -> None:
+    """A save that failed on this rank: remove the partial tag and exit hard. Peers may be inside DeepSpeed's
+    collectives, so no agreement is possible; the launcher stops them all (their writes into the removed folder
+    fail too). Every failing rank prints the line: the same words on each when the disk is full (the usual cause)."""
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC or shutil.disk_usage(root).free < 2**26
+    reason = "its file system is full" if full else first_line(error)
+    shutil.rmtree(root / tag, ignore_errors=True)
+    print(
+        f"error: writing checkpoint {root / tag} failed ({reason}); the partial {tag} was removed and "
+        f"`{LATEST}` still names {latest_tag(root) or 'no checkpoint'}: free space or pass an --output-dir with "
+        "room, then --load it",
+        flush=True,
+    )
+    os._exit(EXIT_ERROR)
+
+
+def checksums_of_every_rank(tag_dir: Path) -> dict[str, dict]:
+    """Every rank syncs and checksums a share of the tag's files (all ranks list the same folder); a collective
+    that returns all the records on every rank."""
+    names, world = tag_files(tag_dir), dist.get_world_size()
+    shares: list[dict | None] = [None] * world
+    dist.all_gather_object(shares, file_records(tag_dir, names[dist.get_rank() :: world], sync=True))
+    return {name: record for share in shares for name, record in share.items()}
 
 
 def check_free_space(root: Path, tag: str) -> None:

@@ -119,6 +119,35 @@ def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's {arch.max_positions()} positions")
 
 
+def check_resume(
+    flags: Flags,
+    world_size: int,
+    model_config: PretrainedConfig,
+    adapters: AdapterPlan | None,
+    quantization: Quantization | None,
+) -> str:
+    """How `--load` resumes (checkpoint/manifest.py: resume_mode), once its checkpoint is known to fit this run:
+    the same adapters and base, block length, data format and model config."""
+    if not flags.load.exists():
+        raise ConfigError(f"--load {flags.load}: no such folder; pass a run's checkpoints folder or a step_N in it")
+    layout = {"pipeline_stages": flags.pipeline_stages, "data_parallel": world_size // flags.pipeline_stages}
+    resume = resume_mode(flags.load, flags.reset_optimizer, layout)
+    local_base = flags.model is not None and Path(flags.model).is_dir()
+    fingerprint = weights_fingerprint(Path(flags.model)) if adapters is not None and local_base else None
+    manifest = read_manifest(verified_tag_dir(flags.load))
+    check_checkpoint_adapters(manifest, adapters, fingerprint, quantization)
+    check_layout_of_data(
+        manifest,
+        load=flags.load,
+        seq_len=flags.seq_len,
+        data_format=flags.data_format,
+        weights_only=flags.reset_optimizer,
+    )
+    # The vocabulary and its special ids of a model trained from scratch come from the tokenizer: checked later.
+    check_model_config(manifest, model_config.to_dict(), load=flags.load, ignore=FROM_TOKENIZER)
+    return resume
+
+
 def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     """The checked, resolved configuration, or a ConfigError naming the fix."""
     check_flag_ranges(flags)
@@ -140,23 +169,7 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         check_every_stage_trains(adapters, model_config, bounds)
     resume = None
     if flags.load is not None:
-        if not flags.load.exists():
-            raise ConfigError(f"--load {flags.load}: no such folder; pass a run's checkpoints folder or a step_N in it")
-        layout = {"pipeline_stages": flags.pipeline_stages, "data_parallel": world_size // flags.pipeline_stages}
-        resume = resume_mode(flags.load, flags.reset_optimizer, layout)
-        local_base = flags.model is not None and Path(flags.model).is_dir()
-        fingerprint = weights_fingerprint(Path(flags.model)) if adapters is not None and local_base else None
-        manifest = read_manifest(verified_tag_dir(flags.load))
-        check_checkpoint_adapters(manifest, adapters, fingerprint, quantization)
-        check_layout_of_data(
-            manifest,
-            load=flags.load,
-            seq_len=flags.seq_len,
-            data_format=flags.data_format,
-            weights_only=flags.reset_optimizer,
-        )
-        # The vocabulary and its special ids of a model trained from scratch come from the tokenizer: checked later.
-        check_model_config(manifest, model_config.to_dict(), load=flags.load, ignore=FROM_TOKENIZER)
+        resume = check_resume(flags, world_size, model_config, adapters, quantization)
         if resume == "universal":  # DeepSpeed reads this when the engine is built
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     data_format = data_format_from_flags(flags)
