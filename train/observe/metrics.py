@@ -129,10 +129,11 @@ def readable_lines(path: Path) -> list[str]:
     lines = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            if isinstance(json.loads(line), dict) and "step" in json.loads(line):
-                lines.append(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and "step" in record:
+            lines.append(line)
     return lines
 
 
