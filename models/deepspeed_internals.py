@@ -1,6 +1,7 @@
 """Every use of DeepSpeed's private internals, in one file, each with the reason it is needed.
 
-Checked against DeepSpeed 0.19.8 (`deepspeed/runtime/pipe/module.py`, `engine.py`, `deepspeed/ops/__init__.py`)
+Checked against DeepSpeed 0.19.8 (`deepspeed/runtime/pipe/module.py`, `engine.py`, `dualpipev.py`,
+`deepspeed/ops/__init__.py`)
 and, for the process-group timeout DeepSpeed leaves to torch, torch 2.13.
 On a DeepSpeed upgrade, review this file, then run the suite: the tests exercise every function here.
 """
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 CHECKED_DEEPSPEED_VERSION = "0.19.8"
@@ -59,6 +61,12 @@ def set_global_steps(engine: PipelineEngine, step: int) -> None:
     engine.global_steps = step
 
 
+def loss_stage_global_rank(engine: PipelineEngine) -> int:
+    """The global rank (of this data-parallel replica) whose stage computes the loss and holds the logits: the last
+    pipeline rank under 1F1B, rank 0 under DualPipeV (whose phase-1 stages come back to it)."""
+    return engine._loss_stage_global_rank()
+
+
 def wrap_instructions(engine: PipelineEngine, wrap: Callable[[str, Callable], Callable]) -> None:
     """Give this engine instance (and no other) a copy of its schedule's instruction table, each entry
     wrapped: `engine._INSTRUCTION_MAP` maps instruction classes to the bound methods the 1F1B schedule
@@ -81,20 +89,24 @@ class PipelineModuleHooks(PipelineModule):
         """Parameters per layer spec, for DeepSpeed's `parameters` partition."""
         raise NotImplementedError
 
-    def stage_layers(self) -> tuple[int, int]:
-        """[start, stop) of the layer specs this stage holds."""
-        return self._local_start, self._local_stop
+    def stage_layers(self) -> list[tuple[int, int]]:
+        """[start, stop) of the layer specs of each stage this pipeline rank holds: one under 1F1B."""
+        return [(self._local_start, self._local_stop)]
+
+    def _stage_functions(self) -> list[list]:
+        """The built layers (`forward_funcs`, module.py) of each stage of `stage_layers`."""
+        return [self.forward_funcs]
 
     def stage_modules(self) -> Iterator[tuple[int, torch.nn.Module]]:
-        """(global layer index, built module) of this stage's layers; a tied head, which DeepSpeed keeps as a
-        `partial` calling the first layer's module (`forward_funcs`, module.py), is left out."""
-        start, _ = self.stage_layers()
-        for offset, layer in enumerate(self.forward_funcs):
-            if isinstance(layer, torch.nn.Module):
-                yield start + offset, layer
+        """(global layer index, built module) of this rank's layers; a tied head, which DeepSpeed keeps as a
+        `partial` calling the first layer's module, is left out."""
+        for (start, _), functions in zip(self.stage_layers(), self._stage_functions(), strict=True):
+            for offset, layer in enumerate(functions):
+                if isinstance(layer, torch.nn.Module):
+                    yield start + offset, layer
 
     def stage_layer_names(self) -> list[str]:
-        return [spec.typename.__name__ for spec in self._layer_specs[self._local_start : self._local_stop]]
+        return [spec.typename.__name__ for start, stop in self.stage_layers() for spec in self._layer_specs[start:stop]]
 
     def tied_weights(self) -> Iterator[tuple[torch.Tensor, int, dist.ProcessGroup]]:
         """(this stage's copy of a tied weight, the global rank of its owner, the tie's group)."""
@@ -133,3 +145,16 @@ class PipelineModuleHooks(PipelineModule):
         # DeepSpeed broadcasts the tied embedding with grad enabled, which records the in-place
         # broadcast in autograd and makes every backward warn; the broadcast is not differentiable.
         super()._synchronize_tied_weights()
+
+
+class DualPipeVModuleHooks(DualPipeVModule, PipelineModuleHooks):
+    """DeepSpeed's `DualPipeVModule` (2 x ranks stages; rank r holds stage r, phase 0, and stage 2 x ranks - 1 - r,
+    phase 1) with the hooks above. In this order DualPipeV's own steps run first: its `_partition_layers` doubles
+    `num_stages` and then calls the hooks' (a custom partition cuts 2 x ranks stages), after which it sets the
+    phases' bounds; its `_build` builds each phase through `PipelineModule._build`."""
+
+    def stage_layers(self) -> list[tuple[int, int]]:
+        return [tuple(int(b) for b in bounds) for bounds in self.phase_bounds]  # phase 0, phase 1
+
+    def _stage_functions(self) -> list[list]:
+        return self.phase_funcs

@@ -34,7 +34,7 @@ from models.architecture import (
     Architecture,
     PipelineLayer,
 )
-from models.deepspeed_internals import PipelineModuleHooks
+from models.deepspeed_internals import DualPipeVModuleHooks, PipelineModuleHooks
 from models.flops import flops_partition
 from models.lora import AdapterPlan, add_adapters, load_initial_adapters
 from models.loss import next_token_cross_entropy
@@ -168,6 +168,8 @@ class CausalLMPipeline(PipelineModuleHooks):
     DeepSpeed's own balanced-partition solver per-layer costs.
     """
 
+    SCHEDULE = "1f1b"
+
     def __init__(self, *args, arch: Architecture, seq_len: int, **kwargs):
         self.arch, self.seq_len = arch, seq_len
         super().__init__(*args, **kwargs)
@@ -226,6 +228,32 @@ class CausalLMPipeline(PipelineModuleHooks):
         return diff.item()
 
 
+class CausalLMDualPipeV(DualPipeVModuleHooks, CausalLMPipeline):
+    """The same layers cut into 2 x ranks stages for DeepSpeed's DualPipeV schedule: rank r holds stage r and stage
+    2 x ranks - 1 - r, so rank 0 holds the embedding and the head (and the loss). `num_stages` is the number of
+    pipeline ranks, as for 1F1B; `deepspeed.initialize` picks `DualPipeVEngine` from this module's type."""
+
+    SCHEDULE = "dualpipev"
+
+
+# --schedule: the pipeline module class of each schedule.
+SCHEDULES: dict[str, type[CausalLMPipeline]] = {cls.SCHEDULE: cls for cls in (CausalLMPipeline, CausalLMDualPipeV)}
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule == "dualpipev" else 1
+
+
+def fewest_micro_batches(schedule: str, ranks: int) -> int:
+    """The fewest micro-batches a step (or a forward-only pass) of `schedule` runs on `ranks` pipeline ranks."""
+    return 2 * ranks if schedule == "dualpipev" else 1
+
+
+def rank_of_stage(stage: int, ranks: int, schedule: str) -> int:
+    """The pipeline rank that holds `stage` (of ranks x `stages_per_rank` stages)."""
+    return min(stage, 2 * ranks - 1 - stage) if schedule == "dualpipev" else stage
+
+
 def _seed_layer(seed: int) -> None:
     """Seed the generators a layer draws from: the CPU one (initialisation) and the device's (dropout).
 
@@ -246,10 +274,11 @@ def build_pipeline(
     seed: int = 1234,
     activation_checkpoint_interval: int = 0,
     seq_len: int | None = None,
+    schedule: str = "1f1b",
 ) -> CausalLMPipeline:
-    """The model as a `PipelineModule`. Each layer is seeded from (seed, layer index), so the initial
-    weights are the same whatever the number of stages."""
-    return CausalLMPipeline(
+    """The model as a `PipelineModule` for `schedule` (`SCHEDULES`) on `num_stages` pipeline ranks. Each layer is
+    seeded from (seed, layer index), so the initial weights are the same whatever the layout and schedule."""
+    return SCHEDULES[schedule](
         layers=layer_specs(arch),
         num_stages=num_stages,
         loss_fn=next_token_cross_entropy,

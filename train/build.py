@@ -146,14 +146,15 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
             flags.seed,
             flags.activation_checkpoint_interval,
             flags.seq_len,
+            flags.schedule,
         )
     except ValueError as e:  # a partition DeepSpeed cannot run
         raise ConfigError(str(e)) from None
-    start, stop = pipe.stage_layers()
+    layers = " and ".join(f"{start}-{stop - 1}" for start, stop in pipe.stage_layers())
     if flags.model:
         loaded = every_rank(lambda: load_pretrained(pipe, arch, flags.model))
         # One write, so that the ranks' reports do not interleave on the shared stdout.
-        sys.stdout.write(f"rank {rank()}: loaded {loaded} pretrained tensors for layers {start}-{stop - 1}\n")
+        sys.stdout.write(f"rank {rank()}: loaded {loaded} pretrained tensors for layers {layers}\n")
     if config.quantization is not None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[training_dtype(config.ds_config)]
         quantized = every_rank(lambda: pipe.quantize_4bit(config.quantization, dtype))
@@ -163,7 +164,7 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         trainable = sum(p.numel() for p in pipe.parameters() if p.requires_grad)
         held = sum(parameter_count(p) for p in pipe.parameters())
         sys.stdout.write(
-            f"rank {rank()}: LoRA on {adapted} modules of layers {start}-{stop - 1}: {trainable:,} trainable of "
+            f"rank {rank()}: LoRA on {adapted} modules of layers {layers}: {trainable:,} trainable of "
             f"{held:,} parameters ({trainable / held:.2%})\n"
         )
     engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=parameter_groups(pipe), config=config.ds_config)
@@ -215,11 +216,23 @@ def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: Pr
         (config.output_dir / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
     trains = f" ({record['trainable_parameters']:,} trainable: LoRA)" if config.adapters is not None else ""
     say(
-        f"model: {model_config.model_type}, {record['parameters']:,} parameters{trains}, {engine.num_stages} stages x "
-        f"{engine.grid.data_parallel_size} data-parallel, layer bounds {record['topology']['stage_layer_bounds']}, "
-        f"{batch.num_micro_batches} micro-batches of {batch.micro_batch_size}, {record['attention']} attention"
+        f"model: {model_config.model_type}, {record['parameters']:,} parameters{trains}, "
+        f"{layout_line(record['topology'])}, {batch.num_micro_batches} micro-batches of {batch.micro_batch_size}, "
+        f"{record['attention']} attention"
     )
     return record
+
+
+def layout_line(topology: dict) -> str:
+    """The layout for the model line: stages x replicas and the layer bounds, or under DualPipeV each rank's two
+    stages."""
+    line = f"{topology['pipeline_stages']} stages x {topology['data_parallel']} data-parallel"
+    if topology["schedule"] == "1f1b":
+        return f"{line}, layer bounds {topology['stage_layer_bounds']}"
+    held = "; ".join(
+        f"rank {s['stage']} " + " and ".join(f"{a}-{b - 1}" for a, b in s["layer_bounds"]) for s in topology["stages"]
+    )
+    return f"{line.replace('stages', 'pipeline ranks')}, DualPipeV: layers {held}"
 
 
 def training_batches(config: RunConfig, engine: PipelineEngine, blocks: Dataset, start_step: int) -> TrainMicroBatches:

@@ -33,6 +33,7 @@ from train.checkpoint.manifest import (
     file_records,
     is_universal,
     latest_tag,
+    layout_of,
     prune,
     read_manifest,
     tag_files,
@@ -48,8 +49,8 @@ from train.distributed.faults import inject_fault
 from train.errors import EXIT_ERROR, ConfigError, RunError, first_line
 
 
-def layout_of(engine: PipelineEngine) -> dict:
-    return {"pipeline_stages": engine.num_stages, "data_parallel": engine.grid.data_parallel_size}
+def engine_layout(engine: PipelineEngine) -> dict:
+    return layout_of(engine.num_stages, engine.grid.data_parallel_size, engine.module.SCHEDULE)
 
 
 def rng_state() -> dict:
@@ -83,7 +84,7 @@ def save_checkpoint(
     state = {
         **client_state,
         "step": step,
-        "layout": layout_of(engine),
+        "layout": engine_layout(engine),
         "rng": rng_state(),
         "layer_seed_offset": layer_seed_offset(engine.module),
         # What DeepSpeed's ds_to_universal requires to convert the checkpoint (train/checkpoint/universal.py).
@@ -107,7 +108,7 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         entries = {
             "step": step,
-            "layout": layout_of(engine),
+            "layout": engine_layout(engine),
             "model_config": model_config.to_dict(),
             **(manifest or {}),
         }

@@ -154,6 +154,11 @@ def is_universal(tag_dir: Path) -> bool:
     return (tag_dir / "zero").is_dir()
 
 
+def layout_of(pipeline_stages: int, data_parallel: int, schedule: str) -> dict:
+    """The layout a checkpoint records: its optimizer shards fit only the same ranks holding the same layers."""
+    return {"pipeline_stages": pipeline_stages, "data_parallel": data_parallel, "schedule": schedule}
+
+
 def resume_mode(load: Path, reset_optimizer: bool, layout: dict) -> str:
     """How `--load` resumes a run of `layout`: "exact" (the same layout: weights, optimizer, LR schedule, RNG,
     data position, dropout seeds), "universal" (another layout: the same through DeepSpeed's universal
@@ -161,4 +166,5 @@ def resume_mode(load: Path, reset_optimizer: bool, layout: dict) -> str:
     tag_dir = verified_tag_dir(load)
     if reset_optimizer:
         return "weights"
-    return "universal" if is_universal(tag_dir) or read_manifest(tag_dir)["layout"] != layout else "exact"
+    saved = {"schedule": "1f1b"} | read_manifest(tag_dir)["layout"]  # checkpoints from before --schedule: 1F1B
+    return "universal" if is_universal(tag_dir) or saved != layout else "exact"

@@ -125,7 +125,16 @@ def shared_flags() -> list[argparse.ArgumentParser]:
     layout.add_argument(
         "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=str(DEFAULT_DS_CONFIG)
     )
-    layout.add_argument("--pipeline-stages", type=int, default=2)
+    layout.add_argument(
+        "--pipeline-stages", type=int, default=2, help="pipeline ranks per replica (each holds 2 stages under dualpipev)"
+    )
+    layout.add_argument(
+        "--schedule",
+        choices=("1f1b", "dualpipev"),
+        default="1f1b",
+        help="1f1b: one stage per rank, bubble (p-1)/(m+p-1); dualpipev: DeepSpeed's DualPipeV, two stages per rank "
+        "(the embedding and the head on rank 0), a smaller bubble, at least 2 x --pipeline-stages micro-batches",
+    )
     layout.add_argument(
         "--partition-method",
         default="flops",
@@ -254,7 +263,7 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         nargs="*",
         default=[],
-        help="steps whose 1F1B schedule is recorded (Chrome trace + PNG in <output-dir>/timeline)",
+        help="steps whose pipeline schedule is recorded (Chrome trace + PNG in <output-dir>/timeline)",
     )
     out.add_argument(
         "--peak-tflops",

@@ -124,8 +124,10 @@ def zero_stage(config: dict) -> int:
     return config.get("zero_optimization", {}).get("stage", 0)
 
 
-def check_layout(config: dict, world_size: int, pipeline_stages: int, num_layers: int) -> BatchLayout:
-    """Check parallel layout against the config; returns the batch layout."""
+def check_layout(
+    config: dict, world_size: int, pipeline_stages: int, num_layers: int, schedule: str = "1f1b"
+) -> BatchLayout:
+    """Check parallel layout and schedule against the config; returns the batch layout."""
     if pipeline_stages < 1:
         raise ConfigError("--pipeline-stages must be at least 1")
     if world_size % pipeline_stages:
@@ -143,6 +145,8 @@ def check_layout(config: dict, world_size: int, pipeline_stages: int, num_layers
     if config.get("wall_clock_breakdown") and pipeline_stages > 1:
         raise ConfigError("wall_clock_breakdown crashes DeepSpeed 0.19.8 with more than one stage; set it to false")
     layout = batch_layout(config, world_size // pipeline_stages)
+    if schedule == "dualpipev":
+        check_dualpipev(config, pipeline_stages, num_layers, layout.num_micro_batches)
     if zero_stage(config) == 0 and pipeline_stages > 1 and config.get("gradient_clipping", 1.0) > 0:
         # runtime/utils.py clip_grad_norm_ (called by the engine for fp32 without ZeRO) counts a parameter only on
         # model-parallel rank 0, which in the pipeline grid is the stage index: the "global" norm is stage 0's.
@@ -151,3 +155,27 @@ def check_layout(config: dict, world_size: int, pipeline_stages: int, num_layers
             '0.19.8 (silently wrong updates): set "zero_optimization": {"stage": 1}, or "gradient_clipping": 0'
         )
     return layout
+
+
+def check_dualpipev(config: dict, ranks: int, num_layers: int, micro_batches: int) -> None:
+    """What DeepSpeed 0.19.8's DualPipeV cannot run (its asserts in runtime/pipe/dualpipev.py), before any rank starts."""
+    if ranks < 2:
+        raise ConfigError(
+            "--schedule dualpipev needs --pipeline-stages 2 or more (one rank has no bubble to fill); use 1f1b"
+        )
+    if 2 * ranks > num_layers:
+        raise ConfigError(
+            f"--schedule dualpipev cuts the model into 2 x {ranks} = {2 * ranks} stages, more than its {num_layers} "
+            "decoder layers: use fewer --pipeline-stages, or --schedule 1f1b"
+        )
+    if micro_batches < 2 * ranks:
+        raise ConfigError(
+            f"--schedule dualpipev needs at least 2 x {ranks} = {2 * ranks} micro-batches per step, the DeepSpeed "
+            f"config gives {micro_batches}: raise gradient_accumulation_steps (train_batch_size) to {2 * ranks}, or "
+            "use --schedule 1f1b"
+        )
+    if config.get("pipeline", {}).get("dynamic_shape"):
+        raise ConfigError(
+            '--schedule dualpipev exchanges activation shapes once: set "pipeline": {"dynamic_shape": false}, '
+            "or use --schedule 1f1b"
+        )

@@ -17,7 +17,7 @@ from models.hf_weights import weights_fingerprint
 from models.lora import AdapterPlan
 from models.presets import resolve_model_config
 from models.quantize import Quantization
-from train.checkpoint.manifest import read_manifest, resume_mode, verified_tag_dir
+from train.checkpoint.manifest import layout_of, read_manifest, resume_mode, verified_tag_dir
 from train.checkpoint.same_run import FROM_TOKENIZER, check_layout_of_data, check_model_config
 from train.config.adapters import (
     adapters_from_flags,
@@ -130,7 +130,7 @@ def check_resume(
     the same adapters and base, block length, data format and model config."""
     if not flags.load.exists():
         raise ConfigError(f"--load {flags.load}: no such folder; pass a run's checkpoints folder or a step_N in it")
-    layout = {"pipeline_stages": flags.pipeline_stages, "data_parallel": world_size // flags.pipeline_stages}
+    layout = layout_of(flags.pipeline_stages, world_size // flags.pipeline_stages, flags.schedule)
     resume = resume_mode(flags.load, flags.reset_optimizer, layout)
     local_base = flags.model is not None and Path(flags.model).is_dir()
     fingerprint = weights_fingerprint(Path(flags.model)) if adapters is not None and local_base else None
@@ -155,7 +155,9 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     bpe_vocab_size = flags.vocab_size or DEFAULT_BPE_VOCAB
     model_config = model_config_from_flags(flags, bpe_vocab_size)
-    batch = check_layout(ds_config, world_size, flags.pipeline_stages, model_config.num_hidden_layers)
+    batch = check_layout(
+        ds_config, world_size, flags.pipeline_stages, model_config.num_hidden_layers, flags.schedule
+    )
     if flags.eval_blocks is not None and flags.eval_blocks < batch.global_batch:
         raise ConfigError(
             f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"

@@ -9,7 +9,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from transformers import PreTrainedTokenizerBase
 
-from models.deepspeed_internals import clear_eval_outputs
+from models.deepspeed_internals import clear_eval_outputs, loss_stage_global_rank
+from models.pipeline import fewest_micro_batches
 from models.loss import IGNORE_INDEX
 from train.config.ds_config import BatchLayout
 from train.data.batches import eval_steps
@@ -60,8 +61,9 @@ def sample_through_pipeline(
 
     Every new token is one forward-only pass of a fixed (micro_batch_size, seq_len) block, so the
     engine's activation buffers keep their training shape (the positions 0..S-1 of one sequence per row beside
-    the tokens); the last stage samples and broadcasts the tokens to the other stages. Causal attention makes
-    the padding after each row invisible.
+    the tokens); the loss stage samples and broadcasts the tokens to the other stages. Causal attention makes
+    the padding after each row invisible. DualPipeV runs no fewer than 2 x ranks micro-batches: the block is
+    repeated (and costs about twice 1F1B's one micro-batch, spread over both phases).
     """
     rows = torch.arange(len(prompts))
     block = torch.full((len(prompts), seq_len), tokenizer.eos_token_id, dtype=torch.long)
@@ -71,16 +73,17 @@ def sample_through_pipeline(
     lengths = torch.tensor([len(prompt) for prompt in prompts])
     positions = torch.arange(seq_len).expand_as(block).contiguous()
     device = get_accelerator().current_device_name()
-    last_stage = engine.grid.stage_to_global(engine.num_stages - 1, data=engine.grid.data_parallel_id)
+    loss_stage = loss_stage_global_rank(engine)
+    copies = fewest_micro_batches(engine.module.SCHEDULE, engine.num_stages)  # DualPipeV: 2 x ranks; the first used
     generator = torch.Generator().manual_seed(seed)
     for _ in range(min(new_tokens, seq_len - int(lengths.max()))):
         clear_eval_outputs(engine)
         out = engine.eval_batch(
-            iter([((block, positions), block)]),
+            iter([((block, positions), block)] * copies),
             compute_loss=False,
             reduce_output=None,
             bcast_loss=False,
-            num_micro_batches=1,
+            num_micro_batches=copies,
         )
         next_ids = torch.zeros(len(prompts), dtype=torch.long, device=device)
         if engine.is_last_stage():
@@ -88,7 +91,7 @@ def sample_through_pipeline(
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
             probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
             next_ids.copy_(torch.multinomial(probs, 1, generator=generator).squeeze(1))
-        dist.broadcast(next_ids, src=last_stage, group=engine.grid.get_pipe_parallel_group())
+        dist.broadcast(next_ids, src=loss_stage, group=engine.grid.get_pipe_parallel_group())
         block[rows, lengths] = next_ids.cpu()
         lengths += 1
     clear_eval_outputs(engine)

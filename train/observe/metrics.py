@@ -79,7 +79,8 @@ def run_environment() -> dict:
 
 
 def stages_summary(engine: PipelineEngine) -> list[dict]:
-    """Layers and parameters of every stage: `parameters` counts the tied embedding on the first stage
+    """Layers and parameters of every pipeline rank (`stage`: one stage under 1F1B, two under DualPipeV, whose
+    [start, stop) `layer_bounds` lists): `parameters` counts the tied embedding on the first stage
     only (they add up to the model), `held_parameters` is what the stage keeps in memory,
     `trainable_parameters` what trains (LoRA: the adapters), counted as `parameters`. A collective."""
     pipe = engine.module
@@ -90,11 +91,19 @@ def stages_summary(engine: PipelineEngine) -> list[dict]:
         p.numel() for p in pipe.parameters() if p.requires_grad and (engine.is_first_stage() or id(p) not in tied)
     )
     everyone = [None] * dist.get_world_size()
-    mine = (engine.grid.data_parallel_id, engine.stage_id, pipe.stage_layer_names(), params, held, trainable)
+    bounds = [list(b) for b in pipe.stage_layers()]
+    mine = (engine.grid.data_parallel_id, engine.stage_id, bounds, pipe.stage_layer_names(), params, held, trainable)
     dist.all_gather_object(everyone, mine)
     return [
-        {"stage": stage, "layers": layers, "parameters": n, "held_parameters": h, "trainable_parameters": t}
-        for dp, stage, layers, n, h, t in sorted(everyone, key=lambda x: x[1])
+        {
+            "stage": stage,
+            "layer_bounds": bounds,
+            "layers": layers,
+            "parameters": n,
+            "held_parameters": h,
+            "trainable_parameters": t,
+        }
+        for dp, stage, bounds, layers, n, h, t in sorted(everyone, key=lambda x: x[1])
         if dp == 0
     ]
 
@@ -106,9 +115,10 @@ def run_record(
     stages = stages_summary(engine)
     topology = {
         "world_size": dist.get_world_size(),
-        "pipeline_stages": engine.num_stages,
+        "pipeline_stages": engine.num_stages,  # pipeline ranks per replica
         "data_parallel": engine.grid.data_parallel_size,
-        "stage_layer_bounds": [int(b) for b in engine.module.parts],
+        "schedule": engine.module.SCHEDULE,
+        "stage_layer_bounds": [int(b) for b in engine.module.parts],  # of 2 x ranks stages under dualpipev
         "micro_batches_per_step": batch.num_micro_batches,
         "stages": stages,
     }

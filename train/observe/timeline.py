@@ -1,13 +1,14 @@
-"""A timeline of the 1F1B schedule: every instruction each stage executes, for chosen steps.
+"""A timeline of the pipeline schedule (1F1B or DualPipeV): every instruction each rank executes, for chosen steps.
 
 DeepSpeed's pipeline engine runs a schedule of instructions (LoadMicroBatch, ForwardPass,
-SendActivation, RecvGrad, BackwardPass, ReduceTiedGrads, ReduceGrads, OptimizerStep, ...)
-looked up in a table on the engine. We give the engine instance a copy of that table whose
-entries time themselves during profiled steps (`models/deepspeed_internals.wrap_instructions`).
+SendActivation, RecvGrad, BackwardPass, ReduceTiedGrads, ReduceGrads, OptimizerStep; DualPipeV adds
+CommitP2P and a `phase` on each) looked up in a table on the engine. We give the engine instance a copy of
+that table whose entries time themselves during profiled steps (`models/deepspeed_internals.wrap_instructions`).
 
-Writes `<output>/timeline/step_N.trace.json` (Chrome / Perfetto: one process per stage, one
-thread per data-parallel replica), `step_N.png` (a Gantt chart, one row per stage) and returns
-the measured bubble per stage beside the 1F1B theory (p - 1) / (m + p - 1).
+Writes `<output>/timeline/step_N.trace.json` (Chrome / Perfetto: one process per pipeline rank, one
+thread per data-parallel replica), `step_N.png` (a Gantt chart, one row per rank; DualPipeV's phase-1
+passes hatched) and returns the measured bubble per rank beside the schedule's theory
+(`train/planning/schedules.bubble_theory`: 1F1B's (p - 1) / (m + p - 1)).
 """
 
 import json
@@ -19,6 +20,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from models.deepspeed_internals import wrap_instructions
+from train.planning.schedules import SCHEDULE_NAMES, bubble_theory
 
 COMPUTE = ("ForwardPass", "BackwardPass")
 COLOURS = {
@@ -32,6 +34,7 @@ COLOURS = {
     "ReduceTiedGrads": "#9467bd",
     "ReduceGrads": "#8c564b",
     "OptimizerStep": "#e377c2",
+    "CommitP2P": "#17becf",
 }
 
 
@@ -85,7 +88,9 @@ class ScheduleProfiler:
         self.events = []
         everyone: list[dict] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        summary = bubble_summary(everyone, self.engine.num_stages, self.engine.gradient_accumulation_steps())
+        summary = bubble_summary(
+            everyone, self.engine.num_stages, self.engine.gradient_accumulation_steps(), self.engine.module.SCHEDULE
+        )
         if dist.get_rank() == 0:
             out = self.output_dir / "timeline"
             out.mkdir(parents=True, exist_ok=True)
@@ -96,8 +101,9 @@ class ScheduleProfiler:
         return summary
 
 
-def bubble_summary(ranks: list[dict], stages: int, num_micro_batches: int) -> dict:
-    """Per stage: the fraction of the step's wall time not spent in forward or backward compute."""
+def bubble_summary(ranks: list[dict], stages: int, num_micro_batches: int, schedule: str = "1f1b") -> dict:
+    """Per pipeline rank (`stages` of them): the fraction of the step's wall time not spent in forward or backward
+    compute, beside the schedule's theory."""
     start = min(e["start"] for r in ranks for e in r["events"])
     end = max(e["end"] for r in ranks for e in r["events"])
     measured = {}
@@ -107,16 +113,19 @@ def bubble_summary(ranks: list[dict], stages: int, num_micro_batches: int) -> di
         measured[stage] = 1 - busy / (end - start)
     return {
         "stages": stages,
+        "schedule": schedule,
         "micro_batches": num_micro_batches,
         "step_seconds": end - start,
-        "theory": (stages - 1) / (num_micro_batches + stages - 1),
+        "theory": bubble_theory(schedule, stages, num_micro_batches),
         "measured": measured,
     }
 
 
 def summary_line(summary: dict) -> str:
-    measured = ", ".join(f"stage {s} {b:.1%}" for s, b in summary["measured"].items())
-    return f"bubble {measured} (1F1B theory {summary['theory']:.1%})"
+    schedule = summary.get("schedule", "1f1b")
+    where = "stage" if schedule == "1f1b" else "rank"
+    measured = ", ".join(f"{where} {s} {b:.1%}" for s, b in summary["measured"].items())
+    return f"bubble {measured} ({SCHEDULE_NAMES[schedule]} theory {summary['theory']:.1%})"
 
 
 def write_chrome_trace(ranks: list[dict], path: Path) -> None:
@@ -156,18 +165,19 @@ def draw_gantt(ranks: list[dict], path: Path, title: str) -> None:
                 [(e["start"] * 1e3, (e["end"] - e["start"]) * 1e3)],
                 (r["stage"] - 0.4, 0.8),
                 color=COLOURS.get(e["name"], "black"),
+                hatch="//" if e.get("phase") == 1 else None,  # DualPipeV's phase 1: the stages back towards rank 0
             )
             if e["name"] in COMPUTE and "buffer_id" in e:
                 ax.text(
                     (e["start"] + e["end"]) / 2 * 1e3,
                     r["stage"],
-                    "F" if e["name"] == "ForwardPass" else "B",
+                    ("F" if e["name"] == "ForwardPass" else "B") + (str(e["phase"]) if "phase" in e else ""),
                     ha="center",
                     va="center",
                     fontsize=7,
                     color="white",
                 )
-    ax.set_yticks(stages, [f"stage {s}" for s in stages])
+    ax.set_yticks(stages, [f"rank {s}" for s in stages])
     ax.invert_yaxis()
     ax.set_xlabel("ms since the step began")
     ax.set_title(title, fontsize=9)
