@@ -91,7 +91,7 @@ class PipelineModuleHooks(PipelineModule):
 
     def stage_layers(self) -> list[tuple[int, int]]:
         """[start, stop) of the layer specs of each stage this pipeline rank holds: one under 1F1B."""
-        return [(self._local_start, self._local_stop)]
+        return [(int(self._local_start), int(self._local_stop))]  # numpy integers from `partition_balanced`
 
     def _stage_functions(self) -> list[list]:
         """The built layers (`forward_funcs`, module.py) of each stage of `stage_layers`."""

@@ -249,9 +249,11 @@ def fewest_micro_batches(schedule: str, ranks: int) -> int:
     return 2 * ranks if schedule == "dualpipev" else 1
 
 
-def rank_of_stage(stage: int, ranks: int, schedule: str) -> int:
-    """The pipeline rank that holds `stage` (of ranks x `stages_per_rank` stages)."""
-    return min(stage, 2 * ranks - 1 - stage) if schedule == "dualpipev" else stage
+def rank_layer_ranges(bounds: list[int], ranks: int, schedule: str) -> list[list[tuple[int, int]]]:
+    """Per pipeline rank, [start, stop) of each stage it holds, from the bounds of all `ranks x stages_per_rank`
+    stages: stage r under 1F1B; stages r (phase 0) and 2 x ranks - 1 - r (phase 1) under DualPipeV."""
+    held = [[r, 2 * ranks - 1 - r] if schedule == "dualpipev" else [r] for r in range(ranks)]
+    return [[(int(bounds[s]), int(bounds[s + 1])) for s in stages] for stages in held]
 
 
 def _seed_layer(seed: int) -> None:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.helpers import REPO, free_port, launch, run_process_group, write_file
+from tests.helpers import REPO, free_port, launch, run_process_group, write_file, write_json
 
 pytestmark = pytest.mark.ranks  # every test here starts launch.sh or ranks
 
@@ -14,6 +14,20 @@ def test_launch_stops_before_starting_ranks(good, tmp_path):
     proc = launch(["--deepspeed_config", tmp_path / "nope.json", "--data", good["data"]], ranks=2, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read DeepSpeed config")
+    assert "spawned" not in proc.stdout + proc.stderr
+
+
+def test_dualpipev_with_too_few_micro_batches_starts_no_rank(good, tmp_path):
+    """3 micro-batches on 2 pipeline ranks: DeepSpeed's DualPipeV needs 4; one line from the preflight."""
+    config = write_json(tmp_path / "ds.json", {**json.loads(good["config"].read_text()), "train_batch_size": 6})
+    proc = launch(
+        ["--schedule", "dualpipev", "--deepspeed_config", config, "--data", good["data"]], ranks=2, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --schedule dualpipev needs at least 2 x 2 = 4 micro-batches per step, the DeepSpeed config gives 3: "
+        "raise gradient_accumulation_steps (train_batch_size) to 4, or use --schedule 1f1b"
+    ]
     assert "spawned" not in proc.stdout + proc.stderr
 
 

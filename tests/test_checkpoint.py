@@ -96,6 +96,25 @@ def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
 
 
 @pytest.mark.ranks
+def test_1f1b_checkpoint_resumes_under_dualpipev_and_back(setup, reference):
+    """The same two ranks hold other layers under DualPipeV (rank 0 both ends), so the optimizer shards come through
+    DeepSpeed's universal checkpoint; the losses stay the uninterrupted 1F1B run's (fp32, 1e-5 relative)."""
+    tmp, args = setup
+    losses, ref_dir = reference
+    there, back = tmp / "as_dualpipev", tmp / "back_to_1f1b"
+    load = ["--load", ref_dir / "checkpoints" / "step_5", "--output-dir", there]
+    proc = launch([*args, *load, "--schedule", "dualpipev"], ranks=2)
+    assert "at step 5 (another layout: through a universal checkpoint)" in proc.stdout
+    proc = launch([*args, "--load", there / "checkpoints" / "step_20", "--output-dir", back], ranks=2)
+    assert "at step 20 (another layout: through a universal checkpoint)" in proc.stdout
+    for out, steps in ((there, range(6, 21)), (back, range(21, STEPS + 1))):
+        after = {m["step"]: m["loss"] for m in read_metrics(out)}
+        assert sorted(after) == list(steps) if out == back else set(steps) <= set(after)
+        for step in steps:
+            assert after[step] == pytest.approx(losses[step], rel=1e-5), (out.name, step)
+
+
+@pytest.mark.ranks
 @pytest.mark.parametrize("stages,ranks", [(1, 1), (2, 4)], ids=["as_pp1", "as_pp2_dp2"])
 def test_resume_pp2_checkpoint_in_another_layout(setup, reference, stages, ranks):
     """Through DeepSpeed's universal checkpoint (converted on demand): the Adam state comes along, so the

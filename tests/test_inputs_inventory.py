@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers import CHATML, REPO, write_ds_config, write_file
+from tests.helpers import CHATML, REPO, tiny_gpt2, write_ds_config, write_file, write_json
 from tests.test_bad_input import run_preflight
 from train.config.args import DEFAULT_MODEL_CONFIG
 
@@ -88,6 +88,32 @@ INVENTORY = [
         "--compile-backend 'tensorrt_nope' is not a torch.compile backend",
     ),
     ("flag-stages-zero", lambda t, g: ["--pipeline-stages", 0], "--pipeline-stages must be at least 1"),
+    ("flag-schedule", lambda t, g: ["--schedule", "zero-bubble"], "argument --schedule: invalid choice"),
+    (
+        "dualpipev-micro-batches",
+        lambda t, g: ["--schedule", "dualpipev", "--deepspeed_config", write_ds_config(t / "d.json", train_batch=6)],
+        "--schedule dualpipev needs at least 2 x 2 = 4 micro-batches per step, the DeepSpeed config gives 3",
+    ),
+    (
+        "dualpipev-one-rank",
+        lambda t, g: ["--schedule", "dualpipev", "--pipeline-stages", 1],
+        "--schedule dualpipev needs --pipeline-stages 2 or more",
+    ),
+    (
+        "dualpipev-stages-over-layers",
+        lambda t, g: ["--schedule", "dualpipev", "--model-config", write_json(t / "m.json", tiny_gpt2(n_layer=3))],
+        "cuts the model into 2 x 2 = 4 stages, more than its 3 decoder layers",
+    ),
+    (
+        "dualpipev-dynamic-shape",
+        lambda t, g: [
+            "--schedule",
+            "dualpipev",
+            "--deepspeed_config",
+            write_ds_config(t / "s.json", pipeline={"dynamic_shape": True}),
+        ],
+        'set "pipeline": {"dynamic_shape": false}',
+    ),
     ("ds-not-object", lambda t, g: ["--deepspeed_config", write_file(t / "l.json", "[1, 2]")], "must be a JSON object"),
     (
         "ds-no-micro-batch",

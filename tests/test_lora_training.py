@@ -1,7 +1,8 @@
 """LoRA training over real CPU ranks equals a plain PyTorch loop on peft's model, in every layout.
 
 For a Llama-style (untied, GQA) and a Qwen2-style (tied) model, runs start from the same PEFT adapter file
-(`--peft-config`, lora_B off zero) on the same frozen base: pp=1, pp=2, and pp=2 with activation checkpointing.
+(`--peft-config`, lora_B off zero) on the same frozen base: pp=1, pp=2, pp=2 with activation checkpointing, and
+pp=2 under DualPipeV.
 The reference is `PeftModel.from_pretrained(AutoModelForCausalLM..., is_trainable=True)` trained by hand on the
 blocks the pipeline's first stage recorded (`--trace-batches`), with the same AdamW, the same DeepSpeed
 warm-up + cosine schedule (its own class) and clipping at 1.0: the per-step losses and the exported adapter agree.
@@ -42,6 +43,7 @@ LAYOUTS = {
     "pp1": (1, ["--merge-adapter"]),
     "pp2": (2, []),
     "pp2_checkpointing": (2, ["--activation-checkpoint-interval", 1]),
+    "pp2_dualpipev": (2, ["--schedule", "dualpipev"]),  # rank 0: the frozen embedding, and the frozen head
 }
 
 

@@ -50,17 +50,20 @@ def test_gpt3_175b_end_to_end_time_is_34_days():
 
 
 @pytest.mark.parametrize(
-    "family,width,stages",
-    [("gpt2", 768, 1), ("gpt2", 640, 2), ("llama", 640, 2)],
-    ids=["gpt2_57M_pp1", "gpt2_40M_pp2", "llama_43M_pp2"],
+    "family,width,stages,schedule",
+    [("gpt2", 768, 1, "1f1b"), ("gpt2", 640, 2, "1f1b"), ("llama", 640, 2, "1f1b"), ("llama", 640, 2, "dualpipev")],
+    ids=["gpt2_57M_pp1", "gpt2_40M_pp2", "llama_43M_pp2", "llama_43M_pp2_dualpipev"],
 )
 @pytest.mark.ranks
-def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tokenizer_dir, family, width, stages):
+def test_planned_peak_memory_within_15_percent_of_measured(
+    tmp_path, corpus, tokenizer_dir, family, width, stages, schedule
+):
     """Real ranks train 3 steps (fp32, ZeRO-1, AdamW); `model_mem_mb` is each stage's peak RSS less
     what it held before the model was built. glibc's mmap threshold is pinned so that freed tensors
     leave the RSS, as they leave a GPU allocator's counters; the planner counts live tensors.
-    The Llama case has GQA, a SwiGLU MLP and an untied head."""
-    seq, micro, micro_batches = 64, 2, 2
+    The Llama case has GQA, a SwiGLU MLP and an untied head; under DualPipeV (4 micro-batches, its fewest on 2
+    ranks) each rank holds two stages and rank 0 the most micro-batches in flight."""
+    seq, micro, micro_batches = 64, 2, 4 if schedule == "dualpipev" else 2
     if family == "gpt2":
         model = tiny_gpt2(8, width, width // 64, seq, vocab_size=512)
     else:
@@ -81,6 +84,7 @@ def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tok
         data=corpus,
         seq_len=seq,
         pipeline_stages=stages,
+        schedule=schedule,
         deepspeed_config=ds,
         train_steps=3,
         eval_blocks=4,
@@ -91,7 +95,8 @@ def test_planned_peak_memory_within_15_percent_of_measured(tmp_path, corpus, tok
     )
     launch(flags, ranks=stages, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
     measured = read_metrics(tmp_path / "run")[-1]
-    plans = plan_stages(discover(config_from_dict(model)), json.loads(ds.read_text()), stages, 1, seq, "flops")
+    arch, ds_config = discover(config_from_dict(model)), json.loads(ds.read_text())
+    plans = plan_stages(arch, ds_config, stages, 1, seq, "flops", schedule=schedule)
     for plan in plans:
         mb = measured[f"model_mem_mb/stage{plan.stage}"]
         assert plan.peak / 2**20 == pytest.approx(mb, rel=0.15), (plan.stage, plan.memory, mb)

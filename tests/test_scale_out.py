@@ -49,10 +49,21 @@ def resume_and_compare(args: list, out, resumed_at: int, reference: dict) -> Non
         assert after[step] == reference[step], (step, after[step], reference[step])  # bit-exact: torch_adam, pp=2
 
 
-def test_sigkilled_run_with_dropout_resumes_bit_exactly(dropout_run):
-    tmp, args, reference = dropout_run
+@pytest.fixture(scope="module")
+def dropout_dualpipev_run(dropout_run):
+    """The same run under DualPipeV (its own dropout masks: DeepSpeed seeds a layer from the count of the module's
+    forwards, which DualPipeV calls once per phase), uninterrupted."""
+    tmp, args, _ = dropout_run
+    args = [*args, "--schedule", "dualpipev"]
+    launch([*args, "--output-dir", tmp / "reference_dualpipev"], ranks=2)
+    return tmp, args, {m["step"]: m["loss"] for m in read_metrics(tmp / "reference_dualpipev")}
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_sigkilled_run_with_dropout_resumes_bit_exactly(request, schedule):
+    tmp, args, reference = request.getfixturevalue("dropout_run" if schedule == "1f1b" else "dropout_dualpipev_run")
     assert len(set(reference.values())) == STEPS
-    out = tmp / "killed"
+    out = tmp / f"killed_{schedule}"
     proc = start_launch([*args, "--output-dir", out], ranks=2)
     try:
         wait_for_steps(out, 5, proc)

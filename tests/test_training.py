@@ -29,7 +29,8 @@ def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
 @pytest.fixture(scope="module")
 def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
     """The same 6 steps as pp=1, pp=2, pp=2 x dp=2 and pp=2 balanced by FLOPs with activation checkpointing
-    (global batch 8, micro-batch 2, fp32), and with document attention as pp=1 and as pp=2 (FLOPs, checkpointing)."""
+    (global batch 8, micro-batch 2, fp32), with document attention as pp=1 and as pp=2 (FLOPs, checkpointing), and
+    under DualPipeV as pp=2 and as pp=2 x dp=2 (micro-batch 1, checkpointing)."""
     tmp = tmp_path_factory.mktemp("layouts")
     write_json(tmp / "model.json", tiny_gpt2())
     ds_config = write_ds_config(tmp / "ds.json")
@@ -43,10 +44,15 @@ def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
         ("pp2_flops_ac", 2, 2, balanced),
         ("pp1_document", 1, 1, [*by_params, "--attention", "document"]),
         ("pp2_document", 2, 2, [*balanced, "--attention", "document"]),
+        ("pp2_dualpipev", 2, 2, ["--schedule", "dualpipev"]),
+        # DualPipeV needs 2 x 2 micro-batches: micro-batches of 1 keep the global batch of 8 on 2 replicas.
+        ("pp2_dp2_dualpipev", 2, 4, ["--schedule", "dualpipev", "--activation-checkpoint-interval", 1]),
     ]
+    micro_1 = write_ds_config(tmp / "ds_micro1.json", micro=1)
     for name, stages, ranks, extra in layouts:
         out = tmp / name
-        args = [*common_args(corpus, tokenizer_dir, tmp, ds_config), "--pipeline-stages", stages, "--output-dir", out]
+        config = micro_1 if name == "pp2_dp2_dualpipev" else ds_config
+        args = [*common_args(corpus, tokenizer_dir, tmp, config), "--pipeline-stages", stages, "--output-dir", out]
         launch([*args, *extra], ranks)
         runs[name] = out
     return tmp, runs
@@ -60,6 +66,35 @@ def test_layouts_train_the_same_losses(layout_runs):
     for name in ("pp2", "pp2_dp2", "pp2_flops_ac"):
         for ours, reference in zip(losses[name], losses["pp1"], strict=True):
             assert abs(ours - reference) <= 1e-4 * abs(reference), (name, losses[name], losses["pp1"])
+
+
+def test_dualpipev_trains_the_losses_of_1f1b_and_of_one_stage(layout_runs):
+    """fp32, the same seeded weights and batches: DualPipeV only moves the layers and reorders the micro-batches."""
+    _, runs = layout_runs
+    losses = {name: [m["loss"] for m in read_metrics(out)] for name, out in runs.items()}
+    for name in ("pp2_dualpipev", "pp2_dp2_dualpipev"):
+        assert len(losses[name]) == STEPS
+        for reference in ("pp1", "pp2"):
+            for ours, theirs in zip(losses[name], losses[reference], strict=True):
+                assert abs(ours - theirs) <= 1e-5 * abs(theirs), (name, reference, losses[name], losses[reference])
+    assert read_metrics(runs["pp2_dualpipev"])[-1]["tied_embedding_max_diff"] == 0.0
+
+
+def test_dualpipev_puts_embedding_and_head_on_rank_0_and_exports_the_1f1b_model(layout_runs):
+    import json
+
+    from safetensors.torch import load_file
+
+    _, runs = layout_runs
+    topology = json.loads((runs["pp2_dualpipev"] / "run_config.json").read_text())["topology"]
+    assert topology["schedule"] == "dualpipev" and len(topology["stage_layer_bounds"]) == 2 * 2 + 1
+    rank0, rank1 = topology["stages"]
+    bounds = topology["stage_layer_bounds"]
+    assert rank0["layer_bounds"] == [bounds[0:2], bounds[3:5]] and rank1["layer_bounds"] == [bounds[1:3], bounds[2:4]]
+    assert rank0["layers"][0] == "EmbeddingPipe" and rank0["layers"][-1] == "EmbeddingPipe"  # the tied head
+    pp1, dualpipev = (load_file(runs[name] / "hf" / "model.safetensors") for name in ("pp1", "pp2_dualpipev"))
+    assert pp1.keys() == dualpipev.keys()
+    assert max((pp1[k] - dualpipev[k]).abs().max().item() for k in pp1) <= 1e-5
 
 
 def test_document_attention_trains_the_same_losses_on_two_stages(layout_runs):
@@ -174,6 +209,35 @@ def test_timeline_shows_1f1b_on_every_stage(layout_runs):
                 assert {"LoadMicroBatch", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep"} <= names or stage > 0
 
 
+def test_timeline_shows_dualpipev_as_deepspeed_schedules_it(layout_runs):
+    """Each rank's forwards and backwards, with their phases, in the order of DeepSpeed's DualPipeV instructions,
+    and its bubble beside the theory replayed from them."""
+    import json
+
+    from train.planning.schedules import bubble_theory, compute_streams
+
+    _, runs = layout_runs
+    for name, micro_batches in (("pp2_dualpipev", 4), ("pp2_dp2_dualpipev", 4)):
+        timeline = runs[name] / "timeline"
+        events = json.loads((timeline / "step_2.trace.json").read_text())["traceEvents"]
+        bubble = json.loads((timeline / "step_2.bubble.json").read_text())
+        assert bubble["schedule"] == "dualpipev"
+        assert bubble["theory"] == bubble_theory("dualpipev", 2, micro_batches) < (2 - 1) / (micro_batches + 2 - 1)
+        expected = compute_streams("dualpipev", 2, micro_batches)
+        for rank in range(2):
+            for dp in {e["tid"] for e in events if e["ph"] == "X"}:
+                order = [
+                    (e["name"][0], e["args"]["phase"])
+                    for e in events
+                    if e["ph"] == "X"
+                    and e["pid"] == rank
+                    and e["tid"] == dp
+                    and e["name"] in ("ForwardPass", "BackwardPass")
+                ]
+                assert order == expected[rank], (name, rank, order)
+                assert {p for _, p in order} == {0, 1}
+
+
 def test_flops_partition_is_the_balanced_split_of_layer_costs(layout_runs):
     import json
 
@@ -212,8 +276,10 @@ def test_planner_partition_and_parameters_equal_what_the_pipeline_built(layout_r
         config = json.loads((runs[name] / "run_config.json").read_text())
         method = config["args"]["partition_method"]
         topology, model = config["topology"], discover(config_from_dict(config["model"]))
-        stages, dp = topology["pipeline_stages"], topology["data_parallel"]
-        assert stage_bounds(model, stages, method, 32) == topology["stage_layer_bounds"], name
-        plans = plan_stages(model, config["deepspeed"], stages, dp, 32, method)
+        stages, dp, schedule = topology["pipeline_stages"], topology["data_parallel"], topology["schedule"]
+        all_stages = stages * (2 if schedule == "dualpipev" else 1)
+        assert stage_bounds(model, all_stages, method, 32) == topology["stage_layer_bounds"], name
+        plans = plan_stages(model, config["deepspeed"], stages, dp, 32, method, schedule=schedule)
         assert [p.parameters for p in plans] == [s["held_parameters"] for s in topology["stages"]], name
         assert [p.layers for p in plans] == [s["layers"] for s in topology["stages"]], name
+        assert [[list(b) for b in p.bounds] for p in plans] == [s["layer_bounds"] for s in topology["stages"]], name

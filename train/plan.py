@@ -21,11 +21,12 @@ from models.lora import AdapterPlan
 from models.quantize import Quantization
 from train.config.adapters import adapters_from_flags
 from train.config.args import Flags, OneLineErrors, parse_args, shared_flags
-from train.config.ds_config import batch_layout, load_ds_config
+from train.config.ds_config import batch_layout, check_dualpipev, load_ds_config
 from train.config.run_config import model_config_from_flags
 from train.errors import ConfigError, entry_point
 from train.observe.mfu import PEAK_TFLOPS, training_dtype
 from train.planning.memory_model import StagePlan, fits, plan_stages
+from train.planning.schedules import SCHEDULE_NAMES, bubble_theory
 
 GPU_MEMORY_GIB = {
     "H200": 141,
@@ -92,7 +93,13 @@ def make_plan(flags: Flags) -> Plan:
     candidates = (
         [s for s in range(1, arch.num_layers + 1) if world % s == 0] if flags.search_stages else [flags.pipeline_stages]
     )
+    if flags.schedule == "dualpipev":
+        candidates = [s for s in candidates if 2 <= s <= arch.num_layers // 2] or candidates
     for stages in candidates:
+        if flags.schedule == "dualpipev":
+            check_dualpipev(
+                ds_config, stages, arch.num_layers, batch_layout(ds_config, world // stages).num_micro_batches
+            )
         try:
             plans = plan_stages(
                 arch,
@@ -104,6 +111,7 @@ def make_plan(flags: Flags) -> Plan:
                 flags.activation_checkpoint_interval,
                 adapters,
                 quantization,
+                flags.schedule,
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -115,7 +123,7 @@ def make_plan(flags: Flags) -> Plan:
 def print_plan(plan: Plan, flags: Flags) -> None:
     arch, ds_config, gpu, stages = plan.arch, plan.ds_config, plan.gpu, plan.stages
     batch = batch_layout(ds_config, plan.data_parallel)
-    bubble = (stages - 1) / (batch.num_micro_batches + stages - 1)
+    bubble = bubble_theory(flags.schedule, stages, batch.num_micro_batches)
     flops_step = flops_per_token(arch, flags.seq_len) * batch.global_batch * flags.seq_len
     peak = next((v for k, v in PEAK_TFLOPS if k.upper() == gpu), {}).get(training_dtype(ds_config), 0)
     step_time = flops_step / (plan.world_size * peak * 1e12 * flags.mfu) if peak else float("nan")
@@ -136,11 +144,17 @@ def print_plan(plan: Plan, flags: Flags) -> None:
     print(
         f"layout: {stages} pipeline stages x {plan.data_parallel} data-parallel replicas, {batch.num_micro_batches} "
         f"micro-batches of {batch.micro_batch_size} (global batch {batch.global_batch}), "
-        f"partition {flags.partition_method}"
+        f"partition {flags.partition_method}, {SCHEDULE_NAMES[flags.schedule]} schedule"
+        + (f" (two stages per rank, {2 * stages} in all)" if flags.schedule == "dualpipev" else "")
     )
     print_memory_table(plan.plans)
+    theory = (
+        "(p-1)/(m+p-1)"
+        if flags.schedule == "1f1b"
+        else "from DeepSpeed's DualPipeV instructions, backward = 2 forwards"
+    )
     print(
-        f"bubble (p-1)/(m+p-1) = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
+        f"bubble {theory} = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
         f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s"
     )
     if not fits(plan.plans, GPU_MEMORY_GIB[gpu] * 2**30):
@@ -157,7 +171,9 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         json.dumps(
             {
                 "stages": stages,
+                "schedule": flags.schedule,
                 "data_parallel": plan.data_parallel,
+                "rank_layer_bounds": [[list(b) for b in p.bounds] for p in plan.plans],
                 "bubble": bubble,
                 "stage_parameters": [p.parameters for p in plan.plans],
                 "stage_trainable_parameters": [p.trainable for p in plan.plans],
@@ -168,6 +184,7 @@ def print_plan(plan: Plan, flags: Flags) -> None:
 
 
 def print_memory_table(plans: list[StagePlan]) -> None:
+    """One row per pipeline rank; under DualPipeV the layers of both its stages."""
     print(
         "| stage | layers | parameters | trainable | weights GiB | optimizer GiB | gradients GiB (backward / step) "
         "| activations GiB | peak GiB |"
@@ -175,7 +192,8 @@ def print_memory_table(plans: list[StagePlan]) -> None:
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for plan in plans:
         m = {k: v / 2**30 for k, v in plan.memory.items()}
-        layers = f"{plan.layers[0]} .. {plan.layers[-1]} ({len(plan.layers)})"
+        layers = " + ".join(f"{a}-{b - 1}" for a, b in plan.bounds) + f": {plan.layers[0]} .. {plan.layers[-1]}"
+        layers += f" ({len(plan.layers)})"
         print(
             f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {plan.trainable / 1e6:,.1f}M | "
             f"{m['weights']:.2f} | {m['optimizer']:.2f} | "

@@ -55,14 +55,17 @@ def adapters_from_flags(flags: Flags, model_config: PretrainedConfig, need_base:
         raise ConfigError(first_line(e)) from None
 
 
-def check_every_stage_trains(plan: AdapterPlan, model_config: PretrainedConfig, bounds: list[int]) -> None:
-    """DeepSpeed 0.19.8 needs a trainable parameter on every stage (an empty optimizer, ZeRO's partitioning and
-    clipping fail otherwise): each stage must hold at least one adapter."""
+def check_every_stage_trains(
+    plan: AdapterPlan, model_config: PretrainedConfig, ranks: list[list[tuple[int, int]]]
+) -> None:
+    """DeepSpeed 0.19.8 needs a trainable parameter on every pipeline rank (an empty optimizer, ZeRO's partitioning
+    and clipping fail otherwise): each rank (`ranks`: the [start, stop) of its stages) must hold an adapter."""
     counts = adapter_parameters(discover(model_config), plan)
-    for stage, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        if sum(counts[start:stop]) == 0:
+    for rank, ranges in enumerate(ranks):
+        if sum(sum(counts[start:stop]) for start, stop in ranges) == 0:
+            layers = " and ".join(f"{start}-{stop - 1}" for start, stop in ranges)
             raise ConfigError(
-                f"pipeline stage {stage} (layers {start}-{stop - 1}) holds no LoRA adapter, and DeepSpeed needs "
+                f"pipeline stage {rank} (layers {layers}) holds no LoRA adapter, and DeepSpeed needs "
                 "a trainable parameter on every stage: use fewer stages, --partition-method flops, or target "
                 "modules on every stage"
             )

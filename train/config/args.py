@@ -126,7 +126,10 @@ def shared_flags() -> list[argparse.ArgumentParser]:
         "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=str(DEFAULT_DS_CONFIG)
     )
     layout.add_argument(
-        "--pipeline-stages", type=int, default=2, help="pipeline ranks per replica (each holds 2 stages under dualpipev)"
+        "--pipeline-stages",
+        type=int,
+        default=2,
+        help="pipeline ranks per replica (each holds 2 stages under dualpipev)",
     )
     layout.add_argument(
         "--schedule",

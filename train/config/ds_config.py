@@ -158,7 +158,8 @@ def check_layout(
 
 
 def check_dualpipev(config: dict, ranks: int, num_layers: int, micro_batches: int) -> None:
-    """What DeepSpeed 0.19.8's DualPipeV cannot run (its asserts in runtime/pipe/dualpipev.py), before any rank starts."""
+    """What DeepSpeed 0.19.8's DualPipeV cannot run (its asserts in runtime/pipe/dualpipev.py), before any rank
+    starts."""
     if ranks < 2:
         raise ConfigError(
             "--schedule dualpipev needs --pipeline-stages 2 or more (one rank has no bubble to fill); use 1f1b"

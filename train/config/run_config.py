@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 from models.architecture import discover
 from models.hf_weights import weights_fingerprint
 from models.lora import AdapterPlan
+from models.pipeline import rank_layer_ranges, stages_per_rank
 from models.presets import resolve_model_config
 from models.quantize import Quantization
 from train.checkpoint.manifest import layout_of, read_manifest, resume_mode, verified_tag_dir
@@ -155,9 +156,7 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     bpe_vocab_size = flags.vocab_size or DEFAULT_BPE_VOCAB
     model_config = model_config_from_flags(flags, bpe_vocab_size)
-    batch = check_layout(
-        ds_config, world_size, flags.pipeline_stages, model_config.num_hidden_layers, flags.schedule
-    )
+    batch = check_layout(ds_config, world_size, flags.pipeline_stages, model_config.num_hidden_layers, flags.schedule)
     if flags.eval_blocks is not None and flags.eval_blocks < batch.global_batch:
         raise ConfigError(
             f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"
@@ -167,8 +166,11 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     quantization = quantization_from_flags(flags, adapters)
     if adapters is not None:
         arch = discover(model_config)
-        bounds = stage_bounds(arch, flags.pipeline_stages, flags.partition_method, flags.seq_len)
-        check_every_stage_trains(adapters, model_config, bounds)
+        stages = flags.pipeline_stages * stages_per_rank(flags.schedule)
+        bounds = stage_bounds(arch, stages, flags.partition_method, flags.seq_len)
+        check_every_stage_trains(
+            adapters, model_config, rank_layer_ranges(bounds, flags.pipeline_stages, flags.schedule)
+        )
     resume = None
     if flags.load is not None:
         resume = check_resume(flags, world_size, model_config, adapters, quantization)

@@ -10,8 +10,8 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from transformers import PreTrainedTokenizerBase
 
 from models.deepspeed_internals import clear_eval_outputs, loss_stage_global_rank
-from models.pipeline import fewest_micro_batches
 from models.loss import IGNORE_INDEX
+from models.pipeline import fewest_micro_batches
 from train.config.ds_config import BatchLayout
 from train.data.batches import eval_steps
 from train.observe.metrics import MetricsLog, eval_metrics

@@ -1,6 +1,7 @@
 """The planner's memory model: stage bounds as DeepSpeed makes them, and the bytes each stage holds.
 
-Memory per GPU of stage s holding P_s parameters, in bytes, as DeepSpeed 0.19.8 allocates it
+Memory per GPU of pipeline rank s holding P_s parameters (one stage under 1F1B, two under DualPipeV), in
+bytes, as DeepSpeed 0.19.8 allocates it
 (w = 2 for bf16/fp16, 4 for fp32; g = 4 with fp32 gradient accumulation, else w; r replicas):
 
     weights      P_s x w
@@ -10,11 +11,13 @@ Memory per GPU of stage s holding P_s parameters, in bytes, as DeepSpeed 0.19.8 
                  in the optimizer step: P_s x 4 / r (the fp32 gradient of this rank's partition)
                  plus Adam's two fp32 temporaries of it, 8 x P_s / r (4 x P_s without ZeRO)
     activations  per block and micro-batch, the bytes autograd saves in one forward of the family's
-                 decoder layer (counted on a real block at a small size, scaled to b x s tokens), times
-                 the micro-batches in flight under 1F1B, min(p - s, m); with activation checkpointing
-                 only each block's input, plus one block's full set during its recomputation; on the
-                 last stage also b s V x (w + 8) of logits, log-softmax and its gradient (+ 4 + w for
-                 the fp32 copy of bf16/fp16 logits)
+                 decoder layer (counted on a real block at a small size, scaled to b x s tokens); with
+                 activation checkpointing only each block's input, plus one block's full set during its
+                 recomputation; on the stage with the head also b s V x (w + 8) of logits, log-softmax
+                 and its gradient (+ 4 + w for the fp32 copy of bf16/fp16 logits). Times the micro-batches
+                 in flight, read off DeepSpeed's own schedule (train/planning/schedules.py): under 1F1B
+                 min(p - s, m) on stage s; under DualPipeV the peak over the rank's instructions of both
+                 its stages' in-flight micro-batches, each times its stage's bytes
 
 The peak is the larger of the backward pass (weights, optimizer, bucket, accumulated gradients,
 activations) and the optimizer step (weights, optimizer, bucket, step gradients): activations are
@@ -31,11 +34,12 @@ from deepspeed.runtime.utils import partition_balanced, partition_uniform
 from models.architecture import DECODER, Architecture, discover
 from models.flops import flops_partition
 from models.lora import AdapterPlan, adapter_parameters, local_name
-from models.pipeline import LAYER_CLASSES, DecoderLayerPipe
+from models.pipeline import LAYER_CLASSES, DecoderLayerPipe, rank_layer_ranges, stages_per_rank
 from models.quantize import Quantization, quantized_parameters
 from train.config.ds_config import batch_layout
 from train.errors import ConfigError
 from train.observe.mfu import training_dtype
+from train.planning.schedules import peak_in_flight
 
 
 def layer_names(arch: Architecture) -> list[str]:
@@ -62,11 +66,12 @@ def stage_bounds(arch: Architecture, stages: int, method: str, seq_len: int) -> 
 
 @dataclass
 class StagePlan:
-    stage: int
+    stage: int  # the pipeline rank
     layers: list[str]
-    parameters: int  # what this stage holds (a tied embedding on both ends), adapters not counted
+    parameters: int  # what this rank holds (a tied embedding on both ends), adapters not counted
     memory: dict[str, float]  # bytes by kind: weights, optimizer, reduction, backward/step gradients, activations
-    trainable: int  # what trains: all of `parameters`, or with LoRA the stage's adapters
+    trainable: int  # what trains: all of `parameters`, or with LoRA the rank's adapters
+    bounds: list[tuple[int, int]]  # [start, stop) of each stage the rank holds: two under DualPipeV
 
     @property
     def peak(self) -> float:
@@ -154,8 +159,10 @@ def plan_stages(
     checkpoint_interval: int = 0,
     adapters: AdapterPlan | None = None,
     quantization: Quantization | None = None,
+    schedule: str = "1f1b",
 ) -> list[StagePlan]:
-    """Memory per stage. With `adapters` (LoRA) the stage holds its frozen weights and its adapters at the
+    """Memory per pipeline rank (`stages` of them; two stages each under DualPipeV). With `adapters` (LoRA) the
+    stage holds its frozen weights and its adapters at the
     training width, and only the adapters have gradients, optimizer states and ZeRO buckets; with `quantization`
     (QLoRA) the decoder's linear weights take `Quantization.bytes_per_weight` instead."""
     batch = batch_layout(ds_config, data_parallel)
@@ -173,25 +180,28 @@ def plan_stages(
     quantized_counts = quantized_layer_parameters(arch) if quantization is not None else [0] * len(counts)
     tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
     block_activations = saved_bytes_per_token(arch, dtype, adapters) * tokens
+    # Logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient, on the stage with the head.
+    logits = tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
+    bounds = stage_bounds(arch, stages * stages_per_rank(schedule), method, seq_len)
     plans = []
-    bounds = stage_bounds(arch, stages, method, seq_len)
-    for stage in range(stages):
-        start, stop = bounds[stage], bounds[stage + 1]
-        layers = names[start:stop]
-        # One stage holds a tied embedding once.
-        counts_here = counts[start : stop - 1] if stages == 1 and arch.tied else counts[start:stop]
-        params = sum(counts_here)
-        trainable = sum(adapter_counts[start:stop]) if adapter_counts is not None else params
-        held = params + (trainable if adapter_counts is not None else 0)
-        blocks = sum(layer.kind == DECODER for layer in arch.pipeline_layers()[start:stop])
-        in_flight = min(stages - stage, batch.num_micro_batches)
-        if checkpoint_interval:
-            activations = in_flight * blocks * tokens * h * width + block_activations * min(blocks, 1)
+    for rank, ranges in enumerate(rank_layer_ranges(bounds, stages, schedule)):  # by phase
+        layers = [i for start, stop in ranges for i in range(start, stop)]
+        if arch.tied and 0 in layers and len(names) - 1 in layers:
+            layers_counted = layers[:-1]  # one module holds the tied embedding and head: counted once
         else:
-            activations = in_flight * blocks * block_activations
-        if stop == len(names):  # logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient
-            activations += tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
-        quantized = sum(quantized_counts[start:stop])
+            layers_counted = layers
+        params = sum(counts[i] for i in layers_counted)
+        trainable = sum(adapter_counts[i] for i in layers) if adapter_counts is not None else params
+        held = params + (trainable if adapter_counts is not None else 0)
+        phase_bytes = []
+        for start, stop in ranges:  # one micro-batch's activations of each phase's stage
+            blocks = sum(layer.kind == DECODER for layer in arch.pipeline_layers()[start:stop])
+            per_block = tokens * h * width if checkpoint_interval else block_activations
+            phase_bytes.append(blocks * per_block + (logits if stop == len(names) else 0))
+        activations = peak_in_flight(schedule, stages, batch.num_micro_batches, rank, phase_bytes)
+        if checkpoint_interval and any(arch.pipeline_layers()[i].kind == DECODER for i in layers):
+            activations += block_activations  # one block's full set during its recomputation
+        quantized = sum(quantized_counts[i] for i in layers)
         quantized_bytes = quantized * quantization.bytes_per_weight() if quantization is not None else 0
         memory = {
             "weights": (held - quantized) * width + quantized_bytes,
@@ -201,7 +211,7 @@ def plan_stages(
             "step_gradients": trainable * (12 / replicas if zero else 4),
             "activations": activations,
         }
-        plans.append(StagePlan(stage, layers, params, memory, trainable))
+        plans.append(StagePlan(rank, [names[i] for i in layers], params, memory, trainable, ranges))
     return plans
 
 

@@ -27,9 +27,6 @@ from deepspeed.runtime.pipe.schedule import (
     TrainSchedule,
 )
 
-from models.pipeline import stages_per_rank
-
-
 SCHEDULE_NAMES = {"1f1b": "1F1B", "dualpipev": "DualPipeV"}
 COMMUNICATION = {  # instruction -> (what travels, towards the next stage (+1) or the previous (-1), sends?)
     SendActivation: ("activation", 1, True),
