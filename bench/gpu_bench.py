@@ -155,6 +155,12 @@ def main() -> None:
     for name in a.models:
         for compiled, document in ((False, False), (True, False), (False, True)):
             print(bench_one(name, compiled, a, peak, document), flush=True)
+    # DualPipeV against 1F1B needs two pipeline ranks, each on its own device: NCCL refuses two ranks on one GPU
+    # ("Duplicate GPU detected"), and a lent machine has one. On a machine with two or more, the same comparison as
+    # bench.pipeline_bench's schedules table is a pair of launches: ./launch.sh --pipeline-stages 2 --schedule
+    # {1f1b,dualpipev} --profile-steps N (step_time and bubble/stage* in metrics.jsonl).
+    devices = get_accelerator().device_count() if not a.dry_run else 1
+    print(f"DualPipeV vs 1F1B: not measured here ({devices} device; two pipeline ranks need two devices)")
 
 
 if __name__ == "__main__":
