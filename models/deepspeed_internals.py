@@ -7,6 +7,7 @@ On a DeepSpeed upgrade, review this file, then run the suite: the tests exercise
 """
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import deepspeed
@@ -59,6 +60,23 @@ def set_global_steps(engine: PipelineEngine, step: int) -> None:
     """The engine's step counter after a weights-only load (`load_state_dir` restores no engine state): DeepSpeed
     reads `global_steps` for its LR-schedule and logging decisions, and the next `save_checkpoint` stores it."""
     engine.global_steps = step
+
+
+@contextmanager
+def forward_only_micro_batches(engine: PipelineEngine, count: int) -> Iterator[None]:
+    """Around `engine.eval_batch(..., num_micro_batches=count)`: the engine's micro-batch count is `count` meanwhile.
+
+    DeepSpeed 0.19.8's `DualPipeVEngine` finds a micro-batch's phase-1 slot as `buffer_id + self.micro_batches`
+    (dualpipev.py `_phase1_buffer`), the training count, while the forward-only schedule it runs for `count`
+    micro-batches numbers the slots `phase x count + micro-batch`: with any other count, phase 1 reads empty slots
+    (`'NoneType' object has no attribute 'clone'` on one rank, the other left waiting). Upstream, `_phase1_buffer`
+    should use the running schedule's count. 1F1B reads the attribute only when no count is given."""
+    training = engine.micro_batches
+    engine.micro_batches = count
+    try:
+        yield
+    finally:
+        engine.micro_batches = training
 
 
 def loss_stage_global_rank(engine: PipelineEngine) -> int:

@@ -30,7 +30,7 @@ def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
 def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
     """The same 6 steps as pp=1, pp=2, pp=2 x dp=2 and pp=2 balanced by FLOPs with activation checkpointing
     (global batch 8, micro-batch 2, fp32), with document attention as pp=1 and as pp=2 (FLOPs, checkpointing), and
-    under DualPipeV as pp=2 and as pp=2 x dp=2 (micro-batch 1, checkpointing)."""
+    under DualPipeV as pp=2 and as pp=2 x dp=2 (micro-batch 1; the second with checkpointing)."""
     tmp = tmp_path_factory.mktemp("layouts")
     write_json(tmp / "model.json", tiny_gpt2())
     ds_config = write_ds_config(tmp / "ds.json")
@@ -44,14 +44,15 @@ def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
         ("pp2_flops_ac", 2, 2, balanced),
         ("pp1_document", 1, 1, [*by_params, "--attention", "document"]),
         ("pp2_document", 2, 2, [*balanced, "--attention", "document"]),
+        # Micro-batches of 1 keep the global batch of 8: 8 micro-batches on one replica (more than the 4 that
+        # sampling runs), and on 2 replicas 4, the fewest DualPipeV runs on 2 ranks.
         ("pp2_dualpipev", 2, 2, ["--schedule", "dualpipev"]),
-        # DualPipeV needs 2 x 2 micro-batches: micro-batches of 1 keep the global batch of 8 on 2 replicas.
         ("pp2_dp2_dualpipev", 2, 4, ["--schedule", "dualpipev", "--activation-checkpoint-interval", 1]),
     ]
     micro_1 = write_ds_config(tmp / "ds_micro1.json", micro=1)
     for name, stages, ranks, extra in layouts:
         out = tmp / name
-        config = micro_1 if name == "pp2_dp2_dualpipev" else ds_config
+        config = micro_1 if "dualpipev" in name else ds_config
         args = [*common_args(corpus, tokenizer_dir, tmp, config), "--pipeline-stages", stages, "--output-dir", out]
         launch([*args, *extra], ranks)
         runs[name] = out
@@ -217,7 +218,7 @@ def test_timeline_shows_dualpipev_as_deepspeed_schedules_it(layout_runs):
     from train.planning.schedules import bubble_theory, compute_streams
 
     _, runs = layout_runs
-    for name, micro_batches in (("pp2_dualpipev", 4), ("pp2_dp2_dualpipev", 4)):
+    for name, micro_batches in (("pp2_dualpipev", 8), ("pp2_dp2_dualpipev", 4)):
         timeline = runs[name] / "timeline"
         events = json.loads((timeline / "step_2.trace.json").read_text())["traceEvents"]
         bubble = json.loads((timeline / "step_2.bubble.json").read_text())

@@ -141,12 +141,7 @@ def print_plan(plan: Plan, flags: Flags) -> None:
             "optimizer states for it"
             + ("; its decoder's linear layers in 4 bits (QLoRA)" if flags.load_in_4bit else "")
         )
-    print(
-        f"layout: {stages} pipeline stages x {plan.data_parallel} data-parallel replicas, {batch.num_micro_batches} "
-        f"micro-batches of {batch.micro_batch_size} (global batch {batch.global_batch}), "
-        f"partition {flags.partition_method}, {SCHEDULE_NAMES[flags.schedule]} schedule"
-        + (f" (two stages per rank, {2 * stages} in all)" if flags.schedule == "dualpipev" else "")
-    )
+    print(layout_line(plan, flags))
     print_memory_table(plan.plans)
     theory = (
         "(p-1)/(m+p-1)"
@@ -180,6 +175,16 @@ def print_plan(plan: Plan, flags: Flags) -> None:
                 "stage_peak_gib": [p.peak / 2**30 for p in plan.plans],
             }
         )
+    )
+
+
+def layout_line(plan: Plan, flags: Flags) -> str:
+    stages, batch = plan.stages, batch_layout(plan.ds_config, plan.data_parallel)
+    return (
+        f"layout: {stages} pipeline stages x {plan.data_parallel} data-parallel replicas, {batch.num_micro_batches} "
+        f"micro-batches of {batch.micro_batch_size} (global batch {batch.global_batch}), "
+        f"partition {flags.partition_method}, {SCHEDULE_NAMES[flags.schedule]} schedule"
+        + (f" (two stages per rank, {2 * stages} in all)" if flags.schedule == "dualpipev" else "")
     )
 
 

@@ -121,7 +121,12 @@ def shared_flags() -> list[argparse.ArgumentParser]:
     )
     _lora_flags(model_parser)
     layout_parser = argparse.ArgumentParser(add_help=False)
-    layout = layout_parser.add_argument_group("layout")
+    _layout_flags(layout_parser)
+    return [model_parser, layout_parser]
+
+
+def _layout_flags(p: argparse.ArgumentParser) -> None:
+    layout = p.add_argument_group("layout")
     layout.add_argument(
         "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=str(DEFAULT_DS_CONFIG)
     )
@@ -151,7 +156,6 @@ def shared_flags() -> list[argparse.ArgumentParser]:
     )
     layout.add_argument("--seq-len", type=int, default=128)
     layout.add_argument("--train-steps", type=int, default=300)
-    return [model_parser, layout_parser]
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:

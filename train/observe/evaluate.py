@@ -9,7 +9,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from transformers import PreTrainedTokenizerBase
 
-from models.deepspeed_internals import clear_eval_outputs, loss_stage_global_rank
+from models.deepspeed_internals import clear_eval_outputs, forward_only_micro_batches, loss_stage_global_rank
 from models.loss import IGNORE_INDEX
 from models.pipeline import fewest_micro_batches
 from train.config.ds_config import BatchLayout
@@ -78,13 +78,14 @@ def sample_through_pipeline(
     generator = torch.Generator().manual_seed(seed)
     for _ in range(min(new_tokens, seq_len - int(lengths.max()))):
         clear_eval_outputs(engine)
-        out = engine.eval_batch(
-            iter([((block, positions), block)] * copies),
-            compute_loss=False,
-            reduce_output=None,
-            bcast_loss=False,
-            num_micro_batches=copies,
-        )
+        with forward_only_micro_batches(engine, copies):
+            out = engine.eval_batch(
+                iter([((block, positions), block)] * copies),
+                compute_loss=False,
+                reduce_output=None,
+                bcast_loss=False,
+                num_micro_batches=copies,
+            )
         next_ids = torch.zeros(len(prompts), dtype=torch.long, device=device)
         if engine.is_last_stage():
             logits = out[0][rows, lengths - 1].float().cpu() / temperature

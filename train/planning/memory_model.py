@@ -161,10 +161,9 @@ def plan_stages(
     quantization: Quantization | None = None,
     schedule: str = "1f1b",
 ) -> list[StagePlan]:
-    """Memory per pipeline rank (`stages` of them; two stages each under DualPipeV). With `adapters` (LoRA) the
-    stage holds its frozen weights and its adapters at the
-    training width, and only the adapters have gradients, optimizer states and ZeRO buckets; with `quantization`
-    (QLoRA) the decoder's linear weights take `Quantization.bytes_per_weight` instead."""
+    """Memory per pipeline rank (`stages` of them; two stages each under DualPipeV). With `adapters` (LoRA) a rank
+    holds its frozen weights and its adapters at the training width, and only the adapters have gradients, optimizer
+    states and ZeRO buckets; with `quantization` (QLoRA) the decoder's linear weights take `bytes_per_weight`."""
     batch = batch_layout(ds_config, data_parallel)
     dtype = training_dtype(ds_config)
     width = 4 if dtype == "fp32" else 2
@@ -186,20 +185,17 @@ def plan_stages(
     plans = []
     for rank, ranges in enumerate(rank_layer_ranges(bounds, stages, schedule)):  # by phase
         layers = [i for start, stop in ranges for i in range(start, stop)]
-        if arch.tied and 0 in layers and len(names) - 1 in layers:
-            layers_counted = layers[:-1]  # one module holds the tied embedding and head: counted once
-        else:
-            layers_counted = layers
-        params = sum(counts[i] for i in layers_counted)
+        both_ends = arch.tied and 0 in layers and len(names) - 1 in layers  # one module: the tied weight once
+        params = sum(counts[i] for i in (layers[:-1] if both_ends else layers))
         trainable = sum(adapter_counts[i] for i in layers) if adapter_counts is not None else params
         held = params + (trainable if adapter_counts is not None else 0)
-        phase_bytes = []
-        for start, stop in ranges:  # one micro-batch's activations of each phase's stage
-            blocks = sum(layer.kind == DECODER for layer in arch.pipeline_layers()[start:stop])
-            per_block = tokens * h * width if checkpoint_interval else block_activations
-            phase_bytes.append(blocks * per_block + (logits if stop == len(names) else 0))
+        # One micro-batch's activations of each phase's stage, times the micro-batches the schedule keeps in flight.
+        per_block = tokens * h * width if checkpoint_interval else block_activations
+        phase_bytes = [
+            decoders(arch, start, stop) * per_block + (logits if stop == len(names) else 0) for start, stop in ranges
+        ]
         activations = peak_in_flight(schedule, stages, batch.num_micro_batches, rank, phase_bytes)
-        if checkpoint_interval and any(arch.pipeline_layers()[i].kind == DECODER for i in layers):
+        if checkpoint_interval and any(decoders(arch, start, stop) for start, stop in ranges):
             activations += block_activations  # one block's full set during its recomputation
         quantized = sum(quantized_counts[i] for i in layers)
         quantized_bytes = quantized * quantization.bytes_per_weight() if quantization is not None else 0
@@ -213,6 +209,11 @@ def plan_stages(
         }
         plans.append(StagePlan(rank, [names[i] for i in layers], params, memory, trainable, ranges))
     return plans
+
+
+def decoders(arch: Architecture, start: int, stop: int) -> int:
+    """The decoder layers among pipeline layers [start, stop)."""
+    return sum(layer.kind == DECODER for layer in arch.pipeline_layers()[start:stop])
 
 
 def quantized_layer_parameters(arch: Architecture) -> list[int]:
