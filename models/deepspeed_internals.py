@@ -87,7 +87,7 @@ def loss_stage_global_rank(engine: PipelineEngine) -> int:
 
 def wrap_instructions(engine: PipelineEngine, wrap: Callable[[str, Callable], Callable]) -> None:
     """Give this engine instance (and no other) a copy of its schedule's instruction table, each entry
-    wrapped: `engine._INSTRUCTION_MAP` maps instruction classes to the bound methods the 1F1B schedule
+    wrapped: `engine._INSTRUCTION_MAP` maps instruction classes to the bound methods the schedule (1F1B or DualPipeV)
     executes. Nothing of DeepSpeed is patched globally (its own `wall_clock_breakdown` crashes with more
     than one stage in 0.19.8)."""
     engine._INSTRUCTION_MAP = {kind: wrap(kind.__name__, fn) for kind, fn in engine._INSTRUCTION_MAP.items()}

@@ -217,13 +217,13 @@ def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: Pr
     trains = f" ({record['trainable_parameters']:,} trainable: LoRA)" if config.adapters is not None else ""
     say(
         f"model: {model_config.model_type}, {record['parameters']:,} parameters{trains}, "
-        f"{layout_line(record['topology'])}, {batch.num_micro_batches} micro-batches of {batch.micro_batch_size}, "
+        f"{topology_line(record['topology'])}, {batch.num_micro_batches} micro-batches of {batch.micro_batch_size}, "
         f"{record['attention']} attention"
     )
     return record
 
 
-def layout_line(topology: dict) -> str:
+def topology_line(topology: dict) -> str:
     """The layout for the model line: stages x replicas and the layer bounds, or under DualPipeV each rank's two
     stages."""
     line = f"{topology['pipeline_stages']} stages x {topology['data_parallel']} data-parallel"
