@@ -87,7 +87,7 @@ def test_planned_peak_memory_within_15_percent_of_measured(
         schedule=schedule,
         deepspeed_config=ds,
         train_steps=3,
-        eval_blocks=4,
+        eval_blocks=micro * micro_batches,
         val_fraction=0.05,
         output_dir=tmp_path / "run",
         data_cache_dir=tmp_path / "cache",
