@@ -244,6 +244,11 @@ def stages_per_rank(schedule: str) -> int:
     return 2 if schedule == "dualpipev" else 1
 
 
+def ranges_text(ranges: list[tuple[int, int]] | list[list[int]]) -> str:
+    """[start, stop) layer ranges as people read them: "0-1 and 5-6"."""
+    return " and ".join(f"{start}-{stop - 1}" for start, stop in ranges)
+
+
 def fewest_micro_batches(schedule: str, ranks: int) -> int:
     """The fewest micro-batches a step (or a forward-only pass) of `schedule` runs on `ranks` pipeline ranks."""
     return 2 * ranks if schedule == "dualpipev" else 1

@@ -22,7 +22,7 @@ from models.flops import flops_per_token
 from models.hf_weights import load_hf_weights, weights_fingerprint
 from models.hub import resolve_model_dir
 from models.lora import AdapterPlan
-from models.pipeline import CausalLMPipeline, build_pipeline
+from models.pipeline import CausalLMPipeline, build_pipeline, ranges_text
 from models.quantize import parameter_count
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from train.checkpoint.manifest import read_manifest, verified_tag_dir
@@ -150,7 +150,7 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         )
     except ValueError as e:  # a partition DeepSpeed cannot run
         raise ConfigError(str(e)) from None
-    layers = " and ".join(f"{start}-{stop - 1}" for start, stop in pipe.stage_layers())
+    layers = ranges_text(pipe.stage_layers())
     if flags.model:
         loaded = every_rank(lambda: load_pretrained(pipe, arch, flags.model))
         # One write, so that the ranks' reports do not interleave on the shared stdout.
@@ -229,9 +229,7 @@ def topology_line(topology: dict) -> str:
     line = f"{topology['pipeline_stages']} stages x {topology['data_parallel']} data-parallel"
     if topology["schedule"] == "1f1b":
         return f"{line}, layer bounds {topology['stage_layer_bounds']}"
-    held = "; ".join(
-        f"rank {s['stage']} " + " and ".join(f"{a}-{b - 1}" for a, b in s["layer_bounds"]) for s in topology["stages"]
-    )
+    held = "; ".join(f"rank {s['stage']} {ranges_text(s['layer_bounds'])}" for s in topology["stages"])
     return f"{line.replace('stages', 'pipeline ranks')}, DualPipeV: layers {held}"
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from models.architecture import Architecture, discover
 from models.flops import flops_per_token
 from models.lora import AdapterPlan
+from models.pipeline import ranges_text
 from models.quantize import Quantization
 from train.config.adapters import adapters_from_flags
 from train.config.args import Flags, OneLineErrors, parse_args, shared_flags
@@ -197,7 +198,7 @@ def print_memory_table(plans: list[StagePlan]) -> None:
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for plan in plans:
         m = {k: v / 2**30 for k, v in plan.memory.items()}
-        layers = " + ".join(f"{a}-{b - 1}" for a, b in plan.bounds) + f": {plan.layers[0]} .. {plan.layers[-1]}"
+        layers = f"{ranges_text(plan.bounds)}: {plan.layers[0]} .. {plan.layers[-1]}"
         layers += f" ({len(plan.layers)})"
         print(
             f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {plan.trainable / 1e6:,.1f}M | "

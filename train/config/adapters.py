@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 from models.architecture import discover
 from models.lora import AdapterPlan, adapter_parameters, lora_config, plan_adapters, read_peft_config
+from models.pipeline import ranges_text
 from models.quantize import Quantization, check_4bit_available
 from train.config.args import Flags
 from train.errors import ConfigError, first_line
@@ -63,9 +64,8 @@ def check_every_stage_trains(
     counts = adapter_parameters(discover(model_config), plan)
     for rank, ranges in enumerate(ranks):
         if sum(sum(counts[start:stop]) for start, stop in ranges) == 0:
-            layers = " and ".join(f"{start}-{stop - 1}" for start, stop in ranges)
             raise ConfigError(
-                f"pipeline stage {rank} (layers {layers}) holds no LoRA adapter, and DeepSpeed needs "
+                f"pipeline stage {rank} (layers {ranges_text(ranges)}) holds no LoRA adapter, and DeepSpeed needs "
                 "a trainable parameter on every stage: use fewer stages, --partition-method flops, or target "
                 "modules on every stage"
             )

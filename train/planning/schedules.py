@@ -45,12 +45,14 @@ def instruction_streams(schedule: str, ranks: int, micro_batches: int) -> list[l
     ]
 
 
-def compute_streams(schedule: str, ranks: int, micro_batches: int) -> list[list[tuple[str, int]]]:
-    """Per pipeline rank, its forward ("F") and backward ("B") passes in order, each with its phase (0 under 1F1B)."""
-    return [
+@functools.lru_cache
+def compute_streams(schedule: str, ranks: int, micro_batches: int) -> tuple[list[tuple[str, int]], ...]:
+    """Per pipeline rank, its forward ("F") and backward ("B") passes in order, each with its phase (0 under 1F1B);
+    cached: the planner reads it once per rank."""
+    return tuple(
         [("F" if isinstance(cmd, ForwardPass) else "B", phase_of(cmd)) for cmd in stream if is_compute(cmd)]
         for stream in instruction_streams(schedule, ranks, micro_batches)
-    ]
+    )
 
 
 def is_compute(cmd) -> bool:
