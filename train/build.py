@@ -2,7 +2,6 @@
 model and its DeepSpeed engine, the resumed state, and the components the loop drives (metrics log and
 meter, evaluator, checkpointer, schedule profiler)."""
 
-import copy
 import dataclasses
 import json
 import logging
@@ -12,12 +11,12 @@ from dataclasses import dataclass
 
 import deepspeed
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import logger as ds_logger
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from models.architecture import Architecture, discover
+from models.architecture import Architecture
 from models.flops import flops_per_token
 from models.hf_weights import load_hf_weights, weights_fingerprint
 from models.hub import resolve_model_dir
@@ -25,23 +24,20 @@ from models.lora import AdapterPlan
 from models.pipeline import CausalLMPipeline, build_pipeline, ranges_text
 from models.quantize import parameter_count
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
-from train.checkpoint.manifest import read_manifest, verified_tag_dir
-from train.checkpoint.same_run import check_model_config, check_tokenizer, trained_with
+from train.checkpoint.same_run import trained_with
 from train.config.run_config import RunConfig
-from train.data.batches import TrainMicroBatches
-from train.data.packing import evaluation_blocks
-from train.data.tokenizer import tokenizer_too_large
-from train.distributed.agreement import every_rank, rank_zero_first
+from train.data.batches import MicroBatchFeed, StreamMicroBatches
+from train.distributed.agreement import every_rank
 from train.distributed.faults import inject_fault
 from train.distributed.preemption import Preemption
 from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
+from train.inputs import prepare_inputs, training_batches
 from train.observe.evaluate import Evaluator, Sampling
 from train.observe.metrics import MetricsLog, StepMeter, WandbSettings, memory_in_use, run_record
 from train.observe.mfu import peak_tflops, training_dtype
 from train.observe.timeline import ScheduleProfiler
-from train.prepare import prepare_data, prepare_tokenizer
 
 
 class DropMessage(logging.Filter):
@@ -66,7 +62,7 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     engine: PipelineEngine
     start_step: int
-    batches: TrainMicroBatches
+    batches: MicroBatchFeed
     data_iter: Iterator | None  # only the first and the last stage read data; both compute the same batches
     log: MetricsLog
     meter: StepMeter
@@ -75,53 +71,6 @@ class Run:
     profiler: ScheduleProfiler
     watchdog: HangWatchdog
     preemption: Preemption
-
-
-def eval_blocks_line(used: int, validation: int, config: RunConfig) -> str:
-    """How many validation blocks an evaluation uses, and why not all when it does not."""
-    requested = config.flags.eval_blocks
-    if used == validation or (requested is not None and used == requested):
-        return f"{used:,} used per evaluation"
-    return (
-        f"{used:,} of {min(requested or validation, validation):,} used per evaluation: every evaluation step takes "
-        f"a whole global batch of {config.batch.global_batch}"
-    )
-
-
-def model_config_for(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """The resolved model config, with a from-scratch model's vocabulary and special tokens from the tokenizer."""
-    model_config = copy.deepcopy(config.model_config)
-    if config.flags.model is None:
-        model_config.vocab_size = len(tokenizer)
-        model_config.bos_token_id = model_config.eos_token_id = tokenizer.eos_token_id
-    elif len(tokenizer) > model_config.vocab_size:
-        raise ConfigError(tokenizer_too_large(len(tokenizer), model_config.vocab_size))
-    return model_config
-
-
-def prepare_inputs(
-    config: RunConfig,
-) -> tuple[PreTrainedTokenizerBase, PretrainedConfig, Architecture, DatasetDict, int]:
-    """Tokenizer, model config and architecture, packed data (built by rank 0, then read from disk by the
-    others), and the validation blocks used per evaluation."""
-    tokenizer = rank_zero_first(lambda: prepare_tokenizer(config, build=rank() == 0))
-    model_config = model_config_for(config, tokenizer)
-    if config.flags.load is not None:  # the same run: its tokenizer and model config
-        manifest = read_manifest(verified_tag_dir(config.flags.load))
-        if config.flags.tokenizer or config.flags.model:
-            flag = "--tokenizer" if config.flags.tokenizer else "--model"
-            check_tokenizer(manifest, tokenizer, load=config.flags.load, flag=flag)
-        check_model_config(manifest, model_config.to_dict(), load=config.flags.load)
-    arch = discover(model_config)
-    splits = rank_zero_first(lambda: prepare_data(config, tokenizer))
-    if len(tokenizer) < model_config.vocab_size:
-        say(f"embedding has {model_config.vocab_size} rows for {len(tokenizer)} tokens (padded vocabulary)")
-    eval_blocks = evaluation_blocks(splits, config.batch.global_batch, config.flags.seq_len, config.flags.eval_blocks)
-    say(
-        f"data: {len(splits['train']):,} training and {len(splits['validation']):,} validation blocks of "
-        f"{config.flags.seq_len} tokens ({eval_blocks_line(eval_blocks, len(splits['validation']), config)})"
-    )
-    return tokenizer, model_config, arch, splits, eval_blocks
 
 
 def parameter_groups(module: torch.nn.Module) -> list[dict]:
@@ -188,12 +137,12 @@ def load_pretrained(pipe: torch.nn.Module, arch: Architecture, model: str) -> in
         raise ConfigError(f"cannot load --model {model}: {first_line(e)}") from None
 
 
-def resume(config: RunConfig, engine: PipelineEngine) -> tuple[int, str | None]:
-    """(the step to continue after, the W&B run id to continue): weights, optimizer, LR schedule, RNG and data
-    position come back from `--load`; (0, None) without it."""
+def resume(config: RunConfig, engine: PipelineEngine) -> dict:
+    """The client state of `--load` (its step, W&B run id, stream position), once weights, optimizer, LR schedule and
+    RNG are restored from it; {"step": 0} without it."""
     flags = config.flags
     if not flags.load:
-        return 0, None
+        return {"step": 0}
     adapters_only = config.adapters is not None
     client_state = every_rank(lambda: load_checkpoint(engine, flags.load, config.resume_mode, adapters_only))
     how = {"exact": "", "universal": " (another layout: through a universal checkpoint)", "weights": " (weights only)"}[
@@ -204,7 +153,28 @@ def resume(config: RunConfig, engine: PipelineEngine) -> tuple[int, str | None]:
         raise ConfigError(
             f"the checkpoint is at step {client_state['step']}; raise --train-steps above it to train further"
         )
-    return client_state["step"], client_state.get("wandb_run_id")
+    return client_state
+
+
+def stream_position(config: RunConfig, client_state: dict) -> dict | None:
+    """Where a resumed `--streaming` run's stream continues: the checkpoint's position, when it streamed the same
+    sources (else the stream starts again from its beginning, said in one line)."""
+    if not config.streaming or not config.flags.load:
+        return None
+    saved = client_state.get("stream_position")
+    if saved is None:
+        say(
+            f"--load {config.flags.load} holds no stream position (it was not a --streaming run): the stream starts "
+            "from the beginning of the data"
+        )
+        return None
+    if saved["sources"] != [s.spec for s in config.sources]:
+        say(
+            f"--load {config.flags.load} streamed other --data ({', '.join(saved['sources'])}): the stream starts "
+            "from the beginning of this --data"
+        )
+        return None
+    return saved["state"]
 
 
 def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: PretrainedConfig, flops: float) -> dict:
@@ -231,25 +201,6 @@ def topology_line(topology: dict) -> str:
         return f"{line}, layer bounds {topology['stage_layer_bounds']}"
     held = "; ".join(f"rank {s['stage']} {ranges_text(s['layer_bounds'])}" for s in topology["stages"])
     return f"{line.replace('stages', 'pipeline ranks')}, DualPipeV: layers {held}"
-
-
-def training_batches(config: RunConfig, engine: PipelineEngine, blocks: Dataset, start_step: int) -> TrainMicroBatches:
-    dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
-    trace = None
-    if config.flags.trace_batches and (engine.is_first_stage() or engine.is_last_stage()):
-        trace = config.output_dir / "batches" / f"stage{engine.stage_id}_dp{dp_rank}.jsonl"
-        trace.parent.mkdir(exist_ok=True)
-    return TrainMicroBatches(
-        blocks=blocks,
-        micro_batch_size=config.batch.micro_batch_size,
-        num_micro_batches=config.batch.num_micro_batches,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        seed=config.flags.seed,
-        document_attention=config.document_attention,
-        start_step=start_step,
-        trace_path=trace,
-    )
 
 
 def manifest_extras(config: RunConfig) -> dict:
@@ -296,9 +247,18 @@ def evaluator(
 
 
 def checkpointer(
-    config: RunConfig, engine: PipelineEngine, model_config: PretrainedConfig, tokenizer, log: MetricsLog
+    config: RunConfig,
+    engine: PipelineEngine,
+    model_config: PretrainedConfig,
+    tokenizer,
+    log: MetricsLog,
+    batches: MicroBatchFeed,
 ) -> Checkpointer:
     flags = config.flags
+    position = None
+    if isinstance(batches, StreamMicroBatches):
+        sources = [s.spec for s in config.sources]
+        position = lambda step: {"state": batches.position(step), "sources": sources}  # noqa: E731
     return Checkpointer(
         engine=engine,
         root=config.output_dir / "checkpoints",
@@ -307,6 +267,7 @@ def checkpointer(
         keep_last=flags.keep_last,
         samples_per_step=config.batch.global_batch,
         client_state={"wandb_run_id": log.run_id, "data_seed": flags.seed},
+        stream_position=position,
         adapters_only=config.adapters is not None,
         tokenizer=tokenizer,
         manifest=manifest_extras(config)
@@ -320,12 +281,14 @@ def build_run(config: RunConfig) -> Run:
     if rank() == 0:
         config.output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(flags.seed)
-    tokenizer, model_config, arch, splits, eval_blocks = prepare_inputs(config)
+    inputs = prepare_inputs(config)
+    tokenizer, model_config, arch = inputs.tokenizer, inputs.model_config, inputs.arch
     memory_before_model = memory_in_use()
     engine = build_engine(config, arch)
     flops = flops_per_token(arch, flags.seq_len)
     record = write_run_record(config, engine, model_config, flops)
-    start_step, wandb_run_id = resume(config, engine)
+    client_state = resume(config, engine)
+    start_step = client_state["step"]
     log = MetricsLog(
         output_dir=config.output_dir,
         enabled=rank() == 0,
@@ -334,9 +297,9 @@ def build_run(config: RunConfig) -> Run:
         wandb=WandbSettings(project=flags.wandb_project, run_name=flags.wandb_run_name, mode=flags.wandb_mode),
         run_config=record,
         resume_step=start_step,
-        wandb_run_id=wandb_run_id,
+        wandb_run_id=client_state.get("wandb_run_id"),
     )
-    batches = training_batches(config, engine, splits["train"], start_step)
+    batches = training_batches(config, engine, inputs, start_step, stream_position(config, client_state))
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
     return Run(
         config=config,
@@ -356,8 +319,8 @@ def build_run(config: RunConfig) -> Run:
             memory_before_model=memory_before_model,
             compiled=flags.compile,
         ),
-        evaluator=evaluator(config, engine, splits["validation"], eval_blocks, tokenizer, log),
-        checkpointer=checkpointer(config, engine, model_config, tokenizer, log),
+        evaluator=evaluator(config, engine, inputs.validation, inputs.eval_blocks, tokenizer, log),
+        checkpointer=checkpointer(config, engine, model_config, tokenizer, log, batches),
         profiler=ScheduleProfiler(engine=engine, steps=set(flags.profile_steps), output_dir=config.output_dir),
         watchdog=HangWatchdog(engine=engine, timeout_s=flags.dist_timeout, report_dir=config.output_dir / "hang"),
         preemption=preemption,

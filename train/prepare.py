@@ -16,11 +16,12 @@ from train.checkpoint.manifest import verified_tag_dir
 from train.checkpoint.same_run import checkpoint_tokenizer_dir
 from train.config.args import Flags, parse_args
 from train.config.run_config import RunConfig, resolve_run_config
+from train.data.examples import DataFormat
 from train.data.packing import packed_dataset
-from train.data.sources import load_texts
+from train.data.streaming import record_batches
 from train.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from train.distributed.faults import inject_fault
-from train.errors import entry_point
+from train.errors import ConfigError, entry_point
 
 BPE_TRAINING_DOCUMENTS = 2_000_000  # BPE merges settle long before a large corpus is read to the end
 
@@ -47,11 +48,11 @@ def prepare_tokenizer(config: RunConfig, build: bool) -> PreTrainedTokenizerBase
         return save_tokenizer(tokenizer, tokenizer_dir, config)
     print(f"training a byte-level BPE tokenizer (vocab {config.bpe_vocab_size}) on the training text", flush=True)
 
-    def documents():
-        seen = 0
+    def documents():  # read as a stream: nothing is cached for it
+        seen, text = 0, DataFormat(text_column=args.text_column)
         for source in config.sources:
-            for batch in load_texts(source, args.text_column).iter(batch_size=1000):
-                yield batch["text"]
+            for _, batch in record_batches(source, text):
+                yield [str(t) for t in batch["text"] if t is not None]
                 seen += len(batch["text"])
                 if seen >= BPE_TRAINING_DOCUMENTS:
                     return
@@ -83,6 +84,8 @@ def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Datas
 
 def prepare(flags: Flags) -> None:
     config = resolve_run_config(flags, world_size=flags.pipeline_stages)
+    if config.streaming:
+        raise ConfigError("train.prepare builds the packed cache, which --streaming does without: drop --streaming")
     config.output_dir.mkdir(parents=True, exist_ok=True)
     splits = prepare_data(config, prepare_tokenizer(config, build=True))
     print(f"ready: {len(splits['train']):,} training and {len(splits['validation']):,} validation blocks")

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,6 +184,8 @@ class Checkpointer:
     keep_last: int
     samples_per_step: int
     client_state: dict = field(default_factory=dict)
+    # --streaming: the stream's position after a step, as rank 0 (a data-reading rank) knows it; every rank saves it
+    stream_position: Callable[[int], dict] | None = None
     adapters_only: bool = False  # LoRA: the frozen base is not saved
     tokenizer: PreTrainedTokenizerBase | None = None  # saved in every tag
     manifest: dict = field(default_factory=dict)  # more manifest entries (the adapters, their base model)
@@ -193,6 +196,10 @@ class Checkpointer:
         if not last_step and not (self.interval and step % self.interval == 0):
             return
         state = {"consumed_samples": step * self.samples_per_step, **self.client_state}
+        if self.stream_position is not None:
+            position = [self.stream_position(step) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(position, src=0)
+            state["stream_position"] = position[0]
         start = time.perf_counter()
         self.last_saved = save_checkpoint(
             self.engine,
@@ -246,7 +253,8 @@ def load_checkpoint(engine: PipelineEngine, load: Path, mode: str, adapters_only
     except (RuntimeError, OSError, KeyError, AssertionError) as e:
         raise ConfigError(f"cannot load checkpoint {tag_dir}: {first_line(e)}") from None
     state = torch.load(next(tag_dir.glob("mp_rank_00_model_states.pt")), map_location="cpu", weights_only=False)
-    client_state = {k: state[k] for k in ("step", "consumed_samples", "wandb_run_id", "lr_scheduler") if k in state}
+    kept = ("step", "consumed_samples", "wandb_run_id", "lr_scheduler", "stream_position")
+    client_state = {k: state[k] for k in kept if k in state}
     if engine.lr_scheduler is not None and "lr_scheduler" in client_state:
         engine.lr_scheduler.load_state_dict(client_state["lr_scheduler"])
     set_global_steps(engine, client_state["step"])

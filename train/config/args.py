@@ -206,7 +206,26 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         default="truncate",
         help="prompt-completion and chat data: cut an example longer than --seq-len to it, or drop it (counted)",
     )
-    data.add_argument("--val-fraction", type=float, default=0.02, help="last fraction of packed blocks held out")
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.02,
+        help="last fraction of packed blocks held out (under --streaming without --val-data: the first evaluation's "
+        "worth of blocks of the stream)",
+    )
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read the sources as a stream, tokenized and packed on the ranks that read data while training runs: "
+        "no cache, the first step at once; the blocks of the cached path, in order (README: Streaming)",
+    )
+    data.add_argument(
+        "--data-order",
+        choices=["shuffled", "sequential"],
+        default=None,
+        help="training blocks in a seeded random order per epoch, or in order (default: shuffled; sequential under "
+        "--streaming, which reads in order)",
+    )
     data.add_argument("--data-cache-dir", type=Path, default=None, help="packed-data cache (default ~/.cache/pipegpt)")
     data.add_argument(
         "--trace-batches",
@@ -224,8 +243,8 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
         "--eval-blocks",
         type=int,
         default=None,
-        help="validation blocks per evaluation (default: all), rounded down to whole global batches "
-        "(train_batch_size blocks per evaluation step; the log says how many are used)",
+        help="validation blocks per evaluation (default: those that hold 1,048,576 tokens, or all when fewer), "
+        "rounded down to whole global batches (train_batch_size blocks per evaluation step; the log says how many)",
     )
     train.add_argument("--log-interval", type=int, default=10)
     train.add_argument(

@@ -47,6 +47,8 @@ class RunConfig:
     val_sources: list[Source] | None  # None: --val-fraction of every source is held out
     data_format: DataFormat
     document_attention: bool  # --attention document: per-document masks and positions in packed blocks
+    streaming: bool  # --streaming: no cache, blocks packed on the fly (train/data/streaming.py)
+    shuffle: bool  # --data-order: shuffled (the default) or sequential (implied by --streaming)
     data_cache_dir: Path  # --data-cache-dir, or PIPEGPT_CACHE, or ~/.cache/pipegpt
     num_proc: int  # tokenization processes: --num-proc, or every core
     batch: BatchLayout
@@ -77,6 +79,14 @@ def data_format_from_flags(flags: Flags) -> DataFormat:
         flags.packing,
         flags.overlong,
     )
+
+
+def data_order(flags: Flags) -> str:
+    if flags.streaming and flags.data_order == "shuffled":
+        raise ConfigError(
+            "--streaming reads its blocks in order: drop --data-order shuffled, or shuffle the data beforehand"
+        )
+    return flags.data_order or ("sequential" if flags.streaming else "shuffled")
 
 
 def check_compile(flags: Flags) -> None:
@@ -189,6 +199,8 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         val_sources=val_sources,
         data_format=data_format,
         document_attention=(flags.attention or ("document" if data_format.masked else "causal")) == "document",
+        streaming=flags.streaming,
+        shuffle=data_order(flags) == "shuffled",
         data_cache_dir=flags.data_cache_dir or default_cache_dir(),
         num_proc=flags.num_proc or os.cpu_count() or 1,
         batch=batch,

@@ -1,10 +1,11 @@
 """Which blocks each rank feeds the pipeline engine, step by step.
 
 Step s of the run uses the global batch `order[s*G:(s+1)*G]` of a per-epoch permutation
-seeded by (seed, epoch). Data-parallel replica r takes its contiguous slice of it and
-cuts it into micro-batches. The first and the last stage of one replica compute the
-same indices, so they always agree; replicas are disjoint and together cover the global
-batch. The position is a pure function of the step, which makes resuming exact.
+seeded by (seed, epoch), or of the blocks in order (`--data-order sequential`, what a stream gives).
+Data-parallel replica r takes its contiguous slice of it and cuts it into micro-batches. The first and the
+last stage of one replica compute the same indices, so they always agree; replicas are disjoint and together
+cover the global batch. The position is a pure function of the step, which makes resuming exact. A stream
+(`--streaming`) gives the same batches in order, its position kept in the checkpoint (StreamMicroBatches).
 
 Blocks of instruction or chat data carry their own labels and answer-token counts: each micro-batch's
 labels then travel with the scale that turns the loss into the mean over the global batch's answer tokens
@@ -22,51 +23,79 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset
 
 from models.loss import IGNORE_INDEX
 
 
-class TrainMicroBatches:
-    """Endless iterator of ((input_ids, position_ids), labels) micro-batches for one data-parallel replica."""
+class MicroBatchFeed:
+    """What both feeds share: the replica's place in the batch, the step counter, the data wait, the trace."""
 
     def __init__(
         self,
         *,
-        blocks: Dataset,
         micro_batch_size: int,
         num_micro_batches: int,
         dp_rank: int,
         dp_size: int,
-        seed: int,
         document_attention: bool,
         start_step: int = 0,
         trace_path: Path | None = None,
     ):
-        self.blocks = blocks
-        self.document_attention = document_attention
-        self.micro_batch_size = micro_batch_size
-        self.num_micro_batches = num_micro_batches
+        self.micro_batch_size, self.num_micro_batches = micro_batch_size, num_micro_batches
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.masked = "labels" in blocks.column_names
-        # Answer tokens of every block, to scale each step's loss (one column read once, 4 bytes per block).
-        self.loss_tokens = blocks["loss_tokens"] if self.masked else None
-        self.global_batch = micro_batch_size * num_micro_batches * dp_size
-        self.steps_per_epoch = len(blocks) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(blocks)} training blocks are fewer than one global batch of {self.global_batch}")
-        self.seed = seed
-        self.step = start_step
+        self.document_attention = document_attention
+        self.per_replica = micro_batch_size * num_micro_batches
+        self.global_batch = self.per_replica * dp_size
+        self.step = start_step  # the steps fed so far
         # With a trace path, every micro-batch handed to the engine is recorded there (appended on resume).
         self.trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115 (closed in close())
         self.wait_seconds = 0.0  # time the engine spent waiting on us since `take_wait_seconds`
+
+    def feed(self, rows: dict, blocks: list[int], scale: torch.Tensor | None, started: float) -> Iterator[tuple]:
+        """This replica's rows of one step (`blocks`: their numbers, for the trace) as engine micro-batches."""
+        self.wait_seconds += time.perf_counter() - started
+        for index in range(self.num_micro_batches):
+            part = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
+            inputs, labels = engine_inputs(rows, part, scale, self.document_attention)
+            if self.trace is not None:
+                record = trace_record(self.step + 1, index, blocks[part], inputs[0], labels)
+                self.trace.write(json.dumps(record) + "\n")
+                self.trace.flush()
+            yield inputs, labels
+        self.step += 1
+
+    def take_wait_seconds(self) -> float:
+        """Seconds the engine waited on this iterator since the last call."""
+        waited, self.wait_seconds = self.wait_seconds, 0.0
+        return waited
+
+    def close(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
+
+
+class TrainMicroBatches(MicroBatchFeed):
+    """Endless iterator of ((input_ids, position_ids), labels) micro-batches for one data-parallel replica."""
+
+    def __init__(self, *, blocks: Dataset, seed: int, shuffle: bool = True, **feed):
+        super().__init__(**feed)
+        self.blocks, self.seed, self.shuffle = blocks, seed, shuffle
+        self.masked = "labels" in blocks.column_names
+        # Answer tokens of every block, to scale each step's loss (one column read once, 4 bytes per block).
+        self.loss_tokens = blocks["loss_tokens"] if self.masked else None
+        self.steps_per_epoch = len(blocks) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(blocks)} training blocks are fewer than one global batch of {self.global_batch}")
         self._order: tuple[int, torch.Tensor] | None = None
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if self._order is None or self._order[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._order = (epoch, torch.randperm(len(self.blocks), generator=generator))
+            n = len(self.blocks)
+            self._order = (epoch, torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n))
         return self._order[1]
 
     def global_indices(self, step: int) -> torch.Tensor:
@@ -76,9 +105,9 @@ class TrainMicroBatches:
 
     def step_indices(self, step: int) -> list[list[int]]:
         """This replica's micro-batches (lists of block indices) for `step`."""
-        per_replica = self.micro_batch_size * self.num_micro_batches
-        mine = self.global_indices(step)[self.dp_rank * per_replica : (self.dp_rank + 1) * per_replica].tolist()
-        return [mine[i : i + self.micro_batch_size] for i in range(0, per_replica, self.micro_batch_size)]
+        mine = self.global_indices(step)[self.dp_rank * self.per_replica : (self.dp_rank + 1) * self.per_replica]
+        mine = mine.tolist()
+        return [mine[i : i + self.micro_batch_size] for i in range(0, self.per_replica, self.micro_batch_size)]
 
     def answer_tokens(self, step: int) -> int | None:
         """The answer tokens of the global batch of training step `step` (counted from 1, as the loop counts; all
@@ -94,29 +123,61 @@ class TrainMicroBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             start = time.perf_counter()
-            micro_batches = self.step_indices(self.step)
+            indices = [i for micro_batch in self.step_indices(self.step) for i in micro_batch]
             # One Arrow gather per step: 16 small takes cost 5x more, on the first stage's critical path.
-            rows = self.blocks[[i for indices in micro_batches for i in indices]]
-            scale = self.loss_scale(self.step)
-            self.wait_seconds += time.perf_counter() - start
-            for index, indices in enumerate(micro_batches):
-                part = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
-                inputs, labels = engine_inputs(rows, part, scale, self.document_attention)
-                input_ids = inputs[0]
-                if self.trace is not None:
-                    self.trace.write(json.dumps(trace_record(self.step + 1, index, indices, input_ids, labels)) + "\n")
-                    self.trace.flush()
-                yield inputs, labels
-            self.step += 1
+            yield from self.feed(self.blocks[indices], indices, self.loss_scale(self.step), start)
 
-    def take_wait_seconds(self) -> float:
-        """Seconds the engine waited on this iterator since the last call."""
-        waited, self.wait_seconds = self.wait_seconds, 0.0
-        return waited
 
-    def close(self) -> None:
-        if self.trace is not None:
-            self.trace.close()
+class StreamMicroBatches(MicroBatchFeed):
+    """The same micro-batches from a stream (`--streaming`, train/data/streaming.py: BlockStream): every
+    data-reading rank reads each global batch whole, in order, and keeps its replica's slice; an epoch's last,
+    partial global batch is dropped, as in `TrainMicroBatches`. `position(step)` is where the stream resumes
+    after training step `step`; a checkpoint keeps it."""
+
+    def __init__(self, *, stream, masked: bool, **feed):
+        super().__init__(**feed)
+        self.stream, self.masked = stream, masked
+        self.positions = {self.step: stream.state}  # training step -> the stream's state after it (a few kept)
+        self.answer_counts: dict[int, int] = {}
+
+    def position(self, step: int) -> dict | None:
+        return self.positions.get(step)
+
+    def answer_tokens(self, step: int) -> int | None:
+        return self.answer_counts.get(step) if self.masked else None
+
+    def global_batch_blocks(self, blocks: Iterator) -> tuple[list[dict], dict]:
+        batch, state, epochs_without_a_batch = [], None, 0
+        while len(batch) < self.global_batch:
+            item = next(blocks)
+            if item is None:  # an epoch ends: its partial global batch is dropped
+                epochs_without_a_batch += 1
+                if epochs_without_a_batch > 1:
+                    raise ValueError(f"the stream holds fewer blocks than one global batch of {self.global_batch}")
+                batch = []
+                continue
+            batch.append(item[0])
+            state = item[1]
+        return batch, state
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        blocks = iter(self.stream)
+        while True:
+            start = time.perf_counter()
+            batch, state = self.global_batch_blocks(blocks)
+            self.positions = {step: p for step, p in self.positions.items() if step > self.step - 4}
+            self.positions[self.step + 1] = state
+            first = self.dp_rank * self.per_replica
+            mine = batch[first : first + self.per_replica]
+            rows = {key: torch.from_numpy(np.stack([block[key] for block in mine])) for key in mine[0]}
+            scale = None
+            if self.masked:
+                tokens = sum(int(block["loss_tokens"]) for block in batch)
+                self.answer_counts = {self.step + 1: tokens}
+                scale = answer_token_scale(self.num_micro_batches, self.dp_size, tokens)
+            offset = self.step * self.global_batch + first  # the blocks' places in the stream, for the trace
+            numbers = list(range(offset, offset + len(mine)))
+            yield from self.feed(rows, numbers, scale, start)
 
 
 def answer_token_scale(num_micro_batches: int, dp_size: int, answer_tokens: float) -> torch.Tensor:
