@@ -259,3 +259,25 @@ def test_blocks_do_not_depend_on_the_number_of_processes(tmp_path, tokenizer_dir
     assert one["input_ids"][:] == two["input_ids"][:]
     n_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts["text"] if t.strip())
     assert len(one) * 64 + left_one == n_tokens
+
+
+def test_preparation_leaves_only_the_packed_cache_on_disk(tmp_path, tokenizer_dir, corpus, monkeypatch):
+    """`datasets`' Arrow copies, extracted archives and tokenized records go into a work folder that is removed:
+    nothing lands in its own cache (read from HF_DATASETS_CACHE at import, so patched in its config)."""
+    import gzip
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")
+    (tmp_path / "kjv.jsonl.gz").write_bytes(gzip.compress(corpus.read_bytes()))
+    cache = tmp_path / "cache"
+    sources = resolve_sources([str(corpus), str(tmp_path / "kjv.jsonl.gz")])
+    splits = packed_dataset(
+        sources, TEXT, load_tokenizer(str(tokenizer_dir)), seq_len=64, val_fraction=0.1, cache_dir=cache
+    )
+    assert len(splits["train"]) > 1000
+    assert not (tmp_path / "hf_datasets").exists() or not any((tmp_path / "hf_datasets").rglob("*.arrow"))
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) == 2 and not any(".work-" in name or ".tmp" in name for name in entries), entries
+    packed = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    assert packed < 2.5 * 2 * corpus.stat().st_size  # the blocks themselves (int32 tokens and positions), no copies

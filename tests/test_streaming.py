@@ -33,7 +33,7 @@ def small_batches(monkeypatch):
     """Records read 7 at a time and examples packed 50 at a time, so that a few hundred records cross many batch
     and packing-group boundaries (the blocks must not depend on the first, and the stream must pack as the cache
     does for the second)."""
-    monkeypatch.setattr(streaming_module, "MAP_BATCH", 7)
+    monkeypatch.setattr(streaming_module, "STREAM_BATCH", 7)
     monkeypatch.setattr(streaming_module, "PACK_BATCH", 50)
     monkeypatch.setattr(examples_module, "PACK_BATCH", 50)
 

@@ -25,6 +25,7 @@ from models.pipeline import CausalLMPipeline, build_pipeline, ranges_text
 from models.quantize import parameter_count
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from train.checkpoint.same_run import trained_with
+from train.config.args import EVALUATION_SAMPLES_UP_TO, SAMPLE_TOKENS
 from train.config.run_config import RunConfig
 from train.data.batches import MicroBatchFeed, StreamMicroBatches
 from train.distributed.agreement import every_rank
@@ -224,8 +225,30 @@ def manifest_extras(config: RunConfig) -> dict:
     }
 
 
+def evaluation_sample_tokens(requested: int | None, parameters: int) -> int:
+    """New tokens of the samples at every evaluation: `--sample-tokens`, or by default SAMPLE_TOKENS for models up
+    to EVALUATION_SAMPLES_UP_TO parameters and none above (each token is a forward pass of the whole pipeline,
+    without a KV cache: 40 of them cost 2-3 training steps of a 0.5B model), said in one line."""
+    if requested is not None:
+        return requested
+    if parameters <= EVALUATION_SAMPLES_UP_TO:
+        return SAMPLE_TOKENS
+    say(
+        f"no samples at evaluations for a model of {parameters / 1e6:,.0f}M parameters (over "
+        f"{EVALUATION_SAMPLES_UP_TO / 1e6:.0f}M: each token costs a pipeline pass): --sample-tokens N turns them on; "
+        "the export is sampled at the end"
+    )
+    return 0
+
+
 def evaluator(
-    config: RunConfig, engine: PipelineEngine, blocks: Dataset, n_blocks: int, tokenizer, log: MetricsLog
+    config: RunConfig,
+    engine: PipelineEngine,
+    blocks: Dataset,
+    n_blocks: int,
+    tokenizer,
+    log: MetricsLog,
+    parameters: int,
 ) -> Evaluator:
     flags = config.flags
     return Evaluator(
@@ -238,7 +261,7 @@ def evaluator(
         sampling=Sampling(
             tokenizer=tokenizer,
             prompt=None if config.data_format.masked else flags.sample_prompt,
-            tokens=flags.sample_tokens,
+            tokens=evaluation_sample_tokens(flags.sample_tokens, parameters),
             seq_len=flags.seq_len,
             seed=flags.seed,
         ),
@@ -319,7 +342,9 @@ def build_run(config: RunConfig) -> Run:
             memory_before_model=memory_before_model,
             compiled=flags.compile,
         ),
-        evaluator=evaluator(config, engine, inputs.validation, inputs.eval_blocks, tokenizer, log),
+        evaluator=evaluator(
+            config, engine, inputs.validation, inputs.eval_blocks, tokenizer, log, parameters=record["parameters"]
+        ),
         checkpointer=checkpointer(config, engine, model_config, tokenizer, log, batches),
         profiler=ScheduleProfiler(engine=engine, steps=set(flags.profile_steps), output_dir=config.output_dir),
         watchdog=HangWatchdog(engine=engine, timeout_s=flags.dist_timeout, report_dir=config.output_dir / "hang"),

@@ -14,6 +14,7 @@ from train.checkpoint.same_run import check_model_config, check_tokenizer
 from train.config.run_config import RunConfig
 from train.data.batches import MicroBatchFeed, StreamMicroBatches, TrainMicroBatches
 from train.data.packing import default_eval_blocks, evaluation_blocks
+from train.data.shared_cache import tokenize_once_per_job
 from train.data.streaming import StreamingData, streaming_data
 from train.data.tokenizer import tokenizer_too_large
 from train.distributed.agreement import every_rank, rank_zero_first
@@ -73,8 +74,8 @@ def stream_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Stream
 
 
 def prepare_inputs(config: RunConfig) -> Inputs:
-    """Tokenizer, model config and architecture, and the data: packed by rank 0 and read from disk by the others,
-    or opened as a stream on every rank."""
+    """Tokenizer, model config and architecture, and the data: packed by rank 0 (a shard tokenized per node when
+    the nodes share the cache) and read from disk by the others, or opened as a stream on every rank."""
     tokenizer = rank_zero_first(lambda: prepare_tokenizer(config, build=rank() == 0))
     model_config = model_config_for(config, tokenizer)
     if config.flags.load is not None:  # the same run: its tokenizer and model config
@@ -95,6 +96,14 @@ def prepare_inputs(config: RunConfig) -> Inputs:
             f"validation blocks ({eval_blocks_line(eval_blocks, len(validation), config)})"
         )
     else:
+        tokenize_once_per_job(
+            config.sources + (config.val_sources or []),
+            config.data_format,
+            tokenizer,
+            cache_dir=config.data_cache_dir,
+            seq_len=seq_len,
+            num_proc=config.num_proc,
+        )
         splits, stream = rank_zero_first(lambda: prepare_data(config, tokenizer)), None
         train, validation = splits["train"], splits["validation"]
         eval_blocks = evaluation_blocks(splits, config.batch.global_batch, seq_len, config.flags.eval_blocks)

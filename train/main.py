@@ -14,7 +14,7 @@ import torch.distributed as dist
 from models.hf_weights import export_hf_model
 from train.build import Run, build_run
 from train.checkpoint.manifest import read_manifest
-from train.config.args import Flags, parse_args
+from train.config.args import SAMPLE_TOKENS, Flags, parse_args
 from train.config.run_config import resolve_run_config
 from train.distributed.agreement import every_rank
 from train.distributed.run_lock import RunLock
@@ -70,10 +70,11 @@ def export_and_sample(run: Run, checkpoint: Path) -> None:
         merged = out / "hf" if flags.merge_adapter else None
         model_dir = export_adapter(checkpoint, read_manifest(checkpoint), out / "adapter", run.tokenizer, merged)
         say(f"PEFT adapter: {model_dir}" + (f"; merged model: {merged}" if merged else ""))
-    if flags.sample_tokens == 0:  # --sample-tokens 0: no sample
+    tokens = SAMPLE_TOKENS if flags.sample_tokens is None else flags.sample_tokens
+    if tokens == 0:  # --sample-tokens 0: no sample
         return
     prompt = run.evaluator.prompts[0] if run.config.data_format.masked else flags.sample_prompt
-    say("sample: " + generate_text(model_dir, prompt, flags.sample_tokens, seed=flags.seed))
+    say("sample: " + generate_text(model_dir, prompt, tokens, seed=flags.seed))
 
 
 def run_training(flags: Flags) -> None:

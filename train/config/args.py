@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[2]  # train/config/args.py -> the reposi
 DEFAULT_DS_CONFIG = REPO / "ds_configs" / "cpu_pp2.json"
 DEFAULT_MODEL_CONFIG = "gpt2-tiny"
 DEFAULT_BPE_VOCAB = 8192
+SAMPLE_TOKENS = 40  # --sample-tokens by default
+EVALUATION_SAMPLES_UP_TO = 100_000_000  # parameters: larger models are not sampled at evaluations by default
 
 
 # Lowest allowed value of each numeric flag (a BPE vocabulary needs its 256 bytes + EOS).
@@ -302,7 +304,13 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
         default="And God said",
         help="prompt of the samples of text runs (chat and prompt-completion runs sample held-out prompts)",
     )
-    out.add_argument("--sample-tokens", type=int, default=40)
+    out.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=None,
+        help=f"new tokens per sample, at every evaluation and from the export at the end; 0: no samples (default "
+        f"{SAMPLE_TOKENS}, and none at evaluations for models over {EVALUATION_SAMPLES_UP_TO // 10**6}M parameters)",
+    )
     out.add_argument(
         "--merge-adapter",
         action="store_true",

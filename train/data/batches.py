@@ -19,15 +19,19 @@ is -100 here; instruction and chat examples never label their first token.
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from queue import Queue
 
 import numpy as np
 import torch
 from datasets import Dataset
 
 from models.loss import IGNORE_INDEX
+
+PREFETCH_STEPS = 2  # global batches a stream reads ahead of the engine
 
 
 class MicroBatchFeed:
@@ -146,10 +150,10 @@ class StreamMicroBatches(MicroBatchFeed):
     def answer_tokens(self, step: int) -> int | None:
         return self.answer_counts.get(step) if self.masked else None
 
-    def global_batch_blocks(self, blocks: Iterator) -> tuple[list[dict], dict]:
-        batch, state, epochs_without_a_batch = [], None, 0
-        while len(batch) < self.global_batch:
-            item = next(blocks)
+    def global_batches(self) -> Iterator[tuple[list[dict], dict]]:
+        """(the blocks of a global batch, the stream's state after them), batch after batch."""
+        blocks, batch, epochs_without_a_batch = iter(self.stream), [], 0
+        for item in blocks:
             if item is None:  # an epoch ends: its partial global batch is dropped
                 epochs_without_a_batch += 1
                 if epochs_without_a_batch > 1:
@@ -157,14 +161,15 @@ class StreamMicroBatches(MicroBatchFeed):
                 batch = []
                 continue
             batch.append(item[0])
-            state = item[1]
-        return batch, state
+            if len(batch) == self.global_batch:
+                yield batch, item[1]
+                batch, epochs_without_a_batch = [], 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        blocks = iter(self.stream)
+        batches = prefetched(self.global_batches(), depth=PREFETCH_STEPS)
         while True:
             start = time.perf_counter()
-            batch, state = self.global_batch_blocks(blocks)
+            batch, state = next(batches)
             self.positions = {step: p for step, p in self.positions.items() if step > self.step - 4}
             self.positions[self.step + 1] = state
             first = self.dp_rank * self.per_replica
@@ -176,8 +181,28 @@ class StreamMicroBatches(MicroBatchFeed):
                 self.answer_counts = {self.step + 1: tokens}
                 scale = answer_token_scale(self.num_micro_batches, self.dp_size, tokens)
             offset = self.step * self.global_batch + first  # the blocks' places in the stream, for the trace
-            numbers = list(range(offset, offset + len(mine)))
-            yield from self.feed(rows, numbers, scale, start)
+            yield from self.feed(rows, list(range(offset, offset + len(mine))), scale, start)
+
+
+def prefetched(items: Iterator, depth: int) -> Iterator:
+    """`items`, produced up to `depth` ahead by a thread of their own: the stream is read and tokenized while the
+    engine computes (the tokenizer and Arrow release the GIL). The order is the producer's; its failure is raised
+    here, in the consumer."""
+    queue: Queue = Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                queue.put((item, None))
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
+            queue.put((None, e))
+
+    threading.Thread(target=produce, daemon=True, name="stream-prefetch").start()
+    while True:
+        item, failure = queue.get()
+        if failure is not None:
+            raise failure
+        yield item
 
 
 def answer_token_scale(num_micro_batches: int, dp_size: int, answer_tokens: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ counted and printed.
 """
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -209,17 +210,20 @@ def pack_examples(batch: dict, seq_len: int, one_per_block: bool, pad_id: int) -
     return blocks
 
 
-def example_blocks(
-    source: Source, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None
-) -> tuple[Dataset, dict]:
-    """All blocks of one instruction or chat source, and their counts (examples kept, cut, skipped; tokens)."""
+def encode_records(
+    records: Dataset,
+    data_format: DataFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    num_proc: int | None,
+) -> Dataset:
+    """Instruction or chat records -> input_ids, labels, status and problem per record (`encode_examples`)."""
     if not tokenizer.is_fast:  # answers are located by the character offsets of the tokens
         raise ConfigError(
             f"--data-format {data_format.kind} needs a fast (Rust) tokenizer; {tokenizer.name_or_path} is not"
         )
     template = chat_template_of(data_format, tokenizer) if data_format.kind == "chat" else None
-    records = load_columns(source, data_format.columns())
-    encoded = records.map(
+    return records.map(
         encode_examples,
         fn_kwargs=dict(tokenizer=tokenizer, data_format=data_format, seq_len=seq_len, template=template),
         batched=True,
@@ -228,6 +232,26 @@ def example_blocks(
         num_proc=num_proc if num_proc and num_proc > 1 and len(records) > MAP_BATCH * num_proc else None,
         desc="rendering and tokenizing examples",
     )
+
+
+def example_blocks(
+    source: Source,
+    data_format: DataFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    num_proc: int | None,
+    work_dir: Path | None = None,
+) -> tuple[Dataset, dict]:
+    """All blocks of one instruction or chat source, and their counts (examples kept, cut, skipped; tokens)."""
+    records = load_columns(source, data_format.columns(), work_dir)
+    encoded = encode_records(records, data_format, tokenizer, seq_len, num_proc)
+    return pack_encoded(source, encoded, data_format, tokenizer, seq_len)
+
+
+def pack_encoded(
+    source: Source, encoded: Dataset, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> tuple[Dataset, dict]:
+    """Encoded records (`encode_records`, in order) -> blocks and their counts; malformed records stop here."""
     status = np.asarray(encoded["status"])
     if (status == MALFORMED).any():
         first = int(np.flatnonzero(status == MALFORMED)[0])

@@ -12,6 +12,9 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,8 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from train.data.examples import MAP_BATCH, PACK_BATCH, DataFormat, describe, example_blocks
-from train.data.sources import Source, load_texts
+from train.data.examples import MAP_BATCH, PACK_BATCH, DataFormat, describe, encode_records, pack_encoded
+from train.data.sources import Source, load_columns, load_texts
 from train.errors import ConfigError
 
 CACHE_FORMAT = 3  # bump when the packing changes, so that old caches are not served
@@ -68,13 +71,9 @@ class TokenPacker:
         return [self.carry.tolist(), self.carry_starts.tolist()]
 
 
-def tokenize_and_pack(
-    texts: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None
-) -> tuple[Dataset, int]:
-    """Tokenize (batched, multi-process `map`), append EOS to every document, then pack the token
-    stream into `seq_len` blocks in order. Returns the blocks and the number of tokens left over
-    at the very end (fewer than one block). The blocks do not depend on `num_proc`."""
-    tokenized = texts.map(
+def tokenize_texts(texts: Dataset, tokenizer: PreTrainedTokenizerBase, num_proc: int | None) -> Dataset:
+    """Documents -> their token ids, EOS appended (batched, multi-process `map`)."""
+    return texts.map(
         lambda batch: {"input_ids": document_ids(batch["text"], tokenizer)},
         batched=True,
         batch_size=MAP_BATCH,
@@ -83,6 +82,10 @@ def tokenize_and_pack(
         num_proc=num_proc if num_proc and num_proc > 1 and len(texts) > MAP_BATCH * num_proc else None,
         desc="tokenizing",
     )
+
+
+def pack_tokenized(tokenized: Dataset, seq_len: int) -> tuple[Dataset, int]:
+    """Tokenized documents (in order) -> `seq_len` blocks, and the number of tokens left over at the very end."""
     packer = TokenPacker(seq_len)
 
     def pack_into_blocks(batch: pa.Table) -> dict:
@@ -107,6 +110,15 @@ def tokenize_and_pack(
     return blocks.with_format(None), len(packer.carry)
 
 
+def tokenize_and_pack(
+    texts: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None
+) -> tuple[Dataset, int]:
+    """Tokenize, append EOS to every document, then pack the token stream into `seq_len` blocks in order. Returns
+    the blocks and the number of tokens left over at the very end (fewer than one block). The blocks do not depend
+    on `num_proc`."""
+    return pack_tokenized(tokenize_texts(texts, tokenizer, num_proc), seq_len)
+
+
 def document_positions(starts: np.ndarray) -> np.ndarray:
     """[blocks, seq_len] flags of the tokens that start a document -> each token's position in its document,
     counted from the last start in its block (a block's first token always starts one)."""
@@ -127,14 +139,72 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PIPEGPT_CACHE", Path.home() / ".cache" / "pipegpt")) / "packed"
 
 
-def text_blocks(
-    source: Source, text_column: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None
-) -> tuple[Dataset, dict]:
-    blocks, dropped = tokenize_and_pack(load_texts(source, text_column), tokenizer, seq_len, num_proc)
-    if len(blocks) == 0:
-        raise ConfigError(f"{source.spec} holds fewer than {seq_len} tokens of text: nothing to train on")
-    print(f"{source.spec}: {len(blocks) * seq_len:,} tokens in {len(blocks):,} blocks, {dropped} left over", flush=True)
-    return blocks, {"blocks": len(blocks), "tokens": len(blocks) * seq_len, "dropped_tokens": dropped}
+def cache_entry(
+    cache_dir: Path, source: Source, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> Path:
+    return cache_dir / cache_key(source, data_format, tokenizer, seq_len)
+
+
+@contextmanager
+def work_folder(entry: Path) -> Iterator[Path]:
+    """A folder beside a cache entry for everything `datasets` writes while building it (the Arrow copy of the
+    files, the tokenized records), removed when the entry is done or the build fails: the packed blocks are the one
+    copy left."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{entry.name}.work-"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def encoded_records(
+    source: Source,
+    data_format: DataFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seq_len: int,
+    num_proc: int | None,
+    work_dir: Path,
+    shard: tuple[int, int] | None = None,
+) -> Dataset:
+    """One source's records, tokenized (text) or rendered and encoded (instruction and chat data): the costly part
+    of preparing it. `shard` (index, count): only that contiguous share of the records; the shards in order are
+    the whole."""
+    if data_format.masked:
+        records = load_columns(source, data_format.columns(), work_dir)
+    else:
+        records = load_texts(source, data_format.text_column, work_dir)
+    if shard is not None:
+        records = records.shard(num_shards=shard[1], index=shard[0], contiguous=True)
+    if data_format.masked:
+        return encode_records(records, data_format, tokenizer, seq_len, num_proc)
+    return tokenize_texts(records, tokenizer, num_proc)
+
+
+def write_entry(
+    entry: Path,
+    source: Source,
+    encoded: Dataset,
+    data_format: DataFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+) -> None:
+    """Pack a source's encoded records (in order) into its cache entry, written whole or not at all."""
+    if data_format.masked:
+        blocks, stats = pack_encoded(source, encoded, data_format, tokenizer, seq_len)
+        print(describe(source.spec, stats, data_format, seq_len), flush=True)
+    else:
+        blocks, dropped = pack_tokenized(encoded, seq_len)
+        if len(blocks) == 0:
+            raise ConfigError(f"{source.spec} holds fewer than {seq_len} tokens of text: nothing to train on")
+        tokens = len(blocks) * seq_len
+        print(f"{source.spec}: {tokens:,} tokens in {len(blocks):,} blocks, {dropped} left over", flush=True)
+        stats = {"blocks": len(blocks), "tokens": tokens, "dropped_tokens": dropped}
+    tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
+    blocks.save_to_disk(str(tmp))
+    (tmp / "pipegpt_stats.json").write_text(json.dumps(stats))
+    os.replace(tmp, entry) if not entry.exists() else shutil.rmtree(tmp)
 
 
 def packed_source(
@@ -147,18 +217,12 @@ def packed_source(
     num_proc: int | None = None,
 ) -> Dataset:
     """All blocks of one source, built once per (source files, format, tokenizer, seq_len), memory-mapped after."""
-    path = cache_dir / cache_key(source, data_format, tokenizer, seq_len)
-    if not path.exists():
-        if data_format.masked:
-            blocks, stats = example_blocks(source, data_format, tokenizer, seq_len, num_proc)
-            print(describe(source.spec, stats, data_format, seq_len), flush=True)
-        else:
-            blocks, stats = text_blocks(source, data_format.text_column, tokenizer, seq_len, num_proc)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        blocks.save_to_disk(str(tmp))
-        (tmp / "pipegpt_stats.json").write_text(json.dumps(stats))
-        os.replace(tmp, path) if not path.exists() else shutil.rmtree(tmp)
-    return load_from_disk(str(path))
+    entry = cache_entry(cache_dir, source, data_format, tokenizer, seq_len)
+    if not entry.exists():
+        with work_folder(entry) as work:
+            encoded = encoded_records(source, data_format, tokenizer, seq_len=seq_len, num_proc=num_proc, work_dir=work)
+            write_entry(entry, source, encoded, data_format, tokenizer, seq_len)
+    return load_from_disk(str(entry))
 
 
 def mix(parts: list[Dataset], weights: list[float] | None, seed: int) -> Dataset:

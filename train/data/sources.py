@@ -101,18 +101,20 @@ def unreadable(where: str, builder: str | None, error: BaseException) -> str:
     return f"cannot read {where} as {builder} ({reason}); fix or remove the malformed record"
 
 
-def load_columns(source: Source, columns: dict[str, tuple[str, str]]) -> Dataset:
+def load_columns(source: Source, columns: dict[str, tuple[str, str]], work_dir: Path | None = None) -> Dataset:
     """One source as a `datasets.Dataset` holding `columns` ({column in the data: (our name, the flag naming
-    it)}) under our names. Plain .txt files have one column, `text`, whatever the flag says."""
-    parts = []
+    it)}) under our names. Plain .txt files have one column, `text`, whatever the flag says. `work_dir`: where
+    `datasets` writes its Arrow files (and those of every `map` over them), instead of its own cache
+    (~/.cache/huggingface/datasets, which nothing empties); the packed cache removes it once built."""
+    parts, work = [], str(work_dir) if work_dir is not None else None
     loads = [(source.hub_name, None)] if source.hub_name else list(source.files.items())
     for builder, files in loads:
         where = source.hub_name or ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
         try:
             if source.hub_name:
-                ds = load_dataset(source.hub_name, source.hub_config, split=source.hub_split)
+                ds = load_dataset(source.hub_name, source.hub_config, split=source.hub_split, cache_dir=work)
             else:
-                ds = load_dataset(builder, data_files=files, split="train")
+                ds = load_dataset(builder, data_files=files, split="train", cache_dir=work)
         except (UnicodeDecodeError, DatasetGenerationError, pa.ArrowInvalid) as e:
             raise ConfigError(unreadable(where, builder, e)) from None
         except Exception as e:  # the hub: offline, unknown name, config or split (many exception types)
@@ -125,9 +127,10 @@ def load_columns(source: Source, columns: dict[str, tuple[str, str]]) -> Dataset
             if column not in ds.column_names:
                 raise ConfigError(f"{where} has no column {column!r} (columns: {ds.column_names}); pass {flag}")
         ds = ds.select_columns(list(wanted)).rename_columns({c: ours for c, (ours, _) in wanted.items() if c != ours})
-        # Builders disagree on string vs large_string; one type lets the sources concatenate.
+        # Builders disagree on string vs large_string; one type lets the sources concatenate. A cast writes a copy
+        # of the data: only the columns that need it.
         for name, feature in ds.features.items():
-            if isinstance(feature, Value):
+            if isinstance(feature, Value) and feature.dtype != "string":
                 ds = ds.cast_column(name, Value("string"))
         parts.append(ds)
     loaded = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -136,6 +139,6 @@ def load_columns(source: Source, columns: dict[str, tuple[str, str]]) -> Dataset
     return loaded
 
 
-def load_texts(source: Source, text_column: str = "text") -> Dataset:
+def load_texts(source: Source, text_column: str = "text", work_dir: Path | None = None) -> Dataset:
     """One source as a `datasets.Dataset` with a single string column `text`."""
-    return load_columns(source, {text_column: ("text", "--text-column")})
+    return load_columns(source, {text_column: ("text", "--text-column")}, work_dir)

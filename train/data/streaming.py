@@ -1,6 +1,6 @@
 """`--streaming`: sources read as a `datasets` stream and packed on the fly, with the cached path's blocks.
 
-Each source is read with `load_dataset(..., streaming=True)` in batches of `MAP_BATCH` records, tokenized and cut
+Each source is read with `load_dataset(..., streaming=True)` in batches of `STREAM_BATCH` records, tokenized and cut
 exactly as train/data/packing.py and train/data/examples.py cut the cached blocks (text: one token stream carried
 across batches; instruction and chat data: groups of `PACK_BATCH` kept examples packed together), so a cached run
 reading its blocks in order (`--data-order sequential`) sees the same blocks. Sources follow one another (or, with
@@ -25,7 +25,6 @@ from transformers import PreTrainedTokenizerBase
 from models.hub import not_found
 from train.data.examples import (
     KEPT,
-    MAP_BATCH,
     PACK_BATCH,
     TRUNCATED,
     DataFormat,
@@ -36,6 +35,11 @@ from train.data.examples import (
 from train.data.packing import TokenPacker, document_ids
 from train.data.sources import Source, unreadable
 from train.errors import ConfigError
+
+# Records read, tokenized and packed at a time: the blocks do not depend on it (text carries its unfinished block
+# across batches; examples are packed in groups of PACK_BATCH kept ones), but the work arrives in steps of it. 1,000
+# web documents are ~1M tokens, 4 s of a tokenizer on one core here: 128 keep a step's wait short and even.
+STREAM_BATCH = 128
 
 Block = dict[str, np.ndarray]
 Resume = dict  # where a source's stream continues after a block (see the module docstring)
@@ -60,7 +64,7 @@ def stream_parts(source: Source) -> list[tuple[str | None, IterableDataset]]:
 def record_batches(
     source: Source, data_format: DataFormat, resume: Resume | None = None
 ) -> Iterator[tuple[Resume, dict[str, list]]]:
-    """(the point before the batch, a batch of MAP_BATCH records as {our column name: values}) until the source
+    """(the point before the batch, a batch of STREAM_BATCH records as {our column name: values}) until the source
     ends, from the start or from `resume`."""
     first_part = resume["part"] if resume else 0
     for part, (builder, records) in enumerate(stream_parts(source)):
@@ -75,7 +79,7 @@ def record_batches(
         while True:
             before = {"part": part, "dataset": copy.deepcopy(records.state_dict())}
             try:
-                batch = list(itertools.islice(stream, MAP_BATCH))
+                batch = list(itertools.islice(stream, STREAM_BATCH))
             except Exception as e:  # a malformed or unreadable file met mid-stream
                 raise ConfigError(unreadable(source.spec, builder, e)) from None
             if not batch:
