@@ -31,9 +31,9 @@ CASES = [(8, 384, 6, 1, 4, 4), (8, 384, 6, 2, 4, 8), (6, 512, 8, 2, 4, 8)]
 def measure(work: Path, name: str, ds: dict, stages: int, steps: int, **flags) -> tuple[dict, list]:
     """Train `steps` steps; (measured model MB per stage, the metrics rows)."""
     out = work / f"run_{name}_{time.time_ns()}"
+    flags = {"seq_len": SEQ, **flags}
     args = cli(
         tokenizer=work / "tokenizer",
-        seq_len=SEQ,
         pipeline_stages=stages,
         deepspeed_config=write_json(work / f"{name}_ds.json", ds),
         train_steps=steps,
@@ -124,10 +124,38 @@ def full_versus_lora(work: Path, steps: int) -> None:
             )
 
 
+def preset_table(work: Path, presets: list[str], steps: int, seq_len: int) -> None:
+    """Real sizes: a preset trained from scratch on 2 ranks (fp32, ZeRO-1, 4 micro-batches of 1), each stage's
+    planned memory by kind beside the measured peak."""
+    from models.presets import resolve_model_config
+
+    print(f"\nreal sizes: 2 stages, 4 micro-batches of 1 x {seq_len} tokens, fp32, ZeRO-1, AdamW")
+    print(
+        "| preset | stage | parameters | weights | optimizer | bucket | gradients | activations | planned MB "
+        "| measured MB | planned / measured |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    ds = bench_ds_config(1, 4)
+    for preset in presets:
+        config = resolve_model_config(preset, None, VOCAB, fused_gelu=True)
+        measured, _ = measure(work, preset, ds, 2, steps, model_config=preset, seq_len=seq_len)
+        for plan in plan_stages(discover(config), ds, 2, 1, seq_len, "flops"):
+            m = {k: v / 2**20 for k, v in plan.memory.items()}
+            mb, peak = measured[plan.stage], plan.peak / 2**20
+            print(
+                f"| {preset} | {plan.stage} | {plan.parameters / 1e6:,.0f}M | {m['weights']:,.0f} "
+                f"| {m['optimizer']:,.0f} | {m['reduction']:,.0f} | {m['backward_gradients']:,.0f} "
+                f"| {m['activations']:,.0f} | {peak:,.0f} | {mb:,.0f} | {peak / mb:.2f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--only", choices=["lora", "checkpointing"], default=None, help="one of the two tables")
+    p.add_argument("--only", choices=["lora", "checkpointing", "presets"], default=None, help="one of the tables")
+    p.add_argument("--presets", nargs="+", default=["qwen2.5-0.5b"], help="the real-size table's presets")
+    p.add_argument("--preset-seq-len", type=int, default=256)
     a = p.parse_args()
     from train.data.sources import embedded_corpus, load_texts, resolve_sources
     from train.data.tokenizer import train_bpe_tokenizer
@@ -135,10 +163,12 @@ def main() -> None:
     work = fresh_work_dir("memory_bench")
     texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
     train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), VOCAB, work / "tokenizer")
-    if a.only != "lora":
+    if a.only in (None, "checkpointing"):
         checkpointing_table(work, a.steps)
-    if a.only != "checkpointing":
+    if a.only in (None, "lora"):
         full_versus_lora(work, a.steps)
+    if a.only in (None, "presets"):
+        preset_table(work, a.presets, a.steps, a.preset_seq_len)
 
 
 def checkpointing_table(work: Path, steps: int) -> None:

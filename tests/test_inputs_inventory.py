@@ -90,6 +90,11 @@ INVENTORY = [
     ("flag-stages-zero", lambda t, g: ["--pipeline-stages", 0], "--pipeline-stages must be at least 1"),
     ("flag-schedule", lambda t, g: ["--schedule", "zero-bubble"], "argument --schedule: invalid choice"),
     (
+        "flag-streaming-shuffled",
+        lambda t, g: ["--streaming", "--data-order", "shuffled"],
+        "--streaming reads its blocks in order",
+    ),
+    (
         "dualpipev-micro-batches",
         lambda t, g: ["--schedule", "dualpipev", "--deepspeed_config", write_ds_config(t / "d.json", train_batch=6)],
         "--schedule dualpipev needs at least 2 x 2 = 4 micro-batches per step, the DeepSpeed config gives 3",

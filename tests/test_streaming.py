@@ -135,3 +135,12 @@ def test_validation_is_held_out_of_the_stream_and_weights_mix_it(small_batches, 
             streaming_data(
                 resolve_sources(entries), None, TEXT, tokenizer, seq_len=32, eval_blocks=2000, global_batch=8, seed=3
             )
+
+
+def test_prepare_refuses_streaming(tmp_path, good, capsys):
+    from train.prepare import main as prepare
+
+    assert prepare(["--streaming", "--data", str(good["data"]), "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: train.prepare builds the packed cache, which --streaming does without: drop --streaming"
+    ]

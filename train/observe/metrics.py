@@ -249,6 +249,9 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+DATA_BOUND_SHARE = 0.1  # a step that waits longer than this share of it for its batch says so in its line
+
+
 class MetricsLog:
     """Writes what one rank (global rank 0) measured; every other rank holds a silent one."""
 
@@ -332,6 +335,9 @@ class MetricsLog:
         )
         if "eval_loss" in metrics:
             line += f" | val loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
+        wait, step_time = metrics.get("data_wait") or 0.0, metrics.get("step_time") or 0.0
+        if step_time and wait > DATA_BOUND_SHARE * step_time:
+            line += f" | data wait {wait:.2f} s, {wait / step_time:.0%} of the step: the data path is the bottleneck"
         print(line, flush=True)
 
     def finish(self) -> None:
