@@ -34,11 +34,11 @@ from train.distributed.preemption import Preemption
 from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
-from train.inputs import prepare_inputs, training_batches
 from train.observe.evaluate import Evaluator, Sampling
 from train.observe.metrics import MetricsLog, StepMeter, WandbSettings, memory_in_use, run_record
 from train.observe.mfu import peak_tflops, training_dtype
 from train.observe.timeline import ScheduleProfiler
+from train.prepare import prepare_inputs, training_batches
 
 
 class DropMessage(logging.Filter):
