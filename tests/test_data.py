@@ -9,7 +9,7 @@ from datasets import Dataset
 
 from train.data.batches import TrainMicroBatches
 from train.data.examples import TEXT
-from train.data.packing import packed_dataset, tokenize_and_pack
+from train.data.packing import packed_dataset, packed_source, tokenize_and_pack
 from train.data.sources import embedded_corpus, load_texts, resolve_sources
 from train.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from train.errors import ConfigError
@@ -281,3 +281,41 @@ def test_preparation_leaves_only_the_packed_cache_on_disk(tmp_path, tokenizer_di
     assert len(entries) == 2 and not any(".work-" in name or ".tmp" in name for name in entries), entries
     packed = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     assert packed < 2.5 * 2 * corpus.stat().st_size  # the blocks themselves (int32 tokens and positions), no copies
+
+
+def test_evaluation_defaults_to_a_fixed_token_count_and_large_models_skip_evaluation_samples(one_rank_group, capsys):
+    from datasets import DatasetDict
+
+    from train.build import evaluation_sample_tokens
+    from train.data.packing import EVAL_TOKENS, evaluation_blocks
+
+    def splits(validation: int) -> DatasetDict:
+        return DatasetDict(train=numbered_blocks(64), validation=numbered_blocks(validation))
+
+    # 2^20 tokens: 4,096 blocks of 256 from a large split, in whole global batches; all of a small split.
+    assert evaluation_blocks(splits(10_000), 24, 256, None) == EVAL_TOKENS // 256 // 24 * 24
+    assert evaluation_blocks(splits(100), 24, 256, None) == 96
+    assert evaluation_blocks(splits(10_000), 24, 256, 48) == 48
+    # A block longer than the default's tokens still evaluates one global batch.
+    assert evaluation_blocks(splits(100), 8, 2**21, None) == 8
+    assert evaluation_sample_tokens(None, 50_000_000) == 40 and capsys.readouterr().out == ""
+    assert evaluation_sample_tokens(7, 500_000_000) == 7
+    assert evaluation_sample_tokens(None, 500_000_000) == 0
+    assert "--sample-tokens N turns them on" in capsys.readouterr().out
+
+
+def test_a_work_folder_left_by_a_killed_preparation_is_removed_by_the_next(tmp_path, tokenizer_dir, corpus):
+    import socket
+    import subprocess
+
+    from train.data.packing import cache_entry
+
+    tokenizer, (source,) = load_tokenizer(str(tokenizer_dir)), resolve_sources([str(corpus)])
+    entry = cache_entry(tmp_path, source, TEXT, tokenizer, 64)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{entry.name}.work-{socket.gethostname()}-{dead.pid}-x1"
+    (stale / "datasets").mkdir(parents=True)
+    (stale / "datasets" / "copy.arrow").write_bytes(b"0" * 1000)
+    packed_source(source, TEXT, tokenizer, seq_len=64, cache_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from train.data.examples import MAP_BATCH, PACK_BATCH, DataFormat, describe, encode_records, pack_encoded
 from train.data.sources import Source, load_columns, load_texts
+from train.distributed.preemption import process_alive
 from train.errors import ConfigError
 
 CACHE_FORMAT = 3  # bump when the packing changes, so that old caches are not served
@@ -149,9 +151,13 @@ def cache_entry(
 def work_folder(entry: Path) -> Iterator[Path]:
     """A folder beside a cache entry for everything `datasets` writes while building it (the Arrow copy of the
     files, the tokenized records), removed when the entry is done or the build fails: the packed blocks are the one
-    copy left."""
+    copy left. Work folders that a killed build on this host left behind are removed first."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{entry.name}.work-"))
+    mine = f"{entry.name}.work-{socket.gethostname()}-"
+    for stale in entry.parent.glob(f"{mine}*"):
+        if not process_alive(int(stale.name.removeprefix(mine).split("-")[0])):
+            shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{mine}{os.getpid()}-"))
     try:
         yield work
     finally:
