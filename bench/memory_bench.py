@@ -12,6 +12,7 @@ and the median seconds per step (and tokens/s), so a cost shows next to its savi
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -124,12 +125,27 @@ def full_versus_lora(work: Path, steps: int) -> None:
             )
 
 
-def preset_table(work: Path, presets: list[str], steps: int, seq_len: int) -> None:
-    """Real sizes: a preset trained from scratch on 2 ranks (fp32, ZeRO-1, 4 micro-batches of 1), each stage's
-    planned memory by kind beside the measured peak."""
+def preset_model(work: Path, preset: str) -> Path:
+    """The preset at its own vocabulary (Qwen2.5's 151,936: a quarter of the 0.5B model), random weights saved with
+    save_pretrained, for `--model` (the 8,192-token BPE fits inside its embedding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from models.presets import preset_config
+
+    folder = work / f"{preset}_model"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(preset_config(preset)).save_pretrained(folder)
+    return folder
+
+
+def preset_table(work: Path, presets: list[str], steps: int, seq_len: int, own_vocab: bool) -> None:
+    """Real sizes: a preset trained on 2 ranks (fp32, ZeRO-1, 4 micro-batches of 1), each stage's planned memory
+    by kind beside the measured peak; at the BPE's vocabulary, or (`own_vocab`) the preset's own."""
     from models.presets import resolve_model_config
 
-    print(f"\nreal sizes: 2 stages, 4 micro-batches of 1 x {seq_len} tokens, fp32, ZeRO-1, AdamW")
+    vocab = "the preset's own vocabulary" if own_vocab else f"a {VOCAB}-token vocabulary"
+    print(f"\nreal sizes, {vocab}: 2 stages, 4 micro-batches of 1 x {seq_len} tokens, fp32, ZeRO-1, AdamW")
     print(
         "| preset | stage | parameters | weights | optimizer | bucket | gradients | activations | planned MB "
         "| measured MB | planned / measured |"
@@ -137,8 +153,14 @@ def preset_table(work: Path, presets: list[str], steps: int, seq_len: int) -> No
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     ds = bench_ds_config(1, 4)
     for preset in presets:
-        config = resolve_model_config(preset, None, VOCAB, fused_gelu=True)
-        measured, _ = measure(work, preset, ds, 2, steps, model_config=preset, seq_len=seq_len)
+        if own_vocab:
+            model = preset_model(work, preset)
+            config = resolve_model_config(None, str(model), None, fused_gelu=True)
+            measured, _ = measure(work, preset, ds, 2, steps, model=model, seq_len=seq_len)
+            shutil.rmtree(model)
+        else:
+            config = resolve_model_config(preset, None, VOCAB, fused_gelu=True)
+            measured, _ = measure(work, preset, ds, 2, steps, model_config=preset, seq_len=seq_len)
         for plan in plan_stages(discover(config), ds, 2, 1, seq_len, "flops"):
             m = {k: v / 2**20 for k, v in plan.memory.items()}
             mb, peak = measured[plan.stage], plan.peak / 2**20
@@ -156,6 +178,7 @@ def main() -> None:
     p.add_argument("--only", choices=["lora", "checkpointing", "presets"], default=None, help="one of the tables")
     p.add_argument("--presets", nargs="+", default=["qwen2.5-0.5b"], help="the real-size table's presets")
     p.add_argument("--preset-seq-len", type=int, default=256)
+    p.add_argument("--preset-vocab", choices=["bpe", "own"], default="own", help="the real-size table's vocabulary")
     a = p.parse_args()
     from train.data.sources import embedded_corpus, load_texts, resolve_sources
     from train.data.tokenizer import train_bpe_tokenizer
@@ -168,7 +191,7 @@ def main() -> None:
     if a.only in (None, "lora"):
         full_versus_lora(work, a.steps)
     if a.only in (None, "presets"):
-        preset_table(work, a.presets, a.steps, a.preset_seq_len)
+        preset_table(work, a.presets, a.steps, a.preset_seq_len, own_vocab=a.preset_vocab == "own")
 
 
 def checkpointing_table(work: Path, steps: int) -> None:

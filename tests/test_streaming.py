@@ -65,10 +65,13 @@ def test_stream_blocks_are_the_cached_blocks_and_resume_anywhere(
     assert len(streamed) == len(cached) > 40
     assert as_lists(block for block, _ in streamed) == as_lists(cached[i] for i in range(len(cached)))
     # Resuming after block k (its position through pickle, as a checkpoint keeps it) gives blocks k+1, k+2, ...
-    for k in (0, 5, 6, 23, len(streamed) // 2, len(streamed) - 2):
+    # A resumed stream's own positions resume again (a run resumed twice).
+    for k in (0, 5, 6, 23, len(streamed) // 2, len(streamed) - 4):
         position = pickle.loads(pickle.dumps(streamed[k][1]))
-        resumed = itertools.islice(SourceBlocks(source, data_format, tokenizer, 64).blocks(position), 8)
+        resumed = list(itertools.islice(SourceBlocks(source, data_format, tokenizer, 64).blocks(position), 8))
         assert as_lists(b for b, _ in resumed) == as_lists(b for b, _ in streamed[k + 1 : k + 9]), k
+        again = SourceBlocks(source, data_format, tokenizer, 64).blocks(pickle.loads(pickle.dumps(resumed[1][1])))
+        assert as_lists(b for b, _ in itertools.islice(again, 2)) == as_lists(b for b, _ in streamed[k + 3 : k + 5]), k
 
 
 def test_every_file_format_of_a_folder_streams_as_it_caches(tmp_path, tokenizer_dir):

@@ -70,14 +70,19 @@ def record_batches(
     for part, (builder, records) in enumerate(stream_parts(source)):
         if part < first_part:
             continue
+        loaded = None
         if resume is not None and part == first_part:
-            records.load_state_dict(resume["dataset"])
+            loaded = resume["dataset"]
+            records.load_state_dict(loaded)
         columns = data_format.columns()
         if builder == "text" and not data_format.masked:
             columns = {"text": ("text", "")}  # a plain .txt file has one column, whatever the flag says
         stream = iter(records)
         while True:
-            before = {"part": part, "dataset": copy.deepcopy(records.state_dict())}
+            # Until the first record comes, datasets 5.2 reports a fresh state even after load_state_dict: the
+            # first batch of a resumed stream starts where the loaded state says.
+            state = loaded if loaded is not None else copy.deepcopy(records.state_dict())
+            before, loaded = {"part": part, "dataset": state}, None
             try:
                 batch = list(itertools.islice(stream, STREAM_BATCH))
             except Exception as e:  # a malformed or unreadable file met mid-stream
