@@ -237,9 +237,14 @@ class StreamingData:
     weights: list[float] | None
     held_out: list[int]
     seed: int
+    # Where every source's training blocks start in the first epoch: after its held-out blocks, read once already.
+    starts: list[Resume | None]
 
     def stream(self, state: dict | None = None) -> BlockStream:
-        return BlockStream(self.sources, weights=self.weights, seed=self.seed, held_out=self.held_out, state=state)
+        first = {"epoch": 0, "current": 0, "positions": self.starts if self.weights else self.starts[:1], "rng": None}
+        return BlockStream(
+            self.sources, weights=self.weights, seed=self.seed, held_out=self.held_out, state=state or first
+        )
 
 
 def streaming_data(
@@ -257,12 +262,17 @@ def streaming_data(
     training stream, shared out over the sources and never trained on. Reads the stream's first global batch to
     fail here, not in the first step, when the data cannot fill one."""
     train = [SourceBlocks(s, data_format, tokenizer, seq_len) for s in sources]
+    starts: list[Resume | None] = [None] * len(train)
     if val_sources:
         held_out = [0] * len(train)
         validation = first_blocks([SourceBlocks(s, data_format, tokenizer, seq_len) for s in val_sources], eval_blocks)
     else:
-        held_out = [-(-eval_blocks // len(train))] * len(train)
-        validation = [b for s, n in zip(train, held_out, strict=True) for b in first_blocks([s], n)][:eval_blocks]
+        held_out, validation = [-(-eval_blocks // len(train))] * len(train), []
+        for index, (source, count) in enumerate(zip(train, held_out, strict=True)):
+            held = list(itertools.islice(source.blocks(), count))
+            validation += [block for block, _ in held]
+            starts[index] = held[-1][1] if held else None
+        validation = validation[:eval_blocks]
     if len(validation) < global_batch:
         raise ConfigError(
             f"{len(validation)} validation blocks of {seq_len} tokens do not fill one global batch of {global_batch} "
@@ -270,7 +280,12 @@ def streaming_data(
         )
     weights = [s.weight for s in sources] if sources[0].weight is not None else None
     data = StreamingData(
-        validation=blocks_dataset(validation), sources=train, weights=weights, held_out=held_out, seed=seed
+        validation=blocks_dataset(validation),
+        sources=train,
+        weights=weights,
+        held_out=held_out,
+        seed=seed,
+        starts=starts,
     )
     first = list(itertools.islice(iter(data.stream()), global_batch))
     if len(first) < global_batch or None in first:
