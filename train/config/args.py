@@ -208,6 +208,11 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         default="truncate",
         help="prompt-completion and chat data: cut an example longer than --seq-len to it, or drop it (counted)",
     )
+    _data_reading_flags(p)
+
+
+def _data_reading_flags(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data: how it is read, held out and cached")
     data.add_argument(
         "--val-fraction",
         type=float,
@@ -228,13 +233,21 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         help="training blocks in a seeded random order per epoch, or in order (default: shuffled; sequential under "
         "--streaming, which reads in order)",
     )
-    data.add_argument("--data-cache-dir", type=Path, default=None, help="packed-data cache (default ~/.cache/pipegpt)")
+    data.add_argument(
+        "--data-cache-dir",
+        type=Path,
+        default=None,
+        help="packed-data cache (default ~/.cache/pipegpt); on a file system the nodes share, each node tokenizes a "
+        "shard of the data",
+    )
     data.add_argument(
         "--trace-batches",
         action="store_true",
         help="record the block indices every data-reading rank feeds, in <output-dir>/batches/",
     )
-    data.add_argument("--num-proc", type=int, default=None, help="processes for tokenization (default: all cores)")
+    data.add_argument(
+        "--num-proc", type=int, default=None, help="processes for tokenization, per node (default: all cores)"
+    )
 
 
 def _loop_flags(p: argparse.ArgumentParser) -> None:
