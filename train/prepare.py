@@ -24,7 +24,7 @@ from train.config.args import Flags, parse_args
 from train.config.run_config import RunConfig, resolve_run_config
 from train.data.batches import MicroBatchFeed, StreamMicroBatches, TrainMicroBatches
 from train.data.examples import DataFormat
-from train.data.packing import default_eval_blocks, evaluation_blocks, packed_dataset
+from train.data.packing import EVAL_TOKENS, default_eval_blocks, evaluation_blocks, packed_dataset
 from train.data.shared_cache import tokenize_once_per_job
 from train.data.streaming import StreamingData, record_batches, streaming_data
 from train.data.tokenizer import load_tokenizer, tokenizer_too_large, train_bpe_tokenizer
@@ -105,14 +105,15 @@ class Inputs:
 
 def eval_blocks_line(used: int, validation: int, config: RunConfig) -> str:
     """How many validation blocks an evaluation uses, and why not all when it does not."""
-    requested = config.flags.eval_blocks
-    if used == validation or (requested is not None and used == requested):
-        return f"{used:,} used per evaluation"
-    wanted = min(requested or default_eval_blocks(config.flags.seq_len), validation)
-    why = f"every evaluation step takes a whole global batch of {config.batch.global_batch}"
+    requested, global_batch = config.flags.eval_blocks, config.batch.global_batch
+    wanted = min(requested or max(default_eval_blocks(config.flags.seq_len), global_batch), validation)
+    line = f"{used:,} used per evaluation"
+    if used != wanted:
+        line = f"{used:,} of {wanted:,} used per evaluation: every evaluation step takes a whole global batch of "
+        line += f"{global_batch}"
     if requested is None and wanted < validation:
-        why = f"the default holds {wanted * config.flags.seq_len:,} tokens (--eval-blocks); " + why
-    return f"{used:,} of {validation:,} used per evaluation: {why}"
+        line += f"; by default the blocks of {EVAL_TOKENS:,} tokens (--eval-blocks)"
+    return line
 
 
 def model_config_for(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:

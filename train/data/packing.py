@@ -37,8 +37,10 @@ def document_ids(texts: list, tokenizer: PreTrainedTokenizerBase) -> list[list[i
     """Tokenize a batch of documents (blank ones skipped, every one followed by EOS); the cached and the streaming
     paths both cut text this way."""
     docs = [t if isinstance(t, str) else str(t) for t in texts if t is not None and str(t).strip()]
-    ids = tokenizer(docs, add_special_tokens=False, return_attention_mask=False)["input_ids"] if docs else []
-    return [doc + [tokenizer.eos_token_id] for doc in ids]
+    # verbose=False: documents longer than the model's context are expected (they are cut into blocks); transformers
+    # would warn that they "will result in indexing errors".
+    encoded = tokenizer(docs, add_special_tokens=False, return_attention_mask=False, verbose=False) if docs else None
+    return [doc + [tokenizer.eos_token_id] for doc in encoded["input_ids"]] if docs else []
 
 
 class TokenPacker:

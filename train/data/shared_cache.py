@@ -35,10 +35,12 @@ def cache_is_shared(cache_dir: Path, leaders: list[int]) -> bool:
     """Whether every node sees a file that rank 0 writes into `cache_dir`."""
     probe = [cache_dir / f".shared-probe-{uuid.uuid4().hex}" if rank() == 0 else None]
     dist.broadcast_object_list(probe, src=0, group=preparation_group())
-    if rank() == 0:
+
+    def write_probe() -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         probe[0].write_text("written by global rank 0\n")
-    dist.barrier(group=preparation_group())
+
+    every_rank(write_probe, run_here=rank() == 0, group=preparation_group())  # an unwritable cache: one line
     seen: list[bool | None] = [None] * dist.get_world_size()
     dist.all_gather_object(seen, probe[0].exists() if rank() in leaders else True, group=preparation_group())
     dist.barrier(group=preparation_group())
