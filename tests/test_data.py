@@ -319,3 +319,14 @@ def test_a_work_folder_left_by_a_killed_preparation_is_removed_by_the_next(tmp_p
     (stale / "datasets" / "copy.arrow").write_bytes(b"0" * 1000)
     packed_source(source, TEXT, tokenizer, seq_len=64, cache_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name]
+
+
+def test_a_damaged_cache_entry_is_one_line_naming_it(tmp_path, tokenizer_dir, corpus):
+    tokenizer, (source,) = load_tokenizer(str(tokenizer_dir)), resolve_sources([str(corpus)])
+    packed_source(source, TEXT, tokenizer, seq_len=64, cache_dir=tmp_path)
+    (entry,) = tmp_path.iterdir()
+    arrow = next(entry.glob("*.arrow"))
+    with open(arrow, "r+b") as f:  # a copy cut short
+        f.truncate(arrow.stat().st_size // 2)
+    with pytest.raises(ConfigError, match=rf"data cache entry {entry} is damaged \({arrow.name}: .* remove the folder"):
+        packed_source(source, TEXT, tokenizer, seq_len=64, cache_dir=tmp_path)

@@ -29,6 +29,7 @@ from train.distributed.preemption import process_alive
 from train.errors import ConfigError
 
 CACHE_FORMAT = 3  # bump when the packing changes, so that old caches are not served
+STATS = "pipegpt_stats.json"  # in every cache entry: its counts and the sizes of its files
 # Tokens per evaluation by default: a fixed cost whatever the corpus (2% of a 1 GB corpus was 4.9M tokens).
 EVAL_TOKENS = 2**20
 
@@ -211,8 +212,22 @@ def write_entry(
         stats = {"blocks": len(blocks), "tokens": tokens, "dropped_tokens": dropped}
     tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
     blocks.save_to_disk(str(tmp))
-    (tmp / "pipegpt_stats.json").write_text(json.dumps(stats))
+    stats["file_sizes"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / STATS).write_text(json.dumps(stats))
     os.replace(tmp, entry) if not entry.exists() else shutil.rmtree(tmp)
+
+
+def check_entry(entry: Path) -> None:
+    """An entry's files have the sizes they were written with (a copy cut short, a full disk, a file removed):
+    else one line naming it and the fix, instead of an Arrow error deep in training."""
+    sizes = json.loads((entry / STATS).read_text()).get("file_sizes", {}) if (entry / STATS).is_file() else {}
+    for name, size in sizes.items():
+        found = (entry / name).stat().st_size if (entry / name).is_file() else None
+        if found != size:
+            raise ConfigError(
+                f"the data cache entry {entry} is damaged ({name}: {'missing' if found is None else f'{found:,} bytes'}"
+                f", written with {size:,}): remove the folder and run again to rebuild it"
+            )
 
 
 def packed_source(
@@ -230,6 +245,7 @@ def packed_source(
         with work_folder(entry) as work:
             encoded = encoded_records(source, data_format, tokenizer, seq_len=seq_len, num_proc=num_proc, work_dir=work)
             write_entry(entry, source, encoded, data_format, tokenizer, seq_len)
+    check_entry(entry)
     return load_from_disk(str(entry))
 
 
