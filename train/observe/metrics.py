@@ -336,7 +336,8 @@ class MetricsLog:
         if "eval_loss" in metrics:
             line += f" | val loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
         wait, step_time = metrics.get("data_wait") or 0.0, metrics.get("step_time") or 0.0
-        if step_time and wait > DATA_BOUND_SHARE * step_time:
+        # The first step also opens the data (a stream reads its first records): not a bottleneck.
+        if step > self.resume_step + 1 and step_time and wait > DATA_BOUND_SHARE * step_time:
             line += f" | data wait {wait:.2f} s, {wait / step_time:.0%} of the step: the data path is the bottleneck"
         print(line, flush=True)
 
