@@ -224,7 +224,8 @@ def _data_reading_flags(p: argparse.ArgumentParser) -> None:
         "--streaming",
         action="store_true",
         help="read the sources as a stream, tokenized and packed on the ranks that read data while training runs: "
-        "no cache, the first step at once; the blocks of the cached path, in order (README: Streaming)",
+        "no cache, the first step at once; the blocks of the cached path, in order (with --val-data the same blocks "
+        "as --data-order sequential; README: Streaming)",
     )
     data.add_argument(
         "--data-order",
