@@ -24,7 +24,7 @@ from train.config.args import Flags, parse_args
 from train.config.run_config import RunConfig, resolve_run_config
 from train.data.batches import MicroBatchFeed, StreamMicroBatches, TrainMicroBatches
 from train.data.examples import DataFormat
-from train.data.packing import EVAL_TOKENS, default_eval_blocks, evaluation_blocks, packed_dataset
+from train.data.packing import EVAL_TOKENS, evaluation_blocks, packed_dataset, wanted_eval_blocks
 from train.data.shared_cache import tokenize_once_per_job
 from train.data.streaming import StreamingData, record_batches, streaming_data
 from train.data.tokenizer import load_tokenizer, tokenizer_too_large, train_bpe_tokenizer
@@ -106,7 +106,7 @@ class Inputs:
 def eval_blocks_line(used: int, validation: int, config: RunConfig) -> str:
     """How many validation blocks an evaluation uses, and why not all when it does not."""
     requested, global_batch = config.flags.eval_blocks, config.batch.global_batch
-    wanted = min(requested or max(default_eval_blocks(config.flags.seq_len), global_batch), validation)
+    wanted = min(wanted_eval_blocks(requested, config.flags.seq_len, global_batch), validation)
     line = f"{used:,} used per evaluation"
     if used != wanted:
         line = f"{used:,} of {wanted:,} used per evaluation: every evaluation step takes a whole global batch of "
@@ -130,14 +130,14 @@ def model_config_for(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> P
 def stream_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> StreamingData:
     """Every rank opens the stream itself (nothing is written); the validation blocks are read once per rank."""
     flags, global_batch = config.flags, config.batch.global_batch
-    wanted = flags.eval_blocks or default_eval_blocks(flags.seq_len)
+    wanted = wanted_eval_blocks(flags.eval_blocks, flags.seq_len, global_batch)
     return streaming_data(
         config.sources,
         config.val_sources,
         config.data_format,
         tokenizer,
         seq_len=flags.seq_len,
-        eval_blocks=max(global_batch, wanted - wanted % global_batch),
+        eval_blocks=wanted - wanted % global_batch,
         global_batch=global_batch,
         seed=flags.seed,
     )

@@ -295,9 +295,10 @@ def packed_dataset(
     return splits.with_format("torch")
 
 
-def default_eval_blocks(seq_len: int) -> int:
-    """The blocks that hold EVAL_TOKENS tokens (at least one)."""
-    return max(1, EVAL_TOKENS // seq_len)
+def wanted_eval_blocks(requested: int | None, seq_len: int, global_batch: int) -> int:
+    """Validation blocks an evaluation asks for: `--eval-blocks`, or those holding EVAL_TOKENS tokens (at least one
+    global batch)."""
+    return requested or max(EVAL_TOKENS // seq_len, global_batch)
 
 
 def evaluation_blocks(splits: DatasetDict, global_batch: int, seq_len: int, requested: int | None) -> int:
@@ -310,7 +311,7 @@ def evaluation_blocks(splits: DatasetDict, global_batch: int, seq_len: int, requ
             f"{train} training blocks of {seq_len} tokens do not fill one global batch of {global_batch} sequences: "
             "use more data, a shorter --seq-len or a smaller train_batch_size"
         )
-    blocks = min(requested or max(default_eval_blocks(seq_len), global_batch), validation)
+    blocks = min(wanted_eval_blocks(requested, seq_len, global_batch), validation)
     blocks -= blocks % global_batch
     if blocks == 0:
         raise ConfigError(
