@@ -12,6 +12,8 @@ the adapter folder PEFT loads.
   and `save_adapter` writes `adapter_config.json` and `adapter_model.safetensors` as `PeftModel.save_pretrained` does.
 """
 
+from __future__ import annotations
+
 import contextlib
 import copy
 import dataclasses
@@ -21,15 +23,20 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, get_peft_model, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.architecture import DECODER, TIED_HEAD, Architecture, PipelineLayer, is_linear
 from train.errors import first_line
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# peft is imported where it is used: importing peft 0.21 imports bitsandbytes and transformers' generation code
+# (~4 s of CPU on a 2-core machine), which a run without adapters, and every preflight, does without.
 
 ADAPTER = "default"  # peft's adapter name; PEFT's files drop it from the keys
 PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the HF names in its adapter files
@@ -73,6 +80,8 @@ def lora_config(
     *, rank: int, alpha: float | None, dropout: float, target_modules: list[str] | None, base_model: str | None
 ) -> LoraConfig:
     """The `LoraConfig` of `--lora-rank` and its flags (alpha defaults to the rank: a scale of 1)."""
+    from peft import LoraConfig
+
     targets: str | list[str] = (
         "all-linear" if not target_modules or target_modules == ["all-linear"] else target_modules
     )
@@ -89,6 +98,8 @@ def lora_config(
 
 def lora_settings(settings: dict) -> dict:
     """The `LoraConfig` fields of a saved config dict (`LoraConfig.to_dict()` or an adapter_config.json)."""
+    from peft import LoraConfig
+
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     return {k: v for k, v in settings.items() if k in fields}
 
@@ -96,6 +107,8 @@ def lora_settings(settings: dict) -> dict:
 def read_peft_config(path: Path) -> tuple[LoraConfig, Path | None]:
     """A `LoraConfig` from `adapter_config.json` (or a folder holding one), and the folder's adapter weights if it
     has them (training then starts from them). ValueError on anything that is not a LoRA config."""
+    from peft import LoraConfig
+
     file = path / CONFIG_FILE if path.is_dir() else path
     try:
         settings = json.loads(file.read_text())
@@ -113,6 +126,9 @@ def read_peft_config(path: Path) -> tuple[LoraConfig, Path | None]:
 
 def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None = None) -> AdapterPlan:
     """Every module peft adapts under `config` in this model, found by peft on the meta model (no memory)."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
     for setting, fix in UNSUPPORTED.items():
         if getattr(config, setting, None):
             raise ValueError(f"LoRA setting {setting}={getattr(config, setting)!r}: {fix}")
@@ -181,6 +197,8 @@ def add_adapters(layer_module: nn.Module, layer: PipelineLayer, plan: AdapterPla
             rank_pattern={k: r for k, (r, _) in exact.items()},
             alpha_pattern={k: a for k, (_, a) in exact.items()},
         )
+        from peft import inject_adapter_in_model
+
         with torch.random.fork_rng(devices=[]), quiet_peft():
             torch.manual_seed(seed)
             inject_adapter_in_model(config, layer_module, adapter_name=ADAPTER)

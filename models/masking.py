@@ -11,7 +11,6 @@ document per row, `--attention causal` and sampling) give no mask at all for SDP
 
 import torch
 from transformers import PretrainedConfig
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -30,5 +29,8 @@ def attention_mask(
 ) -> torch.Tensor | None:
     """The mask transformers' own model would give this layer for a block with these positions (no padding mask,
     no cache: every token of a block is real; padding is a document of its own, labelled -100)."""
+    # Imported here: transformers 5.24's masking_utils imports torch._dynamo (~2 s), which the preflight never needs.
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
     make = create_sliding_window_causal_mask if attention_type == SLIDING else create_causal_mask
     return make(config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)

@@ -24,6 +24,7 @@ def test_default_run_end_to_end(tmp_path):
             "offline",
         ],
         ranks=2,
+        preflight=True,  # the README's command, as a user runs it
     )
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [5, 10, 15, 20]
