@@ -17,6 +17,16 @@ def test_launch_stops_before_starting_ranks(good, tmp_path):
     assert "spawned" not in proc.stdout + proc.stderr
 
 
+def test_without_the_preflight_the_ranks_stop_on_bad_input_with_the_same_line(good, tmp_path):
+    """PIPEGPT_SKIP_PREFLIGHT=1 (the suite's training runs): the ranks start and make the same check."""
+    flags = ["--deepspeed_config", tmp_path / "nope.json", "--data", good["data"], "--output-dir", tmp_path / "run"]
+    proc = launch(flags, ranks=2, check=False, preflight=False)
+    errors = {line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")}
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors.pop().startswith("error: cannot read DeepSpeed config") and "Traceback" not in proc.stderr
+    assert "spawned" in proc.stdout + proc.stderr
+
+
 def test_dualpipev_with_too_few_micro_batches_starts_no_rank(good, tmp_path):
     """3 micro-batches on 2 pipeline ranks: DeepSpeed's DualPipeV needs 4; one line from the preflight."""
     config = write_json(tmp_path / "ds.json", {**json.loads(good["config"].read_text()), "train_batch_size": 6})
@@ -88,6 +98,7 @@ def test_corpus_smaller_than_one_global_batch_stops_every_rank(good, tmp_path):
         ],
         ranks=2,
         check=False,
+        preflight=False,  # only the ranks know
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
@@ -207,7 +218,7 @@ def test_an_exception_with_an_empty_message_is_one_line_not_a_traceback(good, co
         flags = [*flags, "--output-dir", tmp_path / point, *[str(a) for a in extra if a is not None]]
         if point == "model":
             flags = flags[: flags.index("--model-config")] + flags[flags.index("--model-config") + 2 :]
-        proc = launch(flags, ranks=1, check=False, env={"PIPEGPT_FAULT": f"empty-error:{point}"})
+        proc = launch(flags, ranks=1, check=False, env={"PIPEGPT_FAULT": f"empty-error:{point}"}, preflight=False)
         output = proc.stdout + proc.stderr
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2, (point, output[-3000:])

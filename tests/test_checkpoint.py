@@ -84,7 +84,9 @@ def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
     tmp, args = setup
     losses, _ = reference
     out = tmp / "crash_in_save"
-    proc = launch([*args, "--output-dir", out], ranks=2, check=False, env={"PIPEGPT_FAULT": "save:step_10"})
+    proc = launch(
+        [*args, "--output-dir", out], ranks=2, check=False, env={"PIPEGPT_FAULT": "save:step_10"}, preflight=False
+    )
     assert proc.returncode != 0
     assert latest_tag(out / "checkpoints") == "step_5"
     assert list((out / "checkpoints" / "step_10").glob("layer_*")), "the crash came before any file was written"
@@ -232,7 +234,7 @@ def test_diverging_run_stops_without_saving(setup, tmp_path):
         optimizer={"type": "AdamW", "params": {"lr": 1e5, "torch_adam": True}},
     )
     args = [*args, "--deepspeed_config", ds, "--save-interval", 2, "--output-dir", tmp_path / "run"]
-    proc = launch(args, ranks=2, check=False)
+    proc = launch(args, ranks=2, check=False, preflight=False)
     assert proc.returncode == 2
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: loss") and "stopped without saving" in error

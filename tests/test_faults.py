@@ -128,7 +128,7 @@ def test_full_disks_stop_the_run_with_one_line_and_lose_no_checkpoint(base, tmp_
     other = sum(p.stat().st_size for p in (tmp_path / "sizing" / "tokenizer").rglob("*") if p.is_file()) / 2**20
     # Room for one checkpoint, not two: the second save is refused before it writes anything.
     with small_file_system(tmp_path / "one", other + size * 1.6 + 0.5) as disk:
-        proc = launch([*short, "--output-dir", disk / "run"], ranks=2, check=False)
+        proc = launch([*short, "--output-dir", disk / "run"], ranks=2, check=False, preflight=False)
         (line,) = set(error_lines(proc))
         assert proc.returncode == EXIT_ERROR and "not enough space for checkpoint" in line and "step_2" in line
         assert latest_tag(disk / "run" / "checkpoints") == "step_2"
@@ -136,7 +136,7 @@ def test_full_disks_stop_the_run_with_one_line_and_lose_no_checkpoint(base, tmp_
         verify_contents(verified_tag_dir(disk / "run" / "checkpoints"))
     # Room for less than one: the save fails while writing, its partial folder is removed.
     with small_file_system(tmp_path / "none", other + size * 0.5 + 0.3) as disk:
-        proc = launch([*short, "--output-dir", disk / "run"], ranks=2, check=False)
+        proc = launch([*short, "--output-dir", disk / "run"], ranks=2, check=False, preflight=False)
         lines = set(error_lines(proc))
         assert proc.returncode == EXIT_ERROR and len(lines) == 1, lines
         assert "writing checkpoint" in lines.pop() and not (disk / "run" / "checkpoints" / "step_2").exists()

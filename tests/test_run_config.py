@@ -96,7 +96,9 @@ def test_unexpected_failure_on_rank_zero_during_data_preparation_stops_every_ran
         corpus, tokenizer_dir, tmp_path, write_ds_config(tmp_path / "ds.json"), tmp_path / "model.json", 2
     )
     out = tmp_path / "run"
-    proc = launch([*args, "--output-dir", out], ranks=2, check=False, env={"PIPEGPT_FAULT": "prepare-data"})
+    proc = launch(
+        [*args, "--output-dir", out], ranks=2, check=False, env={"PIPEGPT_FAULT": "prepare-data"}, preflight=False
+    )
     assert proc.returncode == EXIT_UNEXPECTED, proc.stderr[-2000:]
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
     assert errors == [
