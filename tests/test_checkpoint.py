@@ -120,7 +120,8 @@ def test_1f1b_checkpoint_resumes_under_dualpipev_and_back(setup, reference):
 @pytest.mark.parametrize("stages,ranks", [(1, 1), (2, 4)], ids=["as_pp1", "as_pp2_dp2"])
 def test_resume_pp2_checkpoint_in_another_layout(setup, reference, stages, ranks):
     """Through DeepSpeed's universal checkpoint (converted on demand): the Adam state comes along, so the
-    resumed run trains the uninterrupted run's losses; with --reset-optimizer only the first step agrees."""
+    resumed run trains the uninterrupted run's losses; with --reset-optimizer (on one rank) only the first step
+    agrees."""
     tmp, args = setup
     losses, ref_dir = reference
     out = tmp / f"relayout_{stages}_{ranks}"
@@ -131,6 +132,8 @@ def test_resume_pp2_checkpoint_in_another_layout(setup, reference, stages, ranks
     after = {m["step"]: m["loss"] for m in read_metrics(out)}
     for step in range(6, STEPS + 1):
         assert after[step] == pytest.approx(losses[step], rel=1e-4), step
+    if ranks > 1:
+        return  # --reset-optimizer does not depend on the layout: one rank shows it
     launch([*args, *load, "--reset-optimizer", "--output-dir", tmp / f"weights_only_{stages}_{ranks}"], ranks=ranks)
     weights_only = {m["step"]: m["loss"] for m in read_metrics(tmp / f"weights_only_{stages}_{ranks}")}
     # Step 6's loss is computed with the weights after step 5, before the fresh optimizer acts.
