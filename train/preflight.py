@@ -1,7 +1,8 @@
 """Checks of flags, DeepSpeed JSON and data that run before any rank does work.
 
 `launch.sh` runs this once (`python -m train.preflight --world-size N ARGS...`) so that bad
-input costs one line and no rank start-up; every rank runs the same checks again.
+input costs one line and no rank start-up; every rank runs the same checks again (which is why
+`PIPEGPT_SKIP_PREFLIGHT=1` may leave this out for a command known to be good).
 """
 
 import os
