@@ -35,7 +35,7 @@ from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
 from train.observe.evaluate import Evaluator, Sampling
-from train.observe.metrics import MetricsLog, StepMeter, WandbSettings, memory_in_use, run_record
+from train.observe.metrics import MetricsLog, StepMeter, WandbSettings, memory_before_model, run_record
 from train.observe.mfu import peak_tflops, training_dtype
 from train.observe.timeline import ScheduleProfiler
 from train.prepare import prepare_inputs, training_batches
@@ -306,7 +306,7 @@ def build_run(config: RunConfig) -> Run:
     torch.manual_seed(flags.seed)
     inputs = prepare_inputs(config)
     tokenizer, model_config, arch = inputs.tokenizer, inputs.model_config, inputs.arch
-    memory_before_model = memory_in_use()
+    memory_before = memory_before_model()
     engine = build_engine(config, arch)
     flops = flops_per_token(arch, flags.seq_len)
     record = write_run_record(config, engine, model_config, flops)
@@ -339,7 +339,7 @@ def build_run(config: RunConfig) -> Run:
             seq_len=flags.seq_len,
             flops_per_token=flops,
             peak_tflops=peak_tflops(training_dtype(config.ds_config), flags.peak_tflops),
-            memory_before_model=memory_before_model,
+            memory_before_model=memory_before,
             compiled=flags.compile,
         ),
         evaluator=evaluator(

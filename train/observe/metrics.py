@@ -31,6 +31,22 @@ def memory_in_use() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def memory_before_model() -> int:
+    """`memory_in_use()` once the modules that building the engine and the first forward import are imported: on
+    CPU the resident set counts imported code too, which is no part of the model (~80 MB here). They are
+    transformers 5.24's masking utilities (imported by models/masking.py at the first forward; they import
+    torch._dynamo) and the module DeepSpeed 0.19.8's ZeRO optimizer check imports in `deepspeed.initialize`
+    (`zero/utils.py: is_zero_supported_optimizer`: its Muon optimizer, whose `@torch.compile` imports
+    torch._inductor). A run imports both anyway."""
+    import transformers.masking_utils  # noqa: F401
+
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # as DeepSpeed itself: the module needs an optional package
+        pass
+    return memory_in_use()
+
+
 def peak_memory_per_stage(engine, before_model: int) -> dict[str, float]:
     """Per stage, the largest over its replicas (MB): `peak_mem_mb`, the peak (device memory on an
     accelerator, resident set size on CPU), and `model_mem_mb`, that peak less what was in use before the
