@@ -17,13 +17,6 @@ from train.data.sources import embedded_corpus  # noqa: E402
 from train.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "ranks: starts real ranks or launch.sh (the full tier only; see tests/run.sh)")
-    config.addinivalue_line(
-        "markers", "transformers4: reads exports in a second environment with transformers 4.x (the full tier only)"
-    )
-
-
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """The first 4,000 verses of the embedded King James Bible as a jsonl file."""

@@ -58,16 +58,21 @@ def small_run_args(
     return cli(**{**flags, **overrides})
 
 
-def start_process_group(cmd: list, env: dict) -> subprocess.Popen:
-    """Start `cmd` (a launcher and its ranks) in its own process group, output piped, not waited for."""
+def start_process_group(cmd: list, env: dict, output: int = subprocess.PIPE) -> subprocess.Popen:
+    """Start `cmd` (a launcher and its ranks) in its own process group, not waited for; its output piped (or
+    `output`: DEVNULL for a run nobody reads). Each start is a line in $PIPEGPT_LAUNCH_LOG (tests/run.sh counts
+    them)."""
     if os.environ.get("PIPEGPT_FAST_TIER"):
-        raise AssertionError("this test starts ranks or launch.sh: mark it @pytest.mark.ranks (full tier only)")
+        raise AssertionError("this test starts ranks or launch.sh: it belongs in tests/integration")
+    if os.environ.get("PIPEGPT_LAUNCH_LOG"):
+        with open(os.environ["PIPEGPT_LAUNCH_LOG"], "a") as log:
+            log.write(" ".join(str(c) for c in cmd[:3]) + "\n")
     return subprocess.Popen(
         [str(c) for c in cmd],
         cwd=REPO,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=output,
+        stderr=output,
         stdin=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
@@ -104,10 +109,16 @@ def launch_env(ranks: int, port: int | None = None, preflight: bool = False) -> 
 
 
 def start_launch(
-    args: list, ranks: int, env: dict | None = None, port: int | None = None, preflight: bool = False
+    args: list,
+    ranks: int,
+    env: dict | None = None,
+    port: int | None = None,
+    preflight: bool = False,
+    output: int = subprocess.PIPE,
 ) -> subprocess.Popen:
     """`launch.sh ARGS` with `ranks` CPU ranks, started in its own process group, not waited for."""
-    return start_process_group([REPO / "launch.sh", *args], {**launch_env(ranks, port, preflight), **(env or {})})
+    env = {**launch_env(ranks, port, preflight), **(env or {})}
+    return start_process_group([REPO / "launch.sh", *args], env, output)
 
 
 def rank_pids(out: Path, local_rank: int | None = None) -> list[int]:
@@ -153,6 +164,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """{step: loss} of the run's metrics.jsonl."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
 def read_wandb_offline_run(run_dir: Path) -> tuple[dict, list[dict], list[str]]:
     """(config, history rows, table keys) of the offline W&B run under `run_dir/wandb`.
 
@@ -195,24 +211,15 @@ def read_wandb_offline_run(run_dir: Path) -> tuple[dict, list[dict], list[str]]:
 
 def kill_one_rank_after_first_checkpoint(args: list[str], ranks: int, out) -> None:
     """launch.sh ARGS; once the first checkpoint is complete, SIGKILL the last rank, as a lost node."""
-    proc = subprocess.Popen(
-        [str(REPO / "launch.sh"), *map(str, args), "--output-dir", str(out)],
-        cwd=REPO,
-        env=launch_env(ranks),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_launch([*args, "--output-dir", out], ranks, output=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while latest_tag(out / "checkpoints") is None:
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
             time.sleep(0.02)
-        victim = subprocess.run(
-            ["pgrep", "-f", f"train.main --local_rank={ranks - 1} .*{out}"], capture_output=True, text=True
-        ).stdout.split()
+        victim = rank_pids(out, ranks - 1)
         assert victim, "rank process not found"
-        os.kill(int(victim[0]), signal.SIGKILL)
+        os.kill(victim[0], signal.SIGKILL)
         assert proc.wait(timeout=120) != 0
     finally:
         kill_process_group(proc)

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # The test suite, on CPU ranks. Sets up .venv on first use.
-#   bash tests/run.sh          everything (what CI runs): ruff, the format check, all tests with real ranks
-#   bash tests/run.sh --fast   the in-process tier (no rank started), about a minute: for your own loop
-# Further arguments go to pytest (e.g. -k families).
+#   bash tests/run.sh          everything (what CI runs): ruff, the format check, tests/unit and tests/integration
+#   bash tests/run.sh --fast   tests/unit alone (in-process, no rank started), about a minute: for your own loop
+# Further arguments go to pytest (e.g. -k families). The last line gives the wall time and the rank launches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$SECONDS
 source ./setup_env.sh
 export DS_ACCELERATOR=cpu PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ruff check .
 ruff format --check .
+folders=(tests/unit tests/integration)
 if [ "${1:-}" = "--fast" ]; then
   shift
-  export PIPEGPT_FAST_TIER=1  # a test that starts ranks without the `ranks` mark fails instead of slowing the tier
-  exec python -m pytest -q -m "not ranks and not transformers4" tests "$@"
+  folders=(tests/unit)
+  export PIPEGPT_FAST_TIER=1  # a unit test that starts ranks fails instead of slowing the tier
 fi
-exec python -m pytest -q tests "$@"
+PIPEGPT_LAUNCH_LOG="$(mktemp)"
+export PIPEGPT_LAUNCH_LOG  # tests/helpers.py writes a line per launch.sh or deepspeed start
+status=0
+python -m pytest -q "${folders[@]}" "$@" || status=$?
+echo "suite: $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s wall, $(wc -l <"$PIPEGPT_LAUNCH_LOG") rank launches"
+rm -f "$PIPEGPT_LAUNCH_LOG"
+exit $status

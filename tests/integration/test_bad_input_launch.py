@@ -7,8 +7,6 @@ import pytest
 
 from tests.helpers import REPO, free_port, launch, run_process_group, write_file, write_json
 
-pytestmark = pytest.mark.ranks  # every test here starts launch.sh or ranks
-
 
 def test_launch_stops_before_starting_ranks(good, tmp_path):
     proc = launch(["--deepspeed_config", tmp_path / "nope.json", "--data", good["data"]], ranks=2, check=False)

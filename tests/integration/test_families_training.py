@@ -12,8 +12,6 @@ import pytest
 
 from tests.helpers import launch, read_metrics, small_run_args, tiny_llama, write_ds_config
 
-pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
-
 STEPS = 6
 MODELS = {
     "llama": tiny_llama(tie_word_embeddings=False),  # untied head, GQA

@@ -4,12 +4,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.helpers import REPO
 
 
-@pytest.mark.ranks  # a training process of its own, ~30 s with compilation
 def test_gpu_bench_dry_run_prints_eager_compiled_and_document_rows_for_both_families():
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu_bench", "--dry-run"],

@@ -18,12 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from models.architecture import discover
 from models.hf_weights import load_hf_weights
 from models.pipeline import build_pipeline
+from tests.cases import CASES, IDS, SEQ, VOCAB, hf_model
 from tests.helpers import CHATML, write_ds_config
-from tests.test_families import CASES, IDS, SEQ, VOCAB, hf_model
 from train.checkpoint.checkpointer import save_checkpoint
 from train.export import export_checkpoint
-
-pytestmark = pytest.mark.transformers4
 
 TRANSFORMERS_4 = "4.57.1"  # the last 4.x release
 TEXT = "And God said, Let there be light: and there was light.<|im_end|>"  # with an added special token

@@ -1,11 +1,8 @@
 """The README's default run, shortened: embedded corpus, trained BPE, 2 CPU ranks, W&B offline, export, sample."""
 
-import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import launch, read_metrics, read_wandb_offline_run
-
-pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
 
 
 def test_default_run_end_to_end(tmp_path):

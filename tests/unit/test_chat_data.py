@@ -12,6 +12,7 @@ from models.architecture import discover
 from models.hf_weights import load_hf_weights
 from models.loss import IGNORE_INDEX
 from models.pipeline import build_pipeline
+from tests.cases import write_jsonl
 from tests.helpers import CHATML, tiny_gpt2, write_ds_config
 from train.data.batches import TrainMicroBatches
 from train.data.examples import TEXT, DataFormat, chat_template_of, encode_examples, example_blocks
@@ -160,11 +161,6 @@ def test_overlong_examples_are_cut_or_dropped_and_examples_without_answers_skipp
     assert len(cut["input_ids"][1]) == 30
     no_answer = encode(tokenizer, CHAT, {"messages": [[{"role": "user", "content": "Hello?"}]]})
     assert no_answer["status"] == [3]
-
-
-def write_jsonl(path, records: list[dict]):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def test_packed_blocks_have_one_shape_and_keep_every_example_whole(tokenizer, chat_corpus):

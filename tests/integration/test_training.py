@@ -12,8 +12,6 @@ from train.data.packing import packed_dataset
 from train.data.sources import resolve_sources
 from train.data.tokenizer import load_tokenizer
 
-pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
-
 STEPS = 6
 
 

@@ -19,69 +19,10 @@ from models.architecture import SUPPORTED_FAMILIES, discover
 from models.hf_weights import load_hf_weights, pipeline_param_to_hf
 from models.loss import IGNORE_INDEX, next_token_cross_entropy
 from models.pipeline import build_pipeline
+from tests.cases import CASES, IDS, SEQ, VOCAB, hf_model
 from tests.helpers import write_ds_config
 from train.checkpoint.checkpointer import save_checkpoint
 from train.export import export_checkpoint
-
-VOCAB, SEQ = 128, 24
-_SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-)
-_LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 5e5,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-# (model_type, what the case exercises, config) — every required family, tied and untied where it has both.
-CASES = [
-    (
-        "gpt2",
-        "tied, learned positions, Conv1D",
-        dict(n_layer=4, n_embd=64, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0),
-    ),
-    ("llama", "untied, GQA, llama3 rope scaling", dict(_SHAPE, num_key_value_heads=2, rope_parameters=_LLAMA3_ROPE)),
-    ("llama", "tied (Llama-3.2 style)", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
-    (
-        "mistral",
-        "untied, GQA, sliding window shorter than the block",
-        dict(_SHAPE, num_key_value_heads=2, sliding_window=9),
-    ),
-    ("qwen2", "tied, qkv bias", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
-    ("qwen2", "untied (Qwen2.5-7B style)", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
-    (
-        "qwen2",
-        "sliding window on the upper layers only (layer_types)",
-        dict(_SHAPE, num_key_value_heads=2, use_sliding_window=True, sliding_window=9, max_window_layers=2),
-    ),
-    ("qwen3", "q/k norm, head_dim != hidden/heads", dict(_SHAPE, num_key_value_heads=2, head_dim=32)),
-    ("gpt_neox", "parallel residual, partial rotary, untied embed_out", dict(_SHAPE, rotary_pct=0.25)),
-    ("gpt_neox", "sequential residual", dict(_SHAPE, rotary_pct=0.5, use_parallel_residual=False)),
-    (
-        "phi3",
-        "fused qkv and gate_up",
-        dict(_SHAPE, num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0),
-    ),
-    ("gemma", "scaled embedding, (1 + w) RMSNorm, tied", dict(_SHAPE, num_key_value_heads=2, head_dim=16)),
-    ("olmo2", "post-norms, q/k norm", dict(_SHAPE, num_key_value_heads=2, eos_token_id=0, pad_token_id=0)),
-]
-IDS = [f"{family}-{i}" for i, (family, _, _) in enumerate(CASES)]
-
-
-def hf_model(family: str, settings: dict, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[family](**settings), attn_implementation="sdpa")
-    with torch.no_grad():  # norms off 1, biases off 0: a swapped or skipped one must show
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=IDS)

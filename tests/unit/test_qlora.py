@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from models.architecture import discover
 from models.lora import adapter_state
 from models.quantize import Quantization
-from tests.test_families import CASES, SEQ, VOCAB
-from tests.test_lora import peft_reference, pipeline_with_adapters
+from tests.cases import CASES, SEQ, VOCAB, peft_reference, pipeline_with_adapters
 
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}  # compared in training mode
 FAMILIES = ["llama", "qwen2", "gpt2"]  # untied GQA; tied with qkv bias; Conv1D (transposed when quantized)

@@ -10,8 +10,7 @@ import pytest
 
 import train.data.examples as examples_module
 import train.data.streaming as streaming_module
-from tests.test_chat_data import write_jsonl
-from tests.test_data import write_all_formats
+from tests.cases import write_all_formats, write_jsonl
 from train.data.batches import StreamMicroBatches, TrainMicroBatches
 from train.data.examples import TEXT, DataFormat
 from train.data.packing import packed_source

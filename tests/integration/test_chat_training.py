@@ -11,8 +11,6 @@ from train.data.examples import DataFormat
 from train.data.packing import packed_dataset
 from train.data.sources import resolve_sources
 
-pytestmark = pytest.mark.ranks
-
 STEPS, SEQ_LEN, MICRO_BATCH = 6, 128, 2
 
 

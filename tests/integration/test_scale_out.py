@@ -15,6 +15,7 @@ from tests.helpers import (
     read_metrics,
     small_run_args,
     start_launch,
+    step_losses,
     tiny_gpt2,
     wait_for_steps,
     write_ds_config,
@@ -22,8 +23,6 @@ from tests.helpers import (
 )
 from train.checkpoint.manifest import latest_tag
 from train.errors import EXIT_PREEMPTED
-
-pytestmark = pytest.mark.ranks  # every test here starts launch.sh
 
 STEPS = 12
 DROPOUT = tiny_gpt2(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
@@ -37,13 +36,13 @@ def dropout_run(corpus, tokenizer_dir, tmp_path_factory):
     model, ds = write_json(tmp / "model.json", DROPOUT), write_ds_config(tmp / "ds.json")
     args = small_run_args(corpus, tokenizer_dir, tmp, ds, model, STEPS, save_interval=2, eval_blocks=8)
     launch([*args, "--output-dir", tmp / "reference"], ranks=2)
-    return tmp, args, {m["step"]: m["loss"] for m in read_metrics(tmp / "reference")}
+    return tmp, args, step_losses(tmp / "reference")
 
 
 def resume_and_compare(args: list, out, resumed_at: int, reference: dict) -> None:
     proc = launch([*args, "--output-dir", out, "--load", out / "checkpoints"], ranks=2)
     assert f"resumed from {out / 'checkpoints'} at step {resumed_at}" in proc.stdout
-    after = {m["step"]: m["loss"] for m in read_metrics(out)}
+    after = step_losses(out)
     assert sorted(after) == list(range(1, STEPS + 1))
     for step in range(resumed_at + 1, STEPS + 1):
         assert after[step] == reference[step], (step, after[step], reference[step])  # bit-exact: torch_adam, pp=2
@@ -56,7 +55,7 @@ def dropout_dualpipev_run(dropout_run):
     tmp, args, _ = dropout_run
     args = [*args, "--schedule", "dualpipev"]
     launch([*args, "--output-dir", tmp / "reference_dualpipev"], ranks=2)
-    return tmp, args, {m["step"]: m["loss"] for m in read_metrics(tmp / "reference_dualpipev")}
+    return tmp, args, step_losses(tmp / "reference_dualpipev")
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])

@@ -7,23 +7,13 @@ import pytest
 import torch
 from datasets import Dataset
 
+from tests.cases import DOCS, write_all_formats
 from train.data.batches import TrainMicroBatches
 from train.data.examples import TEXT
 from train.data.packing import packed_dataset, packed_source, tokenize_and_pack
 from train.data.sources import embedded_corpus, load_texts, resolve_sources
 from train.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from train.errors import ConfigError
-
-DOCS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.", "   "]
-
-
-def write_all_formats(folder):
-    folder.mkdir()
-    (folder / "a.txt").write_text("\n".join(DOCS) + "\n")
-    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
-    pd.DataFrame({"text": DOCS}).to_parquet(folder / "c.parquet")
-    pd.DataFrame({"text": DOCS}).to_csv(folder / "d.csv", index=False)
-    return folder
 
 
 def test_every_format_folder_and_glob(tmp_path):

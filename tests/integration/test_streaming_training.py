@@ -10,6 +10,7 @@ from tests.helpers import (
     launch,
     read_metrics,
     small_run_args,
+    step_losses,
     tiny_gpt2,
     write_ds_config,
     write_json,
@@ -45,10 +46,6 @@ def setup(corpus, tokenizer_dir, tmp_path_factory):
     return tmp, [str(a) for a in args]
 
 
-def losses(out) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(out)}
-
-
 @pytest.fixture(scope="module")
 def streamed(setup):
     """Uninterrupted streaming runs, by rank count (also the reference of the killed run)."""
@@ -65,14 +62,13 @@ def streamed(setup):
     return run
 
 
-@pytest.mark.ranks
 @pytest.mark.parametrize("ranks", [2, 4], ids=["pp2", "pp2_dp2"])
 def test_streaming_trains_the_losses_of_the_cache_read_in_order(setup, streamed, ranks):
     tmp, args = setup
     cached = tmp / f"cached_{ranks}"
     launch([*args, "--data-order", "sequential", "--output-dir", cached], ranks=ranks)
     streamed = streamed(ranks)
-    a, b = losses(cached), losses(streamed)
+    a, b = step_losses(cached), step_losses(streamed)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6), step
@@ -80,7 +76,6 @@ def test_streaming_trains_the_losses_of_the_cache_read_in_order(setup, streamed,
     assert len(val[0]) == 2 and val[1] == pytest.approx(val[0], rel=1e-6)
 
 
-@pytest.mark.ranks
 def test_a_sigkilled_streaming_run_resumes_bit_for_bit(setup, streamed):
     tmp, args = setup
     args = [*args, "--streaming"]
@@ -90,6 +85,6 @@ def test_a_sigkilled_streaming_run_resumes_bit_for_bit(setup, streamed):
     assert resumed_at < STEPS, "the rank was killed only after the run had finished"
     proc = launch([*args, "--output-dir", killed, "--load", killed / "checkpoints"], ranks=2)
     assert f"at step {resumed_at}" in proc.stdout and "stream starts" not in proc.stdout
-    before, after = losses(reference), losses(killed)
+    before, after = step_losses(reference), step_losses(killed)
     assert sorted(after) == list(range(1, STEPS + 1))
     assert [after[s] for s in range(resumed_at + 1, STEPS + 1)] == [before[s] for s in range(resumed_at + 1, STEPS + 1)]

@@ -27,9 +27,7 @@ from tests.helpers import (
 )
 from train.checkpoint.manifest import latest_tag, read_manifest, verified_tag_dir, verify_contents
 from train.data.tokenizer import train_bpe_tokenizer
-from train.errors import EXIT_ERROR, EXIT_PREEMPTED
-
-pytestmark = pytest.mark.ranks
+from train.errors import EXIT_ERROR, EXIT_PREEMPTED, EXIT_UNEXPECTED
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +181,24 @@ def test_ranks_stop_saving_when_launch_sh_is_killed(base):
         while rank_pids(out):
             assert time.monotonic() - killed < 30, "the ranks outlived launch.sh"
             time.sleep(0.2)
+
+
+def test_unexpected_failure_on_rank_zero_during_data_preparation_stops_every_rank(corpus, tokenizer_dir, tmp_path):
+    """PIPEGPT_FAULT=prepare-data: rank 0 raises a RuntimeError while the other rank waits for the data."""
+    (tmp_path / "model.json").write_text('{"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}')
+    args = small_run_args(
+        corpus, tokenizer_dir, tmp_path, write_ds_config(tmp_path / "ds.json"), tmp_path / "model.json", 2
+    )
+    out = tmp_path / "run"
+    proc = launch(
+        [*args, "--output-dir", out], ranks=2, check=False, env={"PIPEGPT_FAULT": "prepare-data"}, preflight=False
+    )
+    assert proc.returncode == EXIT_UNEXPECTED, proc.stderr[-2000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
+    assert errors == [
+        f"error: RuntimeError: fault injected by PIPEGPT_FAULT=prepare-data (traceback in {out / 'error.log'})"
+    ]
+    log = (out / "error.log").read_text()
+    assert "--- rank 0" in log and "Traceback (most recent call last)" in log and "prepare_data" in log
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (out / "checkpoints").exists()

@@ -4,8 +4,6 @@ import pytest
 
 from tests.helpers import launch, read_metrics, small_run_args, tiny_gpt2, write_ds_config, write_json
 
-pytestmark = pytest.mark.ranks
-
 STEPS = 5
 
 

@@ -11,43 +11,12 @@ import json
 import deepspeed
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 
 from models.architecture import discover
-from models.hf_weights import load_hf_weights
-from models.lora import WEIGHTS_FILE, adapter_state, lora_config, plan_adapters, read_peft_config, save_adapter
-from models.pipeline import build_pipeline
+from models.lora import WEIGHTS_FILE, adapter_state, lora_config, plan_adapters, save_adapter
+from tests.cases import CASES, IDS, SEQ, VOCAB, hf_model, peft_reference, pipeline_with_adapters
 from tests.helpers import write_ds_config
-from tests.test_families import CASES, IDS, SEQ, VOCAB, hf_model
-
-
-def peft_reference(family: str, settings: dict, folder, rank: int = 4, **lora) -> PeftModel:
-    """The HF model with peft's adapters (lora_B random, not zero), saved: base in folder/base, adapter in
-    folder/adapter."""
-    model = hf_model(family, settings)
-    model.save_pretrained(folder / "base")
-    config = lora_config(rank=rank, alpha=2 * rank, dropout=0.0, target_modules=None, base_model=str(folder / "base"))
-    for key, value in lora.items():
-        setattr(config, key, value)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
-    peft_model.save_pretrained(folder / "adapter")
-    return peft_model.eval()
-
-
-def pipeline_with_adapters(folder, arch, stages: int = 1, before_adapters=None):
-    """The pipeline on folder/base with the adapters of folder/adapter; `before_adapters(pipe)`: e.g. quantize."""
-    config, initial = read_peft_config(folder / "adapter")
-    plan = plan_adapters(arch, config, initial)
-    pipe = build_pipeline(arch, num_stages=stages, seq_len=SEQ)
-    load_hf_weights(pipe, folder / "base", arch)
-    if before_adapters is not None:
-        before_adapters(pipe)
-    adapted = pipe.add_adapters(plan, seed=7)
-    return pipe.eval(), plan, adapted
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

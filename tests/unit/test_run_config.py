@@ -8,7 +8,7 @@ import pytest
 
 import train.plan
 import train.prepare
-from tests.helpers import REPO, launch, small_run_args, write_ds_config
+from tests.helpers import REPO
 from train.config.args import build_parser, parse_args, shared_flags
 from train.config.run_config import resolve_run_config
 from train.distributed.agreement import every_rank
@@ -86,25 +86,3 @@ def test_every_rank_reports_the_failure_of_the_rank_that_ran(one_rank_group, tmp
     with pytest.raises(ConfigError, match="no such file"):
         every_rank(lambda: (_ for _ in ()).throw(ConfigError("no such file")))
     assert every_rank(lambda: 1 / 0, run_here=False) is None  # this rank did not run it: nothing failed
-
-
-@pytest.mark.ranks
-def test_unexpected_failure_on_rank_zero_during_data_preparation_stops_every_rank(corpus, tokenizer_dir, tmp_path):
-    """PIPEGPT_FAULT=prepare-data: rank 0 raises a RuntimeError while the other rank waits for the data."""
-    (tmp_path / "model.json").write_text('{"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}')
-    args = small_run_args(
-        corpus, tokenizer_dir, tmp_path, write_ds_config(tmp_path / "ds.json"), tmp_path / "model.json", 2
-    )
-    out = tmp_path / "run"
-    proc = launch(
-        [*args, "--output-dir", out], ranks=2, check=False, env={"PIPEGPT_FAULT": "prepare-data"}, preflight=False
-    )
-    assert proc.returncode == EXIT_UNEXPECTED, proc.stderr[-2000:]
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
-    assert errors == [
-        f"error: RuntimeError: fault injected by PIPEGPT_FAULT=prepare-data (traceback in {out / 'error.log'})"
-    ]
-    log = (out / "error.log").read_text()
-    assert "--- rank 0" in log and "Traceback (most recent call last)" in log and "prepare_data" in log
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert not (out / "checkpoints").exists()

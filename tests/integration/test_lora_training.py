@@ -19,22 +19,21 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from models.lora import WEIGHTS_FILE
+from tests.cases import peft_reference
 from tests.helpers import (
     kill_one_rank_after_first_checkpoint,
     launch,
     read_metrics,
     small_run_args,
+    step_losses,
     tiny_llama,
     write_ds_config,
 )
-from tests.test_lora import peft_reference
 from train.checkpoint.manifest import latest_tag
 from train.data.examples import TEXT
 from train.data.packing import packed_dataset
 from train.data.sources import resolve_sources
 from train.data.tokenizer import load_tokenizer
-
-pytestmark = pytest.mark.ranks  # every test here reads runs of real ranks
 
 STEPS, SEQ = 6, 32
 _SHAPE = {k: v for k, v in tiny_llama().items() if k != "model_type"}  # also Qwen2's fields
@@ -162,8 +161,8 @@ def test_sigkilled_lora_run_resumes_bit_exactly(lora_runs, corpus, tokenizer_dir
     resumed_at = int(latest_tag(out / "checkpoints").removeprefix("step_"))
     assert resumed_at < STEPS
     launch([*args, "--output-dir", out, "--load", out / "checkpoints"], ranks=2)
-    after = {m["step"]: m["loss"] for m in read_metrics(out)}
-    uninterrupted = {m["step"]: m["loss"] for m in read_metrics(runs["pp2"])}
+    after = step_losses(out)
+    uninterrupted = step_losses(runs["pp2"])
     assert after == uninterrupted
 
 
@@ -223,8 +222,8 @@ def test_lora_checkpoint_resumes_in_another_layout_through_a_universal_checkpoin
     args = [*lora_args(corpus, tokenizer_dir, tmp, tmp / "ds.json"), "--pipeline-stages", 1]
     proc = launch([*args, "--load", runs["pp2"] / "checkpoints" / "step_3", "--output-dir", out], ranks=1)
     assert "through a universal checkpoint" in proc.stdout
-    resumed = {m["step"]: m["loss"] for m in read_metrics(out)}
-    uninterrupted = {m["step"]: m["loss"] for m in read_metrics(runs["pp2"])}
+    resumed = step_losses(out)
+    uninterrupted = step_losses(runs["pp2"])
     assert sorted(resumed) == [4, 5, 6]
     for step, loss in resumed.items():
         assert abs(loss - uninterrupted[step]) <= 1e-5 * abs(loss), (step, resumed, uninterrupted)

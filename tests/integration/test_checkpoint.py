@@ -1,6 +1,5 @@
 """Checkpoints survive a killed rank and a crash mid-save, resume exactly, change layout, export losslessly."""
 
-import json
 import re
 import shutil
 import subprocess
@@ -16,12 +15,12 @@ from tests.helpers import (
     launch,
     read_metrics,
     small_run_args,
+    step_losses,
     tiny_gpt2,
     tiny_llama,
     write_ds_config,
     write_json,
 )
-from train.checkpoint.checkpointer import save_checkpoint
 from train.checkpoint.manifest import latest_tag, verified_tag_dir
 from train.errors import ConfigError
 from train.export import export_checkpoint
@@ -56,10 +55,9 @@ def reference(setup):
     tmp, args = setup
     out = tmp / "reference"
     launch([*args, "--output-dir", out], ranks=2)
-    return {m["step"]: m["loss"] for m in read_metrics(out)}, out
+    return step_losses(out), out
 
 
-@pytest.mark.ranks
 @pytest.mark.parametrize("ranks", [2, 4], ids=["pp2", "pp2_dp2"])
 def test_sigkilled_rank_then_resume_equals_uninterrupted_run(setup, reference, ranks):
     tmp, args = setup
@@ -70,7 +68,7 @@ def test_sigkilled_rank_then_resume_equals_uninterrupted_run(setup, reference, r
     assert resumed_at < STEPS, "the rank was killed only after the run had finished"
     proc = launch([*args, "--output-dir", out, "--load", out / "checkpoints"], ranks=ranks)
     assert f"at step {resumed_at}" in proc.stdout
-    after = {m["step"]: m["loss"] for m in read_metrics(out)}
+    after = step_losses(out)
     assert sorted(after) == list(range(1, STEPS + 1))
     for step in range(resumed_at + 1, STEPS + 1):
         if ranks == 2:  # torch_adam resumes bit-exactly
@@ -79,7 +77,6 @@ def test_sigkilled_rank_then_resume_equals_uninterrupted_run(setup, reference, r
             assert after[step] == pytest.approx(losses[step], rel=1e-4), step
 
 
-@pytest.mark.ranks
 def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
     tmp, args = setup
     losses, _ = reference
@@ -94,10 +91,9 @@ def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
         verified_tag_dir(out / "checkpoints" / "step_10")
     proc = launch([*args, "--output-dir", out, "--load", out / "checkpoints"], ranks=2)
     assert "at step 5" in proc.stdout
-    assert {m["step"]: m["loss"] for m in read_metrics(out)}[6] == losses[6]
+    assert step_losses(out)[6] == losses[6]
 
 
-@pytest.mark.ranks
 def test_1f1b_checkpoint_resumes_under_dualpipev_and_back(setup, reference):
     """The same two ranks hold other layers under DualPipeV (rank 0 both ends), so the optimizer shards come through
     DeepSpeed's universal checkpoint; the losses stay the uninterrupted 1F1B run's (fp32, 1e-5 relative)."""
@@ -110,13 +106,12 @@ def test_1f1b_checkpoint_resumes_under_dualpipev_and_back(setup, reference):
     proc = launch([*args, "--load", there / "checkpoints" / "step_20", "--output-dir", back], ranks=2)
     assert "at step 20 (another layout: through a universal checkpoint)" in proc.stdout
     for out, steps in ((there, range(6, 21)), (back, range(21, STEPS + 1))):
-        after = {m["step"]: m["loss"] for m in read_metrics(out)}
+        after = step_losses(out)
         assert sorted(after) == list(steps) if out == back else set(steps) <= set(after)
         for step in steps:
             assert after[step] == pytest.approx(losses[step], rel=1e-5), (out.name, step)
 
 
-@pytest.mark.ranks
 @pytest.mark.parametrize("stages,ranks", [(1, 1), (2, 4)], ids=["as_pp1", "as_pp2_dp2"])
 def test_resume_pp2_checkpoint_in_another_layout(setup, reference, stages, ranks):
     """Through DeepSpeed's universal checkpoint (converted on demand): the Adam state comes along, so the
@@ -129,19 +124,18 @@ def test_resume_pp2_checkpoint_in_another_layout(setup, reference, stages, ranks
     proc = launch([*args, *load], ranks=ranks)
     assert "at step 5 (another layout: through a universal checkpoint)" in proc.stdout
     assert verified_tag_dir(ref_dir / "checkpoints" / "step_5_universal")  # complete, with its manifest
-    after = {m["step"]: m["loss"] for m in read_metrics(out)}
+    after = step_losses(out)
     for step in range(6, STEPS + 1):
         assert after[step] == pytest.approx(losses[step], rel=1e-4), step
     if ranks > 1:
         return  # --reset-optimizer does not depend on the layout: one rank shows it
     launch([*args, *load, "--reset-optimizer", "--output-dir", tmp / f"weights_only_{stages}_{ranks}"], ranks=ranks)
-    weights_only = {m["step"]: m["loss"] for m in read_metrics(tmp / f"weights_only_{stages}_{ranks}")}
+    weights_only = step_losses(tmp / f"weights_only_{stages}_{ranks}")
     # Step 6's loss is computed with the weights after step 5, before the fresh optimizer acts.
     assert weights_only[6] == pytest.approx(losses[6], rel=1e-4)
     assert max(abs(weights_only[s] - losses[s]) / losses[s] for s in range(7, STEPS + 1)) > 1e-3
 
 
-@pytest.mark.ranks
 def test_universal_checkpoint_loads_every_adam_moment_and_weight(reference, one_rank_group):
     """The universal form of the pp=2 step 5 (made by the test above, or here) loaded into one in-process
     pp=1 engine: every parameter's fp32 weight and both Adam moments equal the converted files."""
@@ -174,7 +168,6 @@ def test_universal_checkpoint_loads_every_adam_moment_and_weight(reference, one_
         assert saved["exp_avg_sq"].abs().sum() > 0, name
 
 
-@pytest.mark.ranks
 def test_export_cli_output_loads_without_key_warnings(reference, tmp_path):
     _, ref_dir = reference
     hf_dir = export_checkpoint(ref_dir / "checkpoints", tmp_path / "hf")
@@ -184,7 +177,6 @@ def test_export_cli_output_loads_without_key_warnings(reference, tmp_path):
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
 
 
-@pytest.mark.ranks
 def test_corrupt_or_missing_files_are_named(reference, tmp_path):
     _, ref_dir = reference
     tag = tmp_path / "step_5"
@@ -198,7 +190,6 @@ def test_corrupt_or_missing_files_are_named(reference, tmp_path):
         verified_tag_dir(tag)
 
 
-@pytest.mark.ranks
 def test_a_damaged_file_of_the_same_size_stops_resume_and_export(setup, reference, tmp_path):
     """4 KiB zeroed inside the optimizer state of the latest checkpoint (its size unchanged): the content checksum
     names the file and an earlier checkpoint; nothing resumes, nothing is exported, exit 2."""
@@ -228,7 +219,6 @@ def test_a_damaged_file_of_the_same_size_stops_resume_and_export(setup, referenc
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.ranks
 def test_diverging_run_stops_without_saving(setup, tmp_path):
     _, args = setup
     ds = write_ds_config(
@@ -245,24 +235,6 @@ def test_diverging_run_stops_without_saving(setup, tmp_path):
     assert latest_tag(tmp_path / "run" / "checkpoints") == f"step_{(step - 1) // 2 * 2}"
 
 
-def test_unwritable_checkpoint_folder_is_one_error(one_rank_group, tmp_path):
-    from models.architecture import discover
-    from models.pipeline import build_pipeline
-
-    config = GPT2Config(vocab_size=120, n_layer=2, n_embd=32, n_head=2, n_positions=32)
-    pipe = build_pipeline(discover(config), num_stages=1)
-    engine, *_ = deepspeed.initialize(
-        model=pipe,
-        model_parameters=pipe.parameters(),
-        config=json.loads(write_ds_config(tmp_path / "ds.json").read_text().replace('"auto"', "10")),
-    )
-    (tmp_path / "a_file").write_text("")
-    with pytest.raises(ConfigError, match="cannot write checkpoint"):
-        save_checkpoint(engine, tmp_path / "a_file" / "ckpt", 0, {}, config, keep_last=0)
-    assert not (tmp_path / "a_file").is_dir()
-
-
-@pytest.mark.ranks
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, corpus, tokenizer_dir, tmp_path, family):
     """Step 1 of a pp=2 run from a sharded save_pretrained folder has the HF model's loss on that batch
@@ -308,14 +280,3 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
     with torch.no_grad():
         first = [model(ids, labels=ids).loss.item() for ids in (blocks[i]["input_ids"].long() for i in micro_batches)]
     assert read_metrics(out)[0]["loss"] == pytest.approx(sum(first) / len(first), rel=1e-5)
-
-
-def test_pruning_keeps_the_checkpoint_just_saved_beside_an_earlier_runs_later_ones(tmp_path):
-    """A new run into a folder that holds an earlier, longer run's checkpoints: its own newest ones are kept, and
-    the earlier run's later steps are not pruned by it."""
-    from train.checkpoint.manifest import MANIFEST, prune
-
-    for step in (5, 10, 195, 200):
-        write_json(tmp_path / f"step_{step}" / MANIFEST, {"files": {}})
-    prune(tmp_path, keep_last=1, saved=10)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_195", "step_200"]

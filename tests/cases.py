@@ -1,0 +1,119 @@
+"""Model cases and data writers that several test files share (one place, so test modules never import each
+other): every family's tiny random model, the peft reference built on it, and data files of every format."""
+
+import json
+
+import pandas as pd
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+from models.hf_weights import load_hf_weights
+from models.lora import lora_config, plan_adapters, read_peft_config
+from models.pipeline import build_pipeline
+
+VOCAB, SEQ = 128, 24
+_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 5e5,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+# (model_type, what the case exercises, config) — every required family, tied and untied where it has both.
+CASES = [
+    (
+        "gpt2",
+        "tied, learned positions, Conv1D",
+        dict(n_layer=4, n_embd=64, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0),
+    ),
+    ("llama", "untied, GQA, llama3 rope scaling", dict(_SHAPE, num_key_value_heads=2, rope_parameters=_LLAMA3_ROPE)),
+    ("llama", "tied (Llama-3.2 style)", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
+    (
+        "mistral",
+        "untied, GQA, sliding window shorter than the block",
+        dict(_SHAPE, num_key_value_heads=2, sliding_window=9),
+    ),
+    ("qwen2", "tied, qkv bias", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=True)),
+    ("qwen2", "untied (Qwen2.5-7B style)", dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=False)),
+    (
+        "qwen2",
+        "sliding window on the upper layers only (layer_types)",
+        dict(_SHAPE, num_key_value_heads=2, use_sliding_window=True, sliding_window=9, max_window_layers=2),
+    ),
+    ("qwen3", "q/k norm, head_dim != hidden/heads", dict(_SHAPE, num_key_value_heads=2, head_dim=32)),
+    ("gpt_neox", "parallel residual, partial rotary, untied embed_out", dict(_SHAPE, rotary_pct=0.25)),
+    ("gpt_neox", "sequential residual", dict(_SHAPE, rotary_pct=0.5, use_parallel_residual=False)),
+    (
+        "phi3",
+        "fused qkv and gate_up",
+        dict(_SHAPE, num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    ),
+    ("gemma", "scaled embedding, (1 + w) RMSNorm, tied", dict(_SHAPE, num_key_value_heads=2, head_dim=16)),
+    ("olmo2", "post-norms, q/k norm", dict(_SHAPE, num_key_value_heads=2, eos_token_id=0, pad_token_id=0)),
+]
+IDS = [f"{family}-{i}" for i, (family, _, _) in enumerate(CASES)]
+
+
+def hf_model(family: str, settings: dict, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[family](**settings), attn_implementation="sdpa")
+    with torch.no_grad():  # norms off 1, biases off 0: a swapped or skipped one must show
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+def peft_reference(family: str, settings: dict, folder, rank: int = 4, **lora) -> PeftModel:
+    """The HF model with peft's adapters (lora_B random, not zero), saved: base in folder/base, adapter in
+    folder/adapter."""
+    model = hf_model(family, settings)
+    model.save_pretrained(folder / "base")
+    config = lora_config(rank=rank, alpha=2 * rank, dropout=0.0, target_modules=None, base_model=str(folder / "base"))
+    for key, value in lora.items():
+        setattr(config, key, value)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    peft_model.save_pretrained(folder / "adapter")
+    return peft_model.eval()
+
+
+def pipeline_with_adapters(folder, arch, stages: int = 1, before_adapters=None):
+    """The pipeline on folder/base with the adapters of folder/adapter; `before_adapters(pipe)`: e.g. quantize."""
+    config, initial = read_peft_config(folder / "adapter")
+    plan = plan_adapters(arch, config, initial)
+    pipe = build_pipeline(arch, num_stages=stages, seq_len=SEQ)
+    load_hf_weights(pipe, folder / "base", arch)
+    if before_adapters is not None:
+        before_adapters(pipe)
+    adapted = pipe.add_adapters(plan, seed=7)
+    return pipe.eval(), plan, adapted
+
+
+def write_jsonl(path, records: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+DOCS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.", "   "]
+
+
+def write_all_formats(folder):
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n".join(DOCS) + "\n")
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    pd.DataFrame({"text": DOCS}).to_parquet(folder / "c.parquet")
+    pd.DataFrame({"text": DOCS}).to_csv(folder / "d.csv", index=False)
+    return folder
