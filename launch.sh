@@ -65,7 +65,11 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   mode=single
   whole NUM_GPUS "$NUM_GPUS" 1
-  launcher=(deepspeed --num_gpus "$NUM_GPUS")
+  # One node: DeepSpeed's per-node launcher directly, with the world its runner would hand it (deepspeed 0.19.8
+  # runner.py, the local path: {"localhost": [0..N-1]}, master 127.0.0.1). The runner would only add its own
+  # Python start-up, ~3-4 s a launch.
+  world=$(printf '{"localhost": [%s]}' "$(seq -s ', ' 0 $((NUM_GPUS - 1)))" | base64 -w0 | tr '+/' '-_')
+  launcher=(python -u -m deepspeed.launcher.launch "--world_info=$world" --master_addr 127.0.0.1)
   preflight=(--world-size "$NUM_GPUS" --master-port "$port")  # the rendezvous runs on this machine
 fi
 # PIPEGPT_SKIP_PREFLIGHT=1: no one-process check first (~8 s of imports); the ranks make the same checks, so bad
@@ -78,14 +82,16 @@ PIPEGPT_STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/pipegpt_status.XXXXXX")
 export PIPEGPT_STATUS_FILE
 
 # DeepSpeed's runner dies at once on SIGTERM and leaves its per-node launcher and the ranks running, orphaned:
-# it runs with the signals ignored, and launch.sh passes them on to the ranks themselves (over ssh, DeepSpeed's
-# runner forwards them its own way: it kills the remote ranks).
+# the runner (or, on one node, the launcher) starts with the signals ignored, and launch.sh passes them on to the
+# ranks themselves (over ssh, DeepSpeed's runner forwards them its own way: it kills the remote ranks).
 ( trap '' TERM INT; exec "${launcher[@]}" --master_port "$port" --module train.main "$@" ) &
 runner=$!
 forward() {
   signalled=1
   if [ "$mode" = ssh ]; then
     kill -TERM "$runner" 2>/dev/null || true
+  elif [ "$mode" = single ]; then
+    pkill -TERM -P "$runner" || true  # the launcher's children are the ranks
   else
     for node_launcher in $(pgrep -P "$runner" || true); do pkill -TERM -P "$node_launcher" || true; done
   fi
