@@ -52,7 +52,7 @@ def measure(preset: str, seq_len: int, document: bool, steps: int) -> dict:
     from models.pipeline import build_pipeline
     from models.presets import preset_config
     from train.distributed.setup import init_distributed
-    from train.observe.metrics import memory_in_use
+    from train.observe.memory import memory_in_use
 
     torch.set_num_threads(1)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29681")

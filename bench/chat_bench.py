@@ -30,9 +30,10 @@ from bench import fresh_work_dir
 from bench.fixtures import CHATML, QUIET_RUN, chat_records, cli, deepspeed_command
 from bench.pipeline_bench import run
 from models.loss import IGNORE_INDEX
-from train.data.examples import DataFormat, example_blocks
-from train.data.packing import packed_dataset
+from train.data.example_packing import example_blocks
+from train.data.examples import DataFormat
 from train.data.sources import embedded_corpus, load_texts, resolve_sources
+from train.data.splits import packed_dataset
 from train.data.tokenizer import train_bpe_tokenizer
 
 

@@ -35,8 +35,10 @@ from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
 from train.observe.evaluate import Evaluator, Sampling
-from train.observe.metrics import MetricsLog, StepMeter, WandbSettings, memory_before_model, run_record
+from train.observe.memory import memory_before_model
+from train.observe.metrics import MetricsLog, StepMeter, WandbSettings
 from train.observe.mfu import peak_tflops, training_dtype
+from train.observe.run_record import run_record
 from train.observe.timeline import ScheduleProfiler
 from train.prepare import prepare_inputs, training_batches
 

@@ -8,6 +8,7 @@ import atexit
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NoReturn
 
@@ -24,11 +25,25 @@ from train.distributed.setup import init_distributed, rank, say
 from train.errors import RunError, entry_point
 from train.export import export_adapter
 from train.generate import generate_text
+from train.observe.divergence import stop_if_diverged
 
 
 def train(run: Run) -> Path:
-    """One optimizer step per iteration; each component decides when it acts. Returns the last checkpoint."""
-    engine, last, preempted = run.engine, run.config.flags.train_steps, False
+    """One optimizer step per iteration; each component decides when it acts. Returns the last checkpoint. The
+    metrics log and the data feed are closed on every way out: finished, preempted or failed."""
+    with ExitStack() as opened:
+        opened.callback(run.batches.close)
+        opened.push(lambda failure, *_: run.log.finish(failed=failure is not None))
+        preempted_at = train_steps(run)
+    if preempted_at is not None:
+        raise run.preemption.stop(preempted_at, run.checkpointer.last_saved, run.checkpointer.last_save_seconds)
+    return run.checkpointer.last_saved
+
+
+def train_steps(run: Run) -> int | None:
+    """The steps after the resumed one to the last, each saved as the checkpointer decides. Returns the step after
+    which a preemption stopped the run (it is saved), or None."""
+    engine, last, fp16 = run.engine, run.config.flags.train_steps, run.engine.fp16_enabled()
     for step in range(run.start_step + 1, last + 1):
         with run.watchdog.watching(step):
             run.profiler.begin(step)
@@ -40,7 +55,7 @@ def train(run: Run) -> Path:
             answer_tokens = run.batches.answer_tokens(step)
             timeline = run.profiler.end()
             grad_norm = run.meter.grad_norm()
-            run.meter.stop_if_diverged(step, loss, grad_norm, last_checkpoint=run.checkpointer.latest_tag())
+            stop_if_diverged(step, loss, grad_norm, fp16=fp16, last_checkpoint=run.checkpointer.latest_tag)
             evaluate = run.evaluator.should_evaluate(step, step == last)
             if evaluate or run.log.should_log(step, step == last):
                 metrics = run.meter.metrics(loss, grad_norm, seconds, data_wait, answer_tokens, timeline, step == last)
@@ -50,12 +65,8 @@ def train(run: Run) -> Path:
             preempted = run.preemption.requested()
         run.checkpointer.save(step, last_step=step == last or preempted)
         if preempted:
-            break
-    run.log.finish()
-    run.batches.close()
-    if preempted:
-        raise run.preemption.stop(step, run.checkpointer.last_saved, run.checkpointer.last_save_seconds)
-    return run.checkpointer.last_saved
+            return step
+    return None
 
 
 def export_and_sample(run: Run, checkpoint: Path) -> None:

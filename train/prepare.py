@@ -24,8 +24,8 @@ from train.config.args import Flags, parse_args
 from train.config.run_config import RunConfig, resolve_run_config
 from train.data.batches import MicroBatchFeed, StreamMicroBatches, TrainMicroBatches
 from train.data.examples import DataFormat
-from train.data.packing import EVAL_TOKENS, evaluation_blocks, packed_dataset, wanted_eval_blocks
 from train.data.shared_cache import tokenize_once_per_job
+from train.data.splits import EVAL_TOKENS, evaluation_blocks, packed_dataset, wanted_eval_blocks
 from train.data.streaming import StreamingData, record_batches, streaming_data
 from train.data.tokenizer import load_tokenizer, tokenizer_too_large, train_bpe_tokenizer
 from train.distributed.agreement import every_rank, rank_zero_first

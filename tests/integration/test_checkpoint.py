@@ -243,8 +243,8 @@ def test_start_from_sharded_hf_model_each_stage_reading_its_own_tensors(setup, c
 
     from train.data.batches import TrainMicroBatches
     from train.data.examples import TEXT
-    from train.data.packing import packed_dataset
     from train.data.sources import resolve_sources
+    from train.data.splits import packed_dataset
     from train.data.tokenizer import load_tokenizer
 
     tmp, args = setup

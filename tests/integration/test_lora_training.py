@@ -31,8 +31,8 @@ from tests.helpers import (
 )
 from train.checkpoint.manifest import latest_tag
 from train.data.examples import TEXT
-from train.data.packing import packed_dataset
 from train.data.sources import resolve_sources
+from train.data.splits import packed_dataset
 from train.data.tokenizer import load_tokenizer
 
 STEPS, SEQ = 6, 32

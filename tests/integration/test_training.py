@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from tests.helpers import launch, read_metrics, small_run_args, tiny_gpt2, write_ds_config, write_json
 from train.data.examples import TEXT
-from train.data.packing import packed_dataset
 from train.data.sources import resolve_sources
+from train.data.splits import packed_dataset
 from train.data.tokenizer import load_tokenizer
 
 STEPS = 6

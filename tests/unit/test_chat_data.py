@@ -15,9 +15,11 @@ from models.pipeline import build_pipeline
 from tests.cases import write_jsonl
 from tests.helpers import CHATML, tiny_gpt2, write_ds_config
 from train.data.batches import TrainMicroBatches
-from train.data.examples import TEXT, DataFormat, chat_template_of, encode_examples, example_blocks
-from train.data.packing import cache_key, packed_dataset
+from train.data.example_packing import example_blocks
+from train.data.examples import TEXT, DataFormat, chat_template_of, encode_examples
+from train.data.packing import cache_key
 from train.data.sources import resolve_sources
+from train.data.splits import packed_dataset
 from train.errors import ConfigError
 
 CHAT = DataFormat("chat")

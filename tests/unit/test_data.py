@@ -10,8 +10,9 @@ from datasets import Dataset
 from tests.cases import DOCS, write_all_formats
 from train.data.batches import TrainMicroBatches
 from train.data.examples import TEXT
-from train.data.packing import packed_dataset, packed_source, tokenize_and_pack
+from train.data.packing import packed_source, tokenize_and_pack
 from train.data.sources import embedded_corpus, load_texts, resolve_sources
+from train.data.splits import packed_dataset
 from train.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from train.errors import ConfigError
 
@@ -277,7 +278,7 @@ def test_evaluation_defaults_to_a_fixed_token_count_and_large_models_skip_evalua
     from datasets import DatasetDict
 
     from train.build import evaluation_sample_tokens
-    from train.data.packing import EVAL_TOKENS, evaluation_blocks
+    from train.data.splits import EVAL_TOKENS, evaluation_blocks
 
     def splits(validation: int) -> DatasetDict:
         return DatasetDict(train=numbered_blocks(64), validation=numbered_blocks(validation))

@@ -9,8 +9,8 @@ from models.hf_weights import load_hf_weights
 from models.loss import next_token_cross_entropy
 from models.pipeline import build_pipeline
 from train.data.examples import TEXT
-from train.data.packing import packed_dataset
 from train.data.sources import resolve_sources
+from train.data.splits import packed_dataset
 from train.data.tokenizer import load_tokenizer
 
 CONFIG = dict(n_layer=3, n_embd=64, n_head=4, n_positions=64)

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-import train.data.examples as examples_module
+import train.data.example_packing as example_packing_module
 import train.data.streaming as streaming_module
 from tests.cases import write_all_formats, write_jsonl
 from train.data.batches import StreamMicroBatches, TrainMicroBatches
@@ -34,7 +34,7 @@ def small_batches(monkeypatch):
     does for the second)."""
     monkeypatch.setattr(streaming_module, "STREAM_BATCH", 7)
     monkeypatch.setattr(streaming_module, "PACK_BATCH", 50)
-    monkeypatch.setattr(examples_module, "PACK_BATCH", 50)
+    monkeypatch.setattr(example_packing_module, "PACK_BATCH", 50)
 
 
 def source_for(kind: str, tmp_path, corpus, chat_corpus):

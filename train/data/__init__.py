@@ -1,1 +1,2 @@
-"""Data: sources, the tokenizer, instruction and chat examples, packed cached blocks, the order of batches."""
+"""Data: sources, the tokenizer, instruction and chat examples and their packing, packed cached blocks, the training
+and validation splits, the order of batches."""

@@ -1,7 +1,7 @@
 """`--streaming`: sources read as a `datasets` stream and packed on the fly, with the cached path's blocks.
 
 Each source is read with `load_dataset(..., streaming=True)` in batches of `STREAM_BATCH` records, tokenized and cut
-exactly as train/data/packing.py and train/data/examples.py cut the cached blocks (text: one token stream carried
+exactly as train/data/packing.py and train/data/example_packing.py cut the cached blocks (text: one token stream carried
 across batches; instruction and chat data: groups of `PACK_BATCH` kept examples packed together), so a cached run
 reading its blocks in order (`--data-order sequential`) sees the same blocks. Sources follow one another (or, with
 weights, each block is drawn from a source with the weights' odds); an epoch ends where the sources do.
@@ -23,15 +23,8 @@ from datasets import Dataset, IterableDataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from models.hub import not_found
-from train.data.examples import (
-    KEPT,
-    PACK_BATCH,
-    TRUNCATED,
-    DataFormat,
-    chat_template_of,
-    encode_examples,
-    pack_examples,
-)
+from train.data.example_packing import PACK_BATCH, pack_examples
+from train.data.examples import KEPT, TRUNCATED, DataFormat, chat_template_of, encode_examples
 from train.data.packing import TokenPacker, document_ids
 from train.data.sources import Source, unreadable
 from train.errors import ConfigError

@@ -1,12 +1,16 @@
 """Hang detection: a rank whose pipeline makes no progress for `--dist-timeout` seconds reports and stops.
 
 A lost node ends the job within seconds (its TCP connections reset). A hung one (SIGSTOP, a stuck NIC, a
-deadlocked rank) leaves its peers waiting inside a collective. Every pipeline instruction the engine runs
-(`models/deepspeed_internals.wrap_instructions`) and every phase of the loop marks progress; a thread checks
-once a second, and when the current instruction has waited `--dist-timeout`, it writes this rank's
-instruction, micro-batch and the stacks of all its threads to `<output-dir>/hang/rank<N>.txt`, prints one
-line naming the file and exits with `EXIT_HUNG`. It works alike for gloo and NCCL (whose own timeout aborts
-the process without a word), because every process group's timeout is set 30 s later (train/distributed/setup.py).
+deadlocked rank) leaves its peers waiting inside a collective. Progress is marked at the start of each step of
+the loop and by every pipeline instruction the engine runs (`models/deepspeed_internals.wrap_instructions`: the
+forward, backward, send, receive and optimizer instructions of training and of evaluation); the rest of a step
+(the step's metrics, whose memory figures are a collective) counts from the last mark. The watchdog is armed only
+within a step (`watching`): the build, the checkpoint save after a step and the export are left to the process
+groups' own timeout. A thread checks once a second, and when the step has gone `--dist-timeout` without a mark,
+it writes this rank's last instruction with its arguments and the stacks of all its threads to
+`<output-dir>/hang/rank<N>.txt`, prints one line naming the file and exits with `EXIT_HUNG`. It works alike for gloo
+and NCCL (whose own timeout aborts the process without a word), because every process group's timeout is set 30 s
+later (train/distributed/setup.py).
 """
 
 import faulthandler

@@ -1,1 +1,2 @@
-"""Observability: per-step metrics (metrics.jsonl, W&B), evaluation and samples, schedule timelines, MFU."""
+"""Observability: per-step metrics (metrics.jsonl, W&B), the run record, memory probes, the divergence policy,
+evaluation and samples, schedule timelines, MFU."""

@@ -3,151 +3,16 @@
 import json
 import math
 import os
-import resource
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from models.quantize import parameter_count
-from train.config.ds_config import BatchLayout
 from train.distributed.setup import say
-from train.errors import RunError
+from train.observe.memory import peak_memory_per_stage
 from train.observe.mfu import tflops_and_mfu
-
-
-def memory_in_use() -> int:
-    """Bytes in use now: allocated device memory on an accelerator, resident set size on CPU."""
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        return accelerator.memory_allocated()
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    except OSError:  # not Linux: the peak is the best we have
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def memory_before_model() -> int:
-    """`memory_in_use()` once the modules that building the engine and the first forward import are imported: on
-    CPU the resident set counts imported code too, which is no part of the model (60-80 MB in tests/test_plan.py).
-    They are transformers 5.24's masking utilities (imported by models/masking.py at the first forward; they
-    import torch._dynamo) and the module DeepSpeed 0.19.8's ZeRO optimizer check imports in `deepspeed.initialize`
-    (`zero/utils.py: is_zero_supported_optimizer`: its Muon optimizer, whose `@torch.compile` imports
-    torch._inductor). A run imports both anyway."""
-    import transformers.masking_utils  # noqa: F401
-
-    try:
-        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-    except ImportError:  # as DeepSpeed itself: the module needs an optional package
-        pass
-    return memory_in_use()
-
-
-def peak_memory_per_stage(engine, before_model: int) -> dict[str, float]:
-    """Per stage, the largest over its replicas (MB): `peak_mem_mb`, the peak (device memory on an
-    accelerator, resident set size on CPU), and `model_mem_mb`, that peak less what was in use before the
-    model was built: weights, gradients, optimizer states and activations, what `train.plan` estimates.
-    A collective."""
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    else:
-        peak = accelerator.max_memory_allocated()
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (engine.stage_id, peak, peak - before_model))
-    per_stage: dict[str, float] = {}
-    for stage, value, growth in everyone:
-        for key, v in ((f"peak_mem_mb/stage{stage}", value), (f"model_mem_mb/stage{stage}", growth)):
-            per_stage[key] = max(per_stage.get(key, 0.0), v / 2**20)
-    return per_stage
-
-
-def run_environment() -> dict:
-    """Library versions and the git revision, for the run's config."""
-    import datasets
-    import deepspeed
-    import torch
-    import transformers
-
-    try:
-        revision = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        revision = None
-    return {
-        "versions": {
-            "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__,
-            "datasets": datasets.__version__,
-        },
-        "git_revision": revision,
-        "device": get_accelerator().device_name(),
-    }
-
-
-def stages_summary(engine: PipelineEngine) -> list[dict]:
-    """Layers and parameters of every pipeline rank (`stage`: one stage under 1F1B, two under DualPipeV, whose
-    [start, stop) `layer_bounds` lists): `parameters` counts the tied embedding on the first stage
-    only (they add up to the model), `held_parameters` is what the stage keeps in memory,
-    `trainable_parameters` what trains (LoRA: the adapters), counted as `parameters`. A collective."""
-    pipe = engine.module
-    tied = {id(p) for m in pipe.tied_modules.values() for p in m.parameters()}
-    params = sum(parameter_count(p) for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
-    held = sum(parameter_count(p) for p in pipe.parameters())
-    trainable = sum(
-        p.numel() for p in pipe.parameters() if p.requires_grad and (engine.is_first_stage() or id(p) not in tied)
-    )
-    everyone = [None] * dist.get_world_size()
-    bounds = [list(b) for b in pipe.stage_layers()]
-    mine = (engine.grid.data_parallel_id, engine.stage_id, bounds, pipe.stage_layer_names(), params, held, trainable)
-    dist.all_gather_object(everyone, mine)
-    return [
-        {
-            "stage": stage,
-            "layer_bounds": bounds,
-            "layers": layers,
-            "parameters": n,
-            "held_parameters": h,
-            "trainable_parameters": t,
-        }
-        for dp, stage, bounds, layers, n, h, t in sorted(everyone, key=lambda x: x[1])
-        if dp == 0
-    ]
-
-
-def run_record(
-    flags: dict, ds_config: dict, engine: PipelineEngine, batch: BatchLayout, model_config: dict, flops_per_token: float
-) -> dict:
-    """What `run_config.json` and W&B's config hold: the flags, the DeepSpeed JSON, the layout, the model."""
-    stages = stages_summary(engine)
-    topology = {
-        "world_size": dist.get_world_size(),
-        "pipeline_stages": engine.num_stages,  # pipeline ranks per replica
-        "data_parallel": engine.grid.data_parallel_size,
-        "schedule": engine.module.SCHEDULE,
-        "stage_layer_bounds": [int(b) for b in engine.module.parts],  # of 2 x ranks stages under dualpipev
-        "micro_batches_per_step": batch.num_micro_batches,
-        "stages": stages,
-    }
-    return {
-        "args": flags,
-        "deepspeed": ds_config,
-        "topology": topology,
-        "model": model_config,
-        "flops_per_token": flops_per_token,
-        **run_environment(),
-        "parameters": sum(s["parameters"] for s in stages),
-        "trainable_parameters": sum(s["trainable_parameters"] for s in stages),
-    }
 
 
 def readable_lines(path: Path) -> list[str]:
@@ -164,7 +29,7 @@ def readable_lines(path: Path) -> list[str]:
 
 
 class StepMeter:
-    """A step's metrics from its loss and time; stops the run when the loss or the gradient diverges."""
+    """A step's metrics from its loss and time (whether the run diverged is train/observe/divergence.py's)."""
 
     def __init__(
         self,
@@ -192,15 +57,6 @@ class StepMeter:
     def grad_norm(self) -> float:
         """The last step's global gradient norm."""
         return float(self.engine.get_global_grad_norm() or 0.0)
-
-    def stop_if_diverged(self, step: int, loss: float, grad_norm: float, last_checkpoint: str | None) -> None:
-        """Raise (no checkpoint is saved) when the loss, or the gradient without fp16 loss scaling, is not finite:
-        without loss scaling a non-finite gradient is no overflow to skip, the run has diverged."""
-        if not math.isfinite(loss) or (not self.engine.fp16_enabled() and not math.isfinite(grad_norm)):
-            raise RunError(
-                f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: stopped without saving; the last "
-                f"checkpoint is {last_checkpoint or 'none'} (lower the LR or check the data)"
-            )
 
     def metrics(
         self,
@@ -297,7 +153,7 @@ class MetricsLog:
         if path.exists():  # a resumed run rewinds to its checkpoint: steps after it are trained again
             kept = [line for line in readable_lines(path) if json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")  # noqa: SIM115 (closed in finish)
+        self.file = open(path, "a")  # closed in finish()
         mode = wandb_mode(wandb.mode)
         if mode != "disabled":
             import wandb as wandb_sdk
@@ -357,8 +213,9 @@ class MetricsLog:
             line += f" | data wait {wait:.2f} s, {wait / step_time:.0%} of the step: the data path is the bottleneck"
         print(line, flush=True)
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
+        """Close metrics.jsonl and end the W&B run (`failed`: marked as failed), on every exit of the loop."""
         if self.enabled:
             self.file.close()
             if self.wandb is not None:
-                self.wandb.finish()
+                self.wandb.finish(exit_code=1 if failed else None)

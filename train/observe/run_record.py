@@ -1,0 +1,96 @@
+"""The run record (`run_config.json` and W&B's config): the flags, the DeepSpeed JSON, the topology with every
+stage's layers and parameters, the model, library versions and the git revision."""
+
+import subprocess
+from pathlib import Path
+
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from models.quantize import parameter_count
+from train.config.ds_config import BatchLayout
+
+
+def run_environment() -> dict:
+    """Library versions and the git revision, for the run's config."""
+    import datasets
+    import deepspeed
+    import torch
+    import transformers
+
+    try:
+        revision = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    return {
+        "versions": {
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+        },
+        "git_revision": revision,
+        "device": get_accelerator().device_name(),
+    }
+
+
+def stages_summary(engine: PipelineEngine) -> list[dict]:
+    """Layers and parameters of every pipeline rank (`stage`: one stage under 1F1B, two under DualPipeV, whose
+    [start, stop) `layer_bounds` lists): `parameters` counts the tied embedding on the first stage
+    only (they add up to the model), `held_parameters` is what the stage keeps in memory,
+    `trainable_parameters` what trains (LoRA: the adapters), counted as `parameters`. A collective."""
+    pipe = engine.module
+    tied = {id(p) for m in pipe.tied_modules.values() for p in m.parameters()}
+    params = sum(parameter_count(p) for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
+    held = sum(parameter_count(p) for p in pipe.parameters())
+    trainable = sum(
+        p.numel() for p in pipe.parameters() if p.requires_grad and (engine.is_first_stage() or id(p) not in tied)
+    )
+    everyone = [None] * dist.get_world_size()
+    bounds = [list(b) for b in pipe.stage_layers()]
+    mine = (engine.grid.data_parallel_id, engine.stage_id, bounds, pipe.stage_layer_names(), params, held, trainable)
+    dist.all_gather_object(everyone, mine)
+    return [
+        {
+            "stage": stage,
+            "layer_bounds": bounds,
+            "layers": layers,
+            "parameters": n,
+            "held_parameters": h,
+            "trainable_parameters": t,
+        }
+        for dp, stage, bounds, layers, n, h, t in sorted(everyone, key=lambda x: x[1])
+        if dp == 0
+    ]
+
+
+def run_record(
+    flags: dict, ds_config: dict, engine: PipelineEngine, batch: BatchLayout, model_config: dict, flops_per_token: float
+) -> dict:
+    """What `run_config.json` and W&B's config hold: the flags, the DeepSpeed JSON, the layout, the model."""
+    stages = stages_summary(engine)
+    topology = {
+        "world_size": dist.get_world_size(),
+        "pipeline_stages": engine.num_stages,  # pipeline ranks per replica
+        "data_parallel": engine.grid.data_parallel_size,
+        "schedule": engine.module.SCHEDULE,
+        "stage_layer_bounds": [int(b) for b in engine.module.parts],  # of 2 x ranks stages under dualpipev
+        "micro_batches_per_step": batch.num_micro_batches,
+        "stages": stages,
+    }
+    return {
+        "args": flags,
+        "deepspeed": ds_config,
+        "topology": topology,
+        "model": model_config,
+        "flops_per_token": flops_per_token,
+        **run_environment(),
+        "parameters": sum(s["parameters"] for s in stages),
+        "trainable_parameters": sum(s["trainable_parameters"] for s in stages),
+    }
