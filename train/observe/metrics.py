@@ -33,7 +33,7 @@ def memory_in_use() -> int:
 
 def memory_before_model() -> int:
     """`memory_in_use()` once the modules that building the engine and the first forward import are imported: on
-    CPU the resident set counts imported code too, which is no part of the model (60-80 MB in tests/test_plan.py).
+    CPU the resident set counts imported code too, which is no part of the model (60-80 MB in tests/unit/test_plan.py).
     They are transformers 5.24's masking utilities (imported by models/masking.py at the first forward; they
     import torch._dynamo) and the module DeepSpeed 0.19.8's ZeRO optimizer check imports in `deepspeed.initialize`
     (`zero/utils.py: is_zero_supported_optimizer`: its Muon optimizer, whose `@torch.compile` imports
