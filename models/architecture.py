@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from train.errors import first_line
 
-# model_type -> what the README calls it. Each is tested against its transformers model (tests/test_families.py).
+# model_type -> what the README calls it. Each is tested against its transformers model (tests/unit/test_families.py).
 SUPPORTED_FAMILIES = {
     "gpt2": "GPT-2",
     "llama": "Llama 2/3",

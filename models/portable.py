@@ -17,7 +17,7 @@ serving engines, evaluation harnesses, older trainers) misreads, measured here a
   GPT-NeoX's `rotary_pct`/`rotary_emb_base`, Phi-3's `partial_rotary_factor`) and silently falls back to their
   defaults: a Llama 3 rope-scaled export ran at theta 10,000 without scaling (logits off by 0.12), a Pythia with
   half-rotary heads at a quarter (0.11). The 4.x keys are added beside `rope_parameters`; 5.x reads
-  `rope_parameters` first and gives the same model (tests/test_portable.py checks both).
+  `rope_parameters` first and gives the same model (tests/integration/test_portable.py checks both).
 - `generation_config.json` without a `pad_token_id` makes every `generate` call warn and guess; it gets the
   first EOS, as `generate` would pick.
 - safetensors 0.8 creates its files owner-only (0600) whatever the umask: a team's shared model folder would be

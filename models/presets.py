@@ -1,7 +1,7 @@
 """Named model shapes, and turning `--model-config` / `--model` into a transformers config.
 
 Real shapes are those of the published `config.json`s (parameter counts as the HF model built from
-the preset reports them; tests/test_plan.py checks them); `*-tiny` and `gpt2-small-cpu` are
+the preset reports them; tests/unit/test_plan.py checks them); `*-tiny` and `gpt2-small-cpu` are
 CPU-sized shapes for tests and the default run.
 """
 

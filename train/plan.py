@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cluster = p.add_argument_group("cluster")
-    cluster.add_argument("--nodes", type=int, default=1)
-    cluster.add_argument("--gpus-per-node", type=int, default=8)
+    cluster.add_argument("--nodes", type=int, default=1, help="nodes of the cluster")
+    cluster.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node")
     cluster.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)}")
     cluster.add_argument(
         "--search-stages",

@@ -1,5 +1,5 @@
 """`--streaming` in-process: the stream's blocks are the cached blocks, and resuming from any block's saved
-position gives the blocks that followed it (the multi-rank runs are in tests/test_streaming_training.py)."""
+position gives the blocks that followed it (the multi-rank runs are in tests/integration/test_streaming_training.py)."""
 
 import itertools
 import json

@@ -107,7 +107,8 @@ def shared_flags() -> list[argparse.ArgumentParser]:
     model.add_argument(
         "--keep-gelu-new",
         action="store_true",
-        help="keep GPT-2's gelu_new (~8 kernels) instead of the same function fused (gelu_pytorch_tanh)",
+        help="keep GPT-2's gelu_new (~8 kernels) instead of the same function fused (gelu_pytorch_tanh, within ~3e-7); "
+        "imported GPT-2 checkpoints and from-scratch GPT-2 get the fused one, and the export says so",
     )
     model.add_argument(
         "--tokenizer",
@@ -130,13 +131,18 @@ def shared_flags() -> list[argparse.ArgumentParser]:
 def _layout_flags(p: argparse.ArgumentParser) -> None:
     layout = p.add_argument_group("layout")
     layout.add_argument(
-        "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=str(DEFAULT_DS_CONFIG)
+        "--deepspeed_config",
+        "--deepspeed-config",
+        dest="deepspeed_config",
+        default=str(DEFAULT_DS_CONFIG),
+        help="the DeepSpeed JSON: batch sizes, precision, ZeRO, optimizer, LR schedule, clipping",
     )
     layout.add_argument(
         "--pipeline-stages",
         type=int,
         default=2,
-        help="pipeline ranks per replica (each holds 2 stages under dualpipev)",
+        help="pipeline ranks per replica (each holds 2 stages under dualpipev); data-parallel replicas = world size "
+        "/ stages",
     )
     layout.add_argument(
         "--schedule",
@@ -148,7 +154,8 @@ def _layout_flags(p: argparse.ArgumentParser) -> None:
     layout.add_argument(
         "--partition-method",
         default="flops",
-        help="flops (balance forward+backward FLOPs), or DeepSpeed's parameters, uniform, type:<regex>",
+        help="flops (balance forward+backward FLOPs), or DeepSpeed's parameters, uniform, "
+        "type:<regex on the layer class>",
     )
     layout.add_argument(
         "--activation-checkpoint-interval",
@@ -156,8 +163,10 @@ def _layout_flags(p: argparse.ArgumentParser) -> None:
         default=0,
         help="recompute every N transformer blocks in backward instead of storing their activations",
     )
-    layout.add_argument("--seq-len", type=int, default=128)
-    layout.add_argument("--train-steps", type=int, default=300)
+    layout.add_argument(
+        "--seq-len", type=int, default=128, help="tokens per packed block (at most the model's positions)"
+    )
+    layout.add_argument("--train-steps", type=int, default=300, help="optimizer steps")
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -181,7 +190,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         default="text",
         help="text: pretraining, every token in the loss; prompt-completion or chat: the loss on the answers only",
     )
-    data.add_argument("--text-column", default="text")
+    data.add_argument(
+        "--text-column", default="text", help="column holding the text (.txt files are one document per line)"
+    )
     data.add_argument("--prompt-column", default="prompt", help="prompt-completion data: the prompt column")
     data.add_argument("--completion-column", default="completion", help="prompt-completion data: the answer column")
     data.add_argument("--messages-column", default="messages", help="chat data: the column of {role, content} lists")
@@ -200,7 +211,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="document: a token of a packed block attends only to earlier tokens of its own document, whose "
         "positions start at 0 (as if it were alone); causal: to every earlier token of the block. Default: "
-        "document for prompt-completion and chat data, causal for text (README: Attention in packed blocks)",
+        "document for prompt-completion and chat data, causal for text (docs/data.md: Attention in packed blocks)",
     )
     data.add_argument(
         "--overlong",
@@ -225,7 +236,7 @@ def _data_reading_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read the sources as a stream, tokenized and packed on the ranks that read data while training runs: "
         "no cache, the first step at once; the blocks of the cached path, in order (with --val-data the same blocks "
-        "as --data-order sequential; README: Streaming)",
+        "as --data-order sequential; docs/data.md: Streaming)",
     )
     data.add_argument(
         "--data-order",
@@ -238,13 +249,14 @@ def _data_reading_flags(p: argparse.ArgumentParser) -> None:
         "--data-cache-dir",
         type=Path,
         default=None,
-        help="packed-data cache (default ~/.cache/pipegpt); on a file system the nodes share, each node tokenizes a "
-        "shard of the data",
+        help="packed-data cache (default ~/.cache/pipegpt, or PIPEGPT_CACHE); on a file system the nodes share, "
+        "each node tokenizes a shard of the data",
     )
     data.add_argument(
         "--trace-batches",
         action="store_true",
-        help="record the block indices every data-reading rank feeds, in <output-dir>/batches/",
+        help="record the blocks (and the shape and a digest of the labels) every data-reading rank feeds its engine, "
+        "in <output-dir>/batches/",
     )
     data.add_argument(
         "--num-proc", type=int, default=None, help="processes for tokenization, per node (default: all cores)"
@@ -253,7 +265,7 @@ def _data_reading_flags(p: argparse.ArgumentParser) -> None:
 
 def _loop_flags(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training")
-    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--seed", type=int, default=1234, help="the run's random seed")
     train.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (and at the end)")
     train.add_argument(
         "--eval-blocks",
@@ -262,11 +274,15 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
         help="validation blocks per evaluation (default: those that hold 1,048,576 tokens, or all when fewer), "
         "rounded down to whole global batches (train_batch_size blocks per evaluation step; the log says how many)",
     )
-    train.add_argument("--log-interval", type=int, default=10)
+    train.add_argument(
+        "--log-interval", type=int, default=10, help="steps between logged steps (progress line, metrics.jsonl, W&B)"
+    )
     train.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile every pipeline layer (DeepSpeed's engine.compile); the first step pays the compilation",
+        help="torch.compile every pipeline layer (DeepSpeed's engine.compile); the first step pays the compilation "
+        "(reported once). Works with activation checkpointing; the backend and what inductor needs (a C++ compiler "
+        "on CPU, Triton on GPUs) are checked before any rank starts",
     )
     train.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     train.add_argument(
@@ -285,20 +301,23 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
     ckpt.add_argument(
         "--reset-optimizer",
         action="store_true",
-        help="load only the weights (needed when resuming with another stage or replica count)",
+        help="load only the weights, with a fresh optimizer (another layout keeps the optimizer state through the "
+        "universal checkpoint)",
     )
 
 
 def _output_flags(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("outputs")
-    out.add_argument("--output-dir", type=Path, default=REPO / "runs" / "default")
-    out.add_argument("--wandb-project", default="pipegpt")
-    out.add_argument("--wandb-run-name", default=None)
+    out.add_argument(
+        "--output-dir", type=Path, default=REPO / "runs" / "default", help="where the run writes (docs/outputs.md)"
+    )
+    out.add_argument("--wandb-project", default="pipegpt", help="W&B project")
+    out.add_argument("--wandb-run-name", default=None, help="W&B run name (default: the --output-dir folder's name)")
     out.add_argument(
         "--wandb-mode",
         choices=["online", "offline", "disabled"],
         default=None,
-        help="default: online when WANDB_API_KEY is set, else offline",
+        help="default: online when WANDB_API_KEY is set, else offline; disabled turns W&B off",
     )
     out.add_argument(
         "--profile-steps",
@@ -322,8 +341,9 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
         "--sample-tokens",
         type=int,
         default=None,
-        help=f"new tokens per sample, at every evaluation and from the export at the end; 0: no samples (default "
-        f"{SAMPLE_TOKENS}, and none at evaluations for models over {EVALUATION_SAMPLES_UP_TO // 10**6}M parameters)",
+        help=f"new tokens per sample, at every evaluation (through the pipeline, no KV cache) and from the export at "
+        f"the end; 0: no samples (default {SAMPLE_TOKENS}, and none at evaluations for models over "
+        f"{EVALUATION_SAMPLES_UP_TO // 10**6}M parameters unless given; a line says so)",
     )
     out.add_argument(
         "--merge-adapter",
