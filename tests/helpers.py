@@ -58,6 +58,18 @@ def small_run_args(
     return cli(**{**flags, **overrides})
 
 
+def run_preflight(capsys, world_size: int, *args) -> str:
+    """launch.sh's one-process check in this process, expected to refuse: its one `error:` line (exit code 2).
+    What launch.sh does with that line (stops before any rank) is tested once, by launching it."""
+    from train.preflight import main as preflight
+
+    code = preflight(["--world-size", str(world_size), *map(str, args)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 def start_process_group(cmd: list, env: dict, output: int = subprocess.PIPE) -> subprocess.Popen:
     """Start `cmd` (a launcher and its ranks) in its own process group, not waited for; its output piped (or
     `output`: DEVNULL for a run nobody reads). Each start is a line in $PIPEGPT_LAUNCH_LOG (tests/run.sh counts

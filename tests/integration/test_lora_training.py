@@ -24,6 +24,7 @@ from tests.helpers import (
     kill_one_rank_after_first_checkpoint,
     launch,
     read_metrics,
+    run_preflight,
     small_run_args,
     step_losses,
     tiny_llama,
@@ -166,7 +167,7 @@ def test_sigkilled_lora_run_resumes_bit_exactly(lora_runs, corpus, tokenizer_dir
     assert after == uninterrupted
 
 
-def test_lora_checkpoint_refuses_another_base_model(lora_runs, corpus, tokenizer_dir, tmp_path):
+def test_lora_checkpoint_refuses_another_base_model(lora_runs, corpus, tokenizer_dir, tmp_path, capsys):
     tmp, runs = lora_runs["llama"]
     other = AutoModelForCausalLM.from_pretrained(tmp / "base")
     with torch.no_grad():
@@ -175,10 +176,8 @@ def test_lora_checkpoint_refuses_another_base_model(lora_runs, corpus, tokenizer
     args = lora_args(corpus, tokenizer_dir, tmp, tmp / "ds.json", steps=STEPS + 2)
     args[args.index("--model") + 1] = str(tmp_path / "other")
     flags = [*args, "--pipeline-stages", 1, "--load", runs["pp1"] / "checkpoints", "--output-dir", tmp_path / "r"]
-    proc = launch(flags, 1, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --load names a LoRA checkpoint trained on another")
-    assert "spawned" not in proc.stdout + proc.stderr
+    line = run_preflight(capsys, 1, *flags)  # launch.sh's check, before any rank starts
+    assert line.startswith("error: --load names a LoRA checkpoint trained on another")
 
 
 def test_qlora_on_two_stages_equals_a_plain_loop_on_transformers_4bit_model(lora_runs, corpus, tokenizer_dir):

@@ -6,17 +6,9 @@ import os
 
 import pytest
 
-from tests.helpers import CHATML, REPO, tiny_gpt2, write_ds_config, write_file, write_json
+from tests.helpers import CHATML, REPO, run_preflight, tiny_gpt2, write_ds_config, write_file, write_json
 from train.config.args import DEFAULT_MODEL_CONFIG
 from train.preflight import main as preflight
-
-
-def run_preflight(capsys, world_size: int, *args) -> str:
-    code = preflight(["--world-size", str(world_size), *map(str, args)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def test_missing_deepspeed_config(capsys, good, tmp_path):
@@ -630,3 +622,14 @@ def test_inventory_row_is_one_error_line_before_any_rank(capsys, good, tmp_path,
 def test_every_inventory_row_is_documented():
     documented = (REPO / "docs" / "inputs.md").read_text()
     assert all(f"`{row}`" in documented for row, _, _ in INVENTORY)
+
+
+def test_dualpipev_with_too_few_micro_batches_is_the_whole_line(capsys, good, tmp_path):
+    """3 micro-batches on 2 pipeline ranks: DeepSpeed's DualPipeV needs 4; the line names the problem and both fixes
+    (launch.sh stops on any preflight line before a rank starts: test_bad_input_launch.py)."""
+    config = write_json(tmp_path / "ds.json", {**json.loads(good["config"].read_text()), "train_batch_size": 6})
+    line = run_preflight(capsys, 2, "--schedule", "dualpipev", "--deepspeed_config", config, "--data", good["data"])
+    assert line == (
+        "error: --schedule dualpipev needs at least 2 x 2 = 4 micro-batches per step, the DeepSpeed config gives 3: "
+        "raise gradient_accumulation_steps (train_batch_size) to 4, or use --schedule 1f1b"
+    )
