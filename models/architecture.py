@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from train.errors import first_line
+from models.errors import first_line
 
 # model_type -> what the README calls it. Each is tested against its transformers model (tests/test_families.py).
 SUPPORTED_FAMILIES = {

@@ -17,8 +17,8 @@ from safetensors import safe_open as _safe_open
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
 from models.architecture import TIED_EMBEDDING_KEY, TIED_HEAD, Architecture, discover
+from models.errors import first_line
 from models.portable import make_portable
-from train.errors import first_line
 
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 

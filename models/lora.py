@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.architecture import DECODER, TIED_HEAD, Architecture, PipelineLayer, is_linear
-from train.errors import first_line
+from models.errors import first_line
 
 if TYPE_CHECKING:
     from peft import LoraConfig

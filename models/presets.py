@@ -12,8 +12,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from models.architecture import SUPPORTED_FAMILIES, discover
+from models.errors import first_line
 from models.hub import check_hub_name, check_model_dir, not_found
-from train.errors import first_line
 
 
 def _rope(theta: float, **scaling) -> dict:
