@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.architecture import DECODER, TIED_HEAD, Architecture, PipelineLayer, is_linear
+from models.architecture import TIED_HEAD, Architecture, PipelineLayer, is_conv1d, is_linear
 from models.errors import first_line
 
 if TYPE_CHECKING:
@@ -173,18 +173,10 @@ def _owner(layers: list[PipelineLayer], hf_name: str) -> PipelineLayer | None:
     return next((layer for layer in layers if layer.kind != TIED_HEAD and _inside(layer, hf_name)), None)
 
 
-def local_name(layer: PipelineLayer, hf_name: str) -> str:
-    """The name, inside the pipeline layer, of its HF module `hf_name` (the inverse of `PipelineLayer.hf_key`)."""
-    if layer.kind == DECODER:
-        return "layer" + hf_name.removeprefix(layer.modules[0])
-    parent = layer.modules[0].rpartition(".")[0]
-    return hf_name.removeprefix(parent + ".") if parent else hf_name
-
-
 def add_adapters(layer_module: nn.Module, layer: PipelineLayer, plan: AdapterPlan, seed: int) -> int:
     """Inject this layer's adapters (peft's LoRA layers, initialised from `seed`) and freeze the rest of the layer.
     Returns the number of adapted modules."""
-    mine = {local_name(layer, n): ra for n, ra in plan.targets.items() if layer.kind != TIED_HEAD and _inside(layer, n)}
+    mine = {layer.local_name(n): ra for n, ra in plan.targets.items() if layer.kind != TIED_HEAD and _inside(layer, n)}
     # (the tied head's module is the embedding's, which gets its adapters, if any, as layer 0)
     if mine:
         exact = {re.escape(name): ra for name, ra in mine.items()}
@@ -252,10 +244,6 @@ def save_adapter(out_dir: Path, plan: AdapterPlan, tensors: dict[str, torch.Tens
     return out_dir
 
 
-def trainable_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 def adapter_parameters(arch: Architecture, plan: AdapterPlan) -> list[int]:
     """Adapter parameters of every pipeline layer (in_features x r + r x out_features per module; DoRA adds a
     magnitude vector of out_features), from the meta model."""
@@ -265,9 +253,7 @@ def adapter_parameters(arch: Architecture, plan: AdapterPlan) -> list[int]:
     for name, (rank, _) in plan.targets.items():
         module = model.get_submodule(name)
         weight = module.weight
-        if isinstance(module, nn.Embedding):
-            fan_in, fan_out = weight.shape
-        elif type(module).__name__ == "Conv1D":
+        if isinstance(module, nn.Embedding) or is_conv1d(module):
             fan_in, fan_out = weight.shape
         else:
             fan_out, fan_in = weight.shape

@@ -26,6 +26,7 @@ from torch import nn
 
 from models.architecture import (
     DECODER,
+    DECODER_ATTR,
     EMBEDDING,
     FINAL_NORM,
     HEAD,
@@ -81,7 +82,7 @@ class DecoderLayerPipe(nn.Module):
 
     def __init__(self, arch: Architecture, index: int):
         super().__init__()
-        self.layer = arch.new_module(arch.layer_path(index))
+        self.add_module(DECODER_ATTR, arch.new_module(arch.layer_path(index)))
         self.rotary = arch.new_module(f"{arch.prefix}.{arch.rotary}") if arch.rotary else None
         self.config, self.attention_type = arch.config, layer_attention_type(arch.config, index)
 
@@ -93,7 +94,7 @@ class DecoderLayerPipe(nn.Module):
         }
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
-        return self.layer(hidden, **kwargs), position_ids  # transformers 5 layers return a tensor
+        return getattr(self, DECODER_ATTR)(hidden, **kwargs), position_ids  # transformers 5 layers return a tensor
 
     def _apply(self, fn, recurse=True):
         # Keep the rotary frequencies in fp32 when DeepSpeed casts the model to bf16/fp16: only move them.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.architecture import is_linear
+from models.architecture import is_conv1d, is_linear
 
 BLOCK = 64  # bitsandbytes' 4-bit block size (the absmax of every 64 weights is stored)
 
@@ -64,7 +64,7 @@ def quantize_4bit(layer: nn.Module, quantization: Quantization, compute_dtype: t
     for name, module in list(layer.named_modules()):
         if not name or not is_linear(module):
             continue
-        weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()  # Conv1D is x @ W
+        weight = module.weight.t() if is_conv1d(module) else module.weight  # Conv1D is x @ W
         out_features, in_features = weight.shape
         quantized = bnb.nn.Linear4bit(
             in_features,

@@ -33,7 +33,7 @@ from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
 from models.architecture import DECODER, Architecture, discover
 from models.flops import flops_partition
-from models.lora import AdapterPlan, adapter_parameters, local_name
+from models.lora import AdapterPlan, adapter_parameters
 from models.pipeline import LAYER_CLASSES, DecoderLayerPipe, rank_layer_ranges, stages_per_rank
 from models.quantize import Quantization, quantized_parameters
 from train.config.ds_config import batch_layout
@@ -104,9 +104,9 @@ def first_block_lora(arch: Architecture, adapters: AdapterPlan) -> dict:
     what the adapters need instead of what the weights' gradients would)."""
     blocks = [layer for layer in arch.pipeline_layers() if layer.kind == DECODER]
     for layer in blocks:
-        names = sorted(local_name(layer, n) for n in adapters.targets if n.startswith(layer.modules[0] + "."))
+        names = sorted(layer.local_name(n) for n in adapters.targets if n.startswith(layer.modules[0] + "."))
         if names:
-            rank, alpha = adapters.targets[f"{layer.modules[0]}{names[0].removeprefix('layer')}"]
+            rank, alpha = adapters.targets[layer.hf_key(names[0])]
             return {"target_modules": names, "r": rank, "lora_alpha": alpha, "use_dora": adapters.config.use_dora}
     return {"target_modules": [], "r": 1, "lora_alpha": 1, "use_dora": False}
 
