@@ -37,10 +37,8 @@ from models.architecture import (
 )
 from models.deepspeed_internals import DualPipeVModuleHooks, PipelineModuleHooks
 from models.flops import flops_partition
-from models.lora import AdapterPlan, add_adapters, load_initial_adapters
 from models.loss import next_token_cross_entropy
 from models.masking import attention_mask, layer_attention_type
-from models.quantize import Quantization, quantize_4bit
 
 
 class EmbeddingPipe(nn.Module):
@@ -162,7 +160,9 @@ def layer_specs(arch: Architecture) -> list[LayerSpec]:
 
 
 class CausalLMPipeline(PipelineModuleHooks):
-    """DeepSpeed's PipelineModule plus a `flops` partition method that balances compute.
+    """DeepSpeed's PipelineModule plus a `flops` partition method that balances compute. It partitions and builds
+    the layers, no more: QLoRA's 4 bits (`models.quantize.quantize_stage`) and LoRA's adapters
+    (`models.lora.add_adapters`) are applied to a built stage from outside.
 
     DeepSpeed balances parameters (a tied head has none on the last stage, yet does the largest matmul
     and the loss), layer counts or layer types; its `profile` method is not implemented. `flops` gives
@@ -188,30 +188,6 @@ class CausalLMPipeline(PipelineModuleHooks):
 
     def layer_parameter_counts(self) -> list[int]:
         return self.arch.layer_parameters()  # from the meta model: nothing is built
-
-    def quantize_4bit(self, quantization: Quantization, compute_dtype: torch.dtype) -> int:
-        """QLoRA: this stage's decoder layers' linear weights to 4 bits (bitsandbytes), quantized on the device
-        as they move there. Call after the base weights are loaded, before the adapters. Returns the modules."""
-        device = get_accelerator().current_device_name()
-        layers = self.arch.pipeline_layers()
-        return sum(
-            quantize_4bit(module, quantization, compute_dtype, device)
-            for index, module in self.stage_modules()
-            if layers[index].kind == DECODER
-        )
-
-    def add_adapters(self, plan: AdapterPlan, seed: int) -> int:
-        """peft's LoRA layers on this stage's modules that `plan` targets, each layer's adapters initialised from
-        (seed, layer index) so that every layout starts from the same ones; every other parameter is frozen.
-        With `plan.initial`, the adapters start from that PEFT adapter file. Returns the adapted modules."""
-        layers, adapted = self.arch.pipeline_layers(), 0
-        for index, module in self.stage_modules():  # not the tied head: it calls the embedding's module
-            adapted += add_adapters(module, layers[index], plan, seed=seed * 1_000_003 + index)
-            if plan.initial is not None:
-                load_initial_adapters(module, layers[index], plan.initial)
-        for name, param in self.named_parameters():  # the tied head's copy of the embedding too
-            param.requires_grad_("lora_" in name)
-        return adapted
 
     @torch.no_grad()
     def tied_weight_max_diff(self) -> float:

@@ -16,13 +16,14 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import logger as ds_logger
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from models import lora
 from models.architecture import Architecture
 from models.flops import flops_per_token
 from models.hf_weights import load_hf_weights, weights_fingerprint
 from models.hub import resolve_model_dir
 from models.lora import AdapterPlan
 from models.pipeline import CausalLMPipeline, build_pipeline, ranges_text
-from models.quantize import parameter_count
+from models.quantize import parameter_count, quantize_stage
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from train.checkpoint.same_run import trained_with
 from train.config.args import EVALUATION_SAMPLES_UP_TO, SAMPLE_TOKENS
@@ -107,7 +108,7 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         sys.stdout.write(f"rank {rank()}: loaded {loaded} pretrained tensors for layers {layers}\n")
     if config.quantization is not None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[training_dtype(config.ds_config)]
-        quantized = every_rank(lambda: pipe.quantize_4bit(config.quantization, dtype))
+        quantized = every_rank(lambda: quantize_stage(pipe, config.quantization, dtype))
         sys.stdout.write(f"rank {rank()}: {quantized} linear layers in 4 bits ({config.quantization.quant_type})\n")
     if config.adapters is not None:
         adapted = every_rank(lambda: add_adapters(pipe, config.adapters, flags.seed))
@@ -125,7 +126,7 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
 
 def add_adapters(pipe: CausalLMPipeline, adapters: AdapterPlan, seed: int) -> int:
     try:
-        return pipe.add_adapters(adapters, seed)
+        return lora.add_adapters(pipe, adapters, seed)
     except (OSError, ValueError) as e:  # an initial adapter file that does not fit
         raise ConfigError(first_line(e)) from None
 
