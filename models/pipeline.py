@@ -254,6 +254,7 @@ def _seed_layer(seed: int) -> None:
 def build_pipeline(
     arch: Architecture,
     num_stages: int,
+    *,
     partition_method: str = "parameters",
     seed: int = 1234,
     activation_checkpoint_interval: int = 0,

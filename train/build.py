@@ -93,11 +93,11 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         pipe = build_pipeline(
             arch,
             flags.pipeline_stages,
-            flags.partition_method,
-            flags.seed,
-            flags.activation_checkpoint_interval,
-            flags.seq_len,
-            flags.schedule,
+            partition_method=flags.partition_method,
+            seed=flags.seed,
+            activation_checkpoint_interval=flags.activation_checkpoint_interval,
+            seq_len=flags.seq_len,
+            schedule=flags.schedule,
         )
     except ValueError as e:  # a partition DeepSpeed cannot run
         raise ConfigError(str(e)) from None

@@ -105,14 +105,14 @@ def make_plan(flags: Flags) -> Plan:
             plans = plan_stages(
                 arch,
                 ds_config,
-                stages,
-                world // stages,
-                flags.seq_len,
-                flags.partition_method,
-                flags.activation_checkpoint_interval,
-                adapters,
-                quantization,
-                flags.schedule,
+                stages=stages,
+                data_parallel=world // stages,
+                seq_len=flags.seq_len,
+                method=flags.partition_method,
+                checkpoint_interval=flags.activation_checkpoint_interval,
+                adapters=adapters,
+                quantization=quantization,
+                schedule=flags.schedule,
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None

@@ -152,6 +152,7 @@ def _saved_bytes_per_token(config_json: str, scale: float, dtype: str, lora_json
 def plan_stages(
     arch: Architecture,
     ds_config: dict,
+    *,
     stages: int,
     data_parallel: int,
     seq_len: int,
