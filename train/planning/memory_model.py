@@ -26,12 +26,10 @@ freed before the step. Checked against measured memory in `bench/memory_bench.py
 
 import functools
 import json
-import re
 from dataclasses import dataclass
 
-from deepspeed.runtime.utils import partition_balanced, partition_uniform
-
 from models.architecture import DECODER, Architecture, discover
+from models.deepspeed_internals import deepspeed_partition
 from models.flops import flops_partition
 from models.lora import AdapterPlan, adapter_parameters
 from models.pipeline import LAYER_CLASSES, DecoderLayerPipe, rank_layer_ranges, stages_per_rank
@@ -48,20 +46,15 @@ def layer_names(arch: Architecture) -> list[str]:
 
 
 def stage_bounds(arch: Architecture, stages: int, method: str, seq_len: int) -> list[int]:
-    """Stage bounds as `PipelineModule._partition_layers` makes them (DeepSpeed 0.19.8, runtime/pipe/module.py)."""
-    method = method.lower()
-    if method == "uniform":
-        bounds = partition_uniform(len(arch.pipeline_layers()), stages)
-    elif method == "parameters":
-        bounds = partition_balanced(arch.layer_parameters(), stages)
-    elif method == "flops":
-        bounds = flops_partition(arch, seq_len, stages)
-    elif method.startswith("type:"):  # layers whose class name the regex finds weigh 1, the others 0
-        pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
-        bounds = partition_balanced([int(bool(pattern.search(name))) for name in layer_names(arch)], stages)
-    else:
-        raise ConfigError(f"the planner knows flops, parameters, uniform and type:<regex>, not {method!r}")
-    return [int(b) for b in bounds]
+    """Stage bounds as the pipeline module makes them: ours for `flops`, DeepSpeed's for its own methods."""
+    if method.lower() == "flops":
+        return flops_partition(arch, seq_len, stages)
+    bounds = deepspeed_partition(
+        method, stages=stages, parameters=arch.layer_parameters(), layer_names=layer_names(arch)
+    )
+    if bounds is None:
+        raise ConfigError(f"the planner knows flops, parameters, uniform and type:<regex>, not {method.lower()!r}")
+    return bounds
 
 
 @dataclass
