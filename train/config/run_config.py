@@ -8,12 +8,14 @@ re-resolves a flag's raw value.
 import importlib.util
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from transformers import PretrainedConfig
 
 from models.architecture import discover
 from models.hf_weights import weights_fingerprint
+from models.hub import resolve_model_dir
 from models.lora import AdapterPlan
 from models.pipeline import rank_layer_ranges, stages_per_rank
 from models.presets import resolve_model_config
@@ -56,6 +58,13 @@ class RunConfig:
     adapters: AdapterPlan | None  # LoRA (train/config/adapters.py); None: every weight trains
     quantization: Quantization | None  # QLoRA's 4-bit base (--load-in-4bit)
     resume_mode: str | None  # with --load: "exact", "universal" or "weights" (checkpoint/manifest.py: resume_mode)
+
+    @cached_property
+    def model_dir(self) -> Path | None:
+        """`--model`'s save_pretrained folder, resolved once for the run: a local folder as given, a hub name
+        downloaded (config and safetensors). Resolved where first read (its tokenizer or its weights), not with the
+        rest: the preflight resolves the same config and downloads no weights. ValueError naming what is wrong."""
+        return resolve_model_dir(self.flags.model) if self.flags.model else None
 
 
 def data_format_from_flags(flags: Flags) -> DataFormat:
