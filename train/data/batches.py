@@ -55,7 +55,7 @@ class MicroBatchFeed:
         self.global_batch = self.per_replica * dp_size
         self.step = start_step  # the steps fed so far
         # With a trace path, every micro-batch handed to the engine is recorded there (appended on resume).
-        self.trace = open(trace_path, "a") if trace_path else None  # noqa: SIM115 (closed in close())
+        self.trace = open(trace_path, "a") if trace_path else None  # closed in close()
         self.wait_seconds = 0.0  # time the engine spent waiting on us since `take_wait_seconds`
 
     def feed(self, rows: dict, blocks: list[int], scale: torch.Tensor | None, started: float) -> Iterator[tuple]:
@@ -194,7 +194,7 @@ def prefetched(items: Iterator, depth: int) -> Iterator:
         try:
             for item in items:
                 queue.put((item, None))
-        except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
+        except BaseException as e:  # handed to the consumer, which raises it
             queue.put((None, e))
 
     threading.Thread(target=produce, daemon=True, name="stream-prefetch").start()
