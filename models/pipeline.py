@@ -14,8 +14,7 @@ Between stages travel the hidden states and the int64 positions (per document un
 for it, but leaves integer tensors alone, so each decoder layer computes its rotary cos/sin and its mask from the
 positions itself. One float tensor and one integer tensor is also the only mix its receive buffers keep apart
 on middle stages (`_exec_recv_activations` in runtime/pipe/engine.py allocates `pipe_recv_buf` once and reuses
-it without checking dtype). Parameter names
-are the HF names below a per-layer prefix (see `models/hf_weights.py`).
+it without checking dtype). Parameter names are the HF names below a per-layer prefix (see `models/hf_weights.py`).
 """
 
 import torch
