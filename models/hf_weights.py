@@ -58,7 +58,10 @@ def _checkpoint_key_renamer(arch: Architecture):
     model_keys = dict.fromkeys(model.state_dict())
 
     def rename(key: str) -> str:
-        return rename_source_key(key, transforms, [], model.base_model_prefix, model_keys)[0]
+        renamed, _ = rename_source_key(
+            key, transforms, weight_converters=[], base_model_prefix=model.base_model_prefix, meta_state_dict=model_keys
+        )
+        return renamed
 
     return rename
 

@@ -118,7 +118,7 @@ def make_plan(flags: Flags) -> Plan:
             raise ConfigError(str(e)) from None
         if fits(plans, GPU_MEMORY_GIB[gpu] * 2**30):
             break
-    return Plan(arch, ds_config, gpu, world, stages, plans, adapters)
+    return Plan(arch, ds_config, gpu=gpu, world_size=world, stages=stages, plans=plans, adapters=adapters)
 
 
 # What the memory table cannot know, said under it. Measured against it (bench/memory_bench.py, CPU fp32, ZeRO-1):

@@ -81,12 +81,12 @@ def data_format_from_flags(flags: Flags) -> DataFormat:
     return DataFormat(
         flags.data_format,
         flags.text_column,
-        flags.prompt_column,
-        flags.completion_column,
-        flags.messages_column,
-        template,
-        flags.packing,
-        flags.overlong,
+        prompt_column=flags.prompt_column,
+        completion_column=flags.completion_column,
+        messages_column=flags.messages_column,
+        chat_template=template,
+        packing=flags.packing,
+        overlong=flags.overlong,
     )
 
 
@@ -175,7 +175,13 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     bpe_vocab_size = flags.vocab_size or DEFAULT_BPE_VOCAB
     model_config = model_config_from_flags(flags, bpe_vocab_size)
-    batch = check_layout(ds_config, world_size, flags.pipeline_stages, model_config.num_hidden_layers, flags.schedule)
+    batch = check_layout(
+        ds_config,
+        world_size,
+        pipeline_stages=flags.pipeline_stages,
+        num_layers=model_config.num_hidden_layers,
+        schedule=flags.schedule,
+    )
     if flags.eval_blocks is not None and flags.eval_blocks < batch.global_batch:
         raise ConfigError(
             f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"
@@ -192,7 +198,9 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         )
     resume = None
     if flags.load is not None:
-        resume = check_resume(flags, world_size, model_config, adapters, quantization)
+        resume = check_resume(
+            flags, world_size, model_config=model_config, adapters=adapters, quantization=quantization
+        )
         if resume == "universal":  # DeepSpeed reads this when the engine is built
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     data_format = data_format_from_flags(flags)

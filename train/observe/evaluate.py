@@ -180,9 +180,9 @@ class Evaluator:
             samples = sample_through_pipeline(
                 self.engine,
                 sampling.tokenizer,
-                self.prompts,
-                sampling.tokens,
-                sampling.seq_len,
+                prompts=self.prompts,
+                new_tokens=sampling.tokens,
+                seq_len=sampling.seq_len,
                 seed=sampling.seed + step,
             )
             self.log.samples(step, samples[:3])

@@ -188,7 +188,9 @@ def plan_stages(
         phase_bytes = [
             decoders(arch, start, stop) * per_block + (logits if stop == len(names) else 0) for start, stop in ranges
         ]
-        activations = peak_in_flight(schedule, stages, batch.num_micro_batches, rank, phase_bytes)
+        activations = peak_in_flight(
+            schedule, stages, micro_batches=batch.num_micro_batches, rank=rank, phase_bytes=phase_bytes
+        )
         if checkpoint_interval and any(decoders(arch, start, stop) for start, stop in ranges):
             activations += block_activations  # one block's full set during its recomputation
         quantized = sum(quantized_counts[i] for i in layers)
@@ -201,7 +203,11 @@ def plan_stages(
             "step_gradients": trainable * (12 / replicas if zero else 4),
             "activations": activations,
         }
-        plans.append(StagePlan(rank, [names[i] for i in layers], params, memory, trainable, ranges))
+        plans.append(
+            StagePlan(
+                rank, [names[i] for i in layers], parameters=params, memory=memory, trainable=trainable, bounds=ranges
+            )
+        )
     return plans
 
 
