@@ -217,25 +217,9 @@ class CausalLMDualPipeV(DualPipeVModuleHooks, CausalLMPipeline):
 SCHEDULES: dict[str, type[CausalLMPipeline]] = {cls.SCHEDULE: cls for cls in (CausalLMPipeline, CausalLMDualPipeV)}
 
 
-def stages_per_rank(schedule: str) -> int:
-    return 2 if schedule == "dualpipev" else 1
-
-
 def ranges_text(ranges: list[tuple[int, int]] | list[list[int]]) -> str:
     """[start, stop) layer ranges as people read them: "0-1 and 5-6"."""
     return " and ".join(f"{start}-{stop - 1}" for start, stop in ranges)
-
-
-def fewest_micro_batches(schedule: str, ranks: int) -> int:
-    """The fewest micro-batches a step (or a forward-only pass) of `schedule` runs on `ranks` pipeline ranks."""
-    return 2 * ranks if schedule == "dualpipev" else 1
-
-
-def rank_layer_ranges(bounds: list[int], ranks: int, schedule: str) -> list[list[tuple[int, int]]]:
-    """Per pipeline rank, [start, stop) of each stage it holds, from the bounds of all `ranks x stages_per_rank`
-    stages: stage r under 1F1B; stages r (phase 0) and 2 x ranks - 1 - r (phase 1) under DualPipeV."""
-    held = [[r, 2 * ranks - 1 - r] if schedule == "dualpipev" else [r] for r in range(ranks)]
-    return [[(int(bounds[s]), int(bounds[s + 1])) for s in stages] for stages in held]
 
 
 def _seed_layer(seed: int) -> None:

@@ -17,7 +17,6 @@ from models.architecture import discover
 from models.hf_weights import weights_fingerprint
 from models.hub import resolve_model_dir
 from models.lora import AdapterPlan
-from models.pipeline import rank_layer_ranges, stages_per_rank
 from models.presets import resolve_model_config
 from models.quantize import Quantization
 from train.checkpoint.manifest import layout_of, read_manifest, resume_mode, verified_tag_dir
@@ -36,6 +35,7 @@ from train.data.sources import Source, embedded_corpus, resolve_sources
 from train.distributed.faults import inject_fault
 from train.errors import ConfigError, first_line
 from train.planning.memory_model import stage_bounds
+from train.planning.schedules import rank_layer_ranges, stages_per_rank
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,12 +11,12 @@ from transformers import PreTrainedTokenizerBase
 
 from models.deepspeed_internals import clear_eval_outputs, forward_only_micro_batches, loss_stage_global_rank
 from models.loss import IGNORE_INDEX
-from models.pipeline import fewest_micro_batches
 from train.config.args import EVALUATION_SAMPLES_UP_TO, SAMPLE_TOKENS
 from train.config.ds_config import BatchLayout
 from train.data.batches import eval_steps
 from train.distributed.setup import say
 from train.observe.metrics import MetricsLog, eval_metrics
+from train.planning.schedules import fewest_micro_batches
 
 
 def evaluate(

@@ -32,12 +32,12 @@ from models.architecture import DECODER, Architecture, discover
 from models.deepspeed_internals import deepspeed_partition
 from models.flops import flops_partition
 from models.lora import AdapterPlan, adapter_parameters
-from models.pipeline import LAYER_CLASSES, DecoderLayerPipe, rank_layer_ranges, stages_per_rank
+from models.pipeline import LAYER_CLASSES, DecoderLayerPipe
 from models.quantize import Quantization, quantized_parameters
 from train.config.ds_config import batch_layout
 from train.errors import ConfigError
 from train.observe.mfu import training_dtype
-from train.planning.schedules import peak_in_flight
+from train.planning.schedules import peak_in_flight, rank_layer_ranges, stages_per_rank
 
 
 def layer_names(arch: Architecture) -> list[str]:
