@@ -23,7 +23,7 @@ from train.errors import ConfigError
 
 TOKENIZER_DIR = "tokenizer"  # inside a checkpoint tag: the run's tokenizer, saved with it
 # Config entries that do not change the model a checkpoint holds.
-# What a from-scratch model's config takes from the tokenizer (train/build.py: model_config_for).
+# What a from-scratch model's config takes from the tokenizer (train/prepare.py: model_config_for).
 FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id"}
 VOLATILE_CONFIG_KEYS = {
     *("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "use_cache"),
