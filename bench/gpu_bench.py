@@ -69,7 +69,10 @@ def largest_micro_batch(arch, a: argparse.Namespace) -> int:
     fitting = [
         size
         for size in (64, 32, 16, 8, 4, 2, 1)
-        if plan_stages(arch, engine_config(size, a), 1, 1, a.seq_len, "flops")[0].peak <= budget
+        if plan_stages(arch, engine_config(size, a), stages=1, data_parallel=1, seq_len=a.seq_len, method="flops")[
+            0
+        ].peak
+        <= budget
     ]
     return fitting[0] if fitting else 1
 
@@ -118,7 +121,12 @@ def bench_one(name: str, compiled: bool, a: argparse.Namespace, peak: float | No
             if micro_batch_size == 1:
                 return f"| {name} | {mode_name(compiled, document)} | does not fit | | | | | |"
             micro_batch_size //= 2
-    planned = plan_stages(arch, engine_config(micro_batch_size, a), 1, 1, a.seq_len, "flops")[0].peak / 2**30
+    planned = (
+        plan_stages(
+            arch, engine_config(micro_batch_size, a), stages=1, data_parallel=1, seq_len=a.seq_len, method="flops"
+        )[0].peak
+        / 2**30
+    )
     tokens_per_sec = micro_batch_size * MICRO_BATCHES * a.seq_len / statistics.median(times[3:] or times)
     perf = tflops_and_mfu(flops_per_token(arch, a.seq_len), tokens_per_sec, 1, peak)
     mfu = f"{perf['mfu']:.1%}" if perf["mfu"] is not None else "n/a"

@@ -73,7 +73,15 @@ def train_and_read_memory(work: Path, case: tuple, checkpoint_interval: int, ste
         model_config=write_json(work / f"{name}.json", config),
         activation_checkpoint_interval=checkpoint_interval,
     )
-    plans = plan_stages(discover(config_from_dict(config)), ds, stages, 1, SEQ, "flops", checkpoint_interval)
+    plans = plan_stages(
+        discover(config_from_dict(config)),
+        ds,
+        stages=stages,
+        data_parallel=1,
+        seq_len=SEQ,
+        method="flops",
+        checkpoint_interval=checkpoint_interval,
+    )
     planned = {p.stage: (p.peak / 2**20, p.memory["activations"] / 2**20) for p in plans}
     return measured, statistics.median(r["step_time"] for r in rows[1:]), planned
 
@@ -113,7 +121,16 @@ def full_versus_lora(work: Path, steps: int) -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, extra, plan_adapters_ in (("full", {}, None), ("LoRA", {"lora_rank": LORA_RANK}, adapters)):
         measured, rows = measure(work, f"llama_{name}", ds, LORA_STAGES, steps, model=base, **extra)
-        plans = plan_stages(arch, ds, LORA_STAGES, 1, SEQ, "flops", 0, plan_adapters_)
+        plans = plan_stages(
+            arch,
+            ds,
+            stages=LORA_STAGES,
+            data_parallel=1,
+            seq_len=SEQ,
+            method="flops",
+            checkpoint_interval=0,
+            adapters=plan_adapters_,
+        )
         step_time = statistics.median(r["step_time"] for r in rows[1:])
         tokens = statistics.median(r["tokens_per_sec"] for r in rows[1:])
         for plan in plans:
@@ -161,7 +178,7 @@ def preset_table(work: Path, presets: list[str], steps: int, seq_len: int, own_v
         else:
             config = resolve_model_config(preset, None, VOCAB, fused_gelu=True)
             measured, _ = measure(work, preset, ds, 2, steps, model_config=preset, seq_len=seq_len)
-        for plan in plan_stages(discover(config), ds, 2, 1, seq_len, "flops"):
+        for plan in plan_stages(discover(config), ds, stages=2, data_parallel=1, seq_len=seq_len, method="flops"):
             m = {k: v / 2**20 for k, v in plan.memory.items()}
             mb, peak = measured[plan.stage], plan.peak / 2**20
             print(

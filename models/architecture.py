@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from train.errors import first_line
+from models.errors import first_line
 
 # model_type -> what the README calls it. Each is tested against its transformers model (tests/unit/test_families.py).
 SUPPORTED_FAMILIES = {
@@ -40,6 +40,8 @@ SUPPORTED_FAMILIES = {
 TIED_EMBEDDING_KEY = "embed"
 # The kinds of pipeline layer, in the order `Architecture.pipeline_layers` lists them.
 EMBEDDING, DECODER, FINAL_NORM, HEAD, TIED_HEAD = "embedding", "decoder", "final_norm", "head", "tied_head"
+# The attribute under which a decoder pipeline layer holds transformers' decoder layer (`layer.self_attn...`).
+DECODER_ATTR = "layer"
 # Attention kernels that are causal when called without a mask (eager is not: it attends to the future).
 CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
 
@@ -49,21 +51,35 @@ class PipelineLayer:
     """One layer of the pipeline's flat layer list: its kind and the HF modules it holds (full paths).
 
     A layer keeps each module under the module's own name (`wte`, `ln_f`, `lm_head`), except a decoder layer,
-    which keeps transformers' layer as `layer`; so a parameter's HF key is a renaming (`hf_key`)."""
+    which keeps transformers' layer as `DECODER_ATTR`; so a name inside the layer and its HF name differ by one
+    prefix (`prefixes`), renamed one way by `hf_key` and the other by `local_name`."""
 
     kind: str  # EMBEDDING, DECODER, FINAL_NORM, HEAD or TIED_HEAD
     modules: tuple[str, ...]  # e.g. ("transformer.wte", "transformer.wpe", "transformer.drop"), ("model.layers.3",)
     parameters: int  # as DeepSpeed counts them: a tied head counts its own copy of the token embedding
     decoder_index: int | None = None  # the decoder layer's index in the HF model
 
-    def hf_key(self, name: str) -> str:
-        """HF state-dict key of the parameter `name` of this layer."""
+    def prefixes(self) -> tuple[str, str]:
+        """(prefix inside the pipeline layer, HF prefix): the one table of this layer's names; "" is no prefix."""
         if self.kind == DECODER:
-            return f"{self.modules[0]}.{name.removeprefix('layer.')}"
+            return DECODER_ATTR, self.modules[0]
         if self.kind == TIED_HEAD:
             raise ValueError("the tied LM head has no parameters of its own (it uses the token embedding's)")
-        parent = self.modules[0].rpartition(".")[0]  # the decoder (embedding, final norm) or the model (head)
-        return f"{parent}.{name}" if parent else name
+        return "", self.modules[0].rpartition(".")[0]  # the decoder (embedding, final norm) or the model (head)
+
+    def hf_key(self, name: str) -> str:
+        """HF name (state-dict key) of the parameter or module `name` of this layer."""
+        return _renamed(name, *self.prefixes())
+
+    def local_name(self, hf_name: str) -> str:
+        """The name, inside this layer, of its HF parameter or module `hf_name` (the inverse of `hf_key`)."""
+        return _renamed(hf_name, *reversed(self.prefixes()))
+
+
+def _renamed(name: str, old: str, new: str) -> str:
+    """`name` with its prefix `old` replaced by `new` (dotted prefixes; "" is none)."""
+    rest = name.removeprefix(f"{old}.") if old else name
+    return f"{new}.{rest}" if new else rest
 
 
 @dataclass(frozen=True)
@@ -147,9 +163,14 @@ class Architecture:
         return getattr(self.config, "max_position_embeddings", None)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's `Conv1D`: a linear layer computing x @ W, its weight stored (in_features, out_features)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_linear(module: nn.Module) -> bool:
-    """A linear layer as transformers builds them: `nn.Linear`, or GPT-2's `Conv1D` (x @ W, its weight transposed)."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """A linear layer as transformers builds them: `nn.Linear`, or GPT-2's `Conv1D` (its weight transposed)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 _META_MODELS: dict[str, nn.Module] = {}

@@ -1,14 +1,16 @@
 """Every use of DeepSpeed's private internals, in one file, each with the reason it is needed.
 
 Checked against DeepSpeed 0.19.8 (`deepspeed/runtime/pipe/module.py`, `engine.py`, `dualpipev.py`,
-`deepspeed/ops/__init__.py`)
+`deepspeed/runtime/utils.py`, `deepspeed/ops/__init__.py`)
 and, for the process-group timeout DeepSpeed leaves to torch, torch 2.13.
 On a DeepSpeed upgrade, review this file, then run the suite: the tests exercise every function here.
 """
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -17,8 +19,8 @@ import torch.distributed.distributed_c10d as c10d
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
-CHECKED_DEEPSPEED_VERSION = "0.19.8"
 SHARED_MEMORY_ALL_REDUCE_OP = "deepspeed_shm_comm"
 
 
@@ -91,6 +93,58 @@ def wrap_instructions(engine: PipelineEngine, wrap: Callable[[str, Callable], Ca
     executes. Nothing of DeepSpeed is patched globally (its own `wall_clock_breakdown` crashes with more
     than one stage in 0.19.8)."""
     engine._INSTRUCTION_MAP = {kind: wrap(kind.__name__, fn) for kind, fn in engine._INSTRUCTION_MAP.items()}
+
+
+def balanced_partition(weights: list[float], stages: int) -> list[int]:
+    """Stage bounds whose summed `weights` are as even as DeepSpeed's solver makes them: its `parameters` and
+    `type:` partitions' own (`deepspeed.runtime.utils.partition_balanced`, no public API in 0.19.8), so that the
+    `flops` partition cuts as they do."""
+    return [int(b) for b in partition_balanced(weights, stages)]  # numpy integers
+
+
+def deepspeed_partition(method: str, *, stages: int, parameters: list[int], layer_names: list[str]) -> list[int] | None:
+    """Stage bounds of DeepSpeed's own partition methods (uniform, parameters, type:<regex>) over layers with these
+    `parameters` and class names, or None for a method it does not know. A copy of
+    `PipelineModule._partition_layers` (0.19.8, runtime/pipe/module.py), which runs only inside the module's
+    constructor: the planner and the run's checks need a layout's bounds without building it."""
+    method = method.lower()
+    if method == "uniform":
+        bounds = partition_uniform(len(parameters), stages)
+    elif method == "parameters":
+        bounds = partition_balanced(parameters, stages)
+    elif method.startswith("type:"):  # layers whose class name the regex finds weigh 1, the others 0
+        pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
+        bounds = partition_balanced([int(bool(pattern.search(name))) for name in layer_names], stages)
+    else:
+        return None
+    return [int(b) for b in bounds]
+
+
+def partition_bounds(pipe: PipelineModule) -> list[int]:
+    """The bounds of all stages of a built module (`parts`, which `_partition_layers` sets; 2 x ranks stages under
+    DualPipeV). DeepSpeed 0.19.8 keeps them in this attribute only."""
+    return [int(b) for b in pipe.parts]
+
+
+def tied_parameters(pipe: PipelineModule) -> Iterator[torch.nn.Parameter]:
+    """The parameters of this stage's tied modules (`tied_modules`, DeepSpeed 0.19.8's ModuleDict of the
+    TiedLayerSpec modules, the one place a stage keeps them apart from its own layers)."""
+    for module in pipe.tied_modules.values():
+        yield from module.parameters()
+
+
+def save_layer_files(engine: PipelineEngine, tag_dir: Path, exclude_frozen: bool) -> None:
+    """Write this stage's per-layer files (`layer_NN-model_states.pt`) into `tag_dir` through the engine's checkpoint
+    engine. `engine.save_checkpoint` writes them too, but after its other files; DeepSpeed 0.19.8 has no public call
+    for the layer files alone (`PipelineModule.save_state_dict` with the engine's `checkpoint_engine`)."""
+    engine.module.save_state_dict(str(tag_dir), engine.checkpoint_engine, exclude_frozen)
+
+
+def load_layer_files(engine: PipelineEngine, tag_dir: Path, strict: bool) -> None:
+    """Load this stage's layers from the per-layer files in `tag_dir`, whatever layout wrote them, and nothing else
+    (no optimizer, no engine state): DeepSpeed 0.19.8's `load_checkpoint` has no weights-only mode, so
+    `PipelineModule.load_state_dir` with the engine's `checkpoint_engine`."""
+    engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine, strict=strict)
 
 
 class PipelineModuleHooks(PipelineModule):

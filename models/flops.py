@@ -10,9 +10,8 @@ they are) and the LM head, vocab x d_model, tied or not; position embeddings and
 no FLOPs. The second term is attention's QK^T and AV, counted for the full (not causally halved) matrix.
 """
 
-from deepspeed.runtime.utils import partition_balanced
-
 from models.architecture import DECODER, HEAD, TIED_HEAD, Architecture
+from models.deepspeed_internals import balanced_partition
 
 
 def block_flops_per_token(arch: Architecture, seq_len: int, index: int = 0) -> float:
@@ -50,6 +49,6 @@ def flops_partition(arch: Architecture, seq_len: int, stages: int) -> list[int]:
     deadlocks in its first step (mismatched gradient collectives)."""
     costs = layer_flops(arch, seq_len)
     merged = [*costs[:-2], costs[-2] + costs[-1]]
-    bounds = [int(b) for b in partition_balanced(merged, stages)]
+    bounds = balanced_partition(merged, stages)
     bounds[-1] += 1
     return bounds

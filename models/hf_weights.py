@@ -17,8 +17,8 @@ from safetensors import safe_open as _safe_open
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
 from models.architecture import TIED_EMBEDDING_KEY, TIED_HEAD, Architecture, discover
+from models.errors import first_line
 from models.portable import make_portable
-from train.errors import first_line
 
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 
@@ -58,7 +58,10 @@ def _checkpoint_key_renamer(arch: Architecture):
     model_keys = dict.fromkeys(model.state_dict())
 
     def rename(key: str) -> str:
-        return rename_source_key(key, transforms, [], model.base_model_prefix, model_keys)[0]
+        renamed, _ = rename_source_key(
+            key, transforms, weight_converters=[], base_model_prefix=model.base_model_prefix, meta_state_dict=model_keys
+        )
+        return renamed
 
     return rename
 

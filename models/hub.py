@@ -3,7 +3,7 @@ and the download of a model's config and safetensors."""
 
 from pathlib import Path
 
-from train.errors import first_line
+from models.errors import first_line
 
 
 def not_found(flag: str, name: str, error: BaseException) -> str:

@@ -5,9 +5,9 @@ the adapter folder PEFT loads.
   device (`get_peft_model`: "all-linear", lists of names, regexes, `layers_to_transform`, `exclude_modules`,
   `rank_pattern`), so a target means here exactly what it means to peft. The result is every adapted module's HF
   name with its rank and alpha.
-- **On each stage.** `add_adapters` gives each pipeline layer of the stage the adapters of its own modules with
-  `inject_adapter_in_model`, seeded per layer (the same adapters whatever the layout), after the base weights are
-  loaded, and freezes everything else: only `lora_` parameters train.
+- **On each stage.** `add_adapters` gives each pipeline layer of a built stage the adapters of its own modules
+  (`add_layer_adapters`, with `inject_adapter_in_model`), seeded per layer (the same adapters whatever the layout),
+  after the base weights are loaded, and freezes everything else: only `lora_` parameters train.
 - **Out.** `adapter_state` renames a layer's adapter tensors to PEFT's keys (`base_model.model.<HF name>.lora_A.weight`)
   and `save_adapter` writes `adapter_config.json` and `adapter_model.safetensors` as `PeftModel.save_pretrained` does.
 """
@@ -29,11 +29,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.architecture import DECODER, TIED_HEAD, Architecture, PipelineLayer, is_linear
-from train.errors import first_line
+from models.architecture import TIED_HEAD, Architecture, PipelineLayer, is_conv1d, is_linear
+from models.errors import first_line
 
 if TYPE_CHECKING:
     from peft import LoraConfig
+
+    from models.pipeline import CausalLMPipeline
 
 # peft is imported where it is used: importing peft 0.21 imports bitsandbytes and transformers' generation code
 # (~4 s of CPU on a 2-core machine), which a run without adapters, and every preflight, does without.
@@ -173,18 +175,24 @@ def _owner(layers: list[PipelineLayer], hf_name: str) -> PipelineLayer | None:
     return next((layer for layer in layers if layer.kind != TIED_HEAD and _inside(layer, hf_name)), None)
 
 
-def local_name(layer: PipelineLayer, hf_name: str) -> str:
-    """The name, inside the pipeline layer, of its HF module `hf_name` (the inverse of `PipelineLayer.hf_key`)."""
-    if layer.kind == DECODER:
-        return "layer" + hf_name.removeprefix(layer.modules[0])
-    parent = layer.modules[0].rpartition(".")[0]
-    return hf_name.removeprefix(parent + ".") if parent else hf_name
+def add_adapters(pipe: CausalLMPipeline, plan: AdapterPlan, seed: int) -> int:
+    """peft's LoRA layers on this stage's modules that `plan` targets, each layer's adapters initialised from
+    (seed, layer index) so that every layout starts from the same ones; every other parameter is frozen.
+    With `plan.initial`, the adapters start from that PEFT adapter file. Returns the adapted modules."""
+    layers, adapted = pipe.arch.pipeline_layers(), 0
+    for index, module in pipe.stage_modules():  # not the tied head: it calls the embedding's module
+        adapted += add_layer_adapters(module, layers[index], plan, seed=seed * 1_000_003 + index)
+        if plan.initial is not None:
+            load_initial_adapters(module, layers[index], plan.initial)
+    for name, param in pipe.named_parameters():  # the tied head's copy of the embedding too
+        param.requires_grad_("lora_" in name)
+    return adapted
 
 
-def add_adapters(layer_module: nn.Module, layer: PipelineLayer, plan: AdapterPlan, seed: int) -> int:
+def add_layer_adapters(layer_module: nn.Module, layer: PipelineLayer, plan: AdapterPlan, seed: int) -> int:
     """Inject this layer's adapters (peft's LoRA layers, initialised from `seed`) and freeze the rest of the layer.
     Returns the number of adapted modules."""
-    mine = {local_name(layer, n): ra for n, ra in plan.targets.items() if layer.kind != TIED_HEAD and _inside(layer, n)}
+    mine = {layer.local_name(n): ra for n, ra in plan.targets.items() if layer.kind != TIED_HEAD and _inside(layer, n)}
     # (the tied head's module is the embedding's, which gets its adapters, if any, as layer 0)
     if mine:
         exact = {re.escape(name): ra for name, ra in mine.items()}
@@ -252,10 +260,6 @@ def save_adapter(out_dir: Path, plan: AdapterPlan, tensors: dict[str, torch.Tens
     return out_dir
 
 
-def trainable_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 def adapter_parameters(arch: Architecture, plan: AdapterPlan) -> list[int]:
     """Adapter parameters of every pipeline layer (in_features x r + r x out_features per module; DoRA adds a
     magnitude vector of out_features), from the meta model."""
@@ -265,9 +269,7 @@ def adapter_parameters(arch: Architecture, plan: AdapterPlan) -> list[int]:
     for name, (rank, _) in plan.targets.items():
         module = model.get_submodule(name)
         weight = module.weight
-        if isinstance(module, nn.Embedding):
-            fan_in, fan_out = weight.shape
-        elif type(module).__name__ == "Conv1D":
+        if isinstance(module, nn.Embedding) or is_conv1d(module):
             fan_in, fan_out = weight.shape
         else:
             fan_out, fan_in = weight.shape

@@ -13,8 +13,8 @@ Between stages travel the hidden states and the int64 positions (per document un
 0..S-1 otherwise): DeepSpeed 0.19.8 marks every received float tensor `requires_grad` and asserts a gradient
 for it, but leaves integer tensors alone, so each decoder layer computes its rotary cos/sin and its mask from the
 positions itself. One float tensor and one integer tensor is also the only mix its receive buffers keep apart
-on middle stages (they are reused without checking dtype; ../shared/deepspeed-cpu-notes.md). Parameter names
-are the HF names below a per-layer prefix (see `models/hf_weights.py`).
+on middle stages (`_exec_recv_activations` in runtime/pipe/engine.py allocates `pipe_recv_buf` once and reuses
+it without checking dtype). Parameter names are the HF names below a per-layer prefix (see `models/hf_weights.py`).
 """
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from models.architecture import (
     DECODER,
+    DECODER_ATTR,
     EMBEDDING,
     FINAL_NORM,
     HEAD,
@@ -36,10 +37,8 @@ from models.architecture import (
 )
 from models.deepspeed_internals import DualPipeVModuleHooks, PipelineModuleHooks
 from models.flops import flops_partition
-from models.lora import AdapterPlan, add_adapters, load_initial_adapters
 from models.loss import next_token_cross_entropy
 from models.masking import attention_mask, layer_attention_type
-from models.quantize import Quantization, quantize_4bit
 
 
 class EmbeddingPipe(nn.Module):
@@ -81,7 +80,7 @@ class DecoderLayerPipe(nn.Module):
 
     def __init__(self, arch: Architecture, index: int):
         super().__init__()
-        self.layer = arch.new_module(arch.layer_path(index))
+        self.add_module(DECODER_ATTR, arch.new_module(arch.layer_path(index)))
         self.rotary = arch.new_module(f"{arch.prefix}.{arch.rotary}") if arch.rotary else None
         self.config, self.attention_type = arch.config, layer_attention_type(arch.config, index)
 
@@ -93,7 +92,7 @@ class DecoderLayerPipe(nn.Module):
         }
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
-        return self.layer(hidden, **kwargs), position_ids  # transformers 5 layers return a tensor
+        return getattr(self, DECODER_ATTR)(hidden, **kwargs), position_ids  # transformers 5 layers return a tensor
 
     def _apply(self, fn, recurse=True):
         # Keep the rotary frequencies in fp32 when DeepSpeed casts the model to bf16/fp16: only move them.
@@ -161,7 +160,9 @@ def layer_specs(arch: Architecture) -> list[LayerSpec]:
 
 
 class CausalLMPipeline(PipelineModuleHooks):
-    """DeepSpeed's PipelineModule plus a `flops` partition method that balances compute.
+    """DeepSpeed's PipelineModule plus a `flops` partition method that balances compute. It partitions and builds
+    the layers, no more: QLoRA's 4 bits (`models.quantize.quantize_stage`) and LoRA's adapters
+    (`models.lora.add_adapters`) are applied to a built stage from outside.
 
     DeepSpeed balances parameters (a tied head has none on the last stage, yet does the largest matmul
     and the loss), layer counts or layer types; its `profile` method is not implemented. `flops` gives
@@ -187,30 +188,6 @@ class CausalLMPipeline(PipelineModuleHooks):
 
     def layer_parameter_counts(self) -> list[int]:
         return self.arch.layer_parameters()  # from the meta model: nothing is built
-
-    def quantize_4bit(self, quantization: Quantization, compute_dtype: torch.dtype) -> int:
-        """QLoRA: this stage's decoder layers' linear weights to 4 bits (bitsandbytes), quantized on the device
-        as they move there. Call after the base weights are loaded, before the adapters. Returns the modules."""
-        device = get_accelerator().current_device_name()
-        layers = self.arch.pipeline_layers()
-        return sum(
-            quantize_4bit(module, quantization, compute_dtype, device)
-            for index, module in self.stage_modules()
-            if layers[index].kind == DECODER
-        )
-
-    def add_adapters(self, plan: AdapterPlan, seed: int) -> int:
-        """peft's LoRA layers on this stage's modules that `plan` targets, each layer's adapters initialised from
-        (seed, layer index) so that every layout starts from the same ones; every other parameter is frozen.
-        With `plan.initial`, the adapters start from that PEFT adapter file. Returns the adapted modules."""
-        layers, adapted = self.arch.pipeline_layers(), 0
-        for index, module in self.stage_modules():  # not the tied head: it calls the embedding's module
-            adapted += add_adapters(module, layers[index], plan, seed=seed * 1_000_003 + index)
-            if plan.initial is not None:
-                load_initial_adapters(module, layers[index], plan.initial)
-        for name, param in self.named_parameters():  # the tied head's copy of the embedding too
-            param.requires_grad_("lora_" in name)
-        return adapted
 
     @torch.no_grad()
     def tied_weight_max_diff(self) -> float:
@@ -240,25 +217,9 @@ class CausalLMDualPipeV(DualPipeVModuleHooks, CausalLMPipeline):
 SCHEDULES: dict[str, type[CausalLMPipeline]] = {cls.SCHEDULE: cls for cls in (CausalLMPipeline, CausalLMDualPipeV)}
 
 
-def stages_per_rank(schedule: str) -> int:
-    return 2 if schedule == "dualpipev" else 1
-
-
 def ranges_text(ranges: list[tuple[int, int]] | list[list[int]]) -> str:
     """[start, stop) layer ranges as people read them: "0-1 and 5-6"."""
     return " and ".join(f"{start}-{stop - 1}" for start, stop in ranges)
-
-
-def fewest_micro_batches(schedule: str, ranks: int) -> int:
-    """The fewest micro-batches a step (or a forward-only pass) of `schedule` runs on `ranks` pipeline ranks."""
-    return 2 * ranks if schedule == "dualpipev" else 1
-
-
-def rank_layer_ranges(bounds: list[int], ranks: int, schedule: str) -> list[list[tuple[int, int]]]:
-    """Per pipeline rank, [start, stop) of each stage it holds, from the bounds of all `ranks x stages_per_rank`
-    stages: stage r under 1F1B; stages r (phase 0) and 2 x ranks - 1 - r (phase 1) under DualPipeV."""
-    held = [[r, 2 * ranks - 1 - r] if schedule == "dualpipev" else [r] for r in range(ranks)]
-    return [[(int(bounds[s]), int(bounds[s + 1])) for s in stages] for stages in held]
 
 
 def _seed_layer(seed: int) -> None:
@@ -277,6 +238,7 @@ def _seed_layer(seed: int) -> None:
 def build_pipeline(
     arch: Architecture,
     num_stages: int,
+    *,
     partition_method: str = "parameters",
     seed: int = 1234,
     activation_checkpoint_interval: int = 0,

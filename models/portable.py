@@ -29,7 +29,6 @@ import os
 from pathlib import Path
 
 LEGACY_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
-UNLIMITED_LENGTH = 10**20  # transformers' VERY_LARGE_INTEGER is ~1e30: "no limit was given"
 
 
 def max_positions(config: dict) -> int | None:

@@ -12,8 +12,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from models.architecture import SUPPORTED_FAMILIES, discover
+from models.errors import first_line
 from models.hub import check_hub_name, check_model_dir, not_found
-from train.errors import first_line
 
 
 def _rope(theta: float, **scaling) -> dict:
@@ -41,7 +41,7 @@ def _llama3(hidden: int, intermediate: int, layers: int, heads: int, tied: bool,
 
 
 def _qwen(
-    model_type: str, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool, **extra
+    model_type: str, hidden: int, intermediate: int, *, layers: int, heads: int, kv_heads: int, tied: bool, **extra
 ) -> dict:
     return (
         dict(
@@ -90,6 +90,8 @@ _TINY = dict(
     max_position_embeddings=512,
 )
 
+QWEN3 = dict(head_dim=128, max_position_embeddings=40960)  # what Qwen3 sets beside its shape
+
 PRESETS: dict[str, dict] = {
     # CPU-sized, for tests and the default run (vocabulary: the tokenizer's).
     "gpt2-tiny": dict(model_type="gpt2", n_layer=4, n_embd=128, n_head=4, n_positions=256),
@@ -131,10 +133,10 @@ PRESETS: dict[str, dict] = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     ),
-    "qwen2.5-0.5b": _qwen("qwen2", 896, 4864, 24, 14, 2, tied=True),
-    "qwen2.5-7b": _qwen("qwen2", 3584, 18944, 28, 28, 4, tied=False, vocab_size=152064),
-    "qwen3-0.6b": _qwen("qwen3", 1024, 3072, 28, 16, 8, tied=True, head_dim=128, max_position_embeddings=40960),
-    "qwen3-8b": _qwen("qwen3", 4096, 12288, 36, 32, 8, tied=False, head_dim=128, max_position_embeddings=40960),
+    "qwen2.5-0.5b": _qwen("qwen2", 896, 4864, layers=24, heads=14, kv_heads=2, tied=True),
+    "qwen2.5-7b": _qwen("qwen2", 3584, 18944, layers=28, heads=28, kv_heads=4, tied=False, vocab_size=152064),
+    "qwen3-0.6b": _qwen("qwen3", 1024, 3072, layers=28, heads=16, kv_heads=8, tied=True, **QWEN3),
+    "qwen3-8b": _qwen("qwen3", 4096, 12288, layers=36, heads=32, kv_heads=8, tied=False, **QWEN3),
     "pythia-70m": _pythia(512, 6, 8),
     "pythia-160m": _pythia(768, 12, 12),
     "pythia-410m": _pythia(1024, 24, 16),

@@ -8,12 +8,18 @@ block scales themselves quantized once more with `double_quant`. peft then wraps
 `lora.bnb.Linear4bit`, which adds the adapters in the compute dtype.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from models.architecture import is_linear
+from models.architecture import DECODER, is_conv1d, is_linear
+
+if TYPE_CHECKING:
+    from models.pipeline import CausalLMPipeline
 
 BLOCK = 64  # bitsandbytes' 4-bit block size (the absmax of every 64 weights is stored)
 
@@ -64,7 +70,7 @@ def quantize_4bit(layer: nn.Module, quantization: Quantization, compute_dtype: t
     for name, module in list(layer.named_modules()):
         if not name or not is_linear(module):
             continue
-        weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()  # Conv1D is x @ W
+        weight = module.weight.t() if is_conv1d(module) else module.weight  # Conv1D is x @ W
         out_features, in_features = weight.shape
         quantized = bnb.nn.Linear4bit(
             in_features,
@@ -94,6 +100,20 @@ def quantize_4bit(layer: nn.Module, quantization: Quantization, compute_dtype: t
         setattr(layer.get_submodule(parent_name) if parent_name else layer, child, quantized.to(device))
         replaced += 1
     return replaced
+
+
+def quantize_stage(pipe: CausalLMPipeline, quantization: Quantization, compute_dtype: torch.dtype) -> int:
+    """QLoRA: this stage's decoder layers' linear weights to 4 bits (bitsandbytes), quantized on the device
+    as they move there. Call after the base weights are loaded, before the adapters. Returns the modules."""
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().current_device_name()
+    layers = pipe.arch.pipeline_layers()
+    return sum(
+        quantize_4bit(module, quantization, compute_dtype, device)
+        for index, module in pipe.stage_modules()
+        if layers[index].kind == DECODER
+    )
 
 
 def quantized_parameters(layer: nn.Module) -> int:

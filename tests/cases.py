@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from models.hf_weights import load_hf_weights
-from models.lora import lora_config, plan_adapters, read_peft_config
+from models.lora import add_adapters, lora_config, plan_adapters, read_peft_config
 from models.pipeline import build_pipeline
 
 VOCAB, SEQ = 128, 24
@@ -98,7 +98,7 @@ def pipeline_with_adapters(folder, arch, stages: int = 1, before_adapters=None):
     load_hf_weights(pipe, folder / "base", arch)
     if before_adapters is not None:
         before_adapters(pipe)
-    adapted = pipe.add_adapters(plan, seed=7)
+    adapted = add_adapters(pipe, plan, seed=7)
     return pipe.eval(), plan, adapted
 
 

@@ -2,30 +2,24 @@
 model and its DeepSpeed engine, the resumed state, and the components the loop drives (metrics log and
 meter, evaluator, checkpointer, schedule profiler)."""
 
-import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import deepspeed
 import torch
-from datasets import Dataset
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from deepspeed.utils import logger as ds_logger
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from models.architecture import Architecture
 from models.flops import flops_per_token
-from models.hf_weights import load_hf_weights, weights_fingerprint
-from models.hub import resolve_model_dir
-from models.lora import AdapterPlan
+from models.hf_weights import load_hf_weights
+from models.lora import AdapterPlan, add_adapters
 from models.pipeline import CausalLMPipeline, build_pipeline, ranges_text
-from models.quantize import parameter_count
+from models.quantize import parameter_count, quantize_stage
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
-from train.checkpoint.same_run import trained_with
-from train.config.args import EVALUATION_SAMPLES_UP_TO, SAMPLE_TOKENS
+from train.checkpoint.same_run import manifest_extras, stream_position, trained_with
 from train.config.run_config import RunConfig
 from train.data.batches import MicroBatchFeed, StreamMicroBatches
 from train.distributed.agreement import every_rank
@@ -34,28 +28,14 @@ from train.distributed.preemption import Preemption
 from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
-from train.observe.evaluate import Evaluator, Sampling
+from train.observe.console import lora_line, model_line
+from train.observe.evaluate import Evaluator, Sampling, evaluation_sample_tokens
 from train.observe.memory import memory_before_model
 from train.observe.metrics import MetricsLog, StepMeter, WandbSettings
 from train.observe.mfu import peak_tflops, training_dtype
 from train.observe.run_record import run_record
 from train.observe.timeline import ScheduleProfiler
-from train.prepare import prepare_inputs, training_batches
-
-
-class DropMessage(logging.Filter):
-    """Drops one known-harmless library message, leaving every other warning visible."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-# deepspeed.initialize reads the LR before the scheduler's first step and warns about it.
-ds_logger.addFilter(DropMessage("Attempting to get learning rate from scheduler before it has started"))
+from train.prepare import Inputs, prepare_inputs, training_batches
 
 
 @dataclass(kw_only=True)
@@ -94,50 +74,47 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         pipe = build_pipeline(
             arch,
             flags.pipeline_stages,
-            flags.partition_method,
-            flags.seed,
-            flags.activation_checkpoint_interval,
-            flags.seq_len,
-            flags.schedule,
+            partition_method=flags.partition_method,
+            seed=flags.seed,
+            activation_checkpoint_interval=flags.activation_checkpoint_interval,
+            seq_len=flags.seq_len,
+            schedule=flags.schedule,
         )
     except ValueError as e:  # a partition DeepSpeed cannot run
         raise ConfigError(str(e)) from None
     layers = ranges_text(pipe.stage_layers())
     if flags.model:
-        loaded = every_rank(lambda: load_pretrained(pipe, arch, flags.model))
+        loaded = every_rank(lambda: load_pretrained(pipe, arch, config))
         # One write, so that the ranks' reports do not interleave on the shared stdout.
         sys.stdout.write(f"rank {rank()}: loaded {loaded} pretrained tensors for layers {layers}\n")
     if config.quantization is not None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[training_dtype(config.ds_config)]
-        quantized = every_rank(lambda: pipe.quantize_4bit(config.quantization, dtype))
+        quantized = every_rank(lambda: quantize_stage(pipe, config.quantization, dtype))
         sys.stdout.write(f"rank {rank()}: {quantized} linear layers in 4 bits ({config.quantization.quant_type})\n")
     if config.adapters is not None:
-        adapted = every_rank(lambda: add_adapters(pipe, config.adapters, flags.seed))
+        adapted = every_rank(lambda: adapt(pipe, config.adapters, flags.seed))
         trainable = sum(p.numel() for p in pipe.parameters() if p.requires_grad)
         held = sum(parameter_count(p) for p in pipe.parameters())
-        sys.stdout.write(
-            f"rank {rank()}: LoRA on {adapted} modules of layers {layers}: {trainable:,} trainable of "
-            f"{held:,} parameters ({trainable / held:.2%})\n"
-        )
+        sys.stdout.write(lora_line(rank(), adapted=adapted, layers=layers, trainable=trainable, held=held))
     engine, _, _, _ = deepspeed.initialize(model=pipe, model_parameters=parameter_groups(pipe), config=config.ds_config)
     if flags.compile:  # one torch.compile per layer (PipelineModule.compile), done lazily in the first step
         engine.compile(backend=flags.compile_backend)
     return engine
 
 
-def add_adapters(pipe: CausalLMPipeline, adapters: AdapterPlan, seed: int) -> int:
+def adapt(pipe: CausalLMPipeline, adapters: AdapterPlan, seed: int) -> int:
     try:
-        return pipe.add_adapters(adapters, seed)
+        return add_adapters(pipe, adapters, seed)
     except (OSError, ValueError) as e:  # an initial adapter file that does not fit
         raise ConfigError(first_line(e)) from None
 
 
-def load_pretrained(pipe: torch.nn.Module, arch: Architecture, model: str) -> int:
+def load_pretrained(pipe: CausalLMPipeline, arch: Architecture, config: RunConfig) -> int:
     try:
         inject_fault("empty-error:model", raises=OSError)
-        return load_hf_weights(pipe, resolve_model_dir(model), arch)
+        return load_hf_weights(pipe, config.model_dir, arch)
     except (OSError, ValueError) as e:  # a missing or misshapen tensor
-        raise ConfigError(f"cannot load --model {model}: {first_line(e)}") from None
+        raise ConfigError(f"cannot load --model {config.flags.model}: {first_line(e)}") from None
 
 
 def resume(config: RunConfig, engine: PipelineEngine) -> dict:
@@ -159,109 +136,37 @@ def resume(config: RunConfig, engine: PipelineEngine) -> dict:
     return client_state
 
 
-def stream_position(config: RunConfig, client_state: dict) -> dict | None:
-    """Where a resumed `--streaming` run's stream continues: the checkpoint's position, when it streamed the same
-    sources (else the stream starts again from its beginning, said in one line)."""
-    if not config.streaming or not config.flags.load:
-        return None
-    saved = client_state.get("stream_position")
-    if saved is None:
-        say(
-            f"--load {config.flags.load} holds no stream position (it was not a --streaming run): the stream starts "
-            "from the beginning of the data"
-        )
-        return None
-    if saved["sources"] != [s.spec for s in config.sources]:
-        say(
-            f"--load {config.flags.load} streamed other --data ({', '.join(saved['sources'])}): the stream starts "
-            "from the beginning of this --data"
-        )
-        return None
-    return saved["state"]
-
-
 def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: PretrainedConfig, flops: float) -> dict:
     """`run_config.json` (also W&B's config) and the model line; a collective."""
     batch = config.batch
-    record = run_record(config.flags.as_dict(), config.ds_config, engine, batch, model_config.to_dict(), flops)
+    record = run_record(
+        flags=config.flags.as_dict(),
+        ds_config=config.ds_config,
+        engine=engine,
+        batch=batch,
+        model_config=model_config.to_dict(),
+        flops_per_token=flops,
+    )
     record["attention"] = "document" if config.document_attention else "causal"  # --attention, resolved
     if rank() == 0:
         (config.output_dir / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
-    trains = f" ({record['trainable_parameters']:,} trainable: LoRA)" if config.adapters is not None else ""
-    say(
-        f"model: {model_config.model_type}, {record['parameters']:,} parameters{trains}, "
-        f"{topology_line(record['topology'])}, {batch.num_micro_batches} micro-batches of {batch.micro_batch_size}, "
-        f"{record['attention']} attention"
-    )
+    say(model_line(record, model_type=model_config.model_type, lora=config.adapters is not None, batch=batch))
     return record
 
 
-def topology_line(topology: dict) -> str:
-    """The layout for the model line: stages x replicas and the layer bounds, or under DualPipeV each rank's two
-    stages."""
-    line = f"{topology['pipeline_stages']} stages x {topology['data_parallel']} data-parallel"
-    if topology["schedule"] == "1f1b":
-        return f"{line}, layer bounds {topology['stage_layer_bounds']}"
-    held = "; ".join(f"rank {s['stage']} {ranges_text(s['layer_bounds'])}" for s in topology["stages"])
-    return f"{line.replace('stages', 'pipeline ranks')}, DualPipeV: layers {held}"
-
-
-def manifest_extras(config: RunConfig) -> dict:
-    """What a checkpoint's manifest records besides the model config: the `--model`'s generation config (its stop
-    tokens and sampling defaults, for the export), and for LoRA the adapters and the base model they fit (its
-    name and a fingerprint of its weights), which `--load` and `train.export` need again."""
-    if config.flags.model is None:
-        return {}
-    model_dir = resolve_model_dir(config.flags.model)
-    generation = model_dir / "generation_config.json"
-    extras = {"generation_config": json.loads(generation.read_text())} if generation.is_file() else {}
-    if config.adapters is None:
-        return extras
-    quantization = config.quantization
-    return extras | {
-        "adapters": config.adapters.to_dict(),
-        "quantization": dataclasses.asdict(quantization) if quantization is not None else None,
-        "base_model": config.flags.model,
-        "base_model_dir": str(model_dir.resolve()),
-        "base_model_fingerprint": weights_fingerprint(model_dir),
-    }
-
-
-def evaluation_sample_tokens(requested: int | None, parameters: int) -> int:
-    """New tokens of the samples at every evaluation: `--sample-tokens`, or by default SAMPLE_TOKENS for models up
-    to EVALUATION_SAMPLES_UP_TO parameters and none above (each token is a forward pass of the whole pipeline,
-    without a KV cache: 40 of them cost 2-3 training steps of a 0.5B model), said in one line."""
-    if requested is not None:
-        return requested
-    if parameters <= EVALUATION_SAMPLES_UP_TO:
-        return SAMPLE_TOKENS
-    say(
-        f"no samples at evaluations for a model of {parameters / 1e6:,.0f}M parameters (over "
-        f"{EVALUATION_SAMPLES_UP_TO / 1e6:.0f}M: each token costs a pipeline pass): --sample-tokens N turns them on; "
-        "the export is sampled at the end"
-    )
-    return 0
-
-
 def evaluator(
-    config: RunConfig,
-    engine: PipelineEngine,
-    blocks: Dataset,
-    n_blocks: int,
-    tokenizer,
-    log: MetricsLog,
-    parameters: int,
+    config: RunConfig, engine: PipelineEngine, inputs: Inputs, *, log: MetricsLog, parameters: int
 ) -> Evaluator:
     flags = config.flags
     return Evaluator(
         engine=engine,
-        blocks=blocks,
-        n_blocks=n_blocks,
+        blocks=inputs.validation,
+        n_blocks=inputs.eval_blocks,
         batch=config.batch,
         document_attention=config.document_attention,
         interval=flags.eval_interval,
         sampling=Sampling(
-            tokenizer=tokenizer,
+            tokenizer=inputs.tokenizer,
             prompt=None if config.data_format.masked else flags.sample_prompt,
             tokens=evaluation_sample_tokens(flags.sample_tokens, parameters),
             seq_len=flags.seq_len,
@@ -272,22 +177,20 @@ def evaluator(
 
 
 def checkpointer(
-    config: RunConfig,
-    engine: PipelineEngine,
-    model_config: PretrainedConfig,
-    tokenizer,
-    log: MetricsLog,
-    batches: MicroBatchFeed,
+    config: RunConfig, engine: PipelineEngine, inputs: Inputs, *, log: MetricsLog, batches
 ) -> Checkpointer:
-    flags = config.flags
+    flags, tokenizer = config.flags, inputs.tokenizer
     position = None
     if isinstance(batches, StreamMicroBatches):
         sources = [s.spec for s in config.sources]
         position = lambda step: {"state": batches.position(step), "sources": sources}  # noqa: E731
+    extras = manifest_extras(
+        base_model=flags.model, model_dir=config.model_dir, adapters=config.adapters, quantization=config.quantization
+    )
     return Checkpointer(
         engine=engine,
         root=config.output_dir / "checkpoints",
-        model_config=model_config,
+        model_config=inputs.model_config,
         interval=flags.save_interval,
         keep_last=flags.keep_last,
         samples_per_step=config.batch.global_batch,
@@ -295,8 +198,7 @@ def checkpointer(
         stream_position=position,
         adapters_only=config.adapters is not None,
         tokenizer=tokenizer,
-        manifest=manifest_extras(config)
-        | trained_with(tokenizer=tokenizer, seq_len=flags.seq_len, data_format=config.data_format.kind),
+        manifest=extras | trained_with(tokenizer=tokenizer, seq_len=flags.seq_len, data_format=config.data_format.kind),
     )
 
 
@@ -324,7 +226,9 @@ def build_run(config: RunConfig) -> Run:
         resume_step=start_step,
         wandb_run_id=client_state.get("wandb_run_id"),
     )
-    batches = training_batches(config, engine, inputs, start_step, stream_position(config, client_state))
+    sources = [s.spec for s in config.sources]
+    position = stream_position(client_state, load=flags.load, streaming=config.streaming, sources=sources)
+    batches = training_batches(config, engine, inputs, start_step=start_step, stream_position=position)
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
     return Run(
         config=config,
@@ -344,10 +248,8 @@ def build_run(config: RunConfig) -> Run:
             memory_before_model=memory_before,
             compiled=flags.compile,
         ),
-        evaluator=evaluator(
-            config, engine, inputs.validation, inputs.eval_blocks, tokenizer, log, parameters=record["parameters"]
-        ),
-        checkpointer=checkpointer(config, engine, model_config, tokenizer, log, batches),
+        evaluator=evaluator(config, engine, inputs, log=log, parameters=record["parameters"]),
+        checkpointer=checkpointer(config, engine, inputs, log=log, batches=batches),
         profiler=ScheduleProfiler(engine=engine, steps=set(flags.profile_steps), output_dir=config.output_dir),
         watchdog=HangWatchdog(engine=engine, timeout_s=flags.dist_timeout, report_dir=config.output_dir / "hang"),
         preemption=preemption,

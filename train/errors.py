@@ -4,7 +4,7 @@
   loss. It prints `error: <what went wrong and the fix>` and exits with `EXIT_ERROR` (2).
 - Any other exception is unexpected. Its traceback is appended to `<output-dir>/error.log`, the terminal
   shows `error: <Type>: <message> (traceback in <path>)`, and the run exits with `EXIT_UNEXPECTED` (1).
-- `first_line(error)`: the one line an exception is reported by (safe on an empty message).
+- `first_line(error)`: the one line an exception is reported by (safe on an empty message; models/errors.py).
 - Agreement across ranks (`every_rank`, `rank_zero_first`) is in train/distributed/agreement.py.
 - `entry_point(fn, error_log)`: the one wrapper every command runs in. It turns failures into the line
   and the exit code.
@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
+
+from models.errors import first_line
 
 EXIT_ERROR = 2  # an `error:` line naming the problem and the fix: bad input, divergence, an unwritable checkpoint
 EXIT_UNEXPECTED = 1  # a failure of a kind we do not anticipate: the traceback is in error.log
@@ -44,11 +46,6 @@ class UnexpectedError(RunError):
 
 
 _error_log: Path | None = None
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of `error`'s message; its type's name when the message is empty (a bare `assert`)."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def set_error_log(path: Path | None) -> None:

@@ -41,8 +41,10 @@ def export_checkpoint(
     if "adapters" not in manifest:
         if merged is not None:
             raise ConfigError(f"--merged: {tag_dir} is a checkpoint of full training, with no adapters to merge")
-        return export_hf_model(tag_dir, config, out, tokenizer, manifest.get("generation_config"))
-    return export_adapter(tag_dir, manifest, out, tokenizer, merged)
+        return export_hf_model(
+            tag_dir, config, out_dir=out, tokenizer=tokenizer, generation_config=manifest.get("generation_config")
+        )
+    return export_adapter(tag_dir, manifest, out=out, tokenizer=tokenizer, merged=merged)
 
 
 def export_adapter(tag_dir: Path, manifest: dict, out: Path, tokenizer, merged: Path | None = None) -> Path:

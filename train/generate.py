@@ -73,7 +73,8 @@ def generate_from(a: argparse.Namespace) -> None:
             from train.export import export_checkpoint  # a pipeline checkpoint: export it first
 
             model_dir = export_checkpoint(model_dir, Path(tmp) / "hf")
-        print(generate_text(model_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed))
+        sampling = {name: getattr(a, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
+        print(generate_text(model_dir, a.prompt, **sampling))
 
 
 if __name__ == "__main__":

@@ -105,20 +105,20 @@ def make_plan(flags: Flags) -> Plan:
             plans = plan_stages(
                 arch,
                 ds_config,
-                stages,
-                world // stages,
-                flags.seq_len,
-                flags.partition_method,
-                flags.activation_checkpoint_interval,
-                adapters,
-                quantization,
-                flags.schedule,
+                stages=stages,
+                data_parallel=world // stages,
+                seq_len=flags.seq_len,
+                method=flags.partition_method,
+                checkpoint_interval=flags.activation_checkpoint_interval,
+                adapters=adapters,
+                quantization=quantization,
+                schedule=flags.schedule,
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if fits(plans, GPU_MEMORY_GIB[gpu] * 2**30):
             break
-    return Plan(arch, ds_config, gpu, world, stages, plans, adapters)
+    return Plan(arch, ds_config, gpu=gpu, world_size=world, stages=stages, plans=plans, adapters=adapters)
 
 
 # What the memory table cannot know, said under it. Measured against it (bench/memory_bench.py, CPU fp32, ZeRO-1):

@@ -16,7 +16,6 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from models.architecture import Architecture, discover
-from models.hub import resolve_model_dir
 from models.portable import make_portable, max_positions
 from train.checkpoint.manifest import read_manifest, verified_tag_dir
 from train.checkpoint.same_run import check_model_config, check_tokenizer, checkpoint_tokenizer_dir
@@ -49,9 +48,7 @@ def prepare_tokenizer(config: RunConfig, build: bool) -> PreTrainedTokenizerBase
             return save_tokenizer(load_tokenizer(str(saved), flag="--load"), tokenizer_dir, config)
     if args.tokenizer or args.model:
         tokenizer = (
-            load_tokenizer(args.tokenizer)
-            if args.tokenizer
-            else load_tokenizer(str(resolve_model_dir(args.model)), flag="--model")
+            load_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(str(config.model_dir), flag="--model")
         )
         if config.data_format.chat_template is not None:  # trained with it: it travels with the model
             tokenizer.chat_template = config.data_format.chat_template

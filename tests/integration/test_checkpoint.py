@@ -151,7 +151,9 @@ def test_universal_checkpoint_loads_every_adam_moment_and_weight(reference, one_
     _, ref_dir = reference
     universal = convert_to_universal(verified_tag_dir(ref_dir / "checkpoints" / "step_5"))
     arch = discover(config_from_dict(read_manifest(universal)["model_config"]))
-    pipe = build_pipeline(arch, 1, "parameters", 1234, 0, 32)
+    pipe = build_pipeline(
+        arch, 1, partition_method="parameters", seed=1234, activation_checkpoint_interval=0, seq_len=32
+    )
     config = ds_config(checkpoint={"load_universal": True}, scheduler=None)
     engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=config)
     engine.load_checkpoint(str(universal.parent), tag=universal.name)

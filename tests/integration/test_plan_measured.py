@@ -56,7 +56,7 @@ def test_planned_peak_memory_within_15_percent_of_measured(
     launch(flags, ranks=stages, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
     measured = read_metrics(tmp_path / "run")[-1]
     arch, ds_config = discover(config_from_dict(model)), json.loads(ds.read_text())
-    plans = plan_stages(arch, ds_config, stages, 1, seq, "flops", schedule=schedule)
+    plans = plan_stages(arch, ds_config, stages=stages, data_parallel=1, seq_len=seq, method="flops", schedule=schedule)
     for plan in plans:
         mb = measured[f"model_mem_mb/stage{plan.stage}"]
         assert plan.peak / 2**20 == pytest.approx(mb, rel=0.15), (plan.stage, plan.memory, mb)

@@ -91,7 +91,7 @@ def exports(tmp_path_factory, chat_tokenizer_dir, one_rank_group) -> dict[str, t
         load_hf_weights(pipe, tmp / "hf", arch)
         ds_config = json.loads(write_ds_config(tmp / "ds.json").read_text().replace('"auto"', "10"))
         engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds_config)
-        # as a run from --model records its generation config (train/build.py: manifest_extras)
+        # as a run from --model records its generation config (train/checkpoint/same_run.py: manifest_extras)
         generation = {"bos_token_id": 0, "eos_token_id": [0, 1], "do_sample": True, "temperature": 0.6}
         save_checkpoint(engine, tmp / "ckpt", 0, {}, hf.config, keep_last=0, manifest={"generation_config": generation})
         out[case_id] = (export_checkpoint(tmp / "ckpt", tmp / "export", tokenizer_dir=chat_tokenizer_dir), hf)

@@ -278,7 +278,9 @@ def test_planner_partition_and_parameters_equal_what_the_pipeline_built(layout_r
         stages, dp, schedule = topology["pipeline_stages"], topology["data_parallel"], topology["schedule"]
         all_stages = stages * (2 if schedule == "dualpipev" else 1)
         assert stage_bounds(model, all_stages, method, 32) == topology["stage_layer_bounds"], name
-        plans = plan_stages(model, config["deepspeed"], stages, dp, 32, method, schedule=schedule)
+        plans = plan_stages(
+            model, config["deepspeed"], stages=stages, data_parallel=dp, seq_len=32, method=method, schedule=schedule
+        )
         assert [p.parameters for p in plans] == [s["held_parameters"] for s in topology["stages"]], name
         assert [p.layers for p in plans] == [s["layers"] for s in topology["stages"]], name
         assert [[list(b) for b in p.bounds] for p in plans] == [s["layer_bounds"] for s in topology["stages"]], name

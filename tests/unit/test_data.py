@@ -277,8 +277,8 @@ def test_preparation_leaves_only_the_packed_cache_on_disk(tmp_path, tokenizer_di
 def test_evaluation_defaults_to_a_fixed_token_count_and_large_models_skip_evaluation_samples(one_rank_group, capsys):
     from datasets import DatasetDict
 
-    from train.build import evaluation_sample_tokens
     from train.data.splits import EVAL_TOKENS, evaluation_blocks
+    from train.observe.evaluate import evaluation_sample_tokens
 
     def splits(validation: int) -> DatasetDict:
         return DatasetDict(train=numbered_blocks(64), validation=numbered_blocks(validation))

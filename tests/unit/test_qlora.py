@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from models.architecture import discover
 from models.lora import adapter_state
-from models.quantize import Quantization
+from models.quantize import Quantization, quantize_stage
 from tests.cases import CASES, SEQ, VOCAB, peft_reference, pipeline_with_adapters
 
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}  # compared in training mode
@@ -45,7 +45,7 @@ def test_4bit_pipeline_computes_what_transformers_4bit_model_with_peft_computes(
 
     def quantized(pipe):
         quantization = Quantization(quant_type=quant_type, double_quant=double_quant)
-        return pipe.quantize_4bit(quantization, torch.float32)
+        return quantize_stage(pipe, quantization, torch.float32)
 
     pipe, plan, _ = pipeline_with_adapters(tmp_path, arch, before_adapters=quantized)
     pipe.train()

@@ -60,11 +60,11 @@ def test_micro_batches_in_flight():
 def test_dualpipev_plan_holds_both_ends_on_rank_0_and_the_tied_weight_once(tmp_path):
     arch = discover(resolve_model_config("gpt2-tiny", None, 8192))
     ds = json.loads(write_ds_config(tmp_path / "ds.json", train_batch=8, micro=2).read_text())
-    plans = plan_stages(arch, ds, 2, 1, 128, "flops", schedule="dualpipev")
+    plans = plan_stages(arch, ds, stages=2, data_parallel=1, seq_len=128, method="flops", schedule="dualpipev")
     assert [len(p.bounds) for p in plans] == [2, 2]
     assert plans[0].bounds[0][0] == 0 and plans[0].bounds[1][1] == len(arch.pipeline_layers())
     assert sum(p.parameters for p in plans) == arch.parameters()  # the tied embedding and head: one module
-    one_f_one_b = plan_stages(arch, ds, 2, 1, 128, "flops")
+    one_f_one_b = plan_stages(arch, ds, stages=2, data_parallel=1, seq_len=128, method="flops")
     assert sum(p.parameters for p in one_f_one_b) > arch.parameters()  # a copy of the tied weight on each end
 
 

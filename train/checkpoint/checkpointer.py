@@ -26,7 +26,13 @@ from deepspeed.checkpoint.constants import (
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from models.deepspeed_internals import layer_seed_offset, restore_layer_seed_offset, set_global_steps
+from models.deepspeed_internals import (
+    layer_seed_offset,
+    load_layer_files,
+    restore_layer_seed_offset,
+    save_layer_files,
+    set_global_steps,
+)
 from models.portable import make_portable, max_positions
 from train.checkpoint.manifest import (
     LATEST,
@@ -93,7 +99,7 @@ def save_checkpoint(
     }
     inject_fault(
         f"save:{tag}",
-        lambda: engine.module.save_state_dict(str(root / tag), engine.checkpoint_engine, adapters_only),
+        lambda: save_layer_files(engine, root / tag, adapters_only),
     )
     try:
         engine.save_checkpoint(
@@ -247,7 +253,7 @@ def load_checkpoint(engine: PipelineEngine, load: Path, mode: str, adapters_only
                 restore_layer_seed_offset(engine.module, client_state["layer_seed_offset"])
             return client_state
         # Weights only: the per-layer files are layout-independent; DeepSpeed's fp32 copies follow them.
-        engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine, strict=not adapters_only)
+        load_layer_files(engine, tag_dir, strict=not adapters_only)
         if hasattr(engine.optimizer, "refresh_fp32_params"):
             engine.optimizer.refresh_fp32_params()
     except (RuntimeError, OSError, KeyError, AssertionError) as e:

@@ -8,17 +8,22 @@ differs and the flag that fixes it. Without `--tokenizer` or `--model`, a resume
 the checkpoint (`<tag>/tokenizer`), never a newly trained one.
 """
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from models.hf_weights import weights_fingerprint
+from models.lora import AdapterPlan
+from models.quantize import Quantization
+from train.distributed.setup import say
 from train.errors import ConfigError
 
 TOKENIZER_DIR = "tokenizer"  # inside a checkpoint tag: the run's tokenizer, saved with it
 # Config entries that do not change the model a checkpoint holds.
-# What a from-scratch model's config takes from the tokenizer (train/build.py: model_config_for).
+# What a from-scratch model's config takes from the tokenizer (train/prepare.py: model_config_for).
 FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id"}
 VOLATILE_CONFIG_KEYS = {
     *("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "use_cache"),
@@ -87,3 +92,45 @@ def check_tokenizer(manifest: dict, tokenizer: PreTrainedTokenizerBase, *, load:
             f"(vocabulary hash {tokenizer_fingerprint(tokenizer)}, the checkpoint's {expected}): drop {flag} to use "
             "the checkpoint's own, or pass the one it was trained with"
         )
+
+
+def manifest_extras(
+    *, base_model: str | None, model_dir: Path | None, adapters: AdapterPlan | None, quantization: Quantization | None
+) -> dict:
+    """What a checkpoint's manifest records besides the model config: the `--model`'s generation config (its stop
+    tokens and sampling defaults, for the export), and for LoRA the adapters and the base model they fit (its
+    name and a fingerprint of its weights), which `--load` and `train.export` need again."""
+    if model_dir is None:
+        return {}
+    generation = model_dir / "generation_config.json"
+    extras = {"generation_config": json.loads(generation.read_text())} if generation.is_file() else {}
+    if adapters is None:
+        return extras
+    return extras | {
+        "adapters": adapters.to_dict(),
+        "quantization": dataclasses.asdict(quantization) if quantization is not None else None,
+        "base_model": base_model,
+        "base_model_dir": str(model_dir.resolve()),
+        "base_model_fingerprint": weights_fingerprint(model_dir),
+    }
+
+
+def stream_position(client_state: dict, *, load: Path | None, streaming: bool, sources: list[str]) -> dict | None:
+    """Where a resumed `--streaming` run's stream continues: the checkpoint's position, when it streamed the same
+    `sources` (else the stream starts again from its beginning, said in one line)."""
+    if not streaming or not load:
+        return None
+    saved = client_state.get("stream_position")
+    if saved is None:
+        say(
+            f"--load {load} holds no stream position (it was not a --streaming run): the stream starts "
+            "from the beginning of the data"
+        )
+        return None
+    if saved["sources"] != sources:
+        say(
+            f"--load {load} streamed other --data ({', '.join(saved['sources'])}): the stream starts "
+            "from the beginning of this --data"
+        )
+        return None
+    return saved["state"]

@@ -8,14 +8,15 @@ re-resolves a flag's raw value.
 import importlib.util
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from transformers import PretrainedConfig
 
 from models.architecture import discover
 from models.hf_weights import weights_fingerprint
+from models.hub import resolve_model_dir
 from models.lora import AdapterPlan
-from models.pipeline import rank_layer_ranges, stages_per_rank
 from models.presets import resolve_model_config
 from models.quantize import Quantization
 from train.checkpoint.manifest import layout_of, read_manifest, resume_mode, verified_tag_dir
@@ -34,6 +35,7 @@ from train.data.sources import Source, embedded_corpus, resolve_sources
 from train.distributed.faults import inject_fault
 from train.errors import ConfigError, first_line
 from train.planning.memory_model import stage_bounds
+from train.planning.schedules import rank_layer_ranges, stages_per_rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +59,13 @@ class RunConfig:
     quantization: Quantization | None  # QLoRA's 4-bit base (--load-in-4bit)
     resume_mode: str | None  # with --load: "exact", "universal" or "weights" (checkpoint/manifest.py: resume_mode)
 
+    @cached_property
+    def model_dir(self) -> Path | None:
+        """`--model`'s save_pretrained folder, resolved once for the run: a local folder as given, a hub name
+        downloaded (config and safetensors). Resolved where first read (its tokenizer or its weights), not with the
+        rest: the preflight resolves the same config and downloads no weights. ValueError naming what is wrong."""
+        return resolve_model_dir(self.flags.model) if self.flags.model else None
+
 
 def data_format_from_flags(flags: Flags) -> DataFormat:
     if flags.data_format != "text" and not (flags.model or flags.tokenizer):
@@ -72,12 +81,12 @@ def data_format_from_flags(flags: Flags) -> DataFormat:
     return DataFormat(
         flags.data_format,
         flags.text_column,
-        flags.prompt_column,
-        flags.completion_column,
-        flags.messages_column,
-        template,
-        flags.packing,
-        flags.overlong,
+        prompt_column=flags.prompt_column,
+        completion_column=flags.completion_column,
+        messages_column=flags.messages_column,
+        chat_template=template,
+        packing=flags.packing,
+        overlong=flags.overlong,
     )
 
 
@@ -166,7 +175,13 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     bpe_vocab_size = flags.vocab_size or DEFAULT_BPE_VOCAB
     model_config = model_config_from_flags(flags, bpe_vocab_size)
-    batch = check_layout(ds_config, world_size, flags.pipeline_stages, model_config.num_hidden_layers, flags.schedule)
+    batch = check_layout(
+        ds_config,
+        world_size,
+        pipeline_stages=flags.pipeline_stages,
+        num_layers=model_config.num_hidden_layers,
+        schedule=flags.schedule,
+    )
     if flags.eval_blocks is not None and flags.eval_blocks < batch.global_batch:
         raise ConfigError(
             f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"
@@ -183,7 +198,9 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         )
     resume = None
     if flags.load is not None:
-        resume = check_resume(flags, world_size, model_config, adapters, quantization)
+        resume = check_resume(
+            flags, world_size, model_config=model_config, adapters=adapters, quantization=quantization
+        )
         if resume == "universal":  # DeepSpeed reads this when the engine is built
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     data_format = data_format_from_flags(flags)

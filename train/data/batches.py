@@ -65,7 +65,7 @@ class MicroBatchFeed:
             part = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
             inputs, labels = engine_inputs(rows, part, scale, self.document_attention)
             if self.trace is not None:
-                record = trace_record(self.step + 1, index, blocks[part], inputs[0], labels)
+                record = trace_record(self.step + 1, index, blocks=blocks[part], input_ids=inputs[0], labels=labels)
                 self.trace.write(json.dumps(record) + "\n")
                 self.trace.flush()
             yield inputs, labels

@@ -88,7 +88,14 @@ def pack_shards(
     count: int,
 ) -> None:
     shards = [load_from_disk(str(shard_folder(entry, i, count))) for i in range(count)]
-    write_entry(entry, source, concatenate_datasets(shards), data_format, tokenizer, seq_len)
+    write_entry(
+        entry,
+        source,
+        encoded=concatenate_datasets(shards),
+        data_format=data_format,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+    )
     shutil.rmtree(shard_folder(entry, 0, count).parent, ignore_errors=True)
 
 
@@ -133,7 +140,9 @@ def tokenize_once_per_job(
     leaders = node_leaders()
     if len(leaders) == 1:
         return
-    entries = [cache_entry(cache_dir, s, data_format, tokenizer, seq_len) for s in sources]
+    entries = [
+        cache_entry(cache_dir, s, data_format=data_format, tokenizer=tokenizer, seq_len=seq_len) for s in sources
+    ]
     missing = [not entry.exists() for entry in entries]
     dist.broadcast_object_list(missing, src=0, group=preparation_group())  # as rank 0 sees the cache
     if not any(missing):

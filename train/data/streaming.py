@@ -132,7 +132,9 @@ class SourceBlocks:
             yield from self.packed(pending, origin, skip)
 
     def kept_examples(self, batch: dict[str, list]) -> list[tuple[list, list]]:
-        encoded = encode_examples(batch, self.tokenizer, self.data_format, self.seq_len, self.template)
+        encoded = encode_examples(
+            batch, self.tokenizer, data_format=self.data_format, seq_len=self.seq_len, template=self.template
+        )
         # A malformed record stops the cached preparation before training; mid-stream it is left out.
         return [
             (ids, labels)

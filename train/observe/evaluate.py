@@ -11,10 +11,12 @@ from transformers import PreTrainedTokenizerBase
 
 from models.deepspeed_internals import clear_eval_outputs, forward_only_micro_batches, loss_stage_global_rank
 from models.loss import IGNORE_INDEX
-from models.pipeline import fewest_micro_batches
+from train.config.args import EVALUATION_SAMPLES_UP_TO, SAMPLE_TOKENS
 from train.config.ds_config import BatchLayout
 from train.data.batches import eval_steps
+from train.distributed.setup import say
 from train.observe.metrics import MetricsLog, eval_metrics
+from train.planning.schedules import fewest_micro_batches
 
 
 def evaluate(
@@ -109,6 +111,22 @@ def held_out_prompts(blocks: Dataset, count: int) -> list[list[int]]:
     return (prompts * count)[:count]
 
 
+def evaluation_sample_tokens(requested: int | None, parameters: int) -> int:
+    """New tokens of the samples at every evaluation: `--sample-tokens`, or by default SAMPLE_TOKENS for models up
+    to EVALUATION_SAMPLES_UP_TO parameters and none above (each token is a forward pass of the whole pipeline,
+    without a KV cache: 40 of them cost 2-3 training steps of a 0.5B model), said in one line."""
+    if requested is not None:
+        return requested
+    if parameters <= EVALUATION_SAMPLES_UP_TO:
+        return SAMPLE_TOKENS
+    say(
+        f"no samples at evaluations for a model of {parameters / 1e6:,.0f}M parameters (over "
+        f"{EVALUATION_SAMPLES_UP_TO / 1e6:.0f}M: each token costs a pipeline pass): --sample-tokens N turns them on; "
+        "the export is sampled at the end"
+    )
+    return 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class Sampling:
     """What the samples at every evaluation continue, and how far."""
@@ -162,9 +180,9 @@ class Evaluator:
             samples = sample_through_pipeline(
                 self.engine,
                 sampling.tokenizer,
-                self.prompts,
-                sampling.tokens,
-                sampling.seq_len,
+                prompts=self.prompts,
+                new_tokens=sampling.tokens,
+                seq_len=sampling.seq_len,
                 seed=sampling.seed + step,
             )
             self.log.samples(step, samples[:3])

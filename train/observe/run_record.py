@@ -8,6 +8,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from models.deepspeed_internals import partition_bounds, tied_parameters
 from models.quantize import parameter_count
 from train.config.ds_config import BatchLayout
 
@@ -46,7 +47,7 @@ def stages_summary(engine: PipelineEngine) -> list[dict]:
     only (they add up to the model), `held_parameters` is what the stage keeps in memory,
     `trainable_parameters` what trains (LoRA: the adapters), counted as `parameters`. A collective."""
     pipe = engine.module
-    tied = {id(p) for m in pipe.tied_modules.values() for p in m.parameters()}
+    tied = {id(p) for p in tied_parameters(pipe)}
     params = sum(parameter_count(p) for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
     held = sum(parameter_count(p) for p in pipe.parameters())
     trainable = sum(
@@ -80,7 +81,7 @@ def run_record(
         "pipeline_stages": engine.num_stages,  # pipeline ranks per replica
         "data_parallel": engine.grid.data_parallel_size,
         "schedule": engine.module.SCHEDULE,
-        "stage_layer_bounds": [int(b) for b in engine.module.parts],  # of 2 x ranks stages under dualpipev
+        "stage_layer_bounds": partition_bounds(engine.module),  # of 2 x ranks stages under dualpipev
         "micro_batches_per_step": batch.num_micro_batches,
         "stages": stages,
     }

@@ -26,20 +26,18 @@ freed before the step. Checked against measured memory in `bench/memory_bench.py
 
 import functools
 import json
-import re
 from dataclasses import dataclass
 
-from deepspeed.runtime.utils import partition_balanced, partition_uniform
-
 from models.architecture import DECODER, Architecture, discover
+from models.deepspeed_internals import deepspeed_partition
 from models.flops import flops_partition
-from models.lora import AdapterPlan, adapter_parameters, local_name
-from models.pipeline import LAYER_CLASSES, DecoderLayerPipe, rank_layer_ranges, stages_per_rank
+from models.lora import AdapterPlan, adapter_parameters
+from models.pipeline import LAYER_CLASSES, DecoderLayerPipe
 from models.quantize import Quantization, quantized_parameters
 from train.config.ds_config import batch_layout
 from train.errors import ConfigError
 from train.observe.mfu import training_dtype
-from train.planning.schedules import peak_in_flight
+from train.planning.schedules import peak_in_flight, rank_layer_ranges, stages_per_rank
 
 
 def layer_names(arch: Architecture) -> list[str]:
@@ -48,20 +46,15 @@ def layer_names(arch: Architecture) -> list[str]:
 
 
 def stage_bounds(arch: Architecture, stages: int, method: str, seq_len: int) -> list[int]:
-    """Stage bounds as `PipelineModule._partition_layers` makes them (DeepSpeed 0.19.8, runtime/pipe/module.py)."""
-    method = method.lower()
-    if method == "uniform":
-        bounds = partition_uniform(len(arch.pipeline_layers()), stages)
-    elif method == "parameters":
-        bounds = partition_balanced(arch.layer_parameters(), stages)
-    elif method == "flops":
-        bounds = flops_partition(arch, seq_len, stages)
-    elif method.startswith("type:"):  # layers whose class name the regex finds weigh 1, the others 0
-        pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
-        bounds = partition_balanced([int(bool(pattern.search(name))) for name in layer_names(arch)], stages)
-    else:
-        raise ConfigError(f"the planner knows flops, parameters, uniform and type:<regex>, not {method!r}")
-    return [int(b) for b in bounds]
+    """Stage bounds as the pipeline module makes them: ours for `flops`, DeepSpeed's for its own methods."""
+    if method.lower() == "flops":
+        return flops_partition(arch, seq_len, stages)
+    bounds = deepspeed_partition(
+        method, stages=stages, parameters=arch.layer_parameters(), layer_names=layer_names(arch)
+    )
+    if bounds is None:
+        raise ConfigError(f"the planner knows flops, parameters, uniform and type:<regex>, not {method.lower()!r}")
+    return bounds
 
 
 @dataclass
@@ -104,9 +97,9 @@ def first_block_lora(arch: Architecture, adapters: AdapterPlan) -> dict:
     what the adapters need instead of what the weights' gradients would)."""
     blocks = [layer for layer in arch.pipeline_layers() if layer.kind == DECODER]
     for layer in blocks:
-        names = sorted(local_name(layer, n) for n in adapters.targets if n.startswith(layer.modules[0] + "."))
+        names = sorted(layer.local_name(n) for n in adapters.targets if n.startswith(layer.modules[0] + "."))
         if names:
-            rank, alpha = adapters.targets[f"{layer.modules[0]}{names[0].removeprefix('layer')}"]
+            rank, alpha = adapters.targets[layer.hf_key(names[0])]
             return {"target_modules": names, "r": rank, "lora_alpha": alpha, "use_dora": adapters.config.use_dora}
     return {"target_modules": [], "r": 1, "lora_alpha": 1, "use_dora": False}
 
@@ -152,6 +145,7 @@ def _saved_bytes_per_token(config_json: str, scale: float, dtype: str, lora_json
 def plan_stages(
     arch: Architecture,
     ds_config: dict,
+    *,
     stages: int,
     data_parallel: int,
     seq_len: int,
@@ -194,7 +188,9 @@ def plan_stages(
         phase_bytes = [
             decoders(arch, start, stop) * per_block + (logits if stop == len(names) else 0) for start, stop in ranges
         ]
-        activations = peak_in_flight(schedule, stages, batch.num_micro_batches, rank, phase_bytes)
+        activations = peak_in_flight(
+            schedule, stages, micro_batches=batch.num_micro_batches, rank=rank, phase_bytes=phase_bytes
+        )
         if checkpoint_interval and any(decoders(arch, start, stop) for start, stop in ranges):
             activations += block_activations  # one block's full set during its recomputation
         quantized = sum(quantized_counts[i] for i in layers)
@@ -207,7 +203,11 @@ def plan_stages(
             "step_gradients": trainable * (12 / replicas if zero else 4),
             "activations": activations,
         }
-        plans.append(StagePlan(rank, [names[i] for i in layers], params, memory, trainable, ranges))
+        plans.append(
+            StagePlan(
+                rank, [names[i] for i in layers], parameters=params, memory=memory, trainable=trainable, bounds=ranges
+            )
+        )
     return plans
 
 

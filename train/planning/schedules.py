@@ -1,4 +1,5 @@
-"""The pipeline schedules' theory, read off DeepSpeed's own instruction streams: bubble and micro-batches in flight.
+"""The pipeline schedules' arithmetic (which stages a rank holds, the fewest micro-batches) and their theory, read
+off DeepSpeed's own instruction streams: bubble and micro-batches in flight.
 
 `deepspeed.runtime.pipe.schedule.TrainSchedule` (1F1B) and `DualPipeVSchedule` yield, per pipeline rank, the
 instructions its engine executes. Replaying them with unit costs gives what the schedules promise without
@@ -34,6 +35,22 @@ COMMUNICATION = {  # instruction -> (what travels, towards the next stage (+1) o
     SendGrad: ("gradient", -1, True),
     RecvGrad: ("gradient", 1, False),
 }
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule == "dualpipev" else 1
+
+
+def fewest_micro_batches(schedule: str, ranks: int) -> int:
+    """The fewest micro-batches a step (or a forward-only pass) of `schedule` runs on `ranks` pipeline ranks."""
+    return 2 * ranks if schedule == "dualpipev" else 1
+
+
+def rank_layer_ranges(bounds: list[int], ranks: int, schedule: str) -> list[list[tuple[int, int]]]:
+    """Per pipeline rank, [start, stop) of each stage it holds, from the bounds of all `ranks x stages_per_rank`
+    stages: stage r under 1F1B; stages r (phase 0) and 2 x ranks - 1 - r (phase 1) under DualPipeV."""
+    held = [[r, 2 * ranks - 1 - r] if schedule == "dualpipev" else [r] for r in range(ranks)]
+    return [[(int(bounds[s]), int(bounds[s + 1])) for s in stages] for stages in held]
 
 
 def instruction_streams(schedule: str, ranks: int, micro_batches: int) -> list[list]:
