@@ -55,7 +55,7 @@ def main() -> None:
         engine.train_batch(iter([(ids[0], ids[0])]))  # creates the Adam states
         root = Path(tempfile.mkdtemp())
         t0 = time.perf_counter()
-        save_checkpoint(engine, root / "checkpoints", 1, {}, config, keep_last=0)
+        save_checkpoint(engine, root / "checkpoints", 1, client_state={}, model_config=config, keep_last=0)
         t1 = time.perf_counter()
         load_checkpoint(engine, root / "checkpoints", mode="exact")
         t2 = time.perf_counter()

@@ -177,6 +177,7 @@ def hf_state_dict_from_pipeline_checkpoint(checkpoint_dir: Path, arch: Architect
 def export_hf_model(
     checkpoint_dir: Path,
     config: PretrainedConfig,
+    *,
     out_dir: Path,
     tokenizer=None,
     generation_config: dict | None = None,

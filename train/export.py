@@ -47,7 +47,7 @@ def export_checkpoint(
     return export_adapter(tag_dir, manifest, out=out, tokenizer=tokenizer, merged=merged)
 
 
-def export_adapter(tag_dir: Path, manifest: dict, out: Path, tokenizer, merged: Path | None = None) -> Path:
+def export_adapter(tag_dir: Path, manifest: dict, *, out: Path, tokenizer, merged: Path | None = None) -> Path:
     """A LoRA checkpoint as a PEFT adapter folder (`base_model_name_or_path`: the base as the run named it), with
     the tokenizer; `merged`: also the base with the adapters merged in, as a save_pretrained folder."""
     from peft import LoraConfig  # here: importing peft imports bitsandbytes, after models/ has quieted it

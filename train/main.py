@@ -58,7 +58,15 @@ def train_steps(run: Run) -> int | None:
             stop_if_diverged(step, loss, grad_norm, fp16=fp16, last_checkpoint=run.checkpointer.latest_tag)
             evaluate = run.evaluator.should_evaluate(step, step == last)
             if evaluate or run.log.should_log(step, step == last):
-                metrics = run.meter.metrics(loss, grad_norm, seconds, data_wait, answer_tokens, timeline, step == last)
+                metrics = run.meter.metrics(
+                    loss,
+                    grad_norm,
+                    seconds=seconds,
+                    data_wait=data_wait,
+                    answer_tokens=answer_tokens,
+                    timeline=timeline,
+                    last_step=step == last,
+                )
                 if evaluate:
                     metrics.update(run.evaluator.evaluate(step))
                 run.log.log(step, metrics)
@@ -77,11 +85,15 @@ def export_and_sample(run: Run, checkpoint: Path) -> None:
     flags, out = run.config.flags, run.config.output_dir
     if run.config.adapters is None:
         generation = read_manifest(checkpoint).get("generation_config")
-        model_dir = export_hf_model(checkpoint, run.model_config, out / "hf", run.tokenizer, generation)
+        model_dir = export_hf_model(
+            checkpoint, run.model_config, out_dir=out / "hf", tokenizer=run.tokenizer, generation_config=generation
+        )
         say(f"Hugging Face export: {model_dir}")
     else:
         merged = out / "hf" if flags.merge_adapter else None
-        model_dir = export_adapter(checkpoint, read_manifest(checkpoint), out / "adapter", run.tokenizer, merged)
+        model_dir = export_adapter(
+            checkpoint, read_manifest(checkpoint), out=out / "adapter", tokenizer=run.tokenizer, merged=merged
+        )
         say(f"PEFT adapter: {model_dir}" + (f"; merged model: {merged}" if merged else ""))
     tokens = SAMPLE_TOKENS if flags.sample_tokens is None else flags.sample_tokens
     if tokens == 0:  # --sample-tokens 0: no sample

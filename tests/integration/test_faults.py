@@ -117,13 +117,13 @@ def small_file_system(path: Path, megabytes: float):
         subprocess.run(["umount", "-l", path], check=False)
 
 
-def test_full_disks_stop_the_run_with_one_line_and_lose_no_checkpoint(base, tmp_path):
+def test_full_disks_stop_the_run_with_one_line_and_lose_no_checkpoint(base, gpt2_reference, tmp_path):
+    """Sized by the session's reference run: the same model, DeepSpeed config and tokenizer, so the same files."""
     tmp, args = base
     short = [*with_flag(args, "--train-steps", 6), "--save-interval", 2, "--keep-last", 0]
-    launch([*short, "--output-dir", tmp_path / "sizing"], ranks=2)
-    tag = tmp_path / "sizing" / "checkpoints" / "step_2"
+    tag = gpt2_reference.out / "checkpoints" / "step_5"
     size = sum(p.stat().st_size for p in tag.rglob("*") if p.is_file()) / 2**20
-    other = sum(p.stat().st_size for p in (tmp_path / "sizing" / "tokenizer").rglob("*") if p.is_file()) / 2**20
+    other = sum(p.stat().st_size for p in (gpt2_reference.out / "tokenizer").rglob("*") if p.is_file()) / 2**20
     # Room for one checkpoint, not two: the second save is refused before it writes anything.
     with small_file_system(tmp_path / "one", other + size * 1.6 + 0.5) as disk:
         proc = launch([*short, "--output-dir", disk / "run"], ranks=2, check=False, preflight=False)

@@ -93,7 +93,15 @@ def exports(tmp_path_factory, chat_tokenizer_dir, one_rank_group) -> dict[str, t
         engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds_config)
         # as a run from --model records its generation config (train/checkpoint/same_run.py: manifest_extras)
         generation = {"bos_token_id": 0, "eos_token_id": [0, 1], "do_sample": True, "temperature": 0.6}
-        save_checkpoint(engine, tmp / "ckpt", 0, {}, hf.config, keep_last=0, manifest={"generation_config": generation})
+        save_checkpoint(
+            engine,
+            tmp / "ckpt",
+            0,
+            client_state={},
+            model_config=hf.config,
+            keep_last=0,
+            manifest={"generation_config": generation},
+        )
         out[case_id] = (export_checkpoint(tmp / "ckpt", tmp / "export", tokenizer_dir=chat_tokenizer_dir), hf)
     return out
 

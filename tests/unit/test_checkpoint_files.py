@@ -24,7 +24,7 @@ def test_unwritable_checkpoint_folder_is_one_error(one_rank_group, tmp_path):
     )
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ConfigError, match="cannot write checkpoint"):
-        save_checkpoint(engine, tmp_path / "a_file" / "ckpt", 0, {}, config, keep_last=0)
+        save_checkpoint(engine, tmp_path / "a_file" / "ckpt", 0, client_state={}, model_config=config, keep_last=0)
     assert not (tmp_path / "a_file").is_dir()
 
 

@@ -302,7 +302,7 @@ def test_a_work_folder_left_by_a_killed_preparation_is_removed_by_the_next(tmp_p
     from train.data.packing import cache_entry
 
     tokenizer, (source,) = load_tokenizer(str(tokenizer_dir)), resolve_sources([str(corpus)])
-    entry = cache_entry(tmp_path, source, TEXT, tokenizer, 64)
+    entry = cache_entry(tmp_path, source, TEXT, tokenizer, seq_len=64)
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = tmp_path / f"{entry.name}.work-{socket.gethostname()}-{dead.pid}-x1"

@@ -84,7 +84,7 @@ def test_hf_to_pipeline_to_hf_is_the_identity(pair, tmp_path):
     load_hf_weights(pipe, folder, arch)
     ds_config = json.loads(write_ds_config(tmp_path / "ds.json").read_text().replace('"auto"', "10"))
     engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds_config)
-    save_checkpoint(engine, tmp_path / "ckpt", 0, {}, hf.config, keep_last=0)
+    save_checkpoint(engine, tmp_path / "ckpt", 0, client_state={}, model_config=hf.config, keep_last=0)
     out = export_checkpoint(tmp_path / "ckpt", tmp_path / "out")
     before, after = load_file(folder / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys()

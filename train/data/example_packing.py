@@ -69,12 +69,12 @@ def example_blocks(
 ) -> tuple[Dataset, dict]:
     """All blocks of one instruction or chat source, and their counts (examples kept, cut, skipped; tokens)."""
     records = load_columns(source, data_format.columns(), work_dir)
-    encoded = encode_records(records, data_format, tokenizer, seq_len, num_proc)
-    return pack_encoded(source, encoded, data_format, tokenizer, seq_len)
+    encoded = encode_records(records, data_format, tokenizer, seq_len=seq_len, num_proc=num_proc)
+    return pack_encoded(source, encoded, data_format, tokenizer, seq_len=seq_len)
 
 
 def pack_encoded(
-    source: Source, encoded: Dataset, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, seq_len: int
+    source: Source, encoded: Dataset, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, *, seq_len: int
 ) -> tuple[Dataset, dict]:
     """Encoded records (`encode_records`, in order) -> blocks and their counts; malformed records stop here."""
     status = np.asarray(encoded["status"])

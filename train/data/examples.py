@@ -168,6 +168,7 @@ def encode_records(
     records: Dataset,
     data_format: DataFormat,
     tokenizer: PreTrainedTokenizerBase,
+    *,
     seq_len: int,
     num_proc: int | None,
 ) -> Dataset:

@@ -145,7 +145,7 @@ def default_cache_dir() -> Path:
 
 
 def cache_entry(
-    cache_dir: Path, source: Source, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, seq_len: int
+    cache_dir: Path, source: Source, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, *, seq_len: int
 ) -> Path:
     return cache_dir / cache_key(source, data_format, tokenizer, seq_len)
 
@@ -187,13 +187,14 @@ def encoded_records(
     if shard is not None:
         records = records.shard(num_shards=shard[1], index=shard[0], contiguous=True)
     if data_format.masked:
-        return encode_records(records, data_format, tokenizer, seq_len, num_proc)
+        return encode_records(records, data_format, tokenizer, seq_len=seq_len, num_proc=num_proc)
     return tokenize_texts(records, tokenizer, num_proc)
 
 
 def write_entry(
     entry: Path,
     source: Source,
+    *,
     encoded: Dataset,
     data_format: DataFormat,
     tokenizer: PreTrainedTokenizerBase,
@@ -201,7 +202,7 @@ def write_entry(
 ) -> None:
     """Pack a source's encoded records (in order) into its cache entry, written whole or not at all."""
     if data_format.masked:
-        blocks, stats = pack_encoded(source, encoded, data_format, tokenizer, seq_len)
+        blocks, stats = pack_encoded(source, encoded, data_format, tokenizer, seq_len=seq_len)
         print(describe(source.spec, stats, data_format, seq_len), flush=True)
     else:
         blocks, dropped = pack_tokenized(encoded, seq_len)
@@ -240,10 +241,10 @@ def packed_source(
     num_proc: int | None = None,
 ) -> Dataset:
     """All blocks of one source, built once per (source files, format, tokenizer, seq_len), memory-mapped after."""
-    entry = cache_entry(cache_dir, source, data_format, tokenizer, seq_len)
+    entry = cache_entry(cache_dir, source, data_format, tokenizer, seq_len=seq_len)
     if not entry.exists():
         with work_folder(entry) as work:
             encoded = encoded_records(source, data_format, tokenizer, seq_len=seq_len, num_proc=num_proc, work_dir=work)
-            write_entry(entry, source, encoded, data_format, tokenizer, seq_len)
+            write_entry(entry, source, encoded=encoded, data_format=data_format, tokenizer=tokenizer, seq_len=seq_len)
     check_entry(entry)
     return load_from_disk(str(entry))

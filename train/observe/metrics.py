@@ -62,6 +62,7 @@ class StepMeter:
         self,
         loss: float,
         grad_norm: float,
+        *,
         seconds: float,
         data_wait: float,
         answer_tokens: int | None,
