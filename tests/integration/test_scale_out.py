@@ -117,14 +117,13 @@ def test_a_hung_rank_stops_its_peers_within_the_timeout_with_reports(dropout_run
     assert len(lines) == 1 and f"stacks in {out / 'hang' / 'rank0.txt'}" in lines[0], stderr[-3000:]
 
 
-def test_two_nodes_sharing_a_cache_tokenize_a_shard_each_and_train_the_losses_of_one_node(
-    corpus, tokenizer_dir, tmp_path
-):
-    """pp=2 x dp=2: node 0 holds stage 0, node 1 stage 1. The nodes share one data cache: each tokenizes half of
-    the corpus, rank 0 packs the halves, and the blocks (so the losses) are those of one node that did it all."""
-    model, ds = write_json(tmp_path / "model.json", tiny_gpt2()), write_ds_config(tmp_path / "ds.json")
-    args = small_run_args(corpus, tokenizer_dir, tmp_path, ds, model, 4, data_cache_dir=None)  # PIPEGPT_CACHE
-    launch([*args, "--output-dir", tmp_path / "one"], ranks=4, env={"PIPEGPT_CACHE": str(tmp_path / "cache_one")})
+def test_two_nodes_sharing_a_cache_tokenize_a_shard_each_and_train_the_losses_of_one_node(gpt2_layouts, tmp_path):
+    """pp=2 x dp=2: node 0 holds stage 0, node 1 stage 1. The nodes share one fresh data cache: each tokenizes half of
+    the corpus, rank 0 packs the halves, and the blocks (so the losses) are those of one node that did it all: the
+    session's 4-rank `pp2_dp2` layout run (tests/integration/conftest.py), the same flags but the cache."""
+    args = gpt2_layouts.args["pp2_dp2"]
+    i = args.index("--data-cache-dir")
+    args = [*args[:i], *args[i + 2 :]]  # PIPEGPT_CACHE instead
     port, nodes, shared = free_port(), [], tmp_path / "cache_shared"
     for node in (0, 1):
         env = {"NODE_RANK": str(node), "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "PIPEGPT_CACHE": str(shared)}
@@ -137,7 +136,7 @@ def test_two_nodes_sharing_a_cache_tokenize_a_shard_each_and_train_the_losses_of
     assert sum(d.stdout.count(" tokens in ") for d in done) == 1  # packed once, by rank 0
     left = sorted(p.name for p in (shared / "packed").iterdir())
     assert len(left) == 1 and len(left[0]) == 20, left  # the entry (its key) alone: no shards, work folders, probes
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    one, two = read_metrics(gpt2_layouts.runs["pp2_dp2"]), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == list(range(1, len(one) + 1)) and len(one) >= 4
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)

@@ -6,55 +6,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import launch, read_metrics, small_run_args, tiny_gpt2, write_ds_config, write_json
+from tests.helpers import read_metrics
+from tests.integration.conftest import LAYOUT_STEPS as STEPS
 from train.data.examples import TEXT
 from train.data.sources import resolve_sources
 from train.data.splits import packed_dataset
 from train.data.tokenizer import load_tokenizer
 
-STEPS = 6
-
-
-def common_args(corpus, tokenizer_dir, tmp_path, ds_config):
-    return [
-        *small_run_args(corpus, tokenizer_dir, tmp_path, ds_config, tmp_path / "model.json", STEPS),
-        "--trace-batches",
-        "--profile-steps",
-        2,
-    ]
-
 
 @pytest.fixture(scope="module")
-def layout_runs(corpus, tokenizer_dir, tmp_path_factory):
-    """The same 6 steps as pp=1, pp=2, pp=2 x dp=2 and pp=2 balanced by FLOPs with activation checkpointing
-    (global batch 8, micro-batch 2, fp32), with document attention as pp=1 and as pp=2 (FLOPs, checkpointing), and
-    under DualPipeV as pp=2 and as pp=2 x dp=2 (micro-batch 1; the second with checkpointing)."""
-    tmp = tmp_path_factory.mktemp("layouts")
-    write_json(tmp / "model.json", tiny_gpt2())
-    ds_config = write_ds_config(tmp / "ds.json")
-    runs = {}
-    by_params = ["--partition-method", "parameters"]
-    balanced = ["--partition-method", "flops", "--activation-checkpoint-interval", 1]
-    layouts = [
-        ("pp1", 1, 1, by_params),
-        ("pp2", 2, 2, by_params),
-        ("pp2_dp2", 2, 4, []),
-        ("pp2_flops_ac", 2, 2, balanced),
-        ("pp1_document", 1, 1, [*by_params, "--attention", "document"]),
-        ("pp2_document", 2, 2, [*balanced, "--attention", "document"]),
-        # Micro-batches of 1 keep the global batch of 8: 8 micro-batches on one replica (more than the 4 that
-        # sampling runs), and on 2 replicas 4, the fewest DualPipeV runs on 2 ranks.
-        ("pp2_dualpipev", 2, 2, ["--schedule", "dualpipev"]),
-        ("pp2_dp2_dualpipev", 2, 4, ["--schedule", "dualpipev", "--activation-checkpoint-interval", 1]),
-    ]
-    micro_1 = write_ds_config(tmp / "ds_micro1.json", micro=1)
-    for name, stages, ranks, extra in layouts:
-        out = tmp / name
-        config = micro_1 if "dualpipev" in name else ds_config
-        args = [*common_args(corpus, tokenizer_dir, tmp, config), "--pipeline-stages", stages, "--output-dir", out]
-        launch([*args, *extra], ranks)
-        runs[name] = out
-    return tmp, runs
+def layout_runs(gpt2_layouts):
+    return gpt2_layouts.folder, gpt2_layouts.runs
 
 
 def test_layouts_train_the_same_losses(layout_runs):
