@@ -197,7 +197,7 @@ def checkpointer(
         client_state={"wandb_run_id": log.run_id, "data_seed": flags.seed},
         stream_position=position,
         adapters_only=config.adapters is not None,
-        tokenizer=tokenizer,
+        tokenizer=inputs.tokenizer,
         manifest=extras | trained_with(tokenizer=tokenizer, seq_len=flags.seq_len, data_format=config.data_format.kind),
     )
 
@@ -209,7 +209,7 @@ def build_run(config: RunConfig) -> Run:
         config.output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(flags.seed)
     inputs = prepare_inputs(config)
-    tokenizer, model_config, arch = inputs.tokenizer, inputs.model_config, inputs.arch
+    model_config, arch = inputs.model_config, inputs.arch
     memory_before = memory_before_model()
     engine = build_engine(config, arch)
     flops = flops_per_token(arch, flags.seq_len)
@@ -226,14 +226,36 @@ def build_run(config: RunConfig) -> Run:
         resume_step=start_step,
         wandb_run_id=client_state.get("wandb_run_id"),
     )
+    try:
+        return assemble(config, engine, inputs, log=log, client_state=client_state, record=record, flops=flops,
+                        memory_before=memory_before, preemption=preemption)  # fmt: skip
+    except BaseException:
+        log.finish(failed=True)  # opened above: closed on this way out too (train() closes it on the others)
+        raise
+
+
+def assemble(
+    config: RunConfig,
+    engine: PipelineEngine,
+    inputs: Inputs,
+    *,
+    log: MetricsLog,
+    client_state: dict,
+    record: dict,
+    flops: float,
+    memory_before: int,
+    preemption: Preemption,
+) -> Run:
+    """The run's components around its engine and metrics log."""
+    flags, start_step = config.flags, client_state["step"]
     sources = [s.spec for s in config.sources]
     position = stream_position(client_state, load=flags.load, streaming=config.streaming, sources=sources)
     batches = training_batches(config, engine, inputs, start_step=start_step, stream_position=position)
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
     return Run(
         config=config,
-        model_config=model_config,
-        tokenizer=tokenizer,
+        model_config=inputs.model_config,
+        tokenizer=inputs.tokenizer,
         engine=engine,
         start_step=start_step,
         batches=batches,
