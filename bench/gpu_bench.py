@@ -13,8 +13,8 @@ TFLOP/s and MFU (`train/observe/mfu.py`'s peak table) of the median step after 3
 added beside the planner's estimate.
 
 `--dry-run` runs the same code on this machine's CPU with tiny models (gpt2-tiny, llama-tiny), seq 64,
-micro-batch 2, 3 steps, fp32: the test suite runs it, so that the script is known to work before a device
-is lent.
+micro-batch 2, 3 steps, fp32, compiled with the aot_eager backend: the test suite runs it, so that the script
+is known to work before a device is lent.
 """
 
 import argparse
@@ -145,18 +145,25 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=None, help="presets (default: gpt2-large llama-3.2-1b)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--seq-len", type=int, default=None, help="default 1024 (64 with --dry-run)")
-    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile's backend (default inductor; aot_eager with --dry-run: on a CPU inductor builds C++ for "
+        "every layer, a minute of the suite, and tests/integration/test_compile.py already trains through it)",
+    )
     p.add_argument("--torch-adam", action="store_true", help="torch's AdamW instead of DeepSpeed's FusedAdam")
     p.add_argument("--dry-run", action="store_true", help="tiny models on this machine's CPU, fp32, 3 steps")
     a = p.parse_args()
     if a.dry_run:
         a.models, a.steps, a.seq_len = a.models or ["gpt2-tiny", "llama-tiny"], 3, a.seq_len or 64
     a.models, a.seq_len = a.models or ["gpt2-large", "llama-3.2-1b"], a.seq_len or 1024
+    a.compile_backend = a.compile_backend or ("aot_eager" if a.dry_run else "inductor")
     init_distributed()
     peak = None if a.dry_run else peak_tflops("bf16")
     print(
         f"device: {device_name()}, {'fp32 (dry run)' if a.dry_run else f'bf16 peak {peak} TFLOP/s'}, "
-        f"torch {torch.__version__}, {MICRO_BATCHES} micro-batches a step, seq {a.seq_len}, {a.steps} steps"
+        f"torch {torch.__version__}, {MICRO_BATCHES} micro-batches a step, seq {a.seq_len}, {a.steps} steps, "
+        f"compiled with {a.compile_backend}"
     )
     print("| model | mode | micro-batch | tokens/s | TFLOP/s | MFU | first step s | peak memory GiB | planned GiB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
