@@ -142,6 +142,20 @@ def _saved_bytes_per_token(config_json: str, scale: float, dtype: str, lora_json
     return sum(seen.values()) / tokens
 
 
+def state_widths(ds_config: dict, data_parallel: int) -> tuple[int, int, float, float, int]:
+    """Bytes per parameter of the weights, the gradients, the optimizer states and the step's fp32 gradients (ZeRO-1
+    partitions the last two over the replicas), and the ZeRO reduction bucket's parameter count (0 without ZeRO)."""
+    dtype = training_dtype(ds_config)
+    width = 4 if dtype == "fp32" else 2
+    grad_width = 4 if dtype == "fp32" or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else width
+    zero_config = ds_config.get("zero_optimization", {})
+    zero = zero_config.get("stage", 0) >= 1
+    bucket = int(float(zero_config.get("reduce_bucket_size", 5e8))) if zero else 0
+    replicas = data_parallel if zero else 1
+    optimizer_width = 12 / replicas if zero or dtype != "fp32" else 8
+    return width, grad_width, optimizer_width, (12 / replicas if zero else 4), bucket
+
+
 def plan_stages(
     arch: Architecture,
     ds_config: dict,
@@ -160,15 +174,8 @@ def plan_stages(
     states and ZeRO buckets; with `quantization` (QLoRA) the decoder's linear weights take `bytes_per_weight`."""
     batch = batch_layout(ds_config, data_parallel)
     dtype = training_dtype(ds_config)
-    width = 4 if dtype == "fp32" else 2
-    grad_width = 4 if dtype == "fp32" or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else width
-    zero_config = ds_config.get("zero_optimization", {})
-    zero = zero_config.get("stage", 0) >= 1
-    bucket = int(float(zero_config.get("reduce_bucket_size", 5e8))) if zero else 0
-    replicas = data_parallel if zero else 1
-    optimizer_width = 12 / replicas if zero or dtype != "fp32" else 8
-    names = layer_names(arch)
-    counts = arch.layer_parameters()
+    width, grad_width, optimizer_width, step_width, bucket = state_widths(ds_config, data_parallel)
+    names, counts = layer_names(arch), arch.layer_parameters()
     adapter_counts = adapter_parameters(arch, adapters) if adapters is not None else None
     quantized_counts = quantized_layer_parameters(arch) if quantization is not None else [0] * len(counts)
     tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
@@ -200,7 +207,7 @@ def plan_stages(
             "optimizer": trainable * optimizer_width,
             "reduction": min(trainable, bucket) * grad_width,
             "backward_gradients": trainable * grad_width,
-            "step_gradients": trainable * (12 / replicas if zero else 4),
+            "step_gradients": trainable * step_width,
             "activations": activations,
         }
         plans.append(
