@@ -19,13 +19,22 @@ from models.architecture import SUPPORTED_FAMILIES, discover
 from models.hf_weights import load_hf_weights, pipeline_param_to_hf
 from models.loss import IGNORE_INDEX, next_token_cross_entropy
 from models.pipeline import build_pipeline
-from tests.cases import CASES, IDS, SEQ, VOCAB, hf_model
+from tests.cases import (
+    CASES,
+    FAMILY_CASES,
+    FAMILY_IDS,
+    SEQ,
+    VOCAB,
+    hf_model,
+    load_case_weights,
+    needs_weight_conversion,
+)
 from tests.helpers import write_ds_config
 from train.checkpoint.checkpointer import save_checkpoint
 from train.export import export_checkpoint
 
 
-@pytest.fixture(scope="module", params=CASES, ids=IDS)
+@pytest.fixture(scope="module", params=FAMILY_CASES, ids=FAMILY_IDS)
 def pair(request, tmp_path_factory, one_rank_group):
     family, _, settings = request.param
     hf = hf_model(family, settings)
@@ -33,13 +42,26 @@ def pair(request, tmp_path_factory, one_rank_group):
     hf.save_pretrained(folder)
     arch = discover(hf.config)
     pipe = build_pipeline(arch, num_stages=1, seq_len=SEQ)
-    assert load_hf_weights(pipe, folder, arch) == len(list(pipe.parameters()))
+    load_case_weights(pipe, hf, folder, arch)
     return hf, pipe.eval(), arch, folder
+
+
+def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A mixture of experts' routers (`...TopKRouter` / `...TopkRouter`: (logits, weights, expert indices))."""
+    return [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
+
+
+def leak_tolerance(model: torch.nn.Module) -> float:
+    """How far a later token may move an earlier logit: not at all, except by rounding in a mixture of experts,
+    whose expert matmuls (grouped_mm, eager) take each expert's tokens together, so a token routed elsewhere
+    changes the other rows' summation blocking (~5e-7; HF's model does the same). A leak moves them by ~1e-2."""
+    return 1e-5 if routers(model) else 0.0
 
 
 def test_every_required_family_is_covered():
     required = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox"}
-    assert required <= {family for family, _, _ in CASES} <= set(SUPPORTED_FAMILIES)
+    required |= {"qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe"}
+    assert required <= {family for family, _, _ in FAMILY_CASES} <= set(SUPPORTED_FAMILIES)
 
 
 def test_logits_and_loss_equal_hf(pair):
@@ -66,6 +88,28 @@ def test_every_gradient_equals_hf(pair):
         assert (param.grad - expected).abs().max().item() <= 1e-5 * scale, name
 
 
+def test_experts_run_as_hf_runs_them_and_routers_spread_tokens(pair):
+    """The pipeline's experts use the implementation transformers picks for the device (grouped_mm on CPU), as the
+    HF reference does; every MoE layer's random router sends the tokens to most experts (else the gradients of
+    unused experts are zero, and a test of equal routing would prove little)."""
+    hf, pipe, _, _ = pair
+    if not routers(hf):
+        pytest.skip("a dense model")
+    implementations = {m.config._experts_implementation for m in pipe.modules() if hasattr(m, "gate_up_proj")}
+    assert implementations == {hf.config._experts_implementation} == {"grouped_mm"}
+    chosen = []
+    hooks = [r.register_forward_hook(lambda m, i, out: chosen.append((m, out[2]))) for r in routers(pipe)]
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        pipe(ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(chosen) == len(routers(hf)) > 0
+    for router, experts in chosen:
+        experts_count = router.weight.shape[0]
+        assert len(experts.unique()) > experts_count // 2, f"{type(router).__name__} chose only {experts.unique()}"
+
+
 def test_attention_is_causal(pair):
     _, pipe, _, _ = pair
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
@@ -73,13 +117,15 @@ def test_attention_is_causal(pair):
     changed[:, 15:] = (changed[:, 15:] + 7) % VOCAB
     with torch.no_grad():
         a, b = pipe(ids), pipe(changed)
-    assert torch.equal(a[:, :15], b[:, :15]), "a later token changed an earlier position's logits"
+    assert (a[:, :15] - b[:, :15]).abs().max().item() <= leak_tolerance(pipe), "a later token moved an earlier logit"
     assert not torch.equal(a[:, 15:], b[:, 15:])
 
 
 def test_hf_to_pipeline_to_hf_is_the_identity(pair, tmp_path):
     """Through the real path: DeepSpeed's engine saves the checkpoint, `train.export` writes the HF folder."""
     hf, _, arch, folder = pair
+    if needs_weight_conversion(arch):
+        pytest.skip("checkpoints with experts stored one by one are not read yet (issue 34, weights in and out)")
     pipe = build_pipeline(arch, num_stages=1, seq_len=SEQ)
     load_hf_weights(pipe, folder, arch)
     ds_config = json.loads(write_ds_config(tmp_path / "ds.json").read_text().replace('"auto"', "10"))
@@ -99,6 +145,10 @@ def test_pipeline_names_map_one_to_one_onto_hf(pair):
     mapped = [pipeline_param_to_hf(arch, name) for name, _ in pipe.named_parameters()]
     hf_names = {name for name, _ in hf.named_parameters()}  # a tied head's weight is the embedding's
     assert len(mapped) == len(set(mapped)) and set(mapped) == hf_names
+    # Persistent buffers (DeepSeek's e_score_correction_bias) are the layer's state too: checkpoints carry them.
+    state = [pipeline_param_to_hf(arch, name) for name in pipe.state_dict()]
+    buffers = set(hf.state_dict()) - {name for name, _ in hf.named_parameters(remove_duplicate=False)}
+    assert len(state) == len(set(state)) and set(state) == hf_names | buffers
 
 
 def test_rotary_frequencies_stay_fp32_when_the_model_is_cast_to_bf16(one_rank_group):
@@ -188,7 +238,7 @@ def test_document_attention_isolates_documents_and_is_causal(pair):
     changed[0, second.start + 1] = (changed[0, second.start + 1] + 11) % VOCAB  # the second document's 2nd token
     with torch.no_grad():
         a, b = pipe((ids, positions)), pipe((changed, positions))
-    moved = (a - b).abs().amax(dim=-1)[0] > 0
+    moved = (a - b).abs().amax(dim=-1)[0] > leak_tolerance(pipe)
     assert moved[second.start + 1 : second.stop].any(), "the changed token moved nothing"
     assert not moved[: second.start + 1].any(), "an earlier token or an earlier document saw the change"
     assert not moved[second.stop :].any(), "a later document attended across its boundary"
