@@ -230,6 +230,11 @@ def discover(config: PretrainedConfig) -> Architecture:
             f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)} "
             "(decoder-only models whose layers take only the hidden states and rotary embeddings)"
         )
+    if getattr(config, "output_router_logits", False):
+        raise ValueError(
+            f"{model_type}: the router's load-balancing loss (output_router_logits) is not computed through the "
+            "pipeline yet; set output_router_logits to false in the model config to train on the cross-entropy alone"
+        )
     config = pipeline_config(config)
     try:
         model = meta_model(config)
