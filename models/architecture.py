@@ -35,6 +35,14 @@ SUPPORTED_FAMILIES = {
     "phi3": "Phi-3",
     "gemma": "Gemma",
     "olmo2": "OLMo 2",
+    "qwen3_moe": "Qwen3-MoE",
+    "qwen2_moe": "Qwen1.5/2-MoE",
+    "mixtral": "Mixtral",
+    "olmoe": "OLMoE",
+    "deepseek_v3": "DeepSeek-V3",
+    "deepseek_v2": "DeepSeek-V2",
+    "gpt_oss": "gpt-oss",
+    "glm4_moe": "GLM-4.5",
 }
 # DeepSpeed's key of the tied embedding (TiedLayerSpec): its parameters are named `tied_modules.embed.<name>`.
 TIED_EMBEDDING_KEY = "embed"
@@ -192,9 +200,15 @@ def pipeline_config(config: PretrainedConfig) -> PretrainedConfig:
     A standalone layer built from a raw config falls back to eager attention, which without a mask
     attends to future tokens. SDPA (and flash attention) with no mask take `is_causal=True`, which is
     what the whole model computes for unpadded blocks. A flash kernel the user asked for is kept.
+    A family without SDPA (gpt-oss: its attention sinks) runs eager, as transformers does: masking.py
+    then gives every layer an explicit mask, since transformers' eager mask is never skipped.
     """
     config = copy.deepcopy(config)
     requested = getattr(config, "_attn_implementation", None)
+    without_sdpa = not getattr(AutoModelForCausalLM._model_mapping.get(type(config), None), "_supports_sdpa", True)
+    if without_sdpa and requested in (None, "eager"):
+        config._attn_implementation = "eager"
+        return config
     if requested not in (None, *CAUSAL_WITHOUT_MASK):
         raise ValueError(
             f"the model config asks for {requested!r} attention, which attends to future tokens without a mask; "
@@ -215,6 +229,11 @@ def discover(config: PretrainedConfig) -> Architecture:
         raise ValueError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)} "
             "(decoder-only models whose layers take only the hidden states and rotary embeddings)"
+        )
+    if getattr(config, "output_router_logits", False):
+        raise ValueError(
+            f"{model_type}: the router's load-balancing loss (output_router_logits) is not computed through the "
+            "pipeline yet; set output_router_logits to false in the model config to train on the cross-entropy alone"
         )
     config = pipeline_config(config)
     try:
