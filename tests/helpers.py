@@ -63,6 +63,7 @@ def run_preflight(capsys, world_size: int, *args) -> str:
     What launch.sh does with that line (stops before any rank) is tested once, by launching it."""
     from train.preflight import main as preflight
 
+    capsys.readouterr()  # only what the preflight prints
     code = preflight(["--world-size", str(world_size), *map(str, args)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
@@ -107,12 +108,18 @@ def run_process_group(cmd: list, env: dict, timeout: int) -> subprocess.Complete
     return finish(start_process_group(cmd, env), timeout)
 
 
+def fresh_environ() -> dict[str, str]:
+    """This process's environment less the variables of its own one-rank group (the `one_rank_group` fixture sets
+    them): a launch starts a new world."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+
+
 def launch_env(ranks: int, port: int | None = None, preflight: bool = False) -> dict:
     """The environment of `launch.sh` with `ranks` CPU ranks. Without `preflight`, launch.sh's one-process check
     is skipped (PIPEGPT_SKIP_PREFLIGHT=1, ~8 s a launch): the ranks make the same checks, and a run expected to
     train is not stopped by it. Tests of bad input keep it: it is what they test."""
     return {
-        **os.environ,
+        **fresh_environ(),
         "NUM_GPUS": str(ranks),
         "MASTER_PORT": str(port or free_port()),
         "OMP_NUM_THREADS": "1",

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.helpers import REPO, free_port, launch, run_process_group, write_file, write_json
+from tests.helpers import REPO, free_port, fresh_environ, launch, run_process_group, write_file, write_json
 
 
 def test_launch_stops_before_starting_ranks(good, tmp_path):
@@ -33,7 +33,12 @@ def test_ranks_launched_directly_fail_together_with_one_line(good, tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"content": "In the beginning"}) + "\n")
     (tmp_path / "ext" / "deepspeed_shm_comm").mkdir(parents=True)
     (tmp_path / "ext" / "deepspeed_shm_comm" / "lock").touch()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env = {
+        **fresh_environ(),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+    }
     proc = run_process_group(
         [
             "deepspeed",
