@@ -11,6 +11,7 @@ import json
 import deepspeed
 import pytest
 import torch
+from transformers import CONFIG_MAPPING
 
 from models.architecture import discover
 from models.hf_weights import pipeline_param_to_hf
@@ -20,6 +21,7 @@ from tests.helpers import write_ds_config
 from train.config.args import parse_args
 from train.config.run_config import model_config_from_flags
 from train.observe.metrics import StepMeter
+from train.planning.memory_model import saved_bytes_per_token
 
 COEF = 0.3
 WITH_LOSS = [case for case in MOE_CASES if case[0] in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")]
@@ -135,3 +137,12 @@ def test_the_flag_turns_the_router_loss_on_with_its_coefficient(tmp_path):
     router_loss = discover(model_config_from_flags(flags, VOCAB)).router_loss
     assert router_loss is not None and router_loss.coef == 0.02 and router_loss.moe_layers == 4
     assert discover(model_config_from_flags(parse_args(["--model-config", str(config)]), VOCAB)).router_loss is None
+
+
+def test_the_planner_measures_a_layer_that_carries_the_router_sums():
+    """The activation estimate runs a real narrow decoder layer: with the router loss on it takes four tensors."""
+    family, _, settings = next(c for c in WITH_LOSS if c[0] == "qwen2_moe")
+    without = discover(CONFIG_MAPPING[family](**settings))
+    with_loss = discover(CONFIG_MAPPING[family](**settings, output_router_logits=True))
+    assert with_loss.router_loss is not None
+    assert saved_bytes_per_token(with_loss, "fp32") >= saved_bytes_per_token(without, "fp32") > 0
