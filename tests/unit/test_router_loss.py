@@ -7,6 +7,7 @@ back); and a DeepSpeed engine's `train_batch` reports the mean of HF's per-micro
 """
 
 import json
+from types import SimpleNamespace
 
 import deepspeed
 import pytest
@@ -20,6 +21,7 @@ from tests.cases import MOE_CASES, SEQ, VOCAB, hf_model
 from tests.helpers import write_ds_config
 from train.config.args import parse_args
 from train.config.run_config import model_config_from_flags
+from train.observe.evaluate import sample_through_pipeline
 from train.observe.metrics import StepMeter
 from train.planning.memory_model import saved_bytes_per_token
 
@@ -127,6 +129,10 @@ def test_train_batch_reports_the_mean_of_hf_per_micro_batch_losses(tmp_path, one
     assert abs(meter.aux_loss() - sum(out.aux_loss.item() for out in theirs) / 3) <= 1e-6
     losses += [engine.train_batch(data_iter=iter(micro_batches)).item() for _ in range(3)]
     assert losses[-1] < losses[0]  # the same batch each step; warm-up: steps 1-2 at lr 0
+    # Sampling reads the logits out of the (logits, P, C) the last layer gives with the router loss.
+    tokenizer = SimpleNamespace(eos_token_id=0, decode=lambda ids: ids.tolist())
+    (sample,) = sample_through_pipeline(engine, tokenizer, [[5, 6, 7]], new_tokens=3, seq_len=SEQ, seed=0)
+    assert sample[:3] == [5, 6, 7] and len(sample) == 6
 
 
 def test_the_flag_turns_the_router_loss_on_with_its_coefficient(tmp_path):

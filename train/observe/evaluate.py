@@ -90,7 +90,7 @@ def sample_through_pipeline(
             )
         next_ids = torch.zeros(len(prompts), dtype=torch.long, device=device)
         if engine.is_last_stage():
-            first = out[0][0] if isinstance(out[0], tuple) else out[0]  # (logits, P, C) with the router loss
+            first = out[0] if torch.is_tensor(out[0]) else out[0][0]  # [logits, P, C] with the router loss
             logits = first[rows, lengths - 1].float().cpu() / temperature
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
             probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
