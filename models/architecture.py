@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from models.errors import first_line
+from models.router_loss import RouterLoss, router_loss_of
 
 # model_type -> what the README calls it. Each is tested against its transformers model (tests/unit/test_families.py).
 SUPPORTED_FAMILIES = {
@@ -104,6 +105,7 @@ class Architecture:
     rotary: str | None  # "rotary_emb", recomputed in every decoder layer
     head: str  # the LM head, a child of the causal-LM model: "lm_head"
     tied: bool  # the head uses the token embedding's weight
+    router_loss: RouterLoss | None = None  # the load-balancing loss the causal LM adds (output_router_logits)
 
     @property
     def num_layers(self) -> int:
@@ -230,11 +232,6 @@ def discover(config: PretrainedConfig) -> Architecture:
             f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)} "
             "(decoder-only models whose layers take only the hidden states and rotary embeddings)"
         )
-    if getattr(config, "output_router_logits", False):
-        raise ValueError(
-            f"{model_type}: the router's load-balancing loss (output_router_logits) is not computed through the "
-            "pipeline yet; set output_router_logits to false in the model config to train on the cross-entropy alone"
-        )
     config = pipeline_config(config)
     try:
         model = meta_model(config)
@@ -266,4 +263,5 @@ def discover(config: PretrainedConfig) -> Architecture:
         rotary=rotary[0] if rotary else None,
         head=_child_name(model, head_module),
         tied=head_module.weight is model.get_input_embeddings().weight,
+        router_loss=router_loss_of(model),
     )

@@ -12,9 +12,11 @@
 Between stages travel the hidden states and the int64 positions (per document under `--attention document`,
 0..S-1 otherwise): DeepSpeed 0.19.8 marks every received float tensor `requires_grad` and asserts a gradient
 for it, but leaves integer tensors alone, so each decoder layer computes its rotary cos/sin and its mask from the
-positions itself. One float tensor and one integer tensor is also the only mix its receive buffers keep apart
-on middle stages (`_exec_recv_activations` in runtime/pipe/engine.py allocates `pipe_recv_buf` once and reuses
-it without checking dtype). Parameter names are the HF names below a per-layer prefix (see `models/hf_weights.py`).
+positions itself. With the router loss (models/router_loss.py) the tuple is `(hidden, P float32[E], position_ids,
+C int64[E])`: floats first, because its receive buffers (`_exec_recv_activations` in runtime/pipe/engine.py
+allocates `pipe_recv_buf` once) are reused by slot without checking dtype and gradient slot i shares memory with
+activation slot i; a (hidden, int, float) order trained silently wrong on 3 stages. Parameter names are the HF
+names below a per-layer prefix (see `models/hf_weights.py`).
 """
 
 import torch
@@ -39,6 +41,7 @@ from models.deepspeed_internals import DualPipeVModuleHooks, PipelineModuleHooks
 from models.flops import flops_partition
 from models.loss import next_token_cross_entropy
 from models.masking import attention_mask, layer_attention_type
+from models.router_loss import CrossEntropyWithRouterLoss, add_router_sums, empty_router_sums, recorded_router_logits
 
 
 class EmbeddingPipe(nn.Module):
@@ -47,13 +50,15 @@ class EmbeddingPipe(nn.Module):
     def __init__(self, arch: Architecture, token_only: bool = False):
         super().__init__()
         self.token_embedding, self.position_embedding = arch.token_embedding, arch.position_embedding
+        self.router_loss = arch.router_loss
         # The last stage builds this module only for the tied head: it needs no positions or dropout.
         for name in (arch.token_embedding,) if token_only else arch.embedding:
             self.add_module(name, arch.new_module(f"{arch.prefix}.{name}"))
 
-    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`input_ids`, or `(input_ids, position_ids)` -> `(hidden, position_ids)`. Without positions every row is
-        one sequence, 0..S-1 (sampling, and callers that hand a bare tensor)."""
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """`input_ids`, or `(input_ids, position_ids)` -> `(hidden, position_ids)`, or with the router loss
+        `(hidden, P, position_ids, C)`. Without positions every row is one sequence, 0..S-1 (sampling, and callers
+        that hand a bare tensor)."""
         input_ids, position_ids = inputs if isinstance(inputs, tuple | list) else (inputs, None)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
@@ -68,11 +73,19 @@ class EmbeddingPipe(nn.Module):
             # A frozen embedding (LoRA): a checkpointed layer after it would see an input without a gradient and
             # record nothing for its adapters (what transformers' `enable_input_require_grads` does).
             hidden.requires_grad_(True)
-        return hidden, position_ids
+        if self.router_loss is None:
+            return hidden, position_ids
+        probs, counts = empty_router_sums(self.router_loss, hidden.device)
+        return hidden, probs, position_ids, counts  # floats first: see the module's docstring
 
-    def tied_head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def tied_head(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The tied LM head: logits from the token embedding's weight."""
-        return F.linear(hidden, getattr(self, self.token_embedding).weight)
+        return _on_hidden(lambda h: F.linear(h, getattr(self, self.token_embedding).weight), hidden)
+
+
+def _on_hidden(head, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """`head` applied to the hidden states; with the router loss, `(hidden, P, C)` -> `(logits, P, C)` for the loss."""
+    return (head(inputs[0]), *inputs[1:]) if isinstance(inputs, tuple) else head(inputs)
 
 
 class DecoderLayerPipe(nn.Module):
@@ -83,16 +96,29 @@ class DecoderLayerPipe(nn.Module):
         self.add_module(DECODER_ATTR, arch.new_module(arch.layer_path(index)))
         self.rotary = arch.new_module(f"{arch.prefix}.{arch.rotary}") if arch.rotary else None
         self.config, self.attention_type = arch.config, layer_attention_type(arch.config, index)
+        self.router_loss = arch.router_loss
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, position_ids = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`(hidden, position_ids)`, or with the router loss `(hidden, P, position_ids, C)`, P and C plus the sums
+        of this layer's router (a dense layer passes them on)."""
+        if self.router_loss is None:
+            hidden, position_ids = inputs
+        else:
+            hidden, probs, position_ids, counts = inputs
         kwargs = {
             "position_ids": position_ids,  # flash attention's variable-length path reads the documents from these
             "attention_mask": attention_mask(self.config, self.attention_type, hidden, position_ids),
         }
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
-        return getattr(self, DECODER_ATTR)(hidden, **kwargs), position_ids  # transformers 5 layers return a tensor
+        layer = getattr(self, DECODER_ATTR)
+        with recorded_router_logits(self.router_loss, layer) as router_logits:
+            hidden = layer(hidden, **kwargs)  # transformers 5 layers return a tensor
+        if self.router_loss is None:
+            return hidden, position_ids
+        for logits in router_logits:
+            probs, counts = add_router_sums(self.router_loss, logits, probs, counts)
+        return hidden, probs, position_ids, counts
 
     def _apply(self, fn, recurse=True):
         # Keep the rotary frequencies in fp32 when DeepSpeed casts the model to bf16/fp16: only move them.
@@ -110,8 +136,9 @@ class FinalNormPipe(nn.Module):
         self.name = arch.final_norm
         self.add_module(arch.final_norm, arch.new_module(f"{arch.prefix}.{arch.final_norm}"))
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return getattr(self, self.name)(inputs[0])  # the positions end here: the head and the loss do not read them
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        hidden = getattr(self, self.name)(inputs[0])  # the positions end here: the head and the loss do not read them
+        return hidden if len(inputs) == 2 else (hidden, inputs[1], inputs[3])  # the router sums go on to the loss
 
 
 class HeadPipe(nn.Module):
@@ -122,8 +149,8 @@ class HeadPipe(nn.Module):
         self.name = arch.head
         self.add_module(arch.head, arch.new_module(arch.head))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.name)(hidden)
+    def forward(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return _on_hidden(getattr(self, self.name), hidden)
 
 
 # The module class of each kind of layer (also what DeepSpeed's `type:` partition method matches).
@@ -250,7 +277,7 @@ def build_pipeline(
     return SCHEDULES[schedule](
         layers=layer_specs(arch),
         num_stages=num_stages,
-        loss_fn=next_token_cross_entropy,
+        loss_fn=next_token_cross_entropy if arch.router_loss is None else CrossEntropyWithRouterLoss(arch.router_loss),
         partition_method=partition_method,
         seed_layers=True,
         seed_fn=_seed_layer,

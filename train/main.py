@@ -47,6 +47,7 @@ def train_steps(run: Run) -> int | None:
     for step in range(run.start_step + 1, last + 1):
         with run.watchdog.watching(step):
             run.profiler.begin(step)
+            run.meter.begin_step()
             start = time.perf_counter()
             loss = engine.train_batch(data_iter=run.data_iter).item()
             seconds = time.perf_counter() - start

@@ -87,16 +87,12 @@ def test_unsupported_model_type_lists_the_supported_ones(capsys, good, tmp_path)
     assert "model_type 'opt' is not supported" in line and "llama" in line and "gpt_neox" in line
 
 
-def test_a_router_loss_the_pipeline_does_not_compute_yet_is_refused(capsys, good, tmp_path):
-    """A mixture of experts asking for its load-balancing loss would otherwise train on the cross-entropy alone."""
-    config = model_json(
-        tmp_path, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, output_router_logits=True
-    )
-    line = run_preflight(
-        capsys, 2, "--model-config", config, "--deepspeed_config", good["config"], "--data", good["data"]
-    )
-    assert "qwen3_moe: the router's load-balancing loss (output_router_logits)" in line
-    assert "set output_router_logits to false" in line
+def test_a_router_loss_coefficient_for_a_model_without_a_router_loss_is_refused(capsys, good, tmp_path):
+    """transformers' DeepSeek-V3 (and a dense model) adds no router loss: the flag would change nothing."""
+    config = model_json(tmp_path, model_type="deepseek_v3", n_routed_experts=4, num_experts_per_tok=2)
+    flags = ["--model-config", config, "--router-aux-loss-coef", "0.01"]
+    line = run_preflight(capsys, 2, *flags, "--deepspeed_config", good["config"], "--data", good["data"])
+    assert "--router-aux-loss-coef: transformers' deepseek_v3 adds no router loss" in line
 
 
 def test_eager_attention_is_refused(capsys, good, tmp_path):

@@ -122,6 +122,13 @@ def shared_flags() -> list[argparse.ArgumentParser]:
         help="vocabulary of a BPE trained on the data (default "
         f"{DEFAULT_BPE_VOCAB}); for the planner, the tokenizer's (default: the preset's)",
     )
+    model.add_argument(
+        "--router-aux-loss-coef",
+        type=float,
+        default=None,
+        help="mixture of experts: add the router's load-balancing loss times this coefficient, as the HF model "
+        "does with output_router_logits (default: the model config's own setting, usually off)",
+    )
     _lora_flags(model_parser)
     layout_parser = argparse.ArgumentParser(add_help=False)
     _layout_flags(layout_parser)
@@ -385,6 +392,8 @@ def check_flag_ranges(flags: Flags) -> None:
         raise ConfigError(
             f"--partition-method {flags.partition_method!r}: use flops, parameters, uniform or type:<regex>"
         )
+    if flags.router_aux_loss_coef is not None and flags.router_aux_loss_coef < 0:
+        raise ConfigError("--router-aux-loss-coef must be 0 or positive")
     if not 0 < flags.val_fraction < 1:
         raise ConfigError("--val-fraction must be between 0 and 1")
     if not 0 <= flags.lora_dropout < 1:

@@ -128,9 +128,18 @@ def check_compile(flags: Flags) -> None:
 def model_config_from_flags(flags: Flags, vocab_size: int | None) -> PretrainedConfig:
     try:
         inject_fault("empty-error:config", raises=ValueError)
-        return resolve_model_config(flags.model_config, flags.model, vocab_size, fused_gelu=not flags.keep_gelu_new)
+        config = resolve_model_config(flags.model_config, flags.model, vocab_size, fused_gelu=not flags.keep_gelu_new)
     except (OSError, ValueError) as e:
         raise ConfigError(first_line(e)) from None
+    if flags.router_aux_loss_coef is not None:
+        # Kept in the model config (and so in checkpoints and the export), where transformers reads it.
+        config.output_router_logits, config.router_aux_loss_coef = True, flags.router_aux_loss_coef
+        if discover(config).router_loss is None:
+            raise ConfigError(
+                f"--router-aux-loss-coef: transformers' {config.model_type} adds no router loss to its loss "
+                "(a dense model, or DeepSeek/GLM-4.5, whose routers are steered otherwise); drop the flag"
+            )
+    return config
 
 
 def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:

@@ -90,7 +90,8 @@ def sample_through_pipeline(
             )
         next_ids = torch.zeros(len(prompts), dtype=torch.long, device=device)
         if engine.is_last_stage():
-            logits = out[0][rows, lengths - 1].float().cpu() / temperature
+            first = out[0] if torch.is_tensor(out[0]) else out[0][0]  # [logits, P, C] with the router loss
+            logits = first[rows, lengths - 1].float().cpu() / temperature
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
             probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
             next_ids.copy_(torch.multinomial(probs, 1, generator=generator).squeeze(1))

@@ -7,9 +7,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from models.router_loss import CrossEntropyWithRouterLoss
 from train.distributed.setup import say
 from train.observe.memory import peak_memory_per_stage
 from train.observe.mfu import tflops_and_mfu
@@ -54,6 +57,23 @@ class StepMeter:
             say(f"compile: the first step took {seconds:.1f} s (torch.compile of every layer, forward and backward)")
             self.compile_report_due = False
 
+    def begin_step(self) -> None:
+        """Forget the router loss of steps not logged: `aux_loss` is the logged step's own."""
+        loss_fn = self.engine.module.loss_fn
+        if isinstance(loss_fn, CrossEntropyWithRouterLoss):
+            loss_fn.take_aux()
+
+    def aux_loss(self) -> float | None:
+        """The step's router loss (before its coefficient), averaged over its micro-batches and replicas, or None
+        without one. A collective: the stage that computes the loss holds the terms (rank 0's under DualPipeV)."""
+        loss_fn = self.engine.module.loss_fn
+        if not isinstance(loss_fn, CrossEntropyWithRouterLoss):
+            return None
+        device = get_accelerator().current_device_name()  # NCCL reduces device tensors only
+        total = torch.tensor(loss_fn.take_aux(), dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item() if total[1] > 0 else None
+
     def grad_norm(self) -> float:
         """The last step's global gradient norm."""
         return float(self.engine.get_global_grad_norm() or 0.0)
@@ -84,6 +104,9 @@ class StepMeter:
             **tflops_and_mfu(self.flops_per_token, tokens_per_sec, dist.get_world_size(), self.peak_tflops),
             **peak_memory_per_stage(self.engine, self.memory_before_model),
         }
+        aux = self.aux_loss()
+        if aux is not None:
+            metrics["aux_loss"] = aux
         if answer_tokens is not None:
             metrics["answer_tokens"] = answer_tokens
             metrics["masked_fraction"] = 1 - answer_tokens / self.tokens_per_step

@@ -34,6 +34,7 @@ from models.flops import flops_partition
 from models.lora import AdapterPlan, adapter_parameters
 from models.pipeline import LAYER_CLASSES, DecoderLayerPipe
 from models.quantize import Quantization, quantized_parameters
+from models.router_loss import empty_router_sums
 from train.config.ds_config import batch_layout
 from train.errors import ConfigError
 from train.observe.mfu import training_dtype
@@ -138,7 +139,11 @@ def _saved_bytes_per_token(config_json: str, scale: float, dtype: str, lora_json
 
     hidden = torch.randn(1, tokens, config.hidden_size, dtype=torch_dtype, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer((hidden, torch.arange(tokens).unsqueeze(0)))
+        inputs = (hidden, torch.arange(tokens).unsqueeze(0))
+        if layer.router_loss is not None:  # the router sums travel too; their softmax is kept for the backward
+            probs, counts = empty_router_sums(layer.router_loss, hidden.device)
+            inputs = (hidden, probs, inputs[1], counts)
+        layer(inputs)
     return sum(seen.values()) / tokens
 
 
