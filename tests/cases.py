@@ -196,3 +196,13 @@ def write_all_formats(folder):
     pd.DataFrame({"text": DOCS}).to_parquet(folder / "c.parquet")
     pd.DataFrame({"text": DOCS}).to_csv(folder / "d.csv", index=False)
     return folder
+
+
+def assert_gradients_equal(hf: torch.nn.Module, pipe: torch.nn.Module, arch, rel: float) -> None:
+    """Every pipeline parameter's gradient is its HF parameter's (within `rel` of the largest entry), and not zero."""
+    theirs = dict(hf.named_parameters())
+    for name, param in pipe.named_parameters():
+        expected = theirs[pipeline_param_to_hf(arch, name)].grad
+        scale = expected.abs().max().item()
+        assert scale > 0, name
+        assert (param.grad - expected).abs().max().item() <= rel * scale, name

@@ -26,6 +26,7 @@ from tests.cases import (
     FAMILY_IDS,
     SEQ,
     VOCAB,
+    assert_gradients_equal,
     hf_model,
     load_case_weights,
     needs_weight_conversion,
@@ -96,12 +97,7 @@ def test_every_gradient_equals_hf(pair):
     pipe.zero_grad()
     hf(ids, labels=ids).loss.backward()
     next_token_cross_entropy(pipe(ids), ids).backward()
-    theirs = dict(hf.named_parameters())
-    for name, param in pipe.named_parameters():
-        expected = theirs[pipeline_param_to_hf(arch, name)].grad
-        scale = expected.abs().max().item()
-        assert scale > 0, name
-        assert (param.grad - expected).abs().max().item() <= 1e-5 * scale, name
+    assert_gradients_equal(hf, pipe, arch, rel=1e-5)
 
 
 def test_experts_run_as_hf_runs_them_and_routers_spread_tokens(pair):
