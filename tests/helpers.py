@@ -242,3 +242,43 @@ def kill_one_rank_after_first_checkpoint(args: list[str], ranks: int, out) -> No
         assert proc.wait(timeout=120) != 0
     finally:
         kill_process_group(proc)
+
+
+def train_blocks(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
+    """The training blocks `small_run_args` runs read (the same cache), indexed as `--trace-batches` records them."""
+    from train.data.examples import TEXT
+    from train.data.sources import resolve_sources
+    from train.data.splits import packed_dataset
+    from train.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    sources = resolve_sources([str(corpus)])
+    return packed_dataset(sources, TEXT, tokenizer, seq_len=32, val_fraction=0.05, cache_dir=cache_dir)["train"]
+
+
+def replay_by_hand(model, groups: list[dict], run: Path, blocks, steps: int) -> list[float]:
+    """`model` (a transformers or peft model) trained by hand on the blocks `run`'s first stage recorded
+    (`--trace-batches`), as `ds_config()` trains: torch's AdamW (lr 3e-3, weight decay 0.1 unless a group says
+    otherwise), DeepSpeed's own WarmupCosineLR class, clipping at 1.0, the mean over micro-batches. Per-step losses."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=3e-3, weight_decay=0.1)
+    schedule = WarmupCosineLR(optimizer, total_num_steps=steps, warmup_num_steps=2, warmup_type="linear")
+    trace = [json.loads(line) for line in (run / "batches" / "stage0_dp0.jsonl").read_text().splitlines()]
+    losses = []
+    for step in range(1, steps + 1):
+        micro_batches = [record["blocks"] for record in trace if record["step"] == step]
+        step_losses = []
+        for indices in micro_batches:
+            ids = torch.stack([blocks[i]["input_ids"] for i in indices]).long()
+            loss = model(ids, labels=ids).loss
+            (loss / len(micro_batches)).backward()
+            step_losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(sum(step_losses) / len(step_losses))
+    return losses

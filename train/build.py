@@ -57,11 +57,15 @@ class Run:
 
 
 def parameter_groups(module: torch.nn.Module) -> list[dict]:
-    """Weight decay (its amount set in the DeepSpeed JSON) on matrices only, not on biases and LayerNorms."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    """Weight decay (its amount set in the DeepSpeed JSON) on weight matrices only: not on norms, biases or attention
+    sinks, including the 2-D per-expert biases of a mixture of experts (gpt-oss's `gate_up_proj_bias` [E, 2I]),
+    which a rule on dimensions alone would decay. The names: transformers' `*bias` (as its Trainer's
+    `get_decay_parameter_names` excludes them)."""
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    decayed = [p.dim() >= 2 and not name.rpartition(".")[2].endswith("bias") for name, p in named]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2]},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for (_, p), decay in zip(named, decayed, strict=True) if decay]},
+        {"params": [p for (_, p), decay in zip(named, decayed, strict=True) if not decay], "weight_decay": 0.0},
     ]
     # A stage may hold no vectors at all (only the tied head): an empty group hangs ZeRO's set-up.
     return [g for g in groups if g["params"]]

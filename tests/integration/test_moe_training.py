@@ -1,31 +1,54 @@
-"""A mixture of experts with its router loss over real ranks: every layout trains one stage's losses.
+"""Mixtures of experts with their router loss over real ranks: every layout trains one stage's losses, and one stage
+trains what a plain PyTorch loop on `AutoModelForCausalLM` trains.
 
-A tiny Qwen2-MoE (shared expert with its gate; 8 experts, top-2; layers 0-2 dense, so a first stage may hold no
-router) with `--router-aux-loss-coef 0.3`: the running router sums cross every stage boundary beside the hidden
-states (models/router_loss.py). pp=2, 3 stages, pp=2 x dp=2 and DualPipeV train pp=1's per-step `loss` and
-`aux_loss` (the load-balancing term before its coefficient), and export pp=1's weights.
+Two tiny families, each started from a folder transformers' `save_pretrained` wrote (experts one by one, fused per
+stage on load), with `--router-aux-loss-coef 0.3`: the running router sums cross every stage boundary beside the
+hidden states (models/router_loss.py).
+- Qwen2-MoE: a shared expert with its gate; 8 experts, top-2; layers 0-2 dense, so a first stage may hold no router.
+- gpt-oss: attention sinks (eager attention), sliding and full layers alternating, router and expert biases.
+pp=2, 3 stages, pp=2 x dp=2 and DualPipeV train pp=1's per-step `loss` and `aux_loss` (the load-balancing term
+before its coefficient) and export pp=1's weights; pp=1 trains the losses and weights of the transformers model
+trained by hand on the same blocks (`output_router_logits=True`: its `.loss` is cross-entropy + coef x aux).
 """
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from tests.helpers import launch, read_metrics, small_run_args, write_ds_config, write_json
+from tests.cases import hf_model
+from tests.helpers import (
+    launch,
+    read_metrics,
+    replay_by_hand,
+    small_run_args,
+    train_blocks,
+    write_ds_config,
+)
+from train.build import parameter_groups
 
-STEPS = 6
-MODEL = {
-    "model_type": "qwen2_moe",
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32,
-    "shared_expert_intermediate_size": 48,
-    "mlp_only_layers": [0, 1, 2],
+STEPS, COEF = 6, 0.3
+_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    num_experts_per_tok=2,
+)
+MODELS = {
+    "qwen2_moe": dict(
+        _SHAPE,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        num_experts=8,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        mlp_only_layers=[0, 1, 2],
+    ),
+    "gpt_oss": dict(
+        _SHAPE, intermediate_size=32, num_hidden_layers=4, num_local_experts=8, head_dim=16, sliding_window=9
+    ),
 }
 LAYOUTS = {  # name: (pipeline stages, ranks, extra flags)
     "pp1": (1, 1, []),
@@ -34,28 +57,62 @@ LAYOUTS = {  # name: (pipeline stages, ranks, extra flags)
     "pp2_dp2": (2, 4, []),
     "pp2_dualpipev": (2, 2, ["--schedule", "dualpipev"]),
 }
+CASES = [(family, layout) for family in MODELS for layout in LAYOUTS if layout != "pp1"]
 
 
 @pytest.fixture(scope="module")
 def moe_runs(corpus, tokenizer_dir, tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("moe")
-    model, ds = write_json(tmp / "model.json", MODEL), write_ds_config(tmp / "ds.json")
-    args = small_run_args(corpus, tokenizer_dir, tmp, ds, model, STEPS, router_aux_loss_coef=0.3)
-    runs = {}
-    for name, (stages, ranks, extra) in LAYOUTS.items():
-        runs[name] = tmp / name
-        launch([*args, "--pipeline-stages", stages, *extra, "--output-dir", runs[name]], ranks)
-    return runs
+    """family -> (its folder: base/, ds.json, cache/; the runs by layout)."""
+    families = {}
+    for family, settings in MODELS.items():
+        tmp = tmp_path_factory.mktemp(f"moe_{family}")
+        hf_model(family, settings).save_pretrained(tmp / "base")
+        args = small_run_args(
+            corpus,
+            tokenizer_dir,
+            tmp,
+            write_ds_config(tmp / "ds.json"),
+            None,
+            STEPS,
+            model=tmp / "base",
+            router_aux_loss_coef=COEF,
+            trace_batches=True,
+        )
+        runs = {}
+        for name, (stages, ranks, extra) in LAYOUTS.items():
+            runs[name] = tmp / name
+            launch([*args, "--pipeline-stages", stages, *extra, "--output-dir", runs[name]], ranks)
+        families[family] = tmp, runs
+    return families
 
 
-@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "pp1"])
-def test_every_layout_trains_the_loss_and_router_loss_of_one_stage(moe_runs, layout):
-    one, other = read_metrics(moe_runs["pp1"]), read_metrics(moe_runs[layout])
+@pytest.mark.parametrize(("family", "layout"), CASES, ids=[f"{f}-{layout}" for f, layout in CASES])
+def test_every_layout_trains_the_loss_and_router_loss_of_one_stage(moe_runs, family, layout):
+    _, runs = moe_runs[family]
+    one, other = read_metrics(runs["pp1"]), read_metrics(runs[layout])
     assert len(one) == len(other) == STEPS and one[-1]["loss"] < one[0]["loss"]
     assert all(m["aux_loss"] > 0 for m in one)
     for ours, reference in zip(other, one, strict=True):
         assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-5), (layout, ours, reference)
         assert ours["aux_loss"] == pytest.approx(reference["aux_loss"], rel=1e-5), (layout, ours, reference)
-    pp1, theirs = (load_file(moe_runs[name] / "hf" / "model.safetensors") for name in ("pp1", layout))
+    pp1, theirs = (load_file(runs[name] / "hf" / "model.safetensors") for name in ("pp1", layout))
     assert pp1.keys() == theirs.keys()
     assert max((pp1[k] - theirs[k]).abs().max().item() for k in pp1) <= 1e-5
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_one_stage_trains_what_a_plain_loop_on_the_transformers_model_trains(moe_runs, family, corpus, tokenizer_dir):
+    tmp, runs = moe_runs[family]
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp / "base", dtype=torch.float32, output_router_logits=True, router_aux_loss_coef=COEF
+    ).train()
+    blocks = train_blocks(corpus, tokenizer_dir, tmp / "cache")
+    expected = replay_by_hand(model, parameter_groups(model), runs["pp1"], blocks, STEPS)
+    losses = [m["loss"] for m in read_metrics(runs["pp1"])]
+    for ours, reference in zip(losses, expected, strict=True):
+        assert abs(ours - reference) <= 1e-5 * abs(reference), (family, losses, expected)
+    # The export stores experts one by one, as transformers writes them: compare the models it loads into.
+    exported = AutoModelForCausalLM.from_pretrained(runs["pp1"] / "hf", dtype=torch.float32).state_dict()
+    by_hand = model.state_dict()
+    assert exported.keys() == by_hand.keys()
+    assert max((exported[k] - by_hand[k]).abs().max().item() for k in exported) <= 1e-5
