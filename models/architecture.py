@@ -116,10 +116,15 @@ class Architecture:
         return self.config.hidden_size
 
     @property
-    def attention_width(self) -> int:
-        """Query heads x head size (the hidden size, except where `head_dim` says otherwise)."""
-        heads = self.config.num_attention_heads
-        return heads * (getattr(self.config, "head_dim", None) or self.hidden_size // heads)
+    def attention_width(self) -> float:
+        """Query heads x head size (the hidden size, except where `head_dim` says otherwise): the width of QK^T and
+        AV. Multi-head latent attention (DeepSeek-V2/V3) scores with `qk_head_dim` (nope + rope, 192 in V3) and
+        mixes values of `v_head_dim` (128), and sets `head_dim` to the rope part alone (transformers 5.24): its
+        width is heads x the mean of the two, so that 12 x width x seq counts both products."""
+        config, heads = self.config, self.config.num_attention_heads
+        if getattr(config, "qk_head_dim", None) and getattr(config, "v_head_dim", None):
+            return heads * (config.qk_head_dim + config.v_head_dim) / 2
+        return heads * (getattr(config, "head_dim", None) or self.hidden_size // heads)
 
     def meta_model(self) -> nn.Module:
         return meta_model(self.config)

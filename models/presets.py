@@ -14,6 +14,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from models.architecture import SUPPORTED_FAMILIES, discover
 from models.errors import first_line
 from models.hub import check_hub_name, check_model_dir, not_found
+from models.moe_presets import MOE_PRESETS
 
 
 def _rope(theta: float, **scaling) -> dict:
@@ -91,7 +92,6 @@ _TINY = dict(
 )
 
 QWEN3 = dict(head_dim=128, max_position_embeddings=40960)  # what Qwen3 sets beside its shape
-
 PRESETS: dict[str, dict] = {
     # CPU-sized, for tests and the default run (vocabulary: the tokenizer's).
     "gpt2-tiny": dict(model_type="gpt2", n_layer=4, n_embd=128, n_head=4, n_positions=256),
@@ -145,6 +145,7 @@ PRESETS: dict[str, dict] = {
     "pythia-2.8b": _pythia(2560, 32, 32),
     "pythia-6.9b": _pythia(4096, 32, 32, vocab=50432),
     "pythia-12b": _pythia(5120, 36, 40, vocab=50688),
+    **MOE_PRESETS,
 }
 
 # Pretraining from scratch: no dropout (as in most modern reproductions; GPT-2's config defaults to 0.1).

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from models.architecture import Architecture, discover
-from models.flops import flops_per_token
+from models.flops import active_parameters, flops_per_token, routed_fraction
 from models.lora import AdapterPlan
 from models.pipeline import ranges_text
 from models.quantize import Quantization
@@ -71,10 +71,20 @@ class Plan:
     stages: int
     plans: list[StagePlan]
     adapters: AdapterPlan | None = None
+    other: tuple[str, list[StagePlan]] | None = None  # a mixture of experts: the other balance, for comparison
 
     @property
     def data_parallel(self) -> int:
         return self.world_size // self.stages
+
+
+def divides_batch(ds_config: dict, data_parallel: int) -> bool:
+    """Whether the DeepSpeed config's batch splits over `data_parallel` replicas (a layout --search-stages may try)."""
+    try:
+        batch_layout(ds_config, data_parallel)
+    except ConfigError:
+        return False
+    return True
 
 
 def make_plan(flags: Flags) -> Plan:
@@ -92,23 +102,22 @@ def make_plan(flags: Flags) -> Plan:
     if gpu not in GPU_MEMORY_GIB:
         raise ConfigError(f"unknown --gpu {flags.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
     candidates = (
-        [s for s in range(1, arch.num_layers + 1) if world % s == 0] if flags.search_stages else [flags.pipeline_stages]
+        [s for s in range(1, arch.num_layers + 1) if world % s == 0 and divides_batch(ds_config, world // s)]
+        if flags.search_stages
+        else [flags.pipeline_stages]
     )
     if flags.schedule == "dualpipev":
         candidates = [s for s in candidates if 2 <= s <= arch.num_layers // 2] or candidates
-    for stages in candidates:
-        if flags.schedule == "dualpipev":
-            check_dualpipev(
-                ds_config, stages, arch.num_layers, batch_layout(ds_config, world // stages).num_micro_batches
-            )
+
+    def stage_plans(stages: int, method: str) -> list[StagePlan]:
         try:
-            plans = plan_stages(
+            return plan_stages(
                 arch,
                 ds_config,
                 stages=stages,
                 data_parallel=world // stages,
                 seq_len=flags.seq_len,
-                method=flags.partition_method,
+                method=method,
                 checkpoint_interval=flags.activation_checkpoint_interval,
                 adapters=adapters,
                 quantization=quantization,
@@ -116,9 +125,27 @@ def make_plan(flags: Flags) -> Plan:
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    for stages in candidates:
+        if flags.schedule == "dualpipev":
+            check_dualpipev(
+                ds_config, stages, arch.num_layers, batch_layout(ds_config, world // stages).num_micro_batches
+            )
+        plans = stage_plans(stages, flags.partition_method)
         if fits(plans, GPU_MEMORY_GIB[gpu] * 2**30):
             break
-    return Plan(arch, ds_config, gpu=gpu, world_size=world, stages=stages, plans=plans, adapters=adapters)
+    method = flags.partition_method.lower()
+    other = OTHER_BALANCE.get(method) if routed_fraction(arch)[1] > 1 and stages > 1 else None
+    return Plan(
+        arch,
+        ds_config,
+        gpu=gpu,
+        world_size=world,
+        stages=stages,
+        plans=plans,
+        adapters=adapters,
+        other=(other, stage_plans(stages, other)) if other else None,
+    )
 
 
 # What the memory table cannot know, said under it. Measured against it (bench/memory_bench.py, CPU fp32, ZeRO-1):
@@ -130,6 +157,23 @@ NOT_COUNTED = (
 )
 
 
+# With experts, FLOPs and memory pull apart (models/flops.py: flops_partition); the plan shows the other balance.
+OTHER_BALANCE = {"flops": "parameters", "parameters": "flops"}
+
+
+def balance_line(plan: Plan) -> str:
+    """How the two balances compare: the slowest stage's share of the FLOPs and the largest peak under each."""
+
+    def summary(plans: list[StagePlan]) -> str:
+        total = sum(p.flops for p in plans)
+        return f"slowest stage {max(p.flops for p in plans) / total:.1%} of the FLOPs, largest peak " + (
+            f"{max(p.peak for p in plans) / 2**30:.1f} GiB"
+        )
+
+    method, others = plan.other
+    return f"balance: this partition: {summary(plan.plans)}; partition {method}: {summary(others)}"
+
+
 def print_plan(plan: Plan, flags: Flags) -> None:
     arch, ds_config, gpu, stages = plan.arch, plan.ds_config, plan.gpu, plan.stages
     batch = batch_layout(ds_config, plan.data_parallel)
@@ -139,9 +183,9 @@ def print_plan(plan: Plan, flags: Flags) -> None:
     step_time = flops_step / (plan.world_size * peak * 1e12 * flags.mfu) if peak else float("nan")
     print(
         f"{flags.model_config or flags.model} ({arch.config.model_type}): {arch.num_layers} layers, "
-        f"d={arch.hidden_size}, vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B parameters, "
-        f"seq {flags.seq_len}; {flags.nodes} x {flags.gpus_per_node} {gpu} ({GPU_MEMORY_GIB[gpu]} GiB), "
-        f"{training_dtype(ds_config)}"
+        f"d={arch.hidden_size}, vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B parameters"
+        f"{experts_text(arch)}, seq {flags.seq_len}; {flags.nodes} x {flags.gpus_per_node} {gpu} "
+        f"({GPU_MEMORY_GIB[gpu]} GiB), {training_dtype(ds_config)}"
     )
     if plan.adapters is not None:
         trainable = sum(p.trainable for p in plan.plans)
@@ -153,6 +197,8 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         )
     print(layout_line(plan, flags))
     print_memory_table(plan.plans)
+    if plan.other is not None:
+        print(balance_line(plan))
     print(NOT_COUNTED)
     theory = (
         "(p-1)/(m+p-1)"
@@ -163,16 +209,7 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         f"bubble {theory} = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
         f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s"
     )
-    if not fits(plan.plans, GPU_MEMORY_GIB[gpu] * 2**30):
-        print(
-            f"warning: a stage needs more than 90% of the {GPU_MEMORY_GIB[gpu]} GiB: more stages, activation "
-            "checkpointing or a smaller micro-batch"
-        )
-    if stages > 1 and batch.num_micro_batches < 4 * stages:
-        print(
-            f"warning: {batch.num_micro_batches} micro-batches < 4 x {stages} stages: the bubble is large; raise "
-            "gradient_accumulation_steps (train_batch_size) in the DeepSpeed config"
-        )
+    print_warnings(plan)
     print(
         json.dumps(
             {
@@ -184,9 +221,32 @@ def print_plan(plan: Plan, flags: Flags) -> None:
                 "stage_parameters": [p.parameters for p in plan.plans],
                 "stage_trainable_parameters": [p.trainable for p in plan.plans],
                 "stage_peak_gib": [p.peak / 2**30 for p in plan.plans],
+                "stage_gflops_per_token": [p.flops / 1e9 for p in plan.plans],
             }
         )
     )
+
+
+def experts_text(arch: Architecture) -> str:
+    """ ", 3.35B active per token (8 of 128 experts)" for a mixture of experts; "" for a dense model."""
+    top_k, experts = routed_fraction(arch)
+    return (
+        f", {active_parameters(arch) / 1e9:.2f}B active per token ({top_k} of {experts} experts)" if experts > 1 else ""
+    )
+
+
+def print_warnings(plan: Plan) -> None:
+    gpu, stages, batch = plan.gpu, plan.stages, batch_layout(plan.ds_config, plan.data_parallel)
+    if not fits(plan.plans, GPU_MEMORY_GIB[gpu] * 2**30):
+        print(
+            f"warning: a stage needs more than 90% of the {GPU_MEMORY_GIB[gpu]} GiB: more stages, activation "
+            "checkpointing or a smaller micro-batch"
+        )
+    if stages > 1 and batch.num_micro_batches < 4 * stages:
+        print(
+            f"warning: {batch.num_micro_batches} micro-batches < 4 x {stages} stages: the bubble is large; raise "
+            "gradient_accumulation_steps (train_batch_size) in the DeepSpeed config"
+        )
 
 
 def layout_line(plan: Plan, flags: Flags) -> str:
@@ -202,17 +262,18 @@ def layout_line(plan: Plan, flags: Flags) -> str:
 def print_memory_table(plans: list[StagePlan]) -> None:
     """One row per pipeline rank; under DualPipeV the layers of both its stages."""
     print(
-        "| stage | layers | parameters | trainable | weights GiB | optimizer GiB | gradients GiB (backward / step) "
-        "| activations GiB | peak GiB |"
+        "| stage | layers | parameters | trainable | GFLOP/token (share) | weights GiB | optimizer GiB "
+        "| gradients GiB (backward / step) | activations GiB | peak GiB |"
     )
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    total_flops = sum(plan.flops for plan in plans)
     for plan in plans:
         m = {k: v / 2**30 for k, v in plan.memory.items()}
         layers = f"{ranges_text(plan.bounds)}: {plan.layers[0]} .. {plan.layers[-1]}"
         layers += f" ({len(plan.layers)})"
         print(
             f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {plan.trainable / 1e6:,.1f}M | "
-            f"{m['weights']:.2f} | {m['optimizer']:.2f} | "
+            f"{plan.flops / 1e9:,.2f} ({plan.flops / total_flops:.0%}) | {m['weights']:.2f} | {m['optimizer']:.2f} | "
             f"{m['reduction'] + m['backward_gradients']:.2f} / {m['reduction'] + m['step_gradients']:.2f} | "
             f"{m['activations']:.2f} | {plan.peak / 2**30:.2f} |"
         )

@@ -2,13 +2,18 @@
 Training on GPU Clusters Using Megatron-LM"), whose GPT models are GPT-2 shaped (vocab 51,200,
 sequence 2,048), and against memory measured on real CPU ranks."""
 
+import json
+from fractions import Fraction
+
 import pytest
 import torch
-from transformers import GPT2Config
+from transformers import CONFIG_MAPPING, GPT2Config
 
 from models.architecture import Architecture, discover
-from models.flops import flops_per_token, head_flops_per_token
+from models.flops import active_parameters, block_flops_per_token, flops_per_token, head_flops_per_token
 from models.presets import PRESETS, resolve_model_config
+from tests.cases import MOE_CASES
+from train.planning.activations import _saved_bytes, decoder_saved_bytes, saved_bytes_per_token
 
 
 def narayanan_gpt(layers: int, hidden: int, heads: int) -> Architecture:
@@ -80,3 +85,77 @@ def test_llama_flops_count_gqa_swiglu_and_the_untied_head():
     block = 6 * (2 * d * d + 2 * d * kv + 3 * d * ff) + 12 * d * s
     assert flops_per_token(arch, s) == 32 * block + 6 * v * d
     assert head_flops_per_token(arch) == 6 * v * d
+
+
+# The model cards' counts (billions), total and active per token, with how each card counts: a figure cut after its
+# last digit ("truncated": Qwen's 3.353B active is "3.3B", GLM's 106.85B total "106B") or rounded, and what its
+# active count leaves out. gpt-oss counts the unembedding but not the embedding lookup (OpenAI's card: 3.61B of
+# 20.91B, 5.13B of 116.83B); DeepSeek-V3's 37B is the same convention (36.6B; with the lookup, 37.6B would be "38B");
+# GLM-4.5-Air's 12B holds with or without the head (12.2B / 12.8B, truncated), tested like gpt-oss. The totals are
+# of the model transformers builds: without the multi-token-prediction layer the Hub's DeepSeek-V3 (685B) and
+# GLM-4.5-Air (110B) files add.
+MOE_CARDS = {
+    "qwen3-30b-a3b": (30.5, 3.3, 0.1, "truncated", False),
+    "qwen3-235b-a22b": (235, 22, 1, "truncated", False),
+    "mixtral-8x7b": (46.7, 12.9, 0.1, "rounded", False),
+    "gpt-oss-20b": (20.91, 3.61, 0.01, "rounded", True),
+    "gpt-oss-120b": (116.83, 5.13, 0.01, "rounded", True),
+    "deepseek-v3": (671, 37, 1, "rounded", True),
+    "glm-4.5-air": (106, 12, 1, "truncated", True),
+    "olmoe-1b-7b": (6.9, 1.3, 0.1, "rounded", False),
+}
+
+
+def _as_published(billions: float, figure: float, unit: float, rounding: str) -> bool:
+    if rounding == "truncated":
+        return figure - 1e-9 <= billions < figure + unit
+    return abs(billions - figure) <= unit / 2
+
+
+@pytest.mark.parametrize("preset", MOE_CARDS)
+def test_moe_presets_have_the_model_cards_total_and_active_parameters(preset):
+    """Total: every expert (what memory holds); active: the routed experts a token runs (top-k of them), the shared
+    experts, routers, attention and dense layers, counted as the card counts."""
+    total, active, unit, rounding, without_lookup = MOE_CARDS[preset]
+    arch = discover(resolve_model_config(preset, None, None))
+    lookup = arch.config.vocab_size * arch.hidden_size if without_lookup else 0
+    assert _as_published(arch.parameters() / 1e9, total, unit, rounding), arch.parameters()
+    assert _as_published((active_parameters(arch) - lookup) / 1e9, active, unit, rounding), active_parameters(arch)
+
+
+def test_moe_flops_count_the_active_experts_and_the_router():
+    """Qwen3-30B-A3B: q 32 x 128 and o, k and v 4 x 128 wide; 8 of 128 experts of three d x 768 matrices; the
+    router d x 128. MFU divides by these FLOPs (train/build.py passes flops_per_token to the meter)."""
+    arch = discover(resolve_model_config("qwen3-30b-a3b", None, None))
+    d, q, kv, experts, top_k, inner, v, s = 2048, 32 * 128, 4 * 128, 128, 8, 768, 151936, 4096
+    block = 6 * (2 * d * q + 2 * d * kv + top_k * 3 * d * inner + experts * d) + 12 * q * s
+    assert flops_per_token(arch, s) == 48 * block + 6 * v * d
+
+
+def test_mla_flops_and_the_dense_layers_that_pull_flops_and_memory_apart():
+    """DeepSeek-V3's MLA matrices as they are (q through a 1536 rank, k/v through 512 + 64 rope channels), its
+    attention width 128 heads x (192 + 128) / 2; layer 0 is dense (a d x 18432 SwiGLU), layer 3 runs 8 of 256 routed
+    experts and a shared one. The dense layer has ~1/20 of the MoE layer's weights for about its FLOPs."""
+    arch = discover(resolve_model_config("deepseek-v3", None, None))
+    d, heads, s = 7168, 128, 4096
+    mla = d * 1536 + 1536 * heads * 192 + d * (512 + 64) + 512 * heads * (128 + 128) + heads * 128 * d
+    attention = 12 * heads * (192 + 128) / 2 * s
+    assert arch.attention_width == heads * 160
+    dense, moe = (block_flops_per_token(arch, s, i) for i in (0, 3))
+    assert dense == 6 * (mla + 3 * d * 18432) + attention
+    assert moe == 6 * (mla + (8 + 1) * 3 * d * 2048 + 256 * d) + attention
+    weights = arch.layer_parameters()
+    assert weights[1] / weights[4] < 1 / 19 and 0.9 < dense / moe < 1.1
+
+
+@pytest.mark.parametrize("family,index", [("qwen3_moe", 0), ("qwen3_moe", 1), ("gpt_oss", 1)])
+def test_moe_activations_extrapolate_exactly_from_the_narrow_copies(family, index):
+    """The bytes a full-width MoE layer saves for 96 tokens, measured, against the planner's count from narrow copies
+    at 32, 64 and 128 tokens: Qwen3-MoE's dense layer 0 and MoE layer 1 (each counted apart), gpt-oss's eager
+    attention (its [heads, s, s] probabilities)."""
+    config = next(CONFIG_MAPPING[f](**settings) for f, _, settings in MOE_CASES if f == family)
+    arch = discover(config)
+    text = json.dumps(json.loads(arch.config.to_json_string(use_diff=False)), sort_keys=True)
+    measured = _saved_bytes(text, Fraction(1), 96, "fp32", None, index) / 96
+    assert saved_bytes_per_token(arch, "fp32", seq_len=96, index=index) == pytest.approx(measured, rel=1e-9)
+    assert decoder_saved_bytes(arch, "fp32", 96)[index] == pytest.approx(measured, rel=1e-9)

@@ -23,7 +23,7 @@ from train.config.args import parse_args
 from train.config.run_config import model_config_from_flags
 from train.observe.evaluate import sample_through_pipeline
 from train.observe.metrics import StepMeter
-from train.planning.memory_model import saved_bytes_per_token
+from train.planning.activations import saved_bytes_per_token
 
 COEF = 0.3
 WITH_LOSS = [case for case in MOE_CASES if case[0] in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")]

@@ -10,8 +10,9 @@ bytes, as DeepSpeed 0.19.8 allocates it
     gradients    during backward: P_s x g (param.grad, accumulated over the micro-batches);
                  in the optimizer step: P_s x 4 / r (the fp32 gradient of this rank's partition)
                  plus Adam's two fp32 temporaries of it, 8 x P_s / r (4 x P_s without ZeRO)
-    activations  per block and micro-batch, the bytes autograd saves in one forward of the family's
-                 decoder layer (counted on a real block at a small size, scaled to b x s tokens); with
+    activations  per block and micro-batch, the bytes autograd saves in one forward of that decoder
+                 layer (counted on narrow real copies, train/planning/activations.py, scaled to b x s tokens;
+                 an MoE layer's experts keep their top-k rows, a dense first layer its own); with
                  activation checkpointing only each block's input, plus one block's full set during its
                  recomputation; on the stage with the head also b s V x (w + 8) of logits, log-softmax
                  and its gradient (+ 4 + w for the fp32 copy of bf16/fp16 logits). Times the micro-batches
@@ -24,20 +25,18 @@ activations) and the optimizer step (weights, optimizer, bucket, step gradients)
 freed before the step. Checked against measured memory in `bench/memory_bench.py` and the tests.
 """
 
-import functools
-import json
 from dataclasses import dataclass
 
-from models.architecture import DECODER, Architecture, discover
+from models.architecture import DECODER, Architecture
 from models.deepspeed_internals import deepspeed_partition
-from models.flops import flops_partition
+from models.flops import flops_partition, layer_flops
 from models.lora import AdapterPlan, adapter_parameters
-from models.pipeline import LAYER_CLASSES, DecoderLayerPipe
+from models.pipeline import LAYER_CLASSES
 from models.quantize import Quantization, quantized_parameters
-from models.router_loss import empty_router_sums
 from train.config.ds_config import batch_layout
 from train.errors import ConfigError
 from train.observe.mfu import training_dtype
+from train.planning.activations import decoder_saved_bytes
 from train.planning.schedules import peak_in_flight, rank_layer_ranges, stages_per_rank
 
 
@@ -66,85 +65,13 @@ class StagePlan:
     memory: dict[str, float]  # bytes by kind: weights, optimizer, reduction, backward/step gradients, activations
     trainable: int  # what trains: all of `parameters`, or with LoRA the rank's adapters
     bounds: list[tuple[int, int]]  # [start, stop) of each stage the rank holds: two under DualPipeV
+    flops: float = 0.0  # forward + backward FLOPs per token of the rank's layers (mixtures of experts: active ones)
 
     @property
     def peak(self) -> float:
         m = self.memory
         held = m["weights"] + m["optimizer"] + m["reduction"]
         return held + max(m["backward_gradients"] + m["activations"], m["step_gradients"])
-
-
-def saved_bytes_per_token(arch: Architecture, dtype: str, adapters: AdapterPlan | None = None) -> float:
-    """Bytes autograd keeps per token for one decoder layer's backward, counted on real layers.
-
-    Every tensor saved for backward is recorded once (by storage), parameters excluded. This is what
-    the layer really stores, e.g. the four 4h-wide tensors of GPT-2's tanh GELU or SwiGLU's three,
-    which the usual 34 s b h estimate (Korthikanti et al. 2022) leaves out; SDPA stores no s x s scores.
-    With the head count fixed, the count is linear in the head size (every width scales with it), so
-    two narrow copies of the layer (head sizes 8 and 16) give it exactly without building a layer of
-    the real, possibly huge, size.
-    """
-    config = arch.config
-    head_dim = arch.attention_width / config.num_attention_heads
-    settings = config.to_json_string(use_diff=False)
-    lora = json.dumps(first_block_lora(arch, adapters), sort_keys=True) if adapters is not None else None
-    narrow, wide = (_saved_bytes_per_token(settings, size / head_dim, dtype, lora) for size in (8, 16))
-    return narrow + (wide - narrow) / 8 * (head_dim - 8)
-
-
-def first_block_lora(arch: Architecture, adapters: AdapterPlan) -> dict:
-    """The LoRA settings of the first adapted decoder layer, with its modules' names inside the layer (the
-    narrow copies measured for the activations get the same adapters; with a frozen base, autograd keeps
-    what the adapters need instead of what the weights' gradients would)."""
-    blocks = [layer for layer in arch.pipeline_layers() if layer.kind == DECODER]
-    for layer in blocks:
-        names = sorted(layer.local_name(n) for n in adapters.targets if n.startswith(layer.modules[0] + "."))
-        if names:
-            rank, alpha = adapters.targets[layer.hf_key(names[0])]
-            return {"target_modules": names, "r": rank, "lora_alpha": alpha, "use_dora": adapters.config.use_dora}
-    return {"target_modules": [], "r": 1, "lora_alpha": 1, "use_dora": False}
-
-
-@functools.lru_cache
-def _saved_bytes_per_token(config_json: str, scale: float, dtype: str, lora_json: str | None = None) -> float:
-    import torch
-
-    from models.hf_weights import config_from_dict
-
-    config = config_from_dict(json.loads(config_json))
-    config.num_hidden_layers = 1
-    for width in ("hidden_size", "intermediate_size", "n_inner", "head_dim"):
-        if getattr(config, width, None) is not None:
-            setattr(config, width, round(getattr(config, width) * scale))
-    tokens = 64
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    layer = DecoderLayerPipe(discover(config), 0)
-    if lora_json is not None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        lora = json.loads(lora_json)
-        for param in layer.parameters():
-            param.requires_grad_(False)
-        if lora["target_modules"]:
-            inject_adapter_in_model(LoraConfig(**lora), layer)
-    layer = layer.to(torch_dtype).train()
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    hidden = torch.randn(1, tokens, config.hidden_size, dtype=torch_dtype, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        inputs = (hidden, torch.arange(tokens).unsqueeze(0))
-        if layer.router_loss is not None:  # the router sums travel too; their softmax is kept for the backward
-            probs, counts = empty_router_sums(layer.router_loss, hidden.device)
-            inputs = (hidden, probs, inputs[1], counts)
-        layer(inputs)
-    return sum(seen.values()) / tokens
 
 
 def state_widths(ds_config: dict, data_parallel: int) -> tuple[int, int, float, float, int]:
@@ -184,7 +111,9 @@ def plan_stages(
     adapter_counts = adapter_parameters(arch, adapters) if adapters is not None else None
     quantized_counts = quantized_layer_parameters(arch) if quantization is not None else [0] * len(counts)
     tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
-    block_activations = saved_bytes_per_token(arch, dtype, adapters) * tokens
+    block_bytes = [b * tokens for b in layer_activations(arch, dtype, seq_len, adapters)]  # 0 but for decoders
+    stored = [tokens * h * width if checkpoint_interval and b else b for b in block_bytes]  # checkpointed: inputs
+    flops = layer_flops(arch, seq_len, token_weight=False)
     # Logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient, on the stage with the head.
     logits = tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
     bounds = stage_bounds(arch, stages * stages_per_rank(schedule), method, seq_len)
@@ -196,17 +125,14 @@ def plan_stages(
         trainable = sum(adapter_counts[i] for i in layers) if adapter_counts is not None else params
         held = params + (trainable if adapter_counts is not None else 0)
         # One micro-batch's activations of each phase's stage, times the micro-batches the schedule keeps in flight.
-        per_block = tokens * h * width if checkpoint_interval else block_activations
-        phase_bytes = [
-            decoders(arch, start, stop) * per_block + (logits if stop == len(names) else 0) for start, stop in ranges
-        ]
+        phase_bytes = [sum(stored[start:stop]) + (logits if stop == len(names) else 0) for start, stop in ranges]
         activations = peak_in_flight(
             schedule, stages, micro_batches=batch.num_micro_batches, rank=rank, phase_bytes=phase_bytes
         )
-        if checkpoint_interval and any(decoders(arch, start, stop) for start, stop in ranges):
-            activations += block_activations  # one block's full set during its recomputation
+        if checkpoint_interval:
+            activations += max(block_bytes[i] for i in layers)  # one block's full set during its recomputation
         quantized = sum(quantized_counts[i] for i in layers)
-        quantized_bytes = quantized * quantization.bytes_per_weight() if quantization is not None else 0
+        quantized_bytes = quantized * (quantization.bytes_per_weight() if quantization is not None else 0)
         memory = {
             "weights": (held - quantized) * width + quantized_bytes,
             "optimizer": trainable * optimizer_width,
@@ -215,17 +141,16 @@ def plan_stages(
             "step_gradients": trainable * step_width,
             "activations": activations,
         }
-        plans.append(
-            StagePlan(
-                rank, [names[i] for i in layers], parameters=params, memory=memory, trainable=trainable, bounds=ranges
-            )
-        )
+        stage = dict(parameters=params, memory=memory, trainable=trainable, bounds=ranges)
+        plans.append(StagePlan(rank, [names[i] for i in layers], **stage, flops=sum(flops[i] for i in layers)))
     return plans
 
 
-def decoders(arch: Architecture, start: int, stop: int) -> int:
-    """The decoder layers among pipeline layers [start, stop)."""
-    return sum(layer.kind == DECODER for layer in arch.pipeline_layers()[start:stop])
+def layer_activations(arch: Architecture, dtype: str, seq_len: int, adapters: AdapterPlan | None = None) -> list[float]:
+    """Bytes per token each pipeline layer saves for its backward: its decoder layer's, 0 for the others (the
+    head's logits are counted apart)."""
+    decoder = iter(decoder_saved_bytes(arch, dtype, seq_len, adapters))
+    return [next(decoder) if layer.kind == DECODER else 0.0 for layer in arch.pipeline_layers()]
 
 
 def quantized_layer_parameters(arch: Architecture) -> list[int]:

@@ -1,0 +1,187 @@
+"""Activation memory: the bytes autograd keeps per token for each decoder layer's backward, counted on real layers.
+
+Every tensor saved for backward is recorded once (by storage), parameters excluded. This is what the layer really
+stores, e.g. the four 4h-wide tensors of GPT-2's tanh GELU or SwiGLU's three, which the usual 34 s b h estimate
+(Korthikanti et al. 2022) leaves out; SDPA stores no s x s scores, eager attention (gpt-oss: its sinks) does.
+
+Narrow copies instead of the real, possibly huge, layer. With the head and expert counts fixed, what a layer saves
+for T tokens at width scale s is c0 + T (a + b s) + c2 T^2: every saved tensor is [T, some width] (widths scale
+with s), [T, heads] or [T, experts] (softmax statistics, router logits, top-k), [heads, T, T] (eager attention's
+probabilities), or a few [experts] sums (the router loss). So three token counts at the smallest scale and one
+more scale give it exactly. The s x s term is kept for eager attention only: where MLA's query-key (192) and value
+(128) head sizes differ, torch 2.13's CPU SDPA falls back to its math kernel, which keeps [heads, s, s]
+probabilities, while on GPUs SDPA's memory-efficient and cuDNN kernels keep none (so a DeepSeek run on CPU holds
+more than planned; the plan is for the GPUs). The narrow scales are the smallest at which every width of the
+config (hidden, MLP, experts', MLA's ranks and head sizes) stays a whole even number and every attention head
+keeps at least 8 channels (the sizes of the kernels the real layer runs).
+
+Mixtures of experts: the saved tensors of transformers 5.24's experts (`grouped_mm`, integrations/moe.py) are
+the token x top-k rows sorted by expert, [T x top_k, width] whatever the routing, so a random layer's uneven
+routing does not change the count. Layers that differ (DeepSeek's dense first layers, Qwen3-MoE's
+`mlp_only_layers`, LoRA's `layers_to_transform`) are each measured: one copy per distinct layer.
+"""
+
+import functools
+import json
+import math
+from fractions import Fraction
+
+from models.architecture import DECODER, Architecture, discover
+from models.lora import AdapterPlan
+from models.pipeline import DecoderLayerPipe
+from models.router_loss import empty_router_sums
+
+# Config fields that are widths (scaled in the narrow copies); transformers 5.24 names, every supported family.
+WIDTHS = (
+    "hidden_size",
+    "intermediate_size",
+    "n_inner",
+    "head_dim",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
+MIN_HEAD = 8  # channels per attention head in the narrowest copy
+TOKENS = (32, 64, 128)  # the narrow copies' sequence lengths (three: the quadratic term of eager attention)
+
+
+def _widths(config) -> dict[str, int]:
+    """The config's widths by field name (its attribute map applied: GPT-2's n_embd is hidden_size)."""
+    found = {name: getattr(config, name, None) for name in WIDTHS}
+    found = {name: width for name, width in found.items() if isinstance(width, int) and width > 0}
+    found.setdefault("head_dim", config.hidden_size // config.num_attention_heads)  # GPT-2: no head_dim field
+    return found
+
+
+def _head_sizes(widths: dict[str, int]) -> list[int]:
+    """The channels per head of attention's products: MLA's query-key (nope + rope) and value sizes, else head_dim."""
+    if "qk_nope_head_dim" in widths and "v_head_dim" in widths:
+        return [widths["qk_nope_head_dim"] + widths.get("qk_rope_head_dim", 0), widths["v_head_dim"]]
+    return [widths["head_dim"]]
+
+
+def _narrow(settings: dict, scale: Fraction) -> dict | None:
+    """`settings` with every width times `scale`, or None where that is not a valid narrow copy."""
+    config = _config(settings, 1)
+    scaled = {name: width * scale for name, width in _widths(config).items()}
+    if any(w.denominator != 1 or w.numerator % 2 for w in scaled.values()):
+        return None
+    if min(_head_sizes({name: int(w) for name, w in scaled.items()})) < MIN_HEAD:
+        return None
+    fields = {
+        config.attribute_map.get(n, n): int(w) for n, w in scaled.items() if isinstance(getattr(config, n, None), int)
+    }
+    narrow = {**settings, **fields}
+    try:
+        _config(narrow, 1)
+    except (ValueError, TypeError):  # e.g. DeepSeek-V2 checks hidden_size % heads
+        return None
+    return narrow
+
+
+def narrow_scales(settings: dict) -> tuple[Fraction, Fraction]:
+    """The two width scales of the narrow copies: the smallest valid one and twice it."""
+    step = Fraction(1, math.gcd(*_widths(_config(settings, 1)).values()))
+    for k in range(1, step.denominator + 1):
+        if _narrow(settings, k * step) is not None and _narrow(settings, 2 * k * step) is not None:
+            return k * step, 2 * k * step
+    raise ValueError(f"{settings['model_type']}: no narrow copy of its decoder layer to count activations on")
+
+
+def _config(settings: dict, layers: int):
+    from models.hf_weights import config_from_dict
+
+    config = config_from_dict(settings)
+    config.num_hidden_layers = layers  # after construction: per-layer lists (layer_types) keep their length
+    return config
+
+
+def layer_lora(arch: Architecture, adapters: AdapterPlan, index: int) -> dict:
+    """The LoRA settings of decoder layer `index`, with its modules' names inside the layer (the narrow copy gets
+    the same adapters; with a frozen base, autograd keeps what the adapters need instead of what the weights'
+    gradients would)."""
+    layer = next(layer for layer in arch.pipeline_layers() if layer.decoder_index == index)
+    names = sorted(layer.local_name(n) for n in adapters.targets if n.startswith(layer.modules[0] + "."))
+    if not names:
+        return {"target_modules": [], "r": 1, "lora_alpha": 1, "use_dora": False}
+    rank, alpha = adapters.targets[layer.hf_key(names[0])]
+    return {"target_modules": names, "r": rank, "lora_alpha": alpha, "use_dora": adapters.config.use_dora}
+
+
+def saved_bytes_per_token(
+    arch: Architecture, dtype: str, adapters: AdapterPlan | None = None, seq_len: int = 64, index: int = 0
+) -> float:
+    """Bytes per token that decoder layer `index` keeps for its backward, at blocks of `seq_len` tokens."""
+    settings = json.loads(arch.config.to_json_string(use_diff=False))
+    lora = json.dumps(layer_lora(arch, adapters, index), sort_keys=True) if adapters is not None else None
+    small, large = narrow_scales(settings)
+    text = json.dumps(settings, sort_keys=True)
+    t1, t2, t3 = TOKENS
+    f1, f2, f3 = (_saved_bytes(text, small, tokens, dtype, lora, index) for tokens in TOKENS)
+    quadratic = ((f3 - f2) / (t3 - t2) - (f2 - f1) / (t2 - t1)) / (t3 - t1)
+    linear = (f2 - f1) / (t2 - t1) - quadratic * (t1 + t2)
+    constant = f1 - linear * t1 - quadratic * t1 * t1
+    per_scale = (_saved_bytes(text, large, t2, dtype, lora, index) - f2) / t2 / float(large - small)
+    linear += per_scale * float(1 - small)
+    if arch.config._attn_implementation != "eager":
+        quadratic = 0.0  # a CPU artefact under SDPA (MLA's math kernel, below); GPU kernels keep no s x s
+    return constant / seq_len + linear + quadratic * seq_len
+
+
+def decoder_saved_bytes(
+    arch: Architecture, dtype: str, seq_len: int, adapters: AdapterPlan | None = None
+) -> list[float]:
+    """`saved_bytes_per_token` of every decoder layer, counted once per distinct layer (parameter shapes and
+    adapters)."""
+    meta = arch.meta_model()
+    counted: dict[str, float] = {}
+    result = []
+    for layer in (layer for layer in arch.pipeline_layers() if layer.kind == DECODER):
+        shapes = [(n, tuple(p.shape)) for n, p in meta.get_submodule(layer.modules[0]).named_parameters()]
+        lora = layer_lora(arch, adapters, layer.decoder_index) if adapters is not None else None
+        key = json.dumps([shapes, lora], sort_keys=True)
+        if key not in counted:
+            counted[key] = saved_bytes_per_token(arch, dtype, adapters, seq_len, layer.decoder_index)
+        result.append(counted[key])
+    return result
+
+
+@functools.lru_cache
+def _saved_bytes(settings: str, scale: Fraction, tokens: int, dtype: str, lora_json: str | None, index: int) -> int:
+    """Bytes autograd saves in one forward of decoder layer `index` of the narrow copy at `scale`, `tokens` long."""
+    import torch
+
+    config = _config(_narrow(json.loads(settings), scale), index + 1)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    layer = DecoderLayerPipe(discover(config), index)
+    if lora_json is not None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = json.loads(lora_json)
+        for param in layer.parameters():
+            param.requires_grad_(False)
+        if lora["target_modules"]:
+            inject_adapter_in_model(LoraConfig(**lora), layer)
+    layer = layer.to(torch_dtype).train()
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    torch.manual_seed(0)
+    hidden = torch.randn(1, tokens, config.hidden_size, dtype=torch_dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        inputs = (hidden, torch.arange(tokens).unsqueeze(0))
+        if layer.router_loss is not None:  # the router sums travel too; their softmax is kept for the backward
+            probs, counts = empty_router_sums(layer.router_loss, hidden.device)
+            inputs = (hidden, probs, inputs[1], counts)
+        layer(inputs)
+    return sum(seen.values())
