@@ -1,6 +1,6 @@
 """GPU throughput, MFU and memory of the pipeline engine, one stage, bf16, eager and compiled, in one command.
 
-    python -m bench.gpu_bench [--models gpt2-large llama-3.2-1b] [--steps 12] [--dry-run]
+    python -m bench.gpu_bench [--models gpt2-large llama-3.2-1b olmoe-1b-7b:4] [--steps 12] [--dry-run]
 
 For a lent GPU (one run; about 5 minutes on an H100/H200): random tokens (no data path), seq 1024,
 ZeRO-1, bf16 with fp32 gradient accumulation, the optimizer of `ds_configs/gpu_bf16.json` (DeepSpeed's
@@ -10,9 +10,12 @@ FusedAdam, JIT-built on first use; `--torch-adam` takes torch's AdamW). Every mo
 largest micro-batch that fits: the largest power of two whose `train.plan` estimate stays under 85% of the
 device's memory, halved after an out-of-memory error. Prints a markdown table: micro-batch, tokens/s,
 TFLOP/s and MFU (`train/observe/mfu.py`'s peak table) of the median step after 3, and the peak memory the model
-added beside the planner's estimate.
+added beside the planner's estimate. `NAME:N` is preset NAME cut to its first N decoder layers: the mixture-of-experts
+row, OLMoE-1B-7B's shape (64 experts, 8 per token) with 4 of its 16 layers (1.9B parameters, 16 bytes each with
+AdamW: it fits one GPU), its MFU by active FLOPs (top-k experts only, `models/flops.py`). A row that fails prints
+its error's first line and the table goes on.
 
-`--dry-run` runs the same code on this machine's CPU with tiny models (gpt2-tiny, llama-tiny), seq 64,
+`--dry-run` runs the same code on this machine's CPU with tiny models (gpt2-tiny, llama-tiny, qwen3-moe-tiny), seq 64,
 micro-batch 2, 3 steps, fp32, compiled with the aot_eager backend: the test suite runs it, so that the script
 is known to work before a device is lent.
 """
@@ -33,6 +36,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from bench.attention_bench import packed_positions  # noqa: E402
 from models.architecture import discover  # noqa: E402
+from models.errors import first_line  # noqa: E402
 from models.flops import flops_per_token  # noqa: E402
 from models.pipeline import build_pipeline  # noqa: E402
 from models.presets import resolve_model_config  # noqa: E402
@@ -110,8 +114,28 @@ def train_steps(
         torch._dynamo.reset()
 
 
+def model_config(spec: str):
+    """Preset `NAME`, or `NAME:N`: its first N decoder layers."""
+    name, _, layers = spec.partition(":")
+    config = resolve_model_config(name, None, None)
+    if layers:
+        config.num_hidden_layers = int(layers)
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[: int(layers)]
+    return config
+
+
 def bench_one(name: str, compiled: bool, a: argparse.Namespace, peak: float | None, document: bool = False) -> str:
-    arch = discover(resolve_model_config(name, None, None))
+    try:
+        return _bench_one(name, compiled, a, peak, document)
+    except Exception as e:  # one row's failure (a compiler error on a new family) must not lose the others
+        if a.dry_run:
+            raise
+        return f"| {name} | {mode_name(compiled, document)} | failed: {first_line(e)} | | | | | |"
+
+
+def _bench_one(name: str, compiled: bool, a: argparse.Namespace, peak: float | None, document: bool) -> str:
+    arch = discover(model_config(name))
     micro_batch_size = largest_micro_batch(arch, a)
     while True:
         try:
@@ -142,7 +166,7 @@ def mode_name(compiled: bool, document: bool) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=None, help="presets (default: gpt2-large llama-3.2-1b)")
+    p.add_argument("--models", nargs="+", default=None, help="presets (default: gpt2-large llama-3.2-1b olmoe-1b-7b:4)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--seq-len", type=int, default=None, help="default 1024 (64 with --dry-run)")
     p.add_argument(
@@ -155,8 +179,8 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="tiny models on this machine's CPU, fp32, 3 steps")
     a = p.parse_args()
     if a.dry_run:
-        a.models, a.steps, a.seq_len = a.models or ["gpt2-tiny", "llama-tiny"], 3, a.seq_len or 64
-    a.models, a.seq_len = a.models or ["gpt2-large", "llama-3.2-1b"], a.seq_len or 1024
+        a.models, a.steps, a.seq_len = a.models or ["gpt2-tiny", "llama-tiny", "qwen3-moe-tiny"], 3, a.seq_len or 64
+    a.models, a.seq_len = a.models or ["gpt2-large", "llama-3.2-1b", "olmoe-1b-7b:4"], a.seq_len or 1024
     a.compile_backend = a.compile_backend or ("aot_eager" if a.dry_run else "inductor")
     init_distributed()
     peak = None if a.dry_run else peak_tflops("bf16")

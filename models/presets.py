@@ -100,6 +100,10 @@ PRESETS: dict[str, dict] = {
     "mistral-tiny": dict(model_type="mistral", **_TINY, sliding_window=512),
     "qwen2-tiny": dict(model_type="qwen2", **_TINY, tie_word_embeddings=True),
     "qwen3-tiny": dict(model_type="qwen3", **_TINY, head_dim=32, tie_word_embeddings=True),
+    # A mixture of experts to try on a CPU: 8 experts of 128, 2 per token, every layer sparse.
+    "qwen3-moe-tiny": dict(
+        model_type="qwen3_moe", **_TINY, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128
+    ),
     "pythia-tiny": dict(
         model_type="gpt_neox",
         hidden_size=128,
