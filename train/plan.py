@@ -19,7 +19,7 @@ from models.architecture import Architecture, discover
 from models.flops import flops_per_token
 from models.lora import AdapterPlan
 from models.pipeline import ranges_text
-from models.quantize import Quantization
+from models.quantize import Quantization, expert_weights
 from train.config.adapters import adapters_from_flags
 from train.config.args import Flags, OneLineErrors, parse_args, shared_flags
 from train.config.ds_config import batch_layout, check_dualpipev, load_ds_config
@@ -145,11 +145,18 @@ def print_plan(plan: Plan, flags: Flags) -> None:
     )
     if plan.adapters is not None:
         trainable = sum(p.trainable for p in plan.plans)
+        experts = expert_weights(arch.meta_model())
         print(
-            f"LoRA: rank {plan.adapters.config.r} on {len(plan.adapters.targets)} modules, {trainable / 1e6:,.1f}M "
-            f"trainable parameters ({trainable / arch.parameters():.2%}); the base is frozen: no gradients or "
-            "optimizer states for it"
+            f"LoRA: rank {plan.adapters.config.r} on {len(plan.adapters.targets)} modules"
+            + (f" and {len(plan.adapters.parameters)} fused expert weights" if plan.adapters.parameters else "")
+            + f", {trainable / 1e6:,.1f}M trainable parameters ({trainable / arch.parameters():.2%}); the base is "
+            "frozen: no gradients or optimizer states for it"
             + ("; its decoder's linear layers in 4 bits (QLoRA)" if flags.load_in_4bit else "")
+            + (
+                f", its experts' fused weights ({experts / 1e9:.2f}B) in {training_dtype(ds_config)}"
+                if flags.load_in_4bit and experts
+                else ""
+            )
         )
     print(layout_line(plan, flags))
     print_memory_table(plan.plans)

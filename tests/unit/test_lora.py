@@ -16,8 +16,8 @@ import torch
 from peft import PeftModel
 
 from models.architecture import discover
-from models.lora import WEIGHTS_FILE, adapter_state, plan_adapters, save_adapter
-from models.lora_targets import lora_config
+from models.lora import WEIGHTS_FILE, adapter_parameters, adapter_state, plan_adapters, save_adapter
+from models.lora_targets import lora_config, lora_targets
 from tests.cases import CASES, IDS, MOE_CASES, SEQ, VOCAB, hf_model, peft_reference, pipeline_with_adapters
 from tests.helpers import write_ds_config
 
@@ -31,6 +31,8 @@ def test_pipeline_with_adapters_computes_what_peft_computes(case, tmp_path, one_
     arch = discover(reference.base_model.model.config)
     pipe, plan, adapted = pipeline_with_adapters(tmp_path, arch)
     assert adapted == len(plan.targets) + len(plan.parameters) > 0
+    lora = sum(p.numel() for n, p in pipe.named_parameters() if "lora_" in n)
+    assert sum(adapter_parameters(arch, plan)) == lora, "the planner counts other adapters"
     if case in LORA_MOE:  # every MoE layer's two fused expert weights, no router
         moe_layers = {n.rpartition(".mlp.")[0] for n, p in arch.meta_model().named_parameters() if p.ndim == 3}
         assert {n.rpartition(".")[2] for n in plan.parameters} == {"gate_up_proj", "down_proj"}
@@ -159,3 +161,32 @@ def test_lora_on_a_tied_head_is_refused_and_targets_follow_peft():
     assert sorted(plan.targets) == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 2) for m in "qv"]
     everything = plan_adapters(arch, lora_config(rank=8, alpha=16, dropout=0.0, target_modules=None, base_model=None))
     assert len(everything.targets) == 7 * arch.num_layers and set(everything.targets.values()) == {(8, 16)}
+
+
+def test_expert_adapters_follow_the_flags_and_bad_ones_are_one_line():
+    """`--lora-target-parameters`: the default (every fused expert weight, rank r), `none`, a list; dropout (which
+    peft's ParamWrapper lacks) and a parameter the model lacks are one line each. qwen3_moe is a family whose
+    "all-linear" peft 0.21.2 reads as transformers 4 did (router included): the default leaves it out."""
+    family, _, settings = next(c for c in MOE_CASES if c[0] == "qwen3_moe")  # MoE layers 1 and 3
+    arch = discover(hf_model(family, settings).config)
+
+    def plan(parameters=None, dropout=0.0):
+        modules, params = lora_targets(arch, None, parameters)
+        config = lora_config(
+            rank=4, alpha=None, dropout=dropout, target_modules=modules, target_parameters=params, base_model=None
+        )
+        return plan_adapters(arch, config)
+
+    default = plan()
+    fused = [f"model.layers.{i}.mlp.experts.{p}" for i in (1, 3) for p in ("down_proj", "gate_up_proj")]
+    assert sorted(default.parameters) == fused and set(default.parameters.values()) == {(4, 4)}
+    assert sorted({n.split(".", 3)[3] for n in default.targets}) == [f"self_attn.{m}_proj" for m in "koqv"]
+    assert not plan(["none"]).parameters and plan(["none"]).targets == default.targets
+    assert sorted(plan(["mlp.experts.down_proj"]).parameters) == fused[::2]
+    for parameters, dropout, message in (
+        (None, 0.1, "LoRA dropout 0.1 with adapters on parameters .*use --lora-dropout 0 or --lora-target-parameters"),
+        (["experts.w9"], 0.0, "LoRA target parameter experts.w9: not found in this qwen3_moe model; its expert "),
+    ):
+        with pytest.raises(ValueError, match=message) as raised:
+            plan(parameters, dropout)
+        assert "\n" not in str(raised.value)

@@ -98,11 +98,20 @@ def first_block_lora(arch: Architecture, adapters: AdapterPlan) -> dict:
     what the adapters need instead of what the weights' gradients would)."""
     blocks = [layer for layer in arch.pipeline_layers() if layer.kind == DECODER]
     for layer in blocks:
-        names = sorted(layer.local_name(n) for n in adapters.targets if n.startswith(layer.modules[0] + "."))
-        if names:
-            rank, alpha = adapters.targets[layer.hf_key(names[0])]
-            return {"target_modules": names, "r": rank, "lora_alpha": alpha, "use_dora": adapters.config.use_dora}
-    return {"target_modules": [], "r": 1, "lora_alpha": 1, "use_dora": False}
+        names, params = (
+            sorted(layer.local_name(n) for n in found if n.startswith(layer.modules[0] + "."))
+            for found in (adapters.targets, adapters.parameters)
+        )
+        if names or params:
+            rank, alpha = (adapters.targets | adapters.parameters)[layer.hf_key((names or params)[0])]
+            return {
+                "target_modules": names,
+                "target_parameters": params,  # a MoE's experts (peft's ParamWrapper)
+                "r": rank,
+                "lora_alpha": alpha,
+                "use_dora": adapters.config.use_dora,
+            }
+    return {"target_modules": [], "target_parameters": [], "r": 1, "lora_alpha": 1, "use_dora": False}
 
 
 @functools.lru_cache
@@ -125,7 +134,8 @@ def _saved_bytes_per_token(config_json: str, scale: float, dtype: str, lora_json
         lora = json.loads(lora_json)
         for param in layer.parameters():
             param.requires_grad_(False)
-        if lora["target_modules"]:
+        if lora["target_modules"] or lora["target_parameters"]:
+            lora["target_parameters"] = lora["target_parameters"] or None
             inject_adapter_in_model(LoraConfig(**lora), layer)
     layer = layer.to(torch_dtype).train()
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
