@@ -65,10 +65,12 @@ def test_pipeline_with_adapters_computes_what_peft_computes(case, tmp_path, one_
     assert all(p.grad is None for n, p in pipe.named_parameters() if "lora_" not in n), "a base weight got a gradient"
 
 
-def test_only_adapters_train_in_a_deepspeed_engine_and_the_base_stays_bit_identical(tmp_path, one_rank_group):
-    """Real `train_batch` steps (ZeRO-1, AdamW with weight decay, clipping) on a tied model: the optimizer holds the
-    adapters only, the frozen base (the tied embedding too) is bit-identical after 4 steps, the adapters moved."""
-    family, _, settings = next(c for c in CASES if c[0] == "qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
+def test_only_adapters_train_in_a_deepspeed_engine_and_the_base_stays_bit_identical(family, tmp_path, one_rank_group):
+    """Real `train_batch` steps (ZeRO-1, AdamW with weight decay, clipping) on a tied model and on a MoE (adapters on
+    the fused experts): the optimizer holds the adapters only, the frozen base (the tied embedding, the experts) is
+    bit-identical after 4 steps, the adapters moved."""
+    _, _, settings = next(c for c in CASES + MOE_CASES if c[0] == family)
     peft_reference(family, settings, tmp_path)
     arch = discover(hf_model(family, settings).config)
     pipe, plan, _ = pipeline_with_adapters(tmp_path, arch)
@@ -87,6 +89,8 @@ def test_only_adapters_train_in_a_deepspeed_engine_and_the_base_stays_bit_identi
     frozen = [n for n in before if "lora_" not in n]
     assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    moved = [n for n in before if ".experts." in n and "lora_" in n and not torch.equal(before[n], after[n])]
+    assert len(moved) == (4 * len(plan.parameters) // 2 if family == "deepseek_v3" else 0), moved
     assert engine.module.tied_weight_max_diff() == 0.0
 
 
