@@ -3,22 +3,29 @@
 Pipeline parameter names are `<layer index>.<name inside the layer>` (and `tied_modules.embed.<name>`
 for a tied embedding). Each pipeline layer keeps its HF pieces under their HF names, so the HF key is
 a per-layer prefix plus that name (a decoder layer's `layer.` stands for `<prefix>.layers.<i>.`).
+A checkpoint's stored keys become the model's HF keys as `from_pretrained` makes them, with transformers'
+own conversion mapping (renamings, and the fusing of a mixture of experts' experts stored one by one):
+the one place pipegpt uses those private transformers 5.24 modules.
 """
 
-import contextlib
+import copy
+import functools
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from deepspeed.pipe import PipelineModule
-from safetensors import SafetensorError
-from safetensors import safe_open as _safe_open
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+from transformers.conversion_mapping import get_model_conversion_mapping  # private, transformers 5.24: see below
+from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
 
 from models.architecture import TIED_EMBEDDING_KEY, TIED_HEAD, Architecture, discover
 from models.errors import first_line
 from models.portable import make_portable
+from models.safetensors_files import SafetensorsFiles
 
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 
@@ -41,109 +48,153 @@ def config_from_dict(settings: dict) -> PretrainedConfig:
     return CONFIG_MAPPING[settings["model_type"]].from_dict(settings)
 
 
-def _checkpoint_key_renamer(arch: Architecture):
-    """transformers' own load-time renaming of checkpoint keys onto the model's (e.g. Pythia's `embed_out.` ->
-    `lm_head.`, OpenAI GPT-2 keys without `transformer.`), as `from_pretrained` applies it.
+@dataclass
+class _Source:
+    """The checkpoint tensors that make one or more of the model's tensors: one stored key renamed, or a
+    transformers `WeightConverter` fed several (a mixture of experts' experts, one by one, fused on load)."""
 
-    These are private transformers 5.24 functions (conversion_mapping, core_model_loading), used only here.
-    Families whose checkpoints need tensor surgery (fused or split weights: WeightConverter) are refused.
-    """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
+    key: str  # the (first) model key they make
+    converter: WeightConverter | None
+    keys: list[tuple[str, str]] = field(default_factory=list)  # (converter's source pattern, stored key)
 
-    model = arch.meta_model()
+
+def _checkpoint_sources(model: torch.nn.Module, stored_keys: Iterable[str]) -> dict[str, _Source]:
+    """Of every model key (parameters and persistent buffers), the stored tensors that make it, matched as
+    `from_pretrained` matches them (transformers 5.24 `core_model_loading.convert_and_load_state_dict_in_model`, its
+    first loop): every `WeightRenaming` of the family's conversion mapping (Pythia's `embed_out.` -> `lm_head.`, GPT-2
+    keys without `transformer.`), then at most one `WeightConverter` (Mixtral's `experts.*.w1/w3` -> `gate_up_proj`).
+
+    These are private transformers 5.24 functions (conversion_mapping, core_model_loading), used only in this file.
+    Stored keys are taken in transformers' order (`dot_natural_key`: expert 2 before expert 10), which is the
+    order its converters stack them in."""
     transforms = get_model_conversion_mapping(model)
-    if any(not isinstance(t, WeightRenaming) for t in transforms):
-        raise ValueError(
-            f"{arch.config.model_type} checkpoints store tensors that transformers fuses or splits on load (a mixture "
-            "of experts' experts, one by one): reading them is not supported yet; start from --model-config instead"
-        )
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
     model_keys = dict.fromkeys(model.state_dict())
+    prefix = model.base_model_prefix
+    sources: dict[str, _Source] = {}
+    for stored in sorted(stored_keys, key=dot_natural_key):
+        key, pattern = rename_source_key(stored, renamings, converters, prefix, model_keys)
+        if key not in model_keys and stored in model_keys:  # as transformers: keep a key the renamings broke
+            key, pattern = rename_source_key(stored, [], [], prefix, model_keys)
+        if key not in model_keys:
+            continue  # not this model's (transformers reports it as unexpected)
+        if pattern is None:
+            sources[key] = _Source(key, None, [(stored, stored)])
+            continue
+        converter = by_pattern[pattern]
+        source = sources.setdefault(key, _Source(key, converter))
+        source.keys.append((pattern, stored))
+        for target in converter.target_patterns[1:]:  # one stored tensor split in several (fused q/k/v)
+            sources.setdefault(key.replace(converter.target_patterns[0], target), source)
+    return sources
 
-    def rename(key: str) -> str:
-        renamed, _ = rename_source_key(
-            key, transforms, weight_converters=[], base_model_prefix=model.base_model_prefix, meta_state_dict=model_keys
-        )
-        return renamed
 
-    return rename
+def _converted(source: _Source, read: Callable[[str], torch.Tensor], arch: Architecture) -> dict[str, torch.Tensor]:
+    """The model tensors `source` makes (named by model key), through the converter's own operations; `read(stored
+    key)` gives a stored tensor (or a meta tensor of its shape, for a header-only check)."""
+    if source.converter is None:
+        return {source.key: read(source.keys[0][1])}
+    converter = copy.deepcopy(source.converter)
+    for pattern, stored in source.keys:
+        converter.add_tensor(source.key, stored, pattern, functools.partial(read, stored))  # read in `convert`
+    try:
+        made = converter.convert(source.key, model=arch.meta_model(), config=arch.config)
+    except RuntimeError as e:  # e.g. torch.stack of experts of different shapes
+        raise ValueError(
+            f"the {len(source.keys)} stored tensors that make {source.key} ({source.keys[0][1]}, ...) do not fuse "
+            f"({first_line(e)}); the weights and the config do not belong together"
+        ) from None
+    return {name: value[0] if isinstance(value, list) else value for name, value in made.items()}
 
 
-class SafetensorsCheckpoint:
-    """Reads single tensors by the model's HF key from one or several (sharded) safetensors files."""
+def _model_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s parameters (a tied weight once) and persistent buffers (DeepSeek-V3's `e_score_correction_bias`,
+    which steers its routing), by state-dict name: everything a checkpoint must give it."""
+    state = module.state_dict(keep_vars=True)
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in state.items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor
+    return tensors
+
+
+class SafetensorsCheckpoint(SafetensorsFiles):
+    """A `save_pretrained` folder read by the model's HF keys, as `from_pretrained` reads it: renamed, and fused or
+    split by transformers' own conversion operations where the family's checkpoints store tensors otherwise (a
+    mixture of experts' experts one by one). A context (SafetensorsFiles): only the files holding what is read open."""
 
     def __init__(self, model_dir: Path, arch: Architecture):
-        index = model_dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (model_dir / "model.safetensors").exists():
-            with safe_open(model_dir / "model.safetensors", framework="pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise FileNotFoundError(
-                f"{model_dir} has no model.safetensors: re-save it with save_pretrained(safe_serialization=True)"
-            )
-        self.model_dir, self.model_type = model_dir, arch.config.model_type
-        rename = _checkpoint_key_renamer(arch)
-        self.files = {rename(k): (v, k) for k, v in weight_map.items()}
+        super().__init__(model_dir)
+        self.arch = arch
+        self.sources = _checkpoint_sources(arch.meta_model(), self.weight_map)
 
-    def get(self, hf_key: str) -> torch.Tensor:
-        if hf_key not in self.files:
+    def _source(self, hf_key: str, flag: str = "") -> _Source:
+        if hf_key not in self.sources:
             raise ValueError(
-                f"{self.model_dir} has no tensor {hf_key}: not a {self.model_type} checkpoint of this shape"
+                f"{flag}{self.model_dir} has no tensor {hf_key}: not a {self.arch.config.model_type} checkpoint "
+                "of this shape"
             )
-        filename, stored_key = self.files[hf_key]
-        with safe_open(self.model_dir / filename, framework="pt") as f:
-            return f.get_tensor(stored_key)
+        return self.sources[hf_key]
 
+    def read(self, hf_keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF key, tensor) of each of `hf_keys`, reading only their stored tensors, each converter run once."""
+        wanted = list(hf_keys)
+        done: dict[int, dict[str, torch.Tensor]] = {}
+        for key in wanted:
+            source = self._source(key)
+            if id(source) not in done:  # a split tensor's parts come from one conversion
+                done = {id(source): _converted(source, self.tensor, self.arch)}
+            yield key, done[id(source)][key]
 
-@contextlib.contextmanager
-def safe_open(path: Path, framework: str):
-    """safetensors' `safe_open`, its errors (a truncated or damaged file) as a ValueError naming the file."""
-    try:
-        with _safe_open(path, framework=framework) as f:
-            yield f
-    except SafetensorError as e:
-        raise ValueError(
-            f"{path} cannot be read ({first_line(e)}): the file is truncated or damaged; copy or download it again"
-        ) from None
+    def shapes(self, hf_keys: Iterable[str], flag: str = "") -> dict[str, tuple[int, ...]]:
+        """The shape of each of `hf_keys` as loading would make it, from the files' headers only: the converters run
+        on meta tensors."""
+        sources = {key: self._source(key, flag) for key in hf_keys}
+        stored = dict(super().shapes({k for source in sources.values() for _, k in source.keys}))
+        shapes = {}
+        for key, source in sources.items():
+            if key not in shapes:
+                made = _converted(source, lambda k: torch.empty(stored[k], device="meta"), self.arch)
+                shapes |= {k: tuple(t.shape) for k, t in made.items()}
+        return {key: shapes[key] for key in sources}
 
 
 def check_weights_fit(model_dir: Path, arch: Architecture) -> None:
     """Every tensor the pipeline will read is in the checkpoint, with the model's shape: read from the safetensors
-    headers only (seconds for any size), so a mismatched folder fails before the ranks start."""
-    checkpoint = SafetensorsCheckpoint(model_dir, arch)
-    for key, param in arch.meta_model().named_parameters():  # a tied head's weight is listed once, as the embedding
-        if key not in checkpoint.files:
+    headers only (seconds for any size; fused experts are fused on meta tensors), so a mismatched folder fails before
+    the ranks start."""
+    expected = _model_tensors(arch.meta_model())  # a tied head's weight is listed once, as the embedding
+    shapes = SafetensorsCheckpoint(model_dir, arch).shapes(expected, flag="--model ")
+    for key, tensor in expected.items():
+        if shapes[key] != tuple(tensor.shape):
             raise ValueError(
-                f"--model {model_dir} has no tensor {key}: not a {arch.config.model_type} checkpoint of this shape"
-            )
-        filename, stored_key = checkpoint.files[key]
-        with safe_open(model_dir / filename, framework="pt") as f:
-            shape = tuple(f.get_slice(stored_key).get_shape())
-        if shape != tuple(param.shape):
-            raise ValueError(
-                f"--model {model_dir}: {key} is {shape} in the checkpoint but {tuple(param.shape)} in "
+                f"--model {model_dir}: {key} is {shapes[key]} in the checkpoint but {tuple(tensor.shape)} in "
                 "its config.json; the weights and the config do not belong together"
             )
 
 
 @torch.no_grad()
 def load_hf_weights(pipe: PipelineModule, model_dir: Path, arch: Architecture) -> int:
-    """Copy pretrained weights into this stage's layers, reading only this stage's tensors.
+    """Copy pretrained weights into this stage's layers: every parameter and persistent buffer, reading only the
+    files that hold this stage's tensors (fused from experts stored one by one where the family needs it).
 
     A tied head reads the token embedding, so checkpoints that store no `lm_head.weight` load.
     Returns the number of tensors loaded.
     """
-    checkpoint = SafetensorsCheckpoint(model_dir, arch)
-    loaded = 0
-    for pipe_name, param in pipe.named_parameters():
-        tensor = checkpoint.get(pipeline_param_to_hf(arch, pipe_name))
-        if tensor.shape != param.shape:
-            raise ValueError(f"{pipe_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
-        param.copy_(tensor)
-        loaded += 1
-    return loaded
+    mine = {pipeline_param_to_hf(arch, name): tensor for name, tensor in _model_tensors(pipe).items()}
+    with SafetensorsCheckpoint(model_dir, arch) as checkpoint:
+        for key, tensor in checkpoint.read(mine):
+            if tensor.shape != mine[key].shape:
+                raise ValueError(
+                    f"{model_dir}: {key} is {tuple(tensor.shape)} in the checkpoint but {tuple(mine[key].shape)} "
+                    "in the model; the weights and the config do not belong together"
+                )
+            mine[key].copy_(tensor)
+    return len(mine)
 
 
 def layer_files(checkpoint_dir: Path) -> dict[int, Path]:

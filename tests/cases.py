@@ -9,10 +9,11 @@ from peft import PeftModel, get_peft_model
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from models.architecture import discover
+from models.flops import flops_partition
 from models.hf_weights import load_hf_weights, pipeline_param_to_hf
 from models.lora import add_adapters, plan_adapters, read_peft_config
 from models.lora_targets import lora_config, lora_targets
-from models.pipeline import build_pipeline
+from models.pipeline import CausalLMPipeline, build_pipeline, layer_specs
 
 VOCAB, SEQ = 128, 24
 _SHAPE = dict(
@@ -112,8 +113,8 @@ CASES = [
     ("olmo2", "post-norms, q/k norm", dict(_SHAPE, num_key_value_heads=2, eos_token_id=0, pad_token_id=0)),
 ]
 IDS = [f"{family}-{i}" for i, (family, _, _) in enumerate(CASES)]
-# Mixtures of experts, kept apart from CASES while checkpoints with experts stored one by one are not read per stage
-# (issue 34): test_families.py runs FAMILY_CASES, the export tests CASES, the LoRA tests CASES and some MOE_CASES.
+# Mixtures of experts, kept apart from CASES: test_families.py runs FAMILY_CASES, the LoRA tests CASES and some
+# MOE_CASES (tests/unit/test_lora.py, test_qlora.py).
 MOE_CASES = [(family, f"mixture of experts: {what}", dict(_MOE, **settings)) for family, what, settings in _MOE_CASES]
 FAMILY_CASES = CASES + MOE_CASES
 FAMILY_IDS = [f"{family}-{i}" for i, (family, _, _) in enumerate(FAMILY_CASES)]
@@ -133,25 +134,22 @@ def hf_model(family: str, settings: dict, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def needs_weight_conversion(arch) -> bool:
-    """The family's checkpoints store what the model fuses on load (MoE experts one by one, as transformers'
-    `save_pretrained` writes them): `load_hf_weights` does not read them yet (issue 34, weights in and out)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
-    return any(not isinstance(t, WeightRenaming) for t in get_model_conversion_mapping(arch.meta_model()))
+def load_case_weights(pipe, folder, arch) -> None:
+    """The saved HF folder into the pipeline, as training loads it: every parameter and persistent buffer."""
+    assert load_hf_weights(pipe, folder, arch) == len(pipe.state_dict()) > 0
 
 
-@torch.no_grad()
-def load_case_weights(pipe, hf, folder, arch) -> None:
-    """The saved HF folder into the pipeline, as training loads it; where the checkpoint needs conversion, the
-    HF model's own tensors in memory instead: every parameter and persistent buffer, under its mapped name."""
-    if not needs_weight_conversion(arch):
-        assert load_hf_weights(pipe, folder, arch) == len(list(pipe.parameters()))
-        return
-    theirs = hf.state_dict()
-    for name, tensor in pipe.state_dict(keep_vars=True).items():
-        tensor.copy_(theirs[pipeline_param_to_hf(arch, name)])
+def pipeline_stage(arch, stages: int, stage: int) -> CausalLMPipeline:
+    """Stage `stage` of the model cut into `stages` by the `flops` partition, built in this one-rank process: the
+    layers a rank of that stage builds, from the same specs, under the same global layer indices (a one-stage
+    pipeline whose partition is that stage's bounds)."""
+    bounds = flops_partition(arch, SEQ, stages)[stage : stage + 2]
+
+    class OneStage(CausalLMPipeline):
+        def custom_partition(self, method: str) -> list[int]:
+            return bounds
+
+    return OneStage(layers=layer_specs(arch), num_stages=1, partition_method="stage", arch=arch, seq_len=SEQ)
 
 
 def peft_reference(family: str, settings: dict, folder, rank: int = 4, **lora) -> PeftModel:
@@ -184,9 +182,7 @@ def pipeline_with_adapters(folder, arch, stages: int = 1, before_adapters=None):
     config, initial = read_peft_config(folder / "adapter")
     plan = plan_adapters(arch, config, initial)
     pipe = build_pipeline(arch, num_stages=stages, seq_len=SEQ)
-    # a MoE checkpoint stores its experts one by one: its weights come through transformers' own loading
-    hf = AutoModelForCausalLM.from_pretrained(folder / "base") if needs_weight_conversion(arch) else None
-    load_case_weights(pipe, hf, folder / "base", arch)
+    load_hf_weights(pipe, folder / "base", arch)  # a MoE's experts stored one by one, fused as transformers does
     if before_adapters is not None:
         before_adapters(pipe)
     adapted = add_adapters(pipe, plan, seed=7)
