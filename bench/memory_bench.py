@@ -103,7 +103,8 @@ def full_versus_lora(work: Path, steps: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.lora import lora_config, plan_adapters
+    from models.lora import plan_adapters
+    from models.lora_targets import lora_config
 
     torch.manual_seed(0)
     base = work / "llama_base"

@@ -3,8 +3,9 @@ the adapter folder PEFT loads.
 
 - **Which modules.** `plan_adapters` lets peft itself match a `LoraConfig` against the whole model, built on the meta
   device (`get_peft_model`: "all-linear", lists of names, regexes, `layers_to_transform`, `exclude_modules`,
-  `rank_pattern`), so a target means here exactly what it means to peft. The result is every adapted module's HF
-  name with its rank and alpha.
+  `rank_pattern`, `target_parameters`), so a target means here exactly what it means to peft. The result is every
+  adapted module's HF name with its rank and alpha, and every adapted parameter's (a MoE's fused experts:
+  `models/lora_targets.py`).
 - **On each stage.** `add_adapters` gives each pipeline layer of a built stage the adapters of its own modules
   (`add_layer_adapters`, with `inject_adapter_in_model`), seeded per layer (the same adapters whatever the layout),
   after the base weights are loaded, and freezes everything else: only `lora_` parameters train.
@@ -14,13 +15,10 @@ the adapter folder PEFT loads.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import re
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +29,7 @@ from torch import nn
 
 from models.architecture import TIED_HEAD, Architecture, PipelineLayer, is_conv1d, is_linear
 from models.errors import first_line
+from models.lora_targets import parameter_adapter_size, quiet_peft, wrapped_parameter
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -51,51 +50,23 @@ UNSUPPORTED = {
 }
 
 
-@contextlib.contextmanager
-def quiet_peft() -> Iterator[None]:
-    """Without the warnings peft 0.21 gives, on every rank, about what it then handles itself: GPT-2's Conv1D sets
-    fan_in_fan_out, "all-linear" on a tied model mentions `ensure_weight_tying` (the tied head takes no adapter
-    here, as in peft's model), and peft calls transformers 5.24's deprecated `is_gradient_checkpointing`. They
-    would break the preflight's one-line errors and fill every rank's log."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
-
-
 @dataclass(frozen=True)
 class AdapterPlan:
     """The LoRA adapters of a run: peft's config (targets expanded as peft expands them) and each adapted module's
-    HF name with its (rank, alpha); `initial`: adapter weights to start from (a PEFT adapter folder's)."""
+    HF name with its (rank, alpha); `parameters`: each parameter peft adapts itself (`target_parameters`, a
+    `lora.ParamWrapper`: the experts' fused weights), by HF name; `initial`: adapter weights to start from (a PEFT
+    adapter folder's)."""
 
     config: LoraConfig
     targets: dict[str, tuple[int, float]]
     initial: Path | None = None
+    parameters: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """What checkpoints record, to refuse a resume with other adapters."""
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in self.config.to_dict().items()}
-        return {"config": config, "targets": {k: list(v) for k, v in self.targets.items()}}
-
-
-def lora_config(
-    *, rank: int, alpha: float | None, dropout: float, target_modules: list[str] | None, base_model: str | None
-) -> LoraConfig:
-    """The `LoraConfig` of `--lora-rank` and its flags (alpha defaults to the rank: a scale of 1)."""
-    from peft import LoraConfig
-
-    targets: str | list[str] = (
-        "all-linear" if not target_modules or target_modules == ["all-linear"] else target_modules
-    )
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
-        lora_dropout=dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
-    )
+        listed = {"targets": self.targets, "parameters": self.parameters}
+        return {"config": config} | {key: {k: list(v) for k, v in d.items()} for key, d in listed.items()}
 
 
 def lora_settings(settings: dict) -> dict:
@@ -129,7 +100,7 @@ def read_peft_config(path: Path) -> tuple[LoraConfig, Path | None]:
 def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None = None) -> AdapterPlan:
     """Every module peft adapts under `config` in this model, found by peft on the meta model (no memory)."""
     from peft import get_peft_model
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer, ParamWrapper
 
     for setting, fix in UNSUPPORTED.items():
         if getattr(config, setting, None):
@@ -138,6 +109,12 @@ def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None =
         raise ValueError(f"LoRA bias={config.bias!r}: only 'none' (biases stay frozen) works through the pipeline")
     if config.r < 1:
         raise ValueError(f"LoRA rank {config.r}: must be at least 1")
+    if config.target_parameters and config.lora_dropout:  # peft's ParamWrapper cannot drop out its input
+        raise ValueError(
+            f"LoRA dropout {config.lora_dropout} with adapters on parameters (the experts: target_parameters "
+            f"{sorted(config.target_parameters)}): peft 0.21 has no dropout there; use --lora-dropout 0 or "
+            "--lora-target-parameters none"
+        )
     model = copy.deepcopy(arch.meta_model())
     try:
         with torch.device("meta"), quiet_peft():
@@ -152,22 +129,36 @@ def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None =
             f"LoRA target modules {wanted}: not found in this {arch.config.model_type} model; its linear layers: "
             f"{', '.join(linear)}"
         ) from None
-    targets = {
-        name: (module.r[ADAPTER], module.lora_alpha[ADAPTER])
-        for name, module in peft_model.base_model.model.named_modules()
-        if isinstance(module, LoraLayer)
-    }
+    targets, parameters = {}, {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if isinstance(module, ParamWrapper):
+            parameters[wrapped_parameter(name, module.parameter_name)] = (module.r[ADAPTER], module.lora_alpha[ADAPTER])
+        elif isinstance(module, LoraLayer):
+            targets[name] = (module.r[ADAPTER], module.lora_alpha[ADAPTER])
+    _check_parameters_found(arch, config, parameters)
     layers = arch.pipeline_layers()
     if arch.tied and arch.head in targets:
         raise ValueError(f"LoRA on {arch.head}: this model ties its LM head to the embedding; target other modules")
-    if outside := [name for name in targets if _owner(layers, name) is None]:  # e.g. a rotary module
+    if outside := [name for name in targets | parameters if _owner(layers, name) is None]:  # e.g. a rotary module
         raise ValueError(f"LoRA on {outside[0]}: not a module of any pipeline layer; target the decoder's modules")
     expanded = peft_model.peft_config[ADAPTER]  # "all-linear" replaced by the module names it matched
     return AdapterPlan(
         config=dataclasses.replace(expanded, base_model_name_or_path=config.base_model_name_or_path),
         targets=targets,
         initial=initial,
+        parameters=parameters,
     )
+
+
+def _check_parameters_found(arch: Architecture, config: LoraConfig, parameters: dict[str, tuple[int, float]]) -> None:
+    """peft only warns about target_parameters that match nothing: here that is one error line."""
+    for wanted in sorted(config.target_parameters or []):
+        if not any(name == wanted or name.endswith("." + wanted) for name in parameters):
+            found = sorted({n.split(".", 3)[-1] for n, p in arch.meta_model().named_parameters() if p.ndim == 3})
+            raise ValueError(
+                f"LoRA target parameter {wanted}: not found in this {arch.config.model_type} model; its expert "
+                f"weights: {', '.join(found) or 'none (a dense model)'}"
+            )
 
 
 def _owner(layers: list[PipelineLayer], hf_name: str) -> PipelineLayer | None:
@@ -192,13 +183,16 @@ def add_adapters(pipe: CausalLMPipeline, plan: AdapterPlan, seed: int) -> int:
 def add_layer_adapters(layer_module: nn.Module, layer: PipelineLayer, plan: AdapterPlan, seed: int) -> int:
     """Inject this layer's adapters (peft's LoRA layers, initialised from `seed`) and freeze the rest of the layer.
     Returns the number of adapted modules."""
-    mine = {layer.local_name(n): ra for n, ra in plan.targets.items() if layer.kind != TIED_HEAD and _inside(layer, n)}
-    # (the tied head's module is the embedding's, which gets its adapters, if any, as layer 0)
-    if mine:
-        exact = {re.escape(name): ra for name, ra in mine.items()}
+    mine, params = (
+        {layer.local_name(n): ra for n, ra in found.items() if layer.kind != TIED_HEAD and _inside(layer, n)}
+        for found in (plan.targets, plan.parameters)
+    )  # (the tied head's module is the embedding's, which gets its adapters, if any, as layer 0)
+    if mine or params:
+        exact = {re.escape(name): ra for name, ra in (mine | params).items()}
         config = dataclasses.replace(
             plan.config,
             target_modules=sorted(mine),
+            target_parameters=sorted(params) or None,
             layers_to_transform=None,
             layers_pattern=None,
             exclude_modules=None,
@@ -212,7 +206,7 @@ def add_layer_adapters(layer_module: nn.Module, layer: PipelineLayer, plan: Adap
             inject_adapter_in_model(config, layer_module, adapter_name=ADAPTER)
     for name, param in layer_module.named_parameters():
         param.requires_grad_("lora_" in name)
-    return len(mine)
+    return len(mine) + len(params)
 
 
 def _inside(layer: PipelineLayer, hf_name: str) -> bool:
@@ -262,10 +256,12 @@ def save_adapter(out_dir: Path, plan: AdapterPlan, tensors: dict[str, torch.Tens
 
 def adapter_parameters(arch: Architecture, plan: AdapterPlan) -> list[int]:
     """Adapter parameters of every pipeline layer (in_features x r + r x out_features per module; DoRA adds a
-    magnitude vector of out_features), from the meta model."""
+    magnitude vector of out_features; an adapted parameter: `parameter_adapter_size`), from the meta model."""
     model = arch.meta_model()
     counts = [0] * len(arch.pipeline_layers())
     layers = arch.pipeline_layers()
+    for name, (rank, _) in plan.parameters.items():
+        counts[layers.index(_owner(layers, name))] += parameter_adapter_size(model.get_parameter(name).shape, rank)
     for name, (rank, _) in plan.targets.items():
         module = model.get_submodule(name)
         weight = module.weight

@@ -2,10 +2,13 @@
 the weights it loaded, as `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True))` does.
 
 transformers quantizes every `nn.Linear` (and GPT-2's `Conv1D`, transposed) except the LM head; so does this, inside
-the decoder layers (embeddings, norms and the head stay in the training dtype). A weight is quantized when it
-moves onto the accelerator (bitsandbytes' `Params4bit.to`), block by block (64 values) to NF4 or FP4, with the
-block scales themselves quantized once more with `double_quant`. peft then wraps each quantized module in its
-`lora.bnb.Linear4bit`, which adds the adapters in the compute dtype.
+the decoder layers (embeddings, norms and the head stay in the training dtype). A mixture of experts' fused 3-D
+expert weights (transformers 5.24's `mlp.experts.gate_up_proj` / `down_proj`) are no `nn.Linear`: transformers 5.24
+with bitsandbytes 0.50.2 keeps them, and the routers, in the compute dtype, and so does this (`expert_weights`
+counts them for the run's line and the planner); most of a MoE's weights are experts, so QLoRA saves little there.
+A weight is quantized when it moves onto the accelerator (bitsandbytes' `Params4bit.to`), block by block (64
+values) to NF4 or FP4, with the block scales themselves quantized once more with `double_quant`. peft then wraps
+each quantized module in its `lora.bnb.Linear4bit`, which adds the adapters in the compute dtype.
 """
 
 from __future__ import annotations
@@ -119,6 +122,16 @@ def quantize_stage(pipe: CausalLMPipeline, quantization: Quantization, compute_d
 def quantized_parameters(layer: nn.Module) -> int:
     """Weights inside `layer` that `quantize_4bit` would quantize (counted on a meta module)."""
     return sum(m.weight.numel() for name, m in layer.named_modules() if name and is_linear(m))
+
+
+def expert_weights(module: nn.Module) -> int:
+    """The fused expert weights inside `module` (its 3-D parameters), which stay in the compute dtype."""
+    return sum(p.numel() for p in module.parameters() if p.ndim == 3)
+
+
+def kept_weights(module: nn.Module) -> int:
+    """The weights inside `module` not held in 4 bits."""
+    return sum(p.numel() for p in module.parameters() if getattr(p, "quant_state", None) is None)
 
 
 def parameter_count(param: torch.Tensor) -> int:

@@ -8,9 +8,11 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+from models.architecture import discover
 from models.flops import flops_partition
 from models.hf_weights import load_hf_weights, pipeline_param_to_hf
-from models.lora import add_adapters, lora_config, plan_adapters, read_peft_config
+from models.lora import add_adapters, plan_adapters, read_peft_config
+from models.lora_targets import lora_config, lora_targets
 from models.pipeline import CausalLMPipeline, build_pipeline, layer_specs
 
 VOCAB, SEQ = 128, 24
@@ -111,8 +113,8 @@ CASES = [
     ("olmo2", "post-norms, q/k norm", dict(_SHAPE, num_key_value_heads=2, eos_token_id=0, pad_token_id=0)),
 ]
 IDS = [f"{family}-{i}" for i, (family, _, _) in enumerate(CASES)]
-# Mixtures of experts, kept apart from CASES while LoRA on them is not supported (issue 34): test_families.py runs
-# FAMILY_CASES, the LoRA and export tests CASES.
+# Mixtures of experts, kept apart from CASES: test_families.py runs FAMILY_CASES, the LoRA tests CASES and some
+# MOE_CASES (tests/unit/test_lora.py, test_qlora.py).
 MOE_CASES = [(family, f"mixture of experts: {what}", dict(_MOE, **settings)) for family, what, settings in _MOE_CASES]
 FAMILY_CASES = CASES + MOE_CASES
 FAMILY_IDS = [f"{family}-{i}" for i, (family, _, _) in enumerate(FAMILY_CASES)]
@@ -152,10 +154,18 @@ def pipeline_stage(arch, stages: int, stage: int) -> CausalLMPipeline:
 
 def peft_reference(family: str, settings: dict, folder, rank: int = 4, **lora) -> PeftModel:
     """The HF model with peft's adapters (lora_B random, not zero), saved: base in folder/base, adapter in
-    folder/adapter."""
+    folder/adapter. The targets are `--lora-rank`'s default (on a MoE: the experts' fused weights too)."""
     model = hf_model(family, settings)
     model.save_pretrained(folder / "base")
-    config = lora_config(rank=rank, alpha=2 * rank, dropout=0.0, target_modules=None, base_model=str(folder / "base"))
+    modules, parameters = lora_targets(discover(model.config), None, None)
+    config = lora_config(
+        rank=rank,
+        alpha=2 * rank,
+        dropout=0.0,
+        target_modules=modules,
+        target_parameters=parameters,
+        base_model=str(folder / "base"),
+    )
     for key, value in lora.items():
         setattr(config, key, value)
     peft_model = get_peft_model(model, config)
@@ -172,7 +182,7 @@ def pipeline_with_adapters(folder, arch, stages: int = 1, before_adapters=None):
     config, initial = read_peft_config(folder / "adapter")
     plan = plan_adapters(arch, config, initial)
     pipe = build_pipeline(arch, num_stages=stages, seq_len=SEQ)
-    load_hf_weights(pipe, folder / "base", arch)
+    load_hf_weights(pipe, folder / "base", arch)  # a MoE's experts stored one by one, fused as transformers does
     if before_adapters is not None:
         before_adapters(pipe)
     adapted = add_adapters(pipe, plan, seed=7)

@@ -17,7 +17,7 @@ from models.flops import flops_per_token
 from models.hf_weights import load_hf_weights
 from models.lora import AdapterPlan, add_adapters
 from models.pipeline import CausalLMPipeline, build_pipeline, ranges_text
-from models.quantize import parameter_count, quantize_stage
+from models.quantize import expert_weights, kept_weights, parameter_count, quantize_stage
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from train.checkpoint.same_run import manifest_extras, stream_position, trained_with
 from train.config.run_config import RunConfig
@@ -94,7 +94,11 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
     if config.quantization is not None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[training_dtype(config.ds_config)]
         quantized = every_rank(lambda: quantize_stage(pipe, config.quantization, dtype))
-        sys.stdout.write(f"rank {rank()}: {quantized} linear layers in 4 bits ({config.quantization.quant_type})\n")
+        sys.stdout.write(
+            f"rank {rank()}: {quantized} linear layers in 4 bits ({config.quantization.quant_type}); "
+            f"{kept_weights(pipe):,} weights stay in {training_dtype(config.ds_config)}, "
+            f"{expert_weights(pipe):,} of them the experts' fused weights\n"
+        )
     if config.adapters is not None:
         adapted = every_rank(lambda: adapt(pipe, config.adapters, flags.seed))
         trainable = sum(p.numel() for p in pipe.parameters() if p.requires_grad)

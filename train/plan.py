@@ -19,7 +19,7 @@ from models.architecture import Architecture, discover
 from models.flops import active_parameters, flops_per_token, routed_fraction
 from models.lora import AdapterPlan
 from models.pipeline import ranges_text
-from models.quantize import Quantization
+from models.quantize import Quantization, expert_weights
 from train.config.adapters import adapters_from_flags
 from train.config.args import Flags, OneLineErrors, parse_args, shared_flags
 from train.config.ds_config import batch_layout, check_dualpipev, load_ds_config
@@ -174,6 +174,25 @@ def balance_line(plan: Plan) -> str:
     return f"balance: this partition: {summary(plan.plans)}; partition {method}: {summary(others)}"
 
 
+def lora_summary(plan: Plan, flags: Flags) -> str:
+    """The plan's LoRA line: what is adapted and trains; under QLoRA what stays at the training width (the experts)."""
+    adapters, arch = plan.adapters, plan.arch
+    trainable = sum(p.trainable for p in plan.plans)
+    experts = expert_weights(arch.meta_model())
+    return (
+        f"LoRA: rank {adapters.config.r} on {len(adapters.targets)} modules"
+        + (f" and {len(adapters.parameters)} fused expert weights" if adapters.parameters else "")
+        + f", {trainable / 1e6:,.1f}M trainable parameters ({trainable / arch.parameters():.2%}); the base is "
+        "frozen: no gradients or optimizer states for it"
+        + ("; its decoder's linear layers in 4 bits (QLoRA)" if flags.load_in_4bit else "")
+        + (
+            f", its experts' fused weights ({experts / 1e9:.2f}B) in {training_dtype(plan.ds_config)}"
+            if flags.load_in_4bit and experts
+            else ""
+        )
+    )
+
+
 def print_plan(plan: Plan, flags: Flags) -> None:
     arch, ds_config, gpu, stages = plan.arch, plan.ds_config, plan.gpu, plan.stages
     batch = batch_layout(ds_config, plan.data_parallel)
@@ -188,13 +207,7 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         f"({GPU_MEMORY_GIB[gpu]} GiB), {training_dtype(ds_config)}"
     )
     if plan.adapters is not None:
-        trainable = sum(p.trainable for p in plan.plans)
-        print(
-            f"LoRA: rank {plan.adapters.config.r} on {len(plan.adapters.targets)} modules, {trainable / 1e6:,.1f}M "
-            f"trainable parameters ({trainable / arch.parameters():.2%}); the base is frozen: no gradients or "
-            "optimizer states for it"
-            + ("; its decoder's linear layers in 4 bits (QLoRA)" if flags.load_in_4bit else "")
-        )
+        print(lora_summary(plan, flags))
     print(layout_line(plan, flags))
     print_memory_table(plan.plans)
     if plan.other is not None:

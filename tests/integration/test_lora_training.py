@@ -6,9 +6,11 @@ pp=2 under DualPipeV.
 The reference is `PeftModel.from_pretrained(AutoModelForCausalLM..., is_trainable=True)` trained by hand on the
 blocks the pipeline's first stage recorded (`--trace-batches`), with the same AdamW, the same DeepSpeed
 warm-up + cosine schedule (its own class) and clipping at 1.0: the per-step losses and the exported adapter agree.
+A tiny Qwen3-MoE does the same on pp=2 with adapters on its experts' fused weights (peft's target_parameters).
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,15 @@ from train.data.tokenizer import load_tokenizer
 STEPS, SEQ = 6, 32
 _SHAPE = {k: v for k, v in tiny_llama().items() if k != "model_type"}  # also Qwen2's fields
 MODELS = {"llama": dict(_SHAPE, tie_word_embeddings=False), "qwen2": dict(_SHAPE, tie_word_embeddings=True)}
+# 8 experts, top-2, in every layer (no dense layer: both stages hold experts); experts stored one by one on disk
+MOE = dict(
+    {k: v for k, v in _SHAPE.items() if k != "intermediate_size"},
+    num_hidden_layers=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+)
 LAYOUTS = {
     "pp1": (1, ["--merge-adapter"]),
     "pp2": (2, []),
@@ -259,3 +270,26 @@ def test_chat_lora_on_two_stages_trains_the_losses_of_one_stage(chat_corpus, cha
     for ours, reference in zip(pp2, pp1, strict=True):
         assert abs(ours["loss"] - reference["loss"]) <= 1e-5 * abs(reference["loss"]), (pp2, pp1)
     assert (tmp_path / "pp2" / "adapter" / WEIGHTS_FILE).is_file()
+
+
+def test_lora_on_moe_experts_on_two_stages_equals_a_plain_loop_on_peft(corpus, tokenizer_dir, tmp_path):
+    """`--model` (a Qwen3-MoE checkpoint, its experts stored one by one) and `--peft-config` (attention and the fused
+    expert weights, lora_B off zero, as `peft_reference` writes it) on 2 stages: the per-step losses and the
+    exported adapter equal a plain loop on `PeftModel.from_pretrained` (<=1e-5), and the expert adapters train."""
+    peft_reference("qwen3_moe", MOE, tmp_path)
+    initial = load_file(tmp_path / "adapter" / WEIGHTS_FILE)
+    experts = [key for key in initial if ".mlp.experts." in key]
+    assert len(experts) == 4 * MOE["num_hidden_layers"], "lora_A and lora_B of gate_up_proj and down_proj per layer"
+    args = lora_args(corpus, tokenizer_dir, tmp_path, write_ds_config(tmp_path / "ds.json"))
+    proc = launch([*args, "--pipeline-stages", 2, "--output-dir", tmp_path / "pp2"], ranks=2)
+    adapted = [int(n) for n in re.findall(r"LoRA on (\d+) modules", proc.stdout)]
+    assert len(adapted) == 2 and sum(adapted) == 6 * MOE["num_hidden_layers"], "4 attention modules, 2 expert weights"
+    expected, adapter = plain_loop(tmp_path, tmp_path / "pp2", corpus, tokenizer_dir)
+    assert max((adapter[k] - initial[k]).abs().max().item() for k in experts) > 1e-3, "the experts did not train"
+    losses = [m["loss"] for m in read_metrics(tmp_path / "pp2")]
+    assert len(losses) == STEPS
+    for ours, reference in zip(losses, expected, strict=True):
+        assert abs(ours - reference) <= 1e-5 * abs(reference), (losses, expected)
+    exported = load_file(tmp_path / "pp2" / "adapter" / WEIGHTS_FILE)
+    assert exported.keys() == adapter.keys() == initial.keys()
+    assert max((exported[k] - adapter[k]).abs().max().item() for k in adapter) <= 1e-5

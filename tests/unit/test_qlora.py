@@ -3,6 +3,9 @@ model (`from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True
 
 bitsandbytes 0.50 runs its 4-bit layers on CPU, so this is tested here: each stage quantizes the decoder's linear
 layers from the weights it loaded, bit for bit as transformers does, and peft wraps them in its `lora.bnb` layers.
+On a mixture of experts (DeepSeek-V3: shared experts, a dense first layer) transformers 5.24 quantizes the linear
+layers only: the fused 3-D expert weights and the routers stay in the compute dtype, here as there, with the
+experts' adapters (peft's ParamWrapper) on them.
 """
 
 import pytest
@@ -12,11 +15,13 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from models.architecture import discover
 from models.lora import adapter_state
-from models.quantize import Quantization, quantize_stage
-from tests.cases import CASES, SEQ, VOCAB, peft_reference, pipeline_with_adapters
+from models.quantize import Quantization, expert_weights, parameter_count, quantize_stage
+from tests.cases import CASES, MOE_CASES, SEQ, VOCAB, peft_reference, pipeline_with_adapters
+from train.planning.memory_model import quantized_layer_parameters
 
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}  # compared in training mode
-FAMILIES = ["llama", "qwen2", "gpt2"]  # untied GQA; tied with qkv bias; Conv1D (transposed when quantized)
+# untied GQA; tied with qkv bias; Conv1D (transposed when quantized); experts kept in the compute dtype
+FAMILIES = ["llama", "qwen2", "gpt2", "deepseek_v3"]
 
 
 def transformers_4bit(folder, quant_type: str = "nf4", double_quant: bool = False) -> PeftModel:
@@ -32,12 +37,24 @@ def transformers_4bit(folder, quant_type: str = "nf4", double_quant: bool = Fals
     return PeftModel.from_pretrained(base, folder / "adapter", is_trainable=True).train()
 
 
+def held_weights(model: torch.nn.Module) -> tuple[int, int]:
+    """(weights held in 4 bits, base weights kept in the compute dtype), adapters not counted."""
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    quantized = sum(parameter_count(p) for p in base if getattr(p, "quant_state", None) is not None)
+    return quantized, sum(p.numel() for p in base if getattr(p, "quant_state", None) is None)
+
+
+def experts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The fused experts modules (a 3-D `gate_up_proj`), under peft's ParamWrappers."""
+    return [m for m in model.modules() if getattr(getattr(m, "gate_up_proj", None), "ndim", 0) == 3]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", False), ("fp4", True)])
 def test_4bit_pipeline_computes_what_transformers_4bit_model_with_peft_computes(
     family, quant_type, double_quant, tmp_path, one_rank_group
 ):
-    _, _, settings = next(c for c in CASES if c[0] == family)
+    _, _, settings = next(c for c in CASES + MOE_CASES if c[0] == family)
     settings = {**settings, **NO_DROPOUT.get(family, {})}
     full_precision = peft_reference(family, settings, tmp_path).train()
     reference = transformers_4bit(tmp_path, quant_type, double_quant)
@@ -49,6 +66,10 @@ def test_4bit_pipeline_computes_what_transformers_4bit_model_with_peft_computes(
 
     pipe, plan, _ = pipeline_with_adapters(tmp_path, arch, before_adapters=quantized)
     pipe.train()
+    assert held_weights(pipe) == held_weights(reference)  # (4-bit, kept): what transformers quantizes and keeps
+    assert held_weights(pipe)[0] == sum(quantized_layer_parameters(arch)), "the planner counts other 4-bit weights"
+    assert expert_weights(pipe) == expert_weights(reference) == sum(expert_weights(m) for m in experts(reference))
+    assert (expert_weights(pipe) > 0) == (family == "deepseek_v3")
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
     expected = reference(ids, labels=ids)
     logits = pipe(ids)

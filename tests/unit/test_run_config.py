@@ -22,7 +22,7 @@ def _shared_actions(parser: argparse.ArgumentParser) -> dict[str, tuple]:
 
 def test_main_prepare_and_plan_share_their_flags_and_defaults():
     trainer = _shared_actions(build_parser())
-    lora = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "peft_config"}
+    lora = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters", "peft_config"}
     qlora = {"load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_double_quant"}
     assert lora | qlora <= set(trainer), trainer  # the planner plans LoRA and QLoRA runs from the same flags
     assert "schedule" in trainer and len(trainer) == 13 + len(lora | qlora), trainer

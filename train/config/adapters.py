@@ -8,13 +8,14 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from models.architecture import discover
-from models.lora import AdapterPlan, adapter_parameters, lora_config, plan_adapters, read_peft_config
+from models.lora import AdapterPlan, adapter_parameters, plan_adapters, read_peft_config
+from models.lora_targets import lora_config, lora_targets
 from models.pipeline import ranges_text
 from models.quantize import Quantization, check_4bit_available
 from train.config.args import Flags
 from train.errors import ConfigError, first_line
 
-LORA_FLAGS = ("lora_alpha", "lora_target_modules")
+LORA_FLAGS = ("lora_alpha", "lora_target_modules", "lora_target_parameters")
 
 
 def adapters_from_flags(flags: Flags, model_config: PretrainedConfig, need_base: bool = True) -> AdapterPlan | None:
@@ -40,18 +41,21 @@ def adapters_from_flags(flags: Flags, model_config: PretrainedConfig, need_base:
         raise ConfigError("LoRA trains adapters on a pretrained base model: pass --model (a folder or a hub name)")
     initial = None
     try:
+        arch = discover(model_config)
         if flags.peft_config is not None:
             config, initial = read_peft_config(flags.peft_config)
             config.base_model_name_or_path = flags.model
         else:
+            modules, parameters = lora_targets(arch, flags.lora_target_modules, flags.lora_target_parameters)
             config = lora_config(
                 rank=flags.lora_rank,
                 alpha=flags.lora_alpha,
                 dropout=flags.lora_dropout,
-                target_modules=flags.lora_target_modules,
+                target_modules=modules,
+                target_parameters=parameters,
                 base_model=flags.model,
             )
-        return plan_adapters(discover(model_config), config, initial)
+        return plan_adapters(arch, config, initial)
     except ValueError as e:
         raise ConfigError(first_line(e)) from None
 
@@ -88,10 +92,12 @@ def check_checkpoint_adapters(
         )
     if plan is None:
         return
-    if saved["targets"] != plan.to_dict()["targets"]:
+    mine = plan.to_dict()
+    if saved["targets"] != mine["targets"] or saved.get("parameters", {}) != mine["parameters"]:
         raise ConfigError(
-            "--load names a LoRA checkpoint with other adapters (modules, ranks or alphas) than these flags "
-            f"give; the checkpoint's: {saved['config'].get('r')=}, {len(saved['targets'])} modules"
+            "--load names a LoRA checkpoint with other adapters (modules, parameters, ranks or alphas) than these "
+            f"flags give; the checkpoint's: {saved['config'].get('r')=}, {len(saved['targets'])} modules, "
+            f"{len(saved.get('parameters', {}))} parameters"
         )
     saved_quantization = manifest.get("quantization")
     if saved_quantization != (dataclasses.asdict(quantization) if quantization is not None else None):

@@ -75,6 +75,13 @@ def _lora_flags(p: argparse.ArgumentParser) -> None:
         "of the decoder, not the LM head",
     )
     lora.add_argument(
+        "--lora-target-parameters",
+        nargs="+",
+        default=None,
+        help="parameters peft adapts itself (its target_parameters, suffixes such as mlp.experts.gate_up_proj), "
+        "or none; default on a mixture of experts: the experts' fused 3-D weights (not the router)",
+    )
+    lora.add_argument(
         "--peft-config",
         type=Path,
         default=None,

@@ -105,11 +105,20 @@ def layer_lora(arch: Architecture, adapters: AdapterPlan, index: int) -> dict:
     the same adapters; with a frozen base, autograd keeps what the adapters need instead of what the weights'
     gradients would)."""
     layer = next(layer for layer in arch.pipeline_layers() if layer.decoder_index == index)
-    names = sorted(layer.local_name(n) for n in adapters.targets if n.startswith(layer.modules[0] + "."))
-    if not names:
-        return {"target_modules": [], "r": 1, "lora_alpha": 1, "use_dora": False}
-    rank, alpha = adapters.targets[layer.hf_key(names[0])]
-    return {"target_modules": names, "r": rank, "lora_alpha": alpha, "use_dora": adapters.config.use_dora}
+    names, params = (
+        sorted(layer.local_name(n) for n in found if n.startswith(layer.modules[0] + "."))
+        for found in (adapters.targets, adapters.parameters)
+    )
+    if not names and not params:
+        return {"target_modules": [], "target_parameters": [], "r": 1, "lora_alpha": 1, "use_dora": False}
+    rank, alpha = (adapters.targets | adapters.parameters)[layer.hf_key((names or params)[0])]
+    return {
+        "target_modules": names,
+        "target_parameters": params,  # a MoE's experts (peft's ParamWrapper)
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_dora": adapters.config.use_dora,
+    }
 
 
 def saved_bytes_per_token(
@@ -164,7 +173,8 @@ def _saved_bytes(settings: str, scale: Fraction, tokens: int, dtype: str, lora_j
         lora = json.loads(lora_json)
         for param in layer.parameters():
             param.requires_grad_(False)
-        if lora["target_modules"]:
+        if lora["target_modules"] or lora["target_parameters"]:
+            lora["target_parameters"] = lora["target_parameters"] or None
             inject_adapter_in_model(LoraConfig(**lora), layer)
     layer = layer.to(torch_dtype).train()
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
