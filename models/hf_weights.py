@@ -89,7 +89,7 @@ def _checkpoint_sources(
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
-    model_keys = dict.fromkeys(model.state_dict())
+    model_keys = model.state_dict()  # meta tensors: transformers adds or strips the prefix where `.get` finds one
     prefix = model.base_model_prefix
     sources: dict[str, _Source] = {}
     for stored in sorted(stored_keys, key=dot_natural_key):

@@ -1,8 +1,9 @@
-"""Mixture-of-experts checkpoints as transformers 5.24's `save_pretrained` writes them (experts one by one, sharded)
-read per stage: each stage of a 2-stage pipeline gets exactly the HF model's tensors (experts fused by transformers'
-own conversion operations, persistent buffers included), opening only the shards that hold them; the header-only
-preflight check accepts such a folder and names a missing or misshapen expert in one line. gpt-oss's MXFP4 experts
-are dequantized as transformers dequantizes them."""
+"""Hugging Face checkpoints read per stage. Mixture-of-experts checkpoints as transformers 5.24's `save_pretrained`
+writes them (experts one by one, sharded): each stage of a 2-stage pipeline gets exactly the HF model's tensors
+(experts fused by transformers' own conversion operations, persistent buffers included), opening only the shards that
+hold them; the header-only preflight check accepts such a folder and names a missing or misshapen expert in one line.
+gpt-oss's MXFP4 experts are dequantized as transformers dequantizes them, and exported in full precision. Renamed
+checkpoints (GPT-2 without `transformer.`) still load."""
 
 import json
 
@@ -16,7 +17,7 @@ import models.safetensors_files
 from models.architecture import discover
 from models.hf_weights import check_weights_fit, load_hf_weights, pipeline_param_to_hf
 from models.pipeline import build_pipeline
-from tests.cases import MOE_CASES, SEQ, VOCAB, hf_model, pipeline_stage
+from tests.cases import CASES, MOE_CASES, SEQ, VOCAB, hf_model, pipeline_stage
 from tests.helpers import write_ds_config
 from train.checkpoint.checkpointer import save_checkpoint
 from train.export import export_checkpoint
@@ -43,9 +44,11 @@ def stored_keys_under(folder, modules: tuple[str, ...]) -> dict[str, str]:
     return {key: file for key, file in weight_map.items() if key.startswith(tuple(f"{m}." for m in modules))}
 
 
-def load_stages(arch, folder, opened_files: list[str]) -> tuple[dict[str, torch.Tensor], list[set[str]]]:
+def load_stages(
+    arch, folder, opened_files: list[str], shards: bool = True
+) -> tuple[dict[str, torch.Tensor], list[set[str]]]:
     """Each stage of a 2-stage pipeline loaded from `folder`: every tensor the stages hold (by HF key), and the files
-    each stage opened, checked against the files its layers' stored keys are in."""
+    each stage opened, checked against the files its layers' stored keys are in (`shards`: a sharded folder)."""
     loaded, opened = {}, []
     for stage in range(2):
         pipe = pipeline_stage(arch, 2, stage)
@@ -54,6 +57,8 @@ def load_stages(arch, folder, opened_files: list[str]) -> tuple[dict[str, torch.
         assert len(opened_files) == len(set(opened_files)), "a file was opened twice"
         loaded |= {pipeline_param_to_hf(arch, name): tensor for name, tensor in pipe.state_dict().items()}
         opened.append(set(opened_files))
+        if not shards:
+            continue
         start, stop = pipe.stage_layers()[0]
         modules = tuple(m for layer in arch.pipeline_layers()[start:stop] for m in layer.modules)
         assert opened[-1] == set(stored_keys_under(folder, modules).values()), f"stage {stage}"
@@ -206,3 +211,19 @@ def test_a_run_on_mxfp4_experts_exports_full_precision_that_transformers_loads(t
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(ids).logits, pipe.eval()(ids))
+
+
+def test_renamed_checkpoints_still_load(tmp_path, one_rank_group):
+    """transformers' renamings run before its converters: the Hub's original GPT-2 stores its keys without
+    `transformer.` (`h.0.attn.c_attn.weight`, `wte.weight`); such a folder loads every tensor unchanged."""
+    family, _, settings = CASES[0]
+    hf = hf_model(family, settings)
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    assert not any(k.startswith("transformer.") for k in load_file(tmp_path / "model.safetensors"))
+    arch = discover(hf.config)
+    check_weights_fit(tmp_path, arch)
+    loaded, _ = load_stages(arch, tmp_path, [], shards=False)
+    theirs = hf.state_dict()
+    assert all(torch.equal(tensor, theirs[key]) for key, tensor in loaded.items()) and len(loaded) == len(theirs) - 1
