@@ -121,14 +121,12 @@ class DecoderLayerPipe(nn.Module):
         return hidden, probs, position_ids, counts
 
     def _apply(self, fn, recurse=True):
-        # Keep the layer's buffers in fp32 when DeepSpeed casts the model to bf16/fp16: only move them. The rotary
-        # frequencies (HF's rotary forward upcasts `inv_freq` but cannot restore the precision a cast lost), and
-        # DeepSeek-V3's and GLM-4.5's `e_score_correction_bias`, which transformers 5.24 keeps fp32 in a bf16 model
-        # (`_keep_in_fp32_modules_strict`): a bf16 copy would route differently and reach checkpoints and exports.
-        buffers = [(m, name, buffer) for m in self.modules() for name, buffer in m.named_buffers(recurse=False)]
+        # Keep the rotary frequencies in fp32 when DeepSpeed casts the model to bf16/fp16: only move them.
+        # (HF's rotary forward upcasts `inv_freq` but cannot restore the precision a cast lost.)
+        buffers = dict(self.rotary.named_buffers()) if self.rotary is not None else {}
         super()._apply(fn, recurse)
-        for module, name, fp32 in buffers:
-            setattr(module, name, fp32.to(getattr(module, name).device))
+        for name, fp32 in buffers.items():
+            setattr(self.rotary, name, fp32.to(getattr(self.rotary, name).device))
         return self
 
 

@@ -168,23 +168,33 @@ def test_the_header_check_fuses_experts_and_names_a_missing_or_misshapen_one(tmp
         check_weights_fit(short, arch)
 
 
-def test_a_bf16_pipeline_keeps_the_routing_bias_fp32_as_transformers_does(tmp_path, one_rank_group):
-    """DeepSpeed casts the stage to bf16; DeepSeek-V3's `e_score_correction_bias` (transformers 5.24:
-    `_keep_in_fp32_modules_strict`) stays the checkpoint's fp32 values, so that layer files and exports carry it
-    unchanged."""
+def test_a_bf16_run_keeps_the_routing_bias_fp32_through_checkpoint_and_export(tmp_path, one_rank_group):
+    """DeepSpeed 0.19.8's bf16 engine casts the stage's parameters only: DeepSeek-V3's `e_score_correction_bias` stays
+    fp32, as transformers 5.24 keeps it (`_keep_in_fp32_modules_strict`), so the layer files and the export carry the
+    checkpoint's values (a bf16 copy would route differently)."""
     family, _, settings = next(case for case in MOE_CASES if case[0] == "deepseek_v3")
     hf = hf_model(family, settings)
-    hf.save_pretrained(tmp_path)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).state_dict()
+    hf.save_pretrained(tmp_path / "hf")
+    assert (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+        .model.layers[1]
+        .mlp.gate.e_score_correction_bias.dtype
+        == torch.float32
+    )
     arch = discover(hf.config)
-    pipe = pipeline_stage(arch, 1, 0)
-    load_hf_weights(pipe, tmp_path, arch)
-    pipe.to(torch.bfloat16)
-    biases = {pipeline_param_to_hf(arch, n): t for n, t in pipe.state_dict().items() if "e_score_correction" in n}
+    pipe = build_pipeline(arch, num_stages=1, seq_len=SEQ)
+    load_hf_weights(pipe, tmp_path / "hf", arch)
+    ds_config = json.loads(write_ds_config(tmp_path / "ds.json").read_text().replace('"auto"', "10"))
+    engine, *_ = deepspeed.initialize(
+        model=pipe, model_parameters=pipe.parameters(), config=ds_config | {"bf16": {"enabled": True}}
+    )
+    assert next(pipe.parameters()).dtype == torch.bfloat16
+    save_checkpoint(engine, tmp_path / "ckpt", 0, client_state={}, model_config=hf.config, keep_last=0)
+    exported = load_file(export_checkpoint(tmp_path / "ckpt", tmp_path / "out") / "model.safetensors")
+    biases = {key: tensor for key, tensor in hf.state_dict().items() if key.endswith("e_score_correction_bias")}
     assert len(biases) == 3  # layers 1-3; layer 0 is dense
     for key, bias in biases.items():
-        assert reference[key].dtype == bias.dtype == torch.float32
-        assert torch.equal(bias, hf.state_dict()[key]) and not torch.equal(bias, bias.bfloat16().float())
+        assert torch.equal(exported[key], bias) and not torch.equal(bias, bias.bfloat16().float()), key
 
 
 def test_a_run_on_mxfp4_experts_exports_full_precision_that_transformers_loads(tmp_path, opened_files, one_rank_group):
