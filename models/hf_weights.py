@@ -10,7 +10,6 @@ the one place pipegpt uses those private transformers 5.24 modules.
 
 import copy
 import functools
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from pathlib import Path
 
 import torch
 from deepspeed.pipe import PipelineModule
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, Mxfp4Config, PretrainedConfig
 from transformers.conversion_mapping import get_model_conversion_mapping  # private, transformers 5.24: see below
 from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+from transformers.quantizers import AutoHfQuantizer, HfQuantizer
 
 from models.architecture import TIED_EMBEDDING_KEY, TIED_HEAD, Architecture, discover
 from models.errors import first_line
@@ -58,7 +58,25 @@ class _Source:
     keys: list[tuple[str, str]] = field(default_factory=list)  # (converter's source pattern, stored key)
 
 
-def _checkpoint_sources(model: torch.nn.Module, stored_keys: Iterable[str]) -> dict[str, _Source]:
+def _dequantizer(model_dir: Path) -> HfQuantizer | None:
+    """transformers' own dequantizing loader for what the folder's config.json says its weights are stored as:
+    gpt-oss's MXFP4 experts (`*_blocks`, `*_scales`), dequantized as `from_pretrained` does on a machine without
+    triton kernels (`Mxfp4Config(dequantize=True)`; its ops are pure torch); None for full-precision weights."""
+    config = model_dir / "config.json"
+    stored = json.loads(config.read_text()).get("quantization_config") if config.exists() else None
+    if stored is None:
+        return None
+    if stored.get("quant_method") != "mxfp4":
+        raise ValueError(
+            f"{model_dir} stores its weights quantized ({stored.get('quant_method')}): pipegpt reads full-precision "
+            "or MXFP4 (gpt-oss) checkpoints; save a dequantized copy with from_pretrained(...).save_pretrained(...)"
+        )
+    return AutoHfQuantizer.from_config(Mxfp4Config(dequantize=True), pre_quantized=True)
+
+
+def _checkpoint_sources(
+    model: torch.nn.Module, stored_keys: Iterable[str], quantizer: HfQuantizer | None = None
+) -> dict[str, _Source]:
     """Of every model key (parameters and persistent buffers), the stored tensors that make it, matched as
     `from_pretrained` matches them (transformers 5.24 `core_model_loading.convert_and_load_state_dict_in_model`, its
     first loop): every `WeightRenaming` of the family's conversion mapping (Pythia's `embed_out.` -> `lm_head.`, GPT-2
@@ -66,12 +84,12 @@ def _checkpoint_sources(model: torch.nn.Module, stored_keys: Iterable[str]) -> d
 
     These are private transformers 5.24 functions (conversion_mapping, core_model_loading), used only in this file.
     Stored keys are taken in transformers' order (`dot_natural_key`: expert 2 before expert 10), which is the
-    order its converters stack them in."""
-    transforms = get_model_conversion_mapping(model)
+    order its converters stack them in. `quantizer`: its dequantizing converters join the family's."""
+    transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
-    model_keys = dict.fromkeys(model.state_dict())
+    model_keys = model.state_dict()  # meta tensors: transformers adds or strips the prefix where `.get` finds one
     prefix = model.base_model_prefix
     sources: dict[str, _Source] = {}
     for stored in sorted(stored_keys, key=dot_natural_key):
@@ -130,7 +148,11 @@ class SafetensorsCheckpoint(SafetensorsFiles):
     def __init__(self, model_dir: Path, arch: Architecture):
         super().__init__(model_dir)
         self.arch = arch
-        self.sources = _checkpoint_sources(arch.meta_model(), self.weight_map)
+        try:
+            self.sources = _checkpoint_sources(arch.meta_model(), self.weight_map, _dequantizer(model_dir))
+        except ValueError:
+            self.close()  # a single file was opened to list its keys
+            raise
 
     def _source(self, hf_key: str, flag: str = "") -> _Source:
         if hf_key not in self.sources:
@@ -168,7 +190,8 @@ def check_weights_fit(model_dir: Path, arch: Architecture) -> None:
     headers only (seconds for any size; fused experts are fused on meta tensors), so a mismatched folder fails before
     the ranks start."""
     expected = _model_tensors(arch.meta_model())  # a tied head's weight is listed once, as the embedding
-    shapes = SafetensorsCheckpoint(model_dir, arch).shapes(expected, flag="--model ")
+    with SafetensorsCheckpoint(model_dir, arch) as checkpoint:
+        shapes = checkpoint.shapes(expected, flag="--model ")
     for key, tensor in expected.items():
         if shapes[key] != tuple(tensor.shape):
             raise ValueError(
@@ -242,6 +265,8 @@ def export_hf_model(
     arch = discover(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(arch.config)
+    if hasattr(model.config, "quantization_config"):  # read dequantized (gpt-oss's MXFP4): the export is full precision
+        del model.config.quantization_config
     state = hf_state_dict_from_pipeline_checkpoint(checkpoint_dir, arch)
     if generation_config is not None:
         model.generation_config = GenerationConfig.from_dict(generation_config)
@@ -249,25 +274,3 @@ def export_hf_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return make_portable(out_dir)
-
-
-def weights_fingerprint(model_dir: Path) -> str:
-    """A digest that tells pretrained models apart in seconds, whatever their size: every safetensors file's header
-    (names, shapes, dtypes, offsets) and, of every tensor, 4 KiB from the start, the middle and the end of its
-    data (~12 KiB per tensor: seconds for 70B). Two fine-tunes of one architecture share headers but not the data
-    of any tensor they trained, so a LoRA checkpoint is not resumed on the wrong base unnoticed. (A change of a
-    few weights outside the sampled bytes would go unseen: a full hash of 140 GB would cost minutes per launch.)"""
-    digest = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = f.read(header_size)
-            digest.update(header)
-            for name, entry in sorted(json.loads(header).items()):
-                if name == "__metadata__":
-                    continue
-                start, stop = entry["data_offsets"]
-                for offset in sorted({start, (start + stop) // 2, max(start, stop - 4096)}):
-                    f.seek(8 + header_size + offset)
-                    digest.update(f.read(min(4096, stop - offset)))
-    return digest.hexdigest()[:32]

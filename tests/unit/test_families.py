@@ -148,6 +148,9 @@ def test_hf_to_pipeline_to_hf_is_the_identity(pair, tmp_path):
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == arch.tied
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(ids).logits, hf(ids).logits)
 
 
 def test_pipeline_names_map_one_to_one_onto_hf(pair):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from models.hf_weights import weights_fingerprint
 from models.lora import AdapterPlan
 from models.quantize import Quantization
+from models.safetensors_files import weights_fingerprint
 from train.distributed.setup import say
 from train.errors import ConfigError
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from models.architecture import discover
-from models.hf_weights import weights_fingerprint
 from models.hub import resolve_model_dir
 from models.lora import AdapterPlan
 from models.presets import resolve_model_config
 from models.quantize import Quantization
+from models.safetensors_files import weights_fingerprint
 from train.checkpoint.manifest import layout_of, read_manifest, resume_mode, verified_tag_dir
 from train.checkpoint.same_run import FROM_TOKENIZER, check_layout_of_data, check_model_config
 from train.config.adapters import (
