@@ -40,9 +40,8 @@ from models.architecture import (
 from models.deepspeed_internals import DualPipeVModuleHooks, PipelineModuleHooks
 from models.expert_load import StagePicks, count_picks
 from models.flops import flops_partition
-from models.loss import next_token_cross_entropy
 from models.masking import attention_mask, layer_attention_type
-from models.router_loss import CrossEntropyWithRouterLoss, add_router_sums, empty_router_sums, recorded_router_logits
+from models.router_loss import add_router_sums, empty_router_sums, pipeline_settings, recorded_router_logits
 
 
 class EmbeddingPipe(nn.Module):
@@ -286,7 +285,7 @@ def build_pipeline(
     return SCHEDULES[schedule](
         layers=layer_specs(arch),
         num_stages=num_stages,
-        loss_fn=next_token_cross_entropy if arch.router_loss is None else CrossEntropyWithRouterLoss(arch.router_loss),
+        **pipeline_settings(arch.router_loss),  # the loss function and the activation checkpoint function
         partition_method=partition_method,
         seed_layers=True,
         seed_fn=_seed_layer,
