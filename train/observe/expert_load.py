@@ -62,17 +62,17 @@ def layer_rows(counts: list[list[int]], layers: tuple[int, ...]) -> list[dict]:
 
 
 def table_text(rows: list[dict], *, first_step: int, step: int, experts: ExpertLayers) -> str:
-    """The evaluation table as the console prints it: one line per MoE layer."""
+    """The evaluation table as the console prints it: one line per MoE layer (the counts per expert are in the file)."""
     collapsed = experts.num_experts / experts.top_k
     lines = [
-        f"expert load, steps {first_step}-{step} ({experts.num_experts} experts, top-{experts.top_k}; max/mean 1.00 "
-        f"is balanced, {collapsed:.2f} collapsed onto {experts.top_k}): layer, picks, least and most loaded share, "
-        "max/mean, dead experts"
+        f"expert load, steps {first_step}-{step} ({experts.num_experts} experts, top-{experts.top_k}; max/mean 1.00 is "
+        f"balanced, {collapsed:.2f} every token on the same {experts.top_k}; shares of the layer's picks):",
+        f"  {'layer':>5} {'picks':>14} {'least':>7} {'most':>7} {'max/mean':>8} {'dead':>5}",
     ]
     for row in rows:
         lines.append(
-            f"  layer {row['layer']:>3} | {row['picks']:>12,} | {row['min_share']:6.2%} {row['max_share']:6.2%} | "
-            f"{row['imbalance']:5.2f} | {row['dead']} dead"
+            f"  {row['layer']:>5} {row['picks']:>14,} {row['min_share']:>7.2%} {row['max_share']:>7.2%} "
+            f"{row['imbalance']:>8.2f} {row['dead']:>5}"
         )
     return "\n".join(lines)
 
