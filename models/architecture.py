@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from models.errors import first_line
+from models.expert_load import ExpertLayers, expert_layers_of
 from models.router_loss import RouterLoss, router_loss_of
 
 # model_type -> what the README calls it. Each is tested against its transformers model (tests/unit/test_families.py).
@@ -106,6 +107,7 @@ class Architecture:
     head: str  # the LM head, a child of the causal-LM model: "lm_head"
     tied: bool  # the head uses the token embedding's weight
     router_loss: RouterLoss | None = None  # the load-balancing loss the causal LM adds (output_router_logits)
+    experts: ExpertLayers | None = None  # a mixture of experts' MoE layers, whose expert load is counted
 
     @property
     def num_layers(self) -> int:
@@ -269,4 +271,5 @@ def discover(config: PretrainedConfig) -> Architecture:
         head=_child_name(model, head_module),
         tied=head_module.weight is model.get_input_embeddings().weight,
         router_loss=router_loss_of(model),
+        experts=expert_layers_of(children[layers], getattr(config, "num_experts_per_tok", None)),
     )

@@ -38,10 +38,10 @@ from models.architecture import (
     PipelineLayer,
 )
 from models.deepspeed_internals import DualPipeVModuleHooks, PipelineModuleHooks
+from models.expert_load import StagePicks, count_picks
 from models.flops import flops_partition
-from models.loss import next_token_cross_entropy
 from models.masking import attention_mask, layer_attention_type
-from models.router_loss import CrossEntropyWithRouterLoss, add_router_sums, empty_router_sums, recorded_router_logits
+from models.router_loss import add_router_sums, empty_router_sums, pipeline_settings, recorded_router_logits
 
 
 class EmbeddingPipe(nn.Module):
@@ -97,6 +97,7 @@ class DecoderLayerPipe(nn.Module):
         self.rotary = arch.new_module(f"{arch.prefix}.{arch.rotary}") if arch.rotary else None
         self.config, self.attention_type = arch.config, layer_attention_type(arch.config, index)
         self.router_loss = arch.router_loss
+        count_picks(self, arch.experts, index)  # a MoE layer counts its expert load (models/expert_load.py)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """`(hidden, position_ids)`, or with the router loss `(hidden, P, position_ids, C)`, P and C plus the sums
@@ -201,6 +202,13 @@ class CausalLMPipeline(PipelineModuleHooks):
     def __init__(self, *args, arch: Architecture, seq_len: int, **kwargs):
         self.arch, self.seq_len = arch, seq_len
         super().__init__(*args, **kwargs)
+        self.expert_picks = StagePicks(arch.experts, (layer for _, layer in self.stage_modules()))
+
+    def forward(self, forward_input: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        # Training forwards count the expert load; evaluation, sampling (eval mode) and activation checkpointing's
+        # recompute (during backward, outside this call) do not: models/expert_load.py.
+        with self.expert_picks.counting(self.training):
+            return super().forward(forward_input)
 
     def custom_partition(self, method: str) -> list[int] | None:
         return flops_partition(self.arch, self.seq_len, self.num_stages) if method.lower() == "flops" else None
@@ -277,7 +285,7 @@ def build_pipeline(
     return SCHEDULES[schedule](
         layers=layer_specs(arch),
         num_stages=num_stages,
-        loss_fn=next_token_cross_entropy if arch.router_loss is None else CrossEntropyWithRouterLoss(arch.router_loss),
+        **pipeline_settings(arch.router_loss),  # the loss function and the activation checkpoint function
         partition_method=partition_method,
         seed_layers=True,
         seed_fn=_seed_layer,

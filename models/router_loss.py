@@ -13,11 +13,12 @@ its cross-entropy; DeepSeek-V2/V3 and GLM-4.5 record router logits but add nothi
 `output_router_logits` changes nothing, as in transformers.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from deepspeed import checkpointing
 from torch import nn
 
 from models.loss import next_token_cross_entropy
@@ -107,6 +108,21 @@ class CrossEntropyWithRouterLoss:
         taken = (float(self._aux_sum), self._aux_count)
         self._aux_sum, self._aux_count = 0.0, 0
         return taken
+
+
+def pipeline_settings(loss: RouterLoss | None) -> dict[str, Callable]:
+    """The `PipelineModule` arguments the router loss sets: the loss function, and the function that checkpoints
+    activations (`--activation-checkpoint-interval`), DeepSpeed's default, or with the router loss its non-reentrant
+    one. A stage then sends two float tensors (hidden, P) and DeepSpeed 0.19.8 backpropagates each on its own
+    (engine.py `_exec_backward_pass`, `retain_graph` between them), which runs a reentrant checkpoint's backward
+    twice; it freed its inputs the first time (`'NoneType' object is not iterable`, checkpointing.py:700, seen on 3
+    stages). The non-reentrant one keeps its recomputed activations for the second: gradients bit-identical."""
+    if loss is None:
+        return {"loss_fn": next_token_cross_entropy, "activation_checkpoint_func": checkpointing.checkpoint}
+    return {
+        "loss_fn": CrossEntropyWithRouterLoss(loss),
+        "activation_checkpoint_func": checkpointing.non_reentrant_checkpoint,
+    }
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
 from train.observe.console import lora_line, model_line
 from train.observe.evaluate import Evaluator, Sampling, evaluation_sample_tokens
+from train.observe.expert_load import ExpertLoad
 from train.observe.memory import memory_before_model
 from train.observe.metrics import MetricsLog, StepMeter, WandbSettings
 from train.observe.mfu import peak_tflops, training_dtype
@@ -163,7 +164,13 @@ def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: Pr
 
 
 def evaluator(
-    config: RunConfig, engine: PipelineEngine, inputs: Inputs, *, log: MetricsLog, parameters: int
+    config: RunConfig,
+    engine: PipelineEngine,
+    inputs: Inputs,
+    *,
+    log: MetricsLog,
+    parameters: int,
+    expert_load: ExpertLoad | None,
 ) -> Evaluator:
     flags = config.flags
     return Evaluator(
@@ -181,6 +188,7 @@ def evaluator(
             seed=flags.seed,
         ),
         log=log,
+        expert_load=expert_load,
     )
 
 
@@ -242,6 +250,14 @@ def build_run(config: RunConfig) -> Run:
         raise
 
 
+def expert_load_of(config: RunConfig, engine: PipelineEngine, start_step: int) -> ExpertLoad | None:
+    """A mixture of experts' expert load, counted by the pipeline; None for a dense model (nothing counted)."""
+    picks = engine.module.expert_picks
+    if picks.experts is None:
+        return None
+    return ExpertLoad(picks, output_dir=config.output_dir, writes=rank() == 0, resume_step=start_step)
+
+
 def assemble(
     config: RunConfig,
     engine: PipelineEngine,
@@ -260,6 +276,7 @@ def assemble(
     position = stream_position(client_state, load=flags.load, streaming=config.streaming, sources=sources)
     batches = training_batches(config, engine, inputs, start_step=start_step, stream_position=position)
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
+    expert_load = expert_load_of(config, engine, start_step)
     return Run(
         config=config,
         model_config=inputs.model_config,
@@ -277,8 +294,9 @@ def assemble(
             peak_tflops=peak_tflops(training_dtype(config.ds_config), flags.peak_tflops),
             memory_before_model=memory_before,
             compiled=flags.compile,
+            expert_load=expert_load,
         ),
-        evaluator=evaluator(config, engine, inputs, log=log, parameters=record["parameters"]),
+        evaluator=evaluator(config, engine, inputs, log=log, parameters=record["parameters"], expert_load=expert_load),
         checkpointer=checkpointer(config, engine, inputs, log=log, batches=batches),
         profiler=ScheduleProfiler(engine=engine, steps=set(flags.profile_steps), output_dir=config.output_dir),
         watchdog=HangWatchdog(engine=engine, timeout_s=flags.dist_timeout, report_dir=config.output_dir / "hang"),

@@ -9,7 +9,12 @@ hidden states (models/router_loss.py).
 pp=2, 3 stages, pp=2 x dp=2 and DualPipeV train pp=1's per-step `loss` and `aux_loss` (the load-balancing term
 before its coefficient) and export pp=1's weights; pp=1 trains the losses and weights of the transformers model
 trained by hand on the same blocks (`output_router_logits=True`: its `.loss` is cross-entropy + coef x aux).
+Every layout also logs pp=1's expert load, exactly: the same integer picks over the same global batches, counted on
+the stage that holds each layer and summed over the replicas; 3 stages checkpoint every layer's activations (the
+recompute does not count).
 """
+
+import json
 
 import pytest
 import torch
@@ -53,11 +58,13 @@ MODELS = {
 LAYOUTS = {  # name: (pipeline stages, ranks, extra flags)
     "pp1": (1, 1, []),
     "pp2": (2, 2, []),
-    "pp3": (3, 3, []),
+    "pp3": (3, 3, ["--activation-checkpoint-interval", 1]),
     "pp2_dp2": (2, 4, []),
     "pp2_dualpipev": (2, 2, ["--schedule", "dualpipev"]),
 }
 CASES = [(family, layout) for family in MODELS for layout in LAYOUTS if layout != "pp1"]
+MOE_LAYERS = {"qwen2_moe": [3, 4, 5], "gpt_oss": [0, 1, 2, 3]}  # Qwen2-MoE's mlp_only_layers 0-2 are dense
+EXPERT_LOAD = ("expert_load_max", "expert_load_max_layer", "expert_load_mean", "expert_load_idle")
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +123,28 @@ def test_one_stage_trains_what_a_plain_loop_on_the_transformers_model_trains(moe
     by_hand = model.state_dict()
     assert exported.keys() == by_hand.keys()
     assert max((exported[k] - by_hand[k]).abs().max().item() for k in exported) <= 1e-5
+
+
+def read_expert_load(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "expert_load.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("family", "layout"), CASES, ids=[f"{f}-{layout}" for f, layout in CASES])
+def test_every_layout_logs_the_expert_load_of_one_stage(moe_runs, family, layout):
+    _, runs = moe_runs[family]
+    one, other = read_metrics(runs["pp1"]), read_metrics(runs[layout])
+    settings = MODELS[family]
+    experts = settings.get("num_experts") or settings["num_local_experts"]
+    top_k = settings["num_experts_per_tok"]
+    for ours, reference in zip(other, one, strict=True):
+        assert {k: ours[k] for k in EXPERT_LOAD} == {k: reference[k] for k in EXPERT_LOAD}, (layout, ours)
+        assert reference["expert_load_max_layer"] in MOE_LAYERS[family]
+        assert 1.0 < reference["expert_load_max"] <= experts / top_k
+    table, theirs = read_expert_load(runs["pp1"]), read_expert_load(runs[layout])
+    assert theirs == table
+    # An evaluation every 3 steps; the MoE layers only; each layer's picks: 3 steps of the global batch (8 blocks of
+    # 32 tokens, tests/helpers.py) x top-k.
+    assert [(line["step"], line["first_step"]) for line in table] == [(3, 1), (6, 4)]
+    for line in table:
+        assert [row["layer"] for row in line["layers"]] == MOE_LAYERS[family]
+        assert all(len(row["counts"]) == experts and sum(row["counts"]) == 3 * 8 * 32 * top_k for row in line["layers"])

@@ -15,6 +15,7 @@ from train.config.args import EVALUATION_SAMPLES_UP_TO, SAMPLE_TOKENS
 from train.config.ds_config import BatchLayout
 from train.data.batches import eval_steps
 from train.distributed.setup import say
+from train.observe.expert_load import ExpertLoad
 from train.observe.metrics import MetricsLog, eval_metrics
 from train.planning.schedules import fewest_micro_batches
 
@@ -153,10 +154,12 @@ class Evaluator:
         interval: int,
         sampling: Sampling,
         log: MetricsLog,
+        expert_load: ExpertLoad | None = None,
     ):
         self.engine, self.blocks, self.n_blocks, self.batch, self.log = engine, blocks, n_blocks, batch, log
         self.document_attention = document_attention
         self.interval, self.sampling = interval, sampling
+        self.expert_load = expert_load  # a mixture of experts' (None for a dense model)
         if sampling.prompt is None:
             self.prompts = held_out_prompts(blocks, batch.micro_batch_size)
         else:
@@ -167,7 +170,8 @@ class Evaluator:
         return last_step or step % self.interval == 0
 
     def evaluate(self, step: int) -> dict:
-        """The validation metrics; the samples go to the log."""
+        """The validation metrics; the samples go to the log, a mixture of experts' load table to the console and
+        its file."""
         batch, sampling = self.batch, self.sampling
         loss = evaluate(
             self.engine,
@@ -187,4 +191,6 @@ class Evaluator:
                 seed=sampling.seed + step,
             )
             self.log.samples(step, samples[:3])
+        if self.expert_load is not None:
+            self.expert_load.evaluation(step)
         return eval_metrics(loss)

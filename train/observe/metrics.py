@@ -14,6 +14,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from models.router_loss import CrossEntropyWithRouterLoss
 from train.distributed.setup import say
+from train.observe.expert_load import EXPERT_LOAD_FILE, ExpertLoad
 from train.observe.memory import peak_memory_per_stage
 from train.observe.mfu import tflops_and_mfu
 
@@ -31,6 +32,13 @@ def readable_lines(path: Path) -> list[str]:
     return lines
 
 
+def rewind(path: Path, step: int) -> None:
+    """A resumed run rewinds its step files to its checkpoint: the steps after it are trained again."""
+    if path.exists():
+        kept = [line for line in readable_lines(path) if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 class StepMeter:
     """A step's metrics from its loss and time (whether the run diverged is train/observe/divergence.py's)."""
 
@@ -44,12 +52,14 @@ class StepMeter:
         peak_tflops: float | None,
         memory_before_model: int,
         compiled: bool = False,
+        expert_load: ExpertLoad | None = None,
     ):
         self.engine, self.global_batch = engine, global_batch
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.tokens_per_step = global_batch * seq_len
         self.memory_before_model = memory_before_model
         self.compile_report_due = compiled
+        self.expert_load = expert_load  # a mixture of experts' (None for a dense model)
 
     def report_compile(self, seconds: float) -> None:
         """With --compile, once: the first step's time, which holds the compilation of this run's layers."""
@@ -58,10 +68,13 @@ class StepMeter:
             self.compile_report_due = False
 
     def begin_step(self) -> None:
-        """Forget the router loss of steps not logged: `aux_loss` is the logged step's own."""
+        """Forget the router loss and expert load of steps not logged: `aux_loss` and `expert_load_*` are the logged
+        step's own."""
         loss_fn = self.engine.module.loss_fn
         if isinstance(loss_fn, CrossEntropyWithRouterLoss):
             loss_fn.take_aux()
+        if self.expert_load is not None:
+            self.expert_load.begin_step()
 
     def aux_loss(self) -> float | None:
         """The step's router loss (before its coefficient), averaged over its micro-batches and replicas, or None
@@ -107,6 +120,8 @@ class StepMeter:
         aux = self.aux_loss()
         if aux is not None:
             metrics["aux_loss"] = aux
+        if self.expert_load is not None:
+            metrics.update(self.expert_load.step_metrics())
         if answer_tokens is not None:
             metrics["answer_tokens"] = answer_tokens
             metrics["masked_fraction"] = 1 - answer_tokens / self.tokens_per_step
@@ -173,11 +188,9 @@ class MetricsLog:
         self.run_id = None
         if not enabled:
             return
-        path = output_dir / "metrics.jsonl"
-        if path.exists():  # a resumed run rewinds to its checkpoint: steps after it are trained again
-            kept = [line for line in readable_lines(path) if json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")  # closed in finish()
+        for name in ("metrics.jsonl", EXPERT_LOAD_FILE):
+            rewind(output_dir / name, resume_step)
+        self.file = open(output_dir / "metrics.jsonl", "a")  # closed in finish()
         mode = wandb_mode(wandb.mode)
         if mode != "disabled":
             import wandb as wandb_sdk
