@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from deepspeed.runtime.lr_schedules import WarmupCosineLR
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -26,17 +25,15 @@ from tests.helpers import (
     kill_one_rank_after_first_checkpoint,
     launch,
     read_metrics,
+    replay_by_hand,
     run_preflight,
     small_run_args,
     step_losses,
     tiny_llama,
+    train_blocks,
     write_ds_config,
 )
 from train.checkpoint.manifest import latest_tag
-from train.data.examples import TEXT
-from train.data.sources import resolve_sources
-from train.data.splits import packed_dataset
-from train.data.tokenizer import load_tokenizer
 
 STEPS, SEQ = 6, 32
 _SHAPE = {k: v for k, v in tiny_llama().items() if k != "model_type"}  # also Qwen2's fields
@@ -103,32 +100,8 @@ def plain_loop(
         device_map="cpu" if quantization else None,
     )
     model = PeftModel.from_pretrained(base, tmp / "adapter", is_trainable=True).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)  # every LoRA matrix is 2-D: all decay
-    schedule = WarmupCosineLR(optimizer, total_num_steps=STEPS, warmup_num_steps=2, warmup_type="linear")
-    blocks = packed_dataset(
-        resolve_sources([str(corpus)]),
-        TEXT,
-        load_tokenizer(str(tokenizer_dir)),
-        seq_len=SEQ,
-        val_fraction=0.05,
-        cache_dir=tmp / "cache",
-    )["train"]
-    trace = [json.loads(line) for line in (run / "batches" / "stage0_dp0.jsonl").read_text().splitlines()]
-    losses = []
-    for step in range(1, STEPS + 1):
-        micro_batches = [record["blocks"] for record in trace if record["step"] == step]
-        step_losses = []
-        for indices in micro_batches:
-            ids = torch.stack([blocks[i]["input_ids"] for i in indices]).long()
-            loss = model(ids, labels=ids).loss
-            (loss / len(micro_batches)).backward()
-            step_losses.append(loss.item())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(sum(step_losses) / len(step_losses))
+    params = [p for p in model.parameters() if p.requires_grad]  # every LoRA matrix is 2-D: all decay
+    losses = replay_by_hand(model, [{"params": params}], run, train_blocks(corpus, tokenizer_dir, tmp / "cache"), STEPS)
     return losses, get_peft_model_state_dict(model)
 
 
