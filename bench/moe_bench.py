@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import fresh_work_dir
 from bench.fixtures import QUIET_RUN, cli, deepspeed_command, ds_config, write_json
-from bench.pipeline_bench import run, step_times
+from bench.pipeline_bench import run, step_times, timed_plain_steps
 
 MICRO, MICROS, SEQ, COEF = 2, 8, 128, 0.01
 _SHAPE = dict(
@@ -46,19 +46,8 @@ def plain_loop(family: str, steps: int) -> list[float]:
     torch.set_num_threads(2)
     settings = {k: v for k, v in MODELS[family].items() if k != "model_type"}
     config = CONFIG_MAPPING[family](**settings, output_router_logits=True, router_aux_loss_coef=COEF)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = torch.randint(0, 1024, (MICROS, MICRO, SEQ), generator=torch.Generator().manual_seed(0))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        for micro in batch:
-            (model(micro, labels=micro).loss / MICROS).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times[2:]
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return timed_plain_steps(model, MICROS, MICRO, SEQ, steps)
 
 
 def ours(family: str, stages: int, steps: int, work: Path) -> list[float]:

@@ -57,15 +57,24 @@ def plain_loop(layers: int, threads: int, steps: int, micros: int = MICROS) -> l
         attn_pdrop=0.0,
     )
     config._attn_implementation = "sdpa"
-    model = GPT2LMHeadModel(config).train()
+    return timed_plain_steps(GPT2LMHeadModel(config), micros, MICRO, SEQ, steps)
+
+
+def timed_plain_steps(model, micros: int, micro: int, seq: int, steps: int) -> list[float]:
+    """Seconds of each step of `model` trained by hand (AdamW, clipping 1.0, `micros` micro-batches of random
+    tokens), after 2 warm-up steps."""
+    import torch
+
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = torch.randint(0, 1024, (micros, MICRO, SEQ), generator=torch.Generator().manual_seed(0))
+    vocab = model.config.vocab_size
+    batch = torch.randint(0, vocab, (micros, micro, seq), generator=torch.Generator().manual_seed(0))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         optimizer.zero_grad()
-        for micro in batch:
-            (model(micro, labels=micro).loss / micros).backward()
+        for tokens in batch:
+            (model(tokens, labels=tokens).loss / micros).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         times.append(time.perf_counter() - start)
