@@ -2,7 +2,6 @@
 model and its DeepSpeed engine, the resumed state, and the components the loop drives (metrics log and
 meter, evaluator, checkpointer, schedule profiler)."""
 
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,13 +27,13 @@ from train.distributed.preemption import Preemption
 from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
-from train.observe.console import lora_line, model_line
+from train.observe.console import lora_line
 from train.observe.evaluate import Evaluator, Sampling, evaluation_sample_tokens
 from train.observe.expert_load import ExpertLoad
 from train.observe.memory import memory_before_model
 from train.observe.metrics import MetricsLog, StepMeter, WandbSettings
 from train.observe.mfu import peak_tflops, training_dtype
-from train.observe.run_record import run_record
+from train.observe.run_record import write_run_record
 from train.observe.timeline import ScheduleProfiler
 from train.prepare import Inputs, prepare_inputs, training_batches
 
@@ -143,24 +142,6 @@ def resume(config: RunConfig, engine: PipelineEngine) -> dict:
             f"the checkpoint is at step {client_state['step']}; raise --train-steps above it to train further"
         )
     return client_state
-
-
-def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: PretrainedConfig, flops: float) -> dict:
-    """`run_config.json` (also W&B's config) and the model line; a collective."""
-    batch = config.batch
-    record = run_record(
-        flags=config.flags.as_dict(),
-        ds_config=config.ds_config,
-        engine=engine,
-        batch=batch,
-        model_config=model_config.to_dict(),
-        flops_per_token=flops,
-    )
-    record["attention"] = "document" if config.document_attention else "causal"  # --attention, resolved
-    if rank() == 0:
-        (config.output_dir / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
-    say(model_line(record, model_type=model_config.model_type, lora=config.adapters is not None, batch=batch))
-    return record
 
 
 def evaluator(

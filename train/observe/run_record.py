@@ -1,16 +1,21 @@
 """The run record (`run_config.json` and W&B's config): the flags, the DeepSpeed JSON, the topology with every
 stage's layers and parameters, the model, library versions and the git revision."""
 
+import json
 import subprocess
 from pathlib import Path
 
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from transformers import PretrainedConfig
 
 from models.deepspeed_internals import partition_bounds, tied_parameters
 from models.quantize import parameter_count
 from train.config.ds_config import BatchLayout
+from train.config.run_config import RunConfig
+from train.distributed.setup import rank, say
+from train.observe.console import model_line
 
 
 def run_environment() -> dict:
@@ -95,3 +100,21 @@ def run_record(
         "parameters": sum(s["parameters"] for s in stages),
         "trainable_parameters": sum(s["trainable_parameters"] for s in stages),
     }
+
+
+def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: PretrainedConfig, flops: float) -> dict:
+    """`run_config.json` (also W&B's config) and the model line; a collective."""
+    batch = config.batch
+    record = run_record(
+        flags=config.flags.as_dict(),
+        ds_config=config.ds_config,
+        engine=engine,
+        batch=batch,
+        model_config=model_config.to_dict(),
+        flops_per_token=flops,
+    )
+    record["attention"] = "document" if config.document_attention else "causal"  # --attention, resolved
+    if rank() == 0:
+        (config.output_dir / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
+    say(model_line(record, model_type=model_config.model_type, lora=config.adapters is not None, batch=batch))
+    return record
