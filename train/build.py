@@ -29,7 +29,7 @@ from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
 from train.observe.console import lora_line, model_line
-from train.observe.evaluate import Evaluator, Sampling, evaluation_sample_tokens
+from train.observe.evaluate import Evaluator, SampleLog, Sampling, evaluation_sample_tokens
 from train.observe.memory import memory_before_model
 from train.observe.metrics import MetricsLog, StepMeter, WandbSettings
 from train.observe.mfu import peak_tflops, training_dtype
@@ -159,7 +159,7 @@ def write_run_record(config: RunConfig, engine: PipelineEngine, model_config: Pr
 
 
 def evaluator(
-    config: RunConfig, engine: PipelineEngine, inputs: Inputs, *, log: MetricsLog, parameters: int
+    config: RunConfig, engine: PipelineEngine, inputs: Inputs, *, log: SampleLog, parameters: int
 ) -> Evaluator:
     flags = config.flags
     return Evaluator(
