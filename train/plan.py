@@ -21,7 +21,7 @@ from models.lora import AdapterPlan
 from models.pipeline import ranges_text
 from models.quantize import Quantization
 from train.config.adapters import adapters_from_flags
-from train.config.args import Flags, OneLineErrors, parse_args, shared_flags
+from train.config.args import DefaultsShown, Flags, OneLineErrors, parse_args, shared_flags
 from train.config.ds_config import batch_layout, check_dualpipev, load_ds_config
 from train.config.run_config import model_config_from_flags
 from train.errors import ConfigError, entry_point
@@ -47,11 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train.plan",
         description=__doc__,
         parents=shared_flags(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     cluster = p.add_argument_group("cluster")
     cluster.add_argument("--nodes", type=int, default=1, help="nodes of the cluster")
-    cluster.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node")
+    cluster.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs (ranks) per node (default: this machine's, as launch.sh counts them: NUM_GPUS, else its GPUs, "
+        f"else {LAUNCH_CPU_RANKS} CPU ranks)",
+    )
     cluster.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)}")
     cluster.add_argument(
         "--search-stages",
@@ -60,6 +66,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
     return p
+
+
+# launch.sh's ranks on a machine without a GPU (its `NUM_GPUS=${NUM_GPUS:-2}`; tests/unit/test_plan.py reads it there).
+LAUNCH_CPU_RANKS = 2
+
+
+def machine_ranks() -> tuple[int, str]:
+    """The ranks launch.sh starts on this machine, and what they are: NUM_GPUS when set, else every GPU, else
+    LAUNCH_CPU_RANKS CPU ranks (also with DS_ACCELERATOR=cpu)."""
+    import os
+
+    import torch
+
+    gpus = torch.cuda.device_count() if os.environ.get("DS_ACCELERATOR") != "cpu" else 0
+    if os.environ.get("NUM_GPUS", "").isdigit() and int(os.environ["NUM_GPUS"]) > 0:
+        ranks = int(os.environ["NUM_GPUS"])
+        return ranks, f"{ranks} {'GPU' if gpus else 'CPU'} ranks (NUM_GPUS)"
+    if gpus:
+        return gpus, f"its {gpus} GPUs"
+    return LAUNCH_CPU_RANKS, f"{LAUNCH_CPU_RANKS} CPU ranks (no GPU: launch.sh's default; NUM_GPUS sets another)"
+
+
+def ranks_per_node(flags: Flags) -> int:
+    return machine_ranks()[0] if flags.gpus_per_node is None else flags.gpus_per_node
+
+
+def check_batch_divides(ds_config: dict, flags: Flags, world: int, stages: int) -> None:
+    """The DeepSpeed JSON's batch for this world and these stages, or one line naming the flags that change them."""
+    try:
+        batch_layout(ds_config, world // stages)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e}; or plan another layout: {world} ranks ({flags.nodes} x {ranks_per_node(flags)}) / {stages} "
+            f"stages = {world // stages} replicas: --gpus-per-node, --nodes or --pipeline-stages"
+        ) from None
 
 
 @dataclass
@@ -88,7 +129,7 @@ def make_plan(flags: Flags) -> Plan:
         else None
     )
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
-    gpu, world = flags.gpu.upper(), flags.nodes * flags.gpus_per_node
+    gpu, world = flags.gpu.upper(), flags.nodes * ranks_per_node(flags)
     if gpu not in GPU_MEMORY_GIB:
         raise ConfigError(f"unknown --gpu {flags.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
     candidates = (
@@ -97,6 +138,7 @@ def make_plan(flags: Flags) -> Plan:
     if flags.schedule == "dualpipev":
         candidates = [s for s in candidates if 2 <= s <= arch.num_layers // 2] or candidates
     for stages in candidates:
+        check_batch_divides(ds_config, flags, world, stages)
         if flags.schedule == "dualpipev":
             check_dualpipev(
                 ds_config, stages, arch.num_layers, batch_layout(ds_config, world // stages).num_micro_batches
@@ -140,7 +182,7 @@ def print_plan(plan: Plan, flags: Flags) -> None:
     print(
         f"{flags.model_config or flags.model} ({arch.config.model_type}): {arch.num_layers} layers, "
         f"d={arch.hidden_size}, vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B parameters, "
-        f"seq {flags.seq_len}; {flags.nodes} x {flags.gpus_per_node} {gpu} ({GPU_MEMORY_GIB[gpu]} GiB), "
+        f"seq {flags.seq_len}; {flags.nodes} x {plan.world_size // flags.nodes} {gpu} ({GPU_MEMORY_GIB[gpu]} GiB), "
         f"{training_dtype(ds_config)}"
     )
     if plan.adapters is not None:
@@ -151,6 +193,8 @@ def print_plan(plan: Plan, flags: Flags) -> None:
             "optimizer states for it"
             + ("; its decoder's linear layers in 4 bits (QLoRA)" if flags.load_in_4bit else "")
         )
+    if flags.gpus_per_node is None:
+        print(f"planning for this machine: {machine_ranks()[1]}; --gpus-per-node and --nodes plan another")
     print(layout_line(plan, flags))
     print_memory_table(plan.plans)
     print(NOT_COUNTED)
