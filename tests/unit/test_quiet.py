@@ -1,4 +1,4 @@
-"""The known-harmless library messages (train/quiet.py) are dropped where they are emitted, and nothing else is."""
+"""The known-harmless library messages (train/observe/quiet.py) are dropped where emitted, and nothing else is."""
 
 import logging
 import warnings
@@ -32,9 +32,9 @@ def test_transformers_deprecation_read_by_peft_is_silent_and_other_future_warnin
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # below the filters train installed, which catch_warnings keeps
-        import train.quiet
+        import train.observe.quiet
 
-        train.quiet.quiet_known_library_noise()
+        train.observe.quiet.quiet_known_library_noise()
         assert model.is_gradient_checkpointing is False  # what peft 0.21.2 reads
         warnings.warn("another deprecation", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["another deprecation"]
