@@ -2,6 +2,7 @@
 # Train through the deepspeed launcher. All arguments go to the trainer (python -m train.main --help).
 #   NUM_GPUS     ranks on this machine (default: all GPUs; on a CPU-only machine, or with DS_ACCELERATOR=cpu, 2 CPU ranks)
 #   MASTER_PORT  rendezvous port (default 29500)
+#   PIPEGPT_MODULE  train.main (default: train) or train.evaluate (evaluate without training; the same flags)
 # Several nodes, one of two ways:
 #   HOSTFILE     DeepSpeed hostfile ("host slots=N" per line): started once, on the first node; DeepSpeed
 #                reaches the others over passwordless ssh (pdsh)
@@ -29,6 +30,8 @@ done
 
 fail() { echo "error: $*" >&2; exit 2; }
 whole() { [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge "$3" ] || fail "$1 '$2' must be a whole number, at least $3"; }
+module=${PIPEGPT_MODULE:-train.main}
+[[ "$module" =~ ^train\.(main|evaluate)$ ]] || fail "PIPEGPT_MODULE '$module': use train.main or train.evaluate"
 port=${MASTER_PORT:-29500}
 [[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || fail "MASTER_PORT '$port' is not a port number (1-65535)"
 slots_in() {  # the world size a hostfile declares, or nothing when a line is malformed
@@ -84,7 +87,7 @@ export PIPEGPT_STATUS_FILE
 # DeepSpeed's runner dies at once on SIGTERM and leaves its per-node launcher and the ranks running, orphaned:
 # the runner (or, on one node, the launcher) starts with the signals ignored, and launch.sh passes them on to the
 # ranks themselves (over ssh, DeepSpeed's runner forwards them its own way: it kills the remote ranks).
-( trap '' TERM INT; exec "${launcher[@]}" --master_port "$port" --module train.main "$@" ) &
+( trap '' TERM INT; exec "${launcher[@]}" --master_port "$port" --module "$module" "$@" ) &
 runner=$!
 forward() {
   signalled=1

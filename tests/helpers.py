@@ -244,8 +244,9 @@ def kill_one_rank_after_first_checkpoint(args: list[str], ranks: int, out) -> No
         kill_process_group(proc)
 
 
-def train_blocks(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
-    """The training blocks `small_run_args` runs read (the same cache), indexed as `--trace-batches` records them."""
+def train_blocks(corpus: Path, tokenizer_dir: Path, cache_dir: Path, split: str = "train"):
+    """The training blocks `small_run_args` runs read (the same cache), indexed as `--trace-batches` records them
+    (`split="validation"`: the blocks their evaluations read)."""
     from train.data.examples import TEXT
     from train.data.sources import resolve_sources
     from train.data.splits import packed_dataset
@@ -253,7 +254,7 @@ def train_blocks(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     sources = resolve_sources([str(corpus)])
-    return packed_dataset(sources, TEXT, tokenizer, seq_len=32, val_fraction=0.05, cache_dir=cache_dir)["train"]
+    return packed_dataset(sources, TEXT, tokenizer, seq_len=32, val_fraction=0.05, cache_dir=cache_dir)[split]
 
 
 def replay_by_hand(model, groups: list[dict], run: Path, blocks, steps: int) -> list[float]:

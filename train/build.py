@@ -28,7 +28,7 @@ from train.distributed.setup import rank, say
 from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
 from train.observe.console import lora_line
-from train.observe.evaluate import Evaluator, Sampling, evaluation_sample_tokens
+from train.observe.evaluate import Evaluator, SampleLog, Sampling, evaluation_sample_tokens
 from train.observe.expert_load import ExpertLoad
 from train.observe.memory import memory_before_model
 from train.observe.metrics import MetricsLog, StepMeter, WandbSettings
@@ -149,9 +149,9 @@ def evaluator(
     engine: PipelineEngine,
     inputs: Inputs,
     *,
-    log: MetricsLog,
+    log: SampleLog,
     parameters: int,
-    expert_load: ExpertLoad | None,
+    expert_load: ExpertLoad | None = None,
 ) -> Evaluator:
     flags = config.flags
     return Evaluator(

@@ -100,7 +100,8 @@ def export_and_sample(run: Run, checkpoint: Path) -> None:
     if tokens == 0:  # --sample-tokens 0: no sample
         return
     prompt = run.evaluator.prompts[0] if run.config.data_format.masked else flags.sample_prompt
-    say("sample: " + generate_text(model_dir, prompt, tokens, seed=flags.seed))
+    chat = run.config.data_format.kind == "chat"  # stops at the template's end of turn, the turns shown apart
+    say("sample: " + generate_text(model_dir, prompt, tokens, seed=flags.seed, chat=chat))
 
 
 def run_training(flags: Flags) -> None:

@@ -11,35 +11,19 @@ and the tests.
 """
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass
 
-from models.architecture import Architecture, discover
-from models.flops import active_parameters, flops_per_token, routed_fraction
-from models.lora import AdapterPlan
-from models.pipeline import ranges_text
-from models.quantize import Quantization, expert_weights
+from models.architecture import discover
+from models.flops import routed_fraction
+from models.quantize import Quantization
 from train.config.adapters import adapters_from_flags
-from train.config.args import Flags, OneLineErrors, parse_args, shared_flags
+from train.config.args import DefaultsShown, Flags, OneLineErrors, parse_args, shared_flags
 from train.config.ds_config import batch_layout, check_dualpipev, load_ds_config
 from train.config.run_config import model_config_from_flags
 from train.errors import ConfigError, entry_point
-from train.observe.mfu import PEAK_TFLOPS, training_dtype
+from train.planning.machine import GPU_MEMORY_GIB, LAUNCH_CPU_RANKS, ranks_per_node
 from train.planning.memory_model import StagePlan, fits, plan_stages
-from train.planning.schedules import SCHEDULE_NAMES, bubble_theory
-
-GPU_MEMORY_GIB = {
-    "H200": 141,
-    "H100": 80,
-    "A100": 80,
-    "A100-40GB": 40,
-    "L40S": 48,
-    "A10G": 24,
-    "V100": 32,
-    "MI300X": 192,
-    "MI250X": 128,
-}
+from train.planning.report import Plan, print_plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train.plan",
         description=__doc__,
         parents=shared_flags(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     cluster = p.add_argument_group("cluster")
     cluster.add_argument("--nodes", type=int, default=1, help="nodes of the cluster")
-    cluster.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node")
+    cluster.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs (ranks) per node (default: this machine's, as launch.sh counts them: NUM_GPUS, else its GPUs, "
+        f"else {LAUNCH_CPU_RANKS} CPU ranks)",
+    )
     cluster.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)}")
     cluster.add_argument(
         "--search-stages",
@@ -62,20 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class Plan:
-    arch: Architecture
-    ds_config: dict
-    gpu: str
-    world_size: int
-    stages: int
-    plans: list[StagePlan]
-    adapters: AdapterPlan | None = None
-    other: tuple[str, list[StagePlan]] | None = None  # a mixture of experts: the other balance, for comparison
-
-    @property
-    def data_parallel(self) -> int:
-        return self.world_size // self.stages
+def check_batch_divides(ds_config: dict, flags: Flags, world: int, stages: int) -> None:
+    """The DeepSpeed JSON's batch for this world and these stages, or one line naming the flags that change them."""
+    try:
+        batch_layout(ds_config, world // stages)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e}; or plan another layout: {world} ranks ({flags.nodes} x {ranks_per_node(flags)}) / {stages} "
+            f"stages = {world // stages} replicas: --gpus-per-node, --nodes or --pipeline-stages"
+        ) from None
 
 
 def divides_batch(ds_config: dict, data_parallel: int) -> bool:
@@ -98,7 +83,7 @@ def make_plan(flags: Flags) -> Plan:
         else None
     )
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
-    gpu, world = flags.gpu.upper(), flags.nodes * flags.gpus_per_node
+    gpu, world = flags.gpu.upper(), flags.nodes * ranks_per_node(flags)
     if gpu not in GPU_MEMORY_GIB:
         raise ConfigError(f"unknown --gpu {flags.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
     candidates = (
@@ -127,6 +112,7 @@ def make_plan(flags: Flags) -> Plan:
             raise ConfigError(str(e)) from None
 
     for stages in candidates:
+        check_batch_divides(ds_config, flags, world, stages)
         if flags.schedule == "dualpipev":
             check_dualpipev(
                 ds_config, stages, arch.num_layers, batch_layout(ds_config, world // stages).num_micro_batches
@@ -148,148 +134,7 @@ def make_plan(flags: Flags) -> Plan:
     )
 
 
-# What the memory table cannot know, said under it. Measured against it (bench/memory_bench.py, CPU fp32, ZeRO-1):
-# qwen2.5-0.5b at its own 151,936-token vocabulary on 2 ranks, planned / measured 0.99 and 0.96.
-NOT_COUNTED = (
-    "not counted: what the allocator keeps after freeing it (CUDA's caching allocator: torch.cuda.memory_reserved "
-    "beyond memory_allocated, fragmentation; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reduces it; on CPU "
-    "glibc's arenas), the CUDA context and NCCL's buffers (about 0.5-1 GiB per GPU), and the data path's own memory"
-)
-
-
-# With experts, FLOPs and memory pull apart (models/flops.py: flops_partition); the plan shows the other balance.
 OTHER_BALANCE = {"flops": "parameters", "parameters": "flops"}
-
-
-def balance_line(plan: Plan) -> str:
-    """How the two balances compare: the slowest stage's share of the FLOPs and the largest peak under each."""
-
-    def summary(plans: list[StagePlan]) -> str:
-        total = sum(p.flops for p in plans)
-        return f"slowest stage {max(p.flops for p in plans) / total:.1%} of the FLOPs, largest peak " + (
-            f"{max(p.peak for p in plans) / 2**30:.1f} GiB"
-        )
-
-    method, others = plan.other
-    return f"balance: this partition: {summary(plan.plans)}; partition {method}: {summary(others)}"
-
-
-def lora_summary(plan: Plan, flags: Flags) -> str:
-    """The plan's LoRA line: what is adapted and trains; under QLoRA what stays at the training width (the experts)."""
-    adapters, arch = plan.adapters, plan.arch
-    trainable = sum(p.trainable for p in plan.plans)
-    experts = expert_weights(arch.meta_model())
-    return (
-        f"LoRA: rank {adapters.config.r} on {len(adapters.targets)} modules"
-        + (f" and {len(adapters.parameters)} fused expert weights" if adapters.parameters else "")
-        + f", {trainable / 1e6:,.1f}M trainable parameters ({trainable / arch.parameters():.2%}); the base is "
-        "frozen: no gradients or optimizer states for it"
-        + ("; its decoder's linear layers in 4 bits (QLoRA)" if flags.load_in_4bit else "")
-        + (
-            f", its experts' fused weights ({experts / 1e9:.2f}B) in {training_dtype(plan.ds_config)}"
-            if flags.load_in_4bit and experts
-            else ""
-        )
-    )
-
-
-def print_plan(plan: Plan, flags: Flags) -> None:
-    arch, ds_config, gpu, stages = plan.arch, plan.ds_config, plan.gpu, plan.stages
-    batch = batch_layout(ds_config, plan.data_parallel)
-    bubble = bubble_theory(flags.schedule, stages, batch.num_micro_batches)
-    flops_step = flops_per_token(arch, flags.seq_len) * batch.global_batch * flags.seq_len
-    peak = next((v for k, v in PEAK_TFLOPS if k.upper() == gpu), {}).get(training_dtype(ds_config), 0)
-    step_time = flops_step / (plan.world_size * peak * 1e12 * flags.mfu) if peak else float("nan")
-    print(
-        f"{flags.model_config or flags.model} ({arch.config.model_type}): {arch.num_layers} layers, "
-        f"d={arch.hidden_size}, vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B parameters"
-        f"{experts_text(arch)}, seq {flags.seq_len}; {flags.nodes} x {flags.gpus_per_node} {gpu} "
-        f"({GPU_MEMORY_GIB[gpu]} GiB), {training_dtype(ds_config)}"
-    )
-    if plan.adapters is not None:
-        print(lora_summary(plan, flags))
-    print(layout_line(plan, flags))
-    print_memory_table(plan.plans)
-    if plan.other is not None:
-        print(balance_line(plan))
-    print(NOT_COUNTED)
-    theory = (
-        "(p-1)/(m+p-1)"
-        if flags.schedule == "1f1b"
-        else "from DeepSpeed's DualPipeV instructions, backward = 2 forwards"
-    )
-    print(
-        f"bubble {theory} = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
-        f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s"
-    )
-    print_warnings(plan)
-    print(
-        json.dumps(
-            {
-                "stages": stages,
-                "schedule": flags.schedule,
-                "data_parallel": plan.data_parallel,
-                "rank_layer_bounds": [[list(b) for b in p.bounds] for p in plan.plans],
-                "bubble": bubble,
-                "stage_parameters": [p.parameters for p in plan.plans],
-                "stage_trainable_parameters": [p.trainable for p in plan.plans],
-                "stage_peak_gib": [p.peak / 2**30 for p in plan.plans],
-                "stage_gflops_per_token": [p.flops / 1e9 for p in plan.plans],
-            }
-        )
-    )
-
-
-def experts_text(arch: Architecture) -> str:
-    """ ", 3.35B active per token (8 of 128 experts)" for a mixture of experts; "" for a dense model."""
-    top_k, experts = routed_fraction(arch)
-    return (
-        f", {active_parameters(arch) / 1e9:.2f}B active per token ({top_k} of {experts} experts)" if experts > 1 else ""
-    )
-
-
-def print_warnings(plan: Plan) -> None:
-    gpu, stages, batch = plan.gpu, plan.stages, batch_layout(plan.ds_config, plan.data_parallel)
-    if not fits(plan.plans, GPU_MEMORY_GIB[gpu] * 2**30):
-        print(
-            f"warning: a stage needs more than 90% of the {GPU_MEMORY_GIB[gpu]} GiB: more stages, activation "
-            "checkpointing or a smaller micro-batch"
-        )
-    if stages > 1 and batch.num_micro_batches < 4 * stages:
-        print(
-            f"warning: {batch.num_micro_batches} micro-batches < 4 x {stages} stages: the bubble is large; raise "
-            "gradient_accumulation_steps (train_batch_size) in the DeepSpeed config"
-        )
-
-
-def layout_line(plan: Plan, flags: Flags) -> str:
-    stages, batch = plan.stages, batch_layout(plan.ds_config, plan.data_parallel)
-    return (
-        f"layout: {stages} pipeline stages x {plan.data_parallel} data-parallel replicas, {batch.num_micro_batches} "
-        f"micro-batches of {batch.micro_batch_size} (global batch {batch.global_batch}), "
-        f"partition {flags.partition_method}, {SCHEDULE_NAMES[flags.schedule]} schedule"
-        + (f" (two stages per rank, {2 * stages} in all)" if flags.schedule == "dualpipev" else "")
-    )
-
-
-def print_memory_table(plans: list[StagePlan]) -> None:
-    """One row per pipeline rank; under DualPipeV the layers of both its stages."""
-    print(
-        "| stage | layers | parameters | trainable | GFLOP/token (share) | weights GiB | optimizer GiB "
-        "| gradients GiB (backward / step) | activations GiB | peak GiB |"
-    )
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    total_flops = sum(plan.flops for plan in plans)
-    for plan in plans:
-        m = {k: v / 2**30 for k, v in plan.memory.items()}
-        layers = f"{ranges_text(plan.bounds)}: {plan.layers[0]} .. {plan.layers[-1]}"
-        layers += f" ({len(plan.layers)})"
-        print(
-            f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {plan.trainable / 1e6:,.1f}M | "
-            f"{plan.flops / 1e9:,.2f} ({plan.flops / total_flops:.0%}) | {m['weights']:.2f} | {m['optimizer']:.2f} | "
-            f"{m['reduction'] + m['backward_gradients']:.2f} / {m['reduction'] + m['step_gradients']:.2f} | "
-            f"{m['activations']:.2f} | {plan.peak / 2**30:.2f} |"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

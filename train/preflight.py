@@ -26,6 +26,11 @@ from train.data.tokenizer import load_tokenizer, tokenizer_too_large
 from train.distributed.run_lock import check_not_in_use
 from train.errors import ConfigError, entry_point
 
+CHECKING = (
+    "preflight: checking the flags, the DeepSpeed JSON (its keys with DeepSpeed's config classes, the optimizer's and "
+    "schedule's values by building them), the model, the first record of each data source and the output folder"
+)
+
 
 def missing_column(where: str, present: list, columns: dict[str, tuple[str, str]]) -> str | None:
     for column, (_, flag) in columns.items():
@@ -150,6 +155,7 @@ def main(argv: list[str]) -> int:
         flags = parse_args(argv)
     except SystemExit as e:  # a bad flag (its one line is printed) or --help
         return int(e.code or 0)
+    print(CHECKING, flush=True)
     return entry_point(lambda: check_once(flags, world_size, port))
 
 

@@ -53,6 +53,19 @@ class Flags(argparse.Namespace):
         return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items() if not k.startswith("_")}
 
 
+class DefaultsShown(argparse.RawDescriptionHelpFormatter):
+    """`--help` gives every flag's default: appended where the help text does not already say it (switches are off
+    by default, and say what they turn on)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, value = action.help or "", action.default
+        if action.nargs == 0 or value in (None, [], argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        if isinstance(value, str | Path) and Path(value).is_absolute() and Path(value).is_relative_to(REPO):
+            value = Path(value).relative_to(REPO)  # the repository's own files, as the README names them
+        return f"{text} (default: {str(value).replace('%', '%%')})"
+
+
 class OneLineErrors(argparse.ArgumentParser):
     """argparse prints the whole usage before its error; bad flags get one `error:` line like all bad input."""
 
@@ -63,7 +76,10 @@ class OneLineErrors(argparse.ArgumentParser):
 def _lora_flags(p: argparse.ArgumentParser) -> None:
     lora = p.add_argument_group("LoRA (adapters trained on a frozen --model, with peft's LoRA layers)")
     lora.add_argument(
-        "--lora-rank", type=int, default=None, help="train LoRA adapters of this rank instead of every weight"
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="train LoRA adapters of this rank instead of every weight (default: none, every weight trains)",
     )
     lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
     lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
@@ -86,7 +102,8 @@ def _lora_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="a LoraConfig as PEFT saves it (adapter_config.json, or a folder with one; with its "
-        "adapter_model.safetensors, training starts from those adapters), instead of the --lora-* flags",
+        "adapter_model.safetensors, training starts from those adapters), instead of the --lora-* flags "
+        "(default: none)",
     )
     lora.add_argument(
         "--load-in-4bit",
@@ -110,7 +127,11 @@ def shared_flags() -> list[argparse.ArgumentParser]:
         help=f"preset ({', '.join(PRESETS)}), config.json or HF config "
         f"dir; default {DEFAULT_MODEL_CONFIG} when --model is not given",
     )
-    model.add_argument("--model", default=None, help="pretrained HF model (save_pretrained dir or hub name)")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="pretrained HF model (save_pretrained dir or hub name); default: none, --model-config from scratch",
+    )
     model.add_argument(
         "--keep-gelu-new",
         action="store_true",
@@ -180,7 +201,7 @@ def _layout_flags(p: argparse.ArgumentParser) -> None:
     layout.add_argument(
         "--seq-len", type=int, default=128, help="tokens per packed block (at most the model's positions)"
     )
-    layout.add_argument("--train-steps", type=int, default=300, help="optimizer steps")
+    layout.add_argument("--train-steps", type=int, default=300, help="optimizer steps (the run's last step)")
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -310,13 +331,18 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     ckpt.add_argument("--keep-last", type=int, default=2, help="complete checkpoints kept (0: all)")
     ckpt.add_argument(
-        "--load", type=Path, default=None, help="resume from a checkpoint folder (its `latest`) or one tag folder"
+        "--load",
+        type=Path,
+        default=None,
+        help="resume from a checkpoint folder (its `latest`) or one tag folder (default: none, a fresh run; "
+        "train.evaluate: the weights to evaluate)",
     )
     ckpt.add_argument(
         "--reset-optimizer",
         action="store_true",
-        help="load only the weights, with a fresh optimizer (another layout keeps the optimizer state through the "
-        "universal checkpoint)",
+        help="with --load: restore the weights, the step and the LR schedule but not the optimizer's moments (Adam "
+        "starts afresh). Not needed to change the layout: another layout resumes everything, optimizer included, "
+        "through DeepSpeed's universal checkpoint",
     )
 
 
@@ -338,7 +364,7 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         nargs="*",
         default=[],
-        help="steps whose pipeline schedule is recorded (Chrome trace + PNG in <output-dir>/timeline)",
+        help="steps whose pipeline schedule is recorded (Chrome trace + PNG in <output-dir>/timeline; default: none)",
     )
     out.add_argument(
         "--peak-tflops",
@@ -369,7 +395,10 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's flags (also `train.prepare`'s)."""
     p = OneLineErrors(
-        prog="pipegpt", description="Train a Hugging Face causal LM as a DeepSpeed pipeline.", parents=shared_flags()
+        prog="pipegpt",
+        description="Train a Hugging Face causal LM as a DeepSpeed pipeline.",
+        parents=shared_flags(),
+        formatter_class=DefaultsShown,
     )
     _data_flags(p)
     _loop_flags(p)

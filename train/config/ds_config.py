@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.config.ds_schema import check_with_deepspeed
+from train.config.ds_values import check_parameter_values
 from train.errors import ConfigError
 
 
@@ -36,6 +37,7 @@ def load_ds_config(path: str | Path, train_steps: int) -> dict:
     if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
         raise ConfigError("DeepSpeed config enables both bf16 and fp16; enable one")
     check_with_deepspeed(config, path)  # every other key, by DeepSpeed's own config classes
+    check_parameter_values(config, path)  # the optimizer's and schedule's values, by building them
     return config
 
 

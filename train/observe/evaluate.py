@@ -1,6 +1,7 @@
 """Validation loss and text samples, with the pipeline engine's own forward-only schedule."""
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from train.config.ds_config import BatchLayout
 from train.data.batches import eval_steps
 from train.distributed.setup import say
 from train.observe.expert_load import ExpertLoad
-from train.observe.metrics import MetricsLog, eval_metrics
+from train.observe.metrics import eval_metrics
 from train.planning.schedules import fewest_micro_batches
 
 
@@ -129,6 +130,13 @@ def evaluation_sample_tokens(requested: int | None, parameters: int) -> int:
     return 0
 
 
+class SampleLog(Protocol):
+    """Where the samples of an evaluation go: a run's MetricsLog (samples.jsonl, W&B), or train.evaluate's
+    results."""
+
+    def samples(self, step: int, texts: list[str]) -> None: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class Sampling:
     """What the samples at every evaluation continue, and how far."""
@@ -153,7 +161,7 @@ class Evaluator:
         document_attention: bool,
         interval: int,
         sampling: Sampling,
-        log: MetricsLog,
+        log: SampleLog,
         expert_load: ExpertLoad | None = None,
     ):
         self.engine, self.blocks, self.n_blocks, self.batch, self.log = engine, blocks, n_blocks, batch, log

@@ -1,0 +1,179 @@
+"""What `python -m train.plan` prints, and the plan it prints: the header, the LoRA line, the memory table per
+stage, the balance of a mixture of experts' two partitions, the bubble and step time, and the warnings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from models.architecture import Architecture
+from models.flops import active_parameters, flops_per_token, routed_fraction
+from models.lora import AdapterPlan
+from models.pipeline import ranges_text
+from models.quantize import expert_weights
+from train.config.args import Flags
+from train.config.ds_config import batch_layout
+from train.observe.mfu import PEAK_TFLOPS, training_dtype
+from train.planning.machine import GPU_MEMORY_GIB, machine_ranks
+from train.planning.memory_model import StagePlan, fits
+from train.planning.schedules import SCHEDULE_NAMES, bubble_theory
+
+# What the memory table cannot know, said under it. Measured against it (bench/memory_bench.py, CPU fp32, ZeRO-1):
+# qwen2.5-0.5b at its own 151,936-token vocabulary on 2 ranks, planned / measured 0.99 and 0.96.
+NOT_COUNTED = (
+    "not counted: what the allocator keeps after freeing it (CUDA's caching allocator: torch.cuda.memory_reserved "
+    "beyond memory_allocated, fragmentation; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reduces it; on CPU "
+    "glibc's arenas), the CUDA context and NCCL's buffers (about 0.5-1 GiB per GPU), and the data path's own memory"
+)
+
+
+@dataclass
+class Plan:
+    arch: Architecture
+    ds_config: dict
+    gpu: str
+    world_size: int
+    stages: int
+    plans: list[StagePlan]
+    adapters: AdapterPlan | None = None
+    other: tuple[str, list[StagePlan]] | None = None  # a mixture of experts: the other balance, for comparison
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.stages
+
+
+# With experts, FLOPs and memory pull apart (models/flops.py: flops_partition); the plan shows the other balance.
+
+
+def balance_line(plan: Plan) -> str:
+    """How the two balances compare: the slowest stage's share of the FLOPs and the largest peak under each."""
+
+    def summary(plans: list[StagePlan]) -> str:
+        total = sum(p.flops for p in plans)
+        return f"slowest stage {max(p.flops for p in plans) / total:.1%} of the FLOPs, largest peak " + (
+            f"{max(p.peak for p in plans) / 2**30:.1f} GiB"
+        )
+
+    method, others = plan.other
+    return f"balance: this partition: {summary(plan.plans)}; partition {method}: {summary(others)}"
+
+
+def lora_summary(plan: Plan, flags: Flags) -> str:
+    """The plan's LoRA line: what is adapted and trains; under QLoRA what stays at the training width (the experts)."""
+    adapters, arch = plan.adapters, plan.arch
+    trainable = sum(p.trainable for p in plan.plans)
+    experts = expert_weights(arch.meta_model())
+    return (
+        f"LoRA: rank {adapters.config.r} on {len(adapters.targets)} modules"
+        + (f" and {len(adapters.parameters)} fused expert weights" if adapters.parameters else "")
+        + f", {trainable / 1e6:,.1f}M trainable parameters ({trainable / arch.parameters():.2%}); the base is "
+        "frozen: no gradients or optimizer states for it"
+        + ("; its decoder's linear layers in 4 bits (QLoRA)" if flags.load_in_4bit else "")
+        + (
+            f", its experts' fused weights ({experts / 1e9:.2f}B) in {training_dtype(plan.ds_config)}"
+            if flags.load_in_4bit and experts
+            else ""
+        )
+    )
+
+
+def print_plan(plan: Plan, flags: Flags) -> None:
+    arch, ds_config, gpu, stages = plan.arch, plan.ds_config, plan.gpu, plan.stages
+    batch = batch_layout(ds_config, plan.data_parallel)
+    bubble = bubble_theory(flags.schedule, stages, batch.num_micro_batches)
+    flops_step = flops_per_token(arch, flags.seq_len) * batch.global_batch * flags.seq_len
+    peak = next((v for k, v in PEAK_TFLOPS if k.upper() == gpu), {}).get(training_dtype(ds_config), 0)
+    step_time = flops_step / (plan.world_size * peak * 1e12 * flags.mfu) if peak else float("nan")
+    print(
+        f"{flags.model_config or flags.model} ({arch.config.model_type}): {arch.num_layers} layers, "
+        f"d={arch.hidden_size}, vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B parameters"
+        f"{experts_text(arch)}, seq {flags.seq_len}; {flags.nodes} x {plan.world_size // flags.nodes} {gpu} "
+        f"({GPU_MEMORY_GIB[gpu]} GiB), {training_dtype(ds_config)}"
+    )
+    if plan.adapters is not None:
+        print(lora_summary(plan, flags))
+    if flags.gpus_per_node is None:
+        print(f"planning for this machine: {machine_ranks()[1]}; --gpus-per-node and --nodes plan another")
+    print(layout_line(plan, flags))
+    print_memory_table(plan.plans)
+    if plan.other is not None:
+        print(balance_line(plan))
+    print(NOT_COUNTED)
+    theory = (
+        "(p-1)/(m+p-1)"
+        if flags.schedule == "1f1b"
+        else "from DeepSpeed's DualPipeV instructions, backward = 2 forwards"
+    )
+    print(
+        f"bubble {theory} = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
+        f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s"
+    )
+    print_warnings(plan)
+    print(
+        json.dumps(
+            {
+                "stages": stages,
+                "schedule": flags.schedule,
+                "data_parallel": plan.data_parallel,
+                "rank_layer_bounds": [[list(b) for b in p.bounds] for p in plan.plans],
+                "bubble": bubble,
+                "stage_parameters": [p.parameters for p in plan.plans],
+                "stage_trainable_parameters": [p.trainable for p in plan.plans],
+                "stage_peak_gib": [p.peak / 2**30 for p in plan.plans],
+                "stage_gflops_per_token": [p.flops / 1e9 for p in plan.plans],
+            }
+        )
+    )
+
+
+def experts_text(arch: Architecture) -> str:
+    """ ", 3.35B active per token (8 of 128 experts)" for a mixture of experts; "" for a dense model."""
+    top_k, experts = routed_fraction(arch)
+    return (
+        f", {active_parameters(arch) / 1e9:.2f}B active per token ({top_k} of {experts} experts)" if experts > 1 else ""
+    )
+
+
+def print_warnings(plan: Plan) -> None:
+    gpu, stages, batch = plan.gpu, plan.stages, batch_layout(plan.ds_config, plan.data_parallel)
+    if not fits(plan.plans, GPU_MEMORY_GIB[gpu] * 2**30):
+        print(
+            f"warning: a stage needs more than 90% of the {GPU_MEMORY_GIB[gpu]} GiB: more stages, activation "
+            "checkpointing or a smaller micro-batch"
+        )
+    if stages > 1 and batch.num_micro_batches < 4 * stages:
+        print(
+            f"warning: {batch.num_micro_batches} micro-batches < 4 x {stages} stages: the bubble is large; raise "
+            "gradient_accumulation_steps (train_batch_size) in the DeepSpeed config"
+        )
+
+
+def layout_line(plan: Plan, flags: Flags) -> str:
+    stages, batch = plan.stages, batch_layout(plan.ds_config, plan.data_parallel)
+    return (
+        f"layout: {stages} pipeline stages x {plan.data_parallel} data-parallel replicas, {batch.num_micro_batches} "
+        f"micro-batches of {batch.micro_batch_size} (global batch {batch.global_batch}), "
+        f"partition {flags.partition_method}, {SCHEDULE_NAMES[flags.schedule]} schedule"
+        + (f" (two stages per rank, {2 * stages} in all)" if flags.schedule == "dualpipev" else "")
+    )
+
+
+def print_memory_table(plans: list[StagePlan]) -> None:
+    """One row per pipeline rank; under DualPipeV the layers of both its stages."""
+    print(
+        "| stage | layers | parameters | trainable | GFLOP/token (share) | weights GiB | optimizer GiB "
+        "| gradients GiB (backward / step) | activations GiB | peak GiB |"
+    )
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    total_flops = sum(plan.flops for plan in plans)
+    for plan in plans:
+        m = {k: v / 2**30 for k, v in plan.memory.items()}
+        layers = f"{ranges_text(plan.bounds)}: {plan.layers[0]} .. {plan.layers[-1]}"
+        layers += f" ({len(plan.layers)})"
+        print(
+            f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {plan.trainable / 1e6:,.1f}M | "
+            f"{plan.flops / 1e9:,.2f} ({plan.flops / total_flops:.0%}) | {m['weights']:.2f} | {m['optimizer']:.2f} | "
+            f"{m['reduction'] + m['backward_gradients']:.2f} / {m['reduction'] + m['step_gradients']:.2f} | "
+            f"{m['activations']:.2f} | {plan.peak / 2**30:.2f} |"
+        )
