@@ -20,11 +20,11 @@ from models.hf_weights import check_weights_fit
 from models.hub import check_hub_name, not_found
 from train.config.args import parse_args
 from train.config.run_config import RunConfig, resolve_run_config
-from train.data.examples import chat_template_of
-from train.data.sources import Source, unreadable
+from train.data.examples import chat_template_of, chat_text_and_spans
+from train.data.sources import TEXT_COLUMNS, Source, not_text, unreadable
 from train.data.tokenizer import load_tokenizer, tokenizer_too_large
 from train.distributed.run_lock import check_not_in_use
-from train.errors import ConfigError, entry_point
+from train.errors import ConfigError, entry_point, first_line
 
 
 def missing_column(where: str, present: list, columns: dict[str, tuple[str, str]]) -> str | None:
@@ -53,7 +53,7 @@ def check_hub_dataset(source: Source, columns: dict[str, tuple[str, str]]) -> No
         raise ConfigError(problem)
 
 
-def check_sources(sources: list[Source], columns: dict[str, tuple[str, str]]) -> None:
+def check_sources(sources: list[Source], columns: dict[str, tuple[str, str]], chat: tuple | None = None) -> None:
     """Peek at the first record of each local source (streaming: nothing is materialised) and at each hub
     dataset's metadata. A malformed record later in a large file is reported by the ranks, in one line too."""
     for source in sources:
@@ -70,6 +70,22 @@ def check_sources(sources: list[Source], columns: dict[str, tuple[str, str]]) ->
                 raise ConfigError(f"{files[0]} holds no records")
             if problem := missing_column(f"{files[0]} has", list(first), columns):
                 raise ConfigError(problem)
+            check_first_record(files[0], first, columns, chat)
+
+
+def check_first_record(file: str, record: dict, columns: dict[str, tuple[str, str]], chat: tuple | None) -> None:
+    """The first record's text columns hold text, and (chat data, `chat`: (tokenizer, template)) its conversation
+    renders, as the ranks will read them all."""
+    for column, (ours, flag) in columns.items():
+        value = record[column]
+        if ours in TEXT_COLUMNS and not isinstance(value, str) and (value is not None or ours != "text"):
+            raise ConfigError(not_text(file, 1, column, value, flag))
+    if chat is not None and "messages" in [ours for ours, _ in columns.values()]:
+        column = next(c for c, (ours, _) in columns.items() if ours == "messages")
+        try:
+            chat_text_and_spans(record[column], *chat)
+        except ValueError as e:
+            raise ConfigError(f"{file}: record 1 is not a conversation pipegpt can train on: {first_line(e)}") from None
 
 
 def warn_about_stale_build_locks(older_than_s: float = 600) -> None:
@@ -125,11 +141,12 @@ def check_port_free(port: int) -> None:
 def check_once(flags, world_size: int, port: int | None) -> None:
     """The checks of every rank, plus those that cost seconds or the network, done once."""
     config = resolve_run_config(flags, world_size)
+    chat = None
     if flags.model or flags.tokenizer:
         tokenizer = check_pretrained(config) if flags.model else load_tokenizer(flags.tokenizer)
         if config.data_format.kind == "chat":
-            chat_template_of(config.data_format, tokenizer)
-    check_sources(config.sources + (config.val_sources or []), config.data_format.columns())
+            chat = (tokenizer, chat_template_of(config.data_format, tokenizer))
+    check_sources(config.sources + (config.val_sources or []), config.data_format.columns(), chat)
     check_output_dir(flags.output_dir)
     check_not_in_use(flags.output_dir.resolve())
     if port is not None:

@@ -6,6 +6,7 @@ re-resolves a flag's raw value.
 """
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,8 +32,9 @@ from train.config.args import DEFAULT_BPE_VOCAB, Flags, check_flag_ranges
 from train.config.ds_config import BatchLayout, check_layout, load_ds_config
 from train.data.examples import DataFormat
 from train.data.packing import default_cache_dir
-from train.data.sources import Source, embedded_corpus, resolve_sources
+from train.data.sources import Source, embedded_corpus, resolve_sources, without_validation
 from train.distributed.faults import inject_fault
+from train.distributed.setup import say
 from train.errors import ConfigError, first_line
 from train.planning.memory_model import stage_bounds
 from train.planning.schedules import rank_layer_ranges, stages_per_rank
@@ -67,6 +69,25 @@ class RunConfig:
         return resolve_model_dir(self.flags.model) if self.flags.model else None
 
 
+def read_chat_template(path: Path) -> str:
+    """A `--chat-template` file's text: a Jinja template, not a JSON file (a tokenizer_config.json holds its
+    template as a JSON string; rendered as Jinja, the whole file's text would wrap every conversation)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--chat-template {path}: cannot read it ({first_line(e)}); pass a Jinja template file")
+    try:
+        is_json = isinstance(json.loads(text), dict | list)
+    except ValueError:
+        is_json = False
+    if is_json:
+        raise ConfigError(
+            f'--chat-template {path} is a JSON file, not a Jinja template: save its "chat_template" value as a '
+            ".jinja file and pass that, or drop --chat-template to use the tokenizer's own"
+        )
+    return text
+
+
 def data_format_from_flags(flags: Flags) -> DataFormat:
     if flags.data_format != "text" and not (flags.model or flags.tokenizer):
         raise ConfigError(
@@ -77,7 +98,7 @@ def data_format_from_flags(flags: Flags) -> DataFormat:
     if flags.chat_template is not None:
         if not flags.chat_template.is_file():
             raise ConfigError(f"--chat-template {flags.chat_template}: no such file; pass a Jinja template file")
-        template = flags.chat_template.read_text()
+        template = read_chat_template(flags.chat_template)
     return DataFormat(
         flags.data_format,
         flags.text_column,
@@ -215,6 +236,10 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     data_format = data_format_from_flags(flags)
     sources = resolve_sources(flags.data or [embedded_corpus()])
     val_sources = resolve_sources(flags.val_data) if flags.val_data else None
+    if val_sources:
+        sources, left_out = without_validation(sources, val_sources)
+        if left_out:
+            say(f"--val-data: {', '.join(left_out)} left out of the --data it is also in (never trained on)")
     return RunConfig(
         flags=flags,
         world_size=world_size,

@@ -26,7 +26,7 @@ from models.hub import not_found
 from train.data.example_packing import PACK_BATCH, pack_examples
 from train.data.examples import KEPT, TRUNCATED, DataFormat, chat_template_of, encode_examples
 from train.data.packing import TokenPacker, document_ids
-from train.data.sources import Source, unreadable
+from train.data.sources import TEXT_COLUMNS, Source, not_text, unreadable
 from train.errors import ConfigError
 
 # Records read, tokenized and packed at a time: the blocks do not depend on it (text carries its unfinished block
@@ -70,7 +70,7 @@ def record_batches(
         columns = data_format.columns()
         if builder == "text" and not data_format.masked:
             columns = {"text": ("text", "")}  # a plain .txt file has one column, whatever the flag says
-        stream = iter(records)
+        stream, read = iter(records), 0
         while True:
             # Until the first record comes, datasets 5.2 reports a fresh state even after load_state_dict: the
             # first batch of a resumed stream starts where the loaded state says.
@@ -82,13 +82,26 @@ def record_batches(
                 raise ConfigError(unreadable(source.spec, builder, e)) from None
             if not batch:
                 break
-            yield before, {ours: column(source, batch, theirs, flag) for theirs, (ours, flag) in columns.items()}
+            columns_read = {
+                ours: column(source, batch, theirs, (ours, flag), read) for theirs, (ours, flag) in columns.items()
+            }
+            read += len(batch)
+            yield before, columns_read
 
 
-def column(source: Source, batch: list[dict], name: str, flag: str) -> list:
+def column(source: Source, batch: list[dict], name: str, read_as: tuple[str, str], read: int = 0) -> list:
+    """One column of a batch of records (`read` records of the part came before it); a column read as text holds
+    strings (a null document of plain text is blank, and skipped), as the cached path checks; `read_as`: (our
+    name of the column, the flag that names it)."""
+    ours, flag = read_as
     if name not in batch[0]:
         raise ConfigError(f"{source.spec} has no column {name!r} (columns: {list(batch[0])}); pass {flag}")
-    return [record.get(name) for record in batch]
+    values = [record.get(name) for record in batch]
+    if ours in TEXT_COLUMNS:
+        for index, value in enumerate(values):
+            if not isinstance(value, str) and (value is not None or ours != "text"):
+                raise ConfigError(not_text(source.spec, read + index + 1, name, value, flag))
+    return values
 
 
 class SourceBlocks:
@@ -135,7 +148,9 @@ class SourceBlocks:
         encoded = encode_examples(
             batch, self.tokenizer, data_format=self.data_format, seq_len=self.seq_len, template=self.template
         )
-        # A malformed record stops the cached preparation before training; mid-stream it is left out.
+        # A malformed record stops the run, as it stops the cached preparation (never left out without a word).
+        if problem := next((p for p in encoded["problem"] if p), None):
+            raise ConfigError(f"{self.source.spec}: a malformed example: {problem}")
         return [
             (ids, labels)
             for ids, labels, status in zip(encoded["input_ids"], encoded["labels"], encoded["status"], strict=True)
