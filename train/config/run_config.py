@@ -75,7 +75,9 @@ def read_chat_template(path: Path) -> str:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--chat-template {path}: cannot read it ({first_line(e)}); pass a Jinja template file")
+        raise ConfigError(
+            f"--chat-template {path}: cannot read it ({first_line(e)}); pass a Jinja template file"
+        ) from None
     try:
         is_json = isinstance(json.loads(text), dict | list)
     except ValueError:
