@@ -23,7 +23,7 @@ from train.config.run_config import RunConfig, resolve_run_config
 from train.data.examples import chat_template_of, chat_text_and_spans
 from train.data.sources import TEXT_COLUMNS, Source, not_text, unreadable
 from train.data.tokenizer import load_tokenizer, tokenizer_too_large
-from train.distributed.run_lock import check_not_in_use
+from train.distributed.run_lock import check_no_earlier_run, check_not_in_use
 from train.errors import ConfigError, entry_point, first_line
 
 
@@ -149,6 +149,7 @@ def check_once(flags, world_size: int, port: int | None) -> None:
     check_sources(config.sources + (config.val_sources or []), config.data_format.columns(), chat)
     check_output_dir(flags.output_dir)
     check_not_in_use(flags.output_dir.resolve())
+    check_no_earlier_run(flags.output_dir, flags.load)
     if port is not None:
         check_port_free(port)
     warn_about_stale_build_locks()

@@ -45,15 +45,29 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
-def trained_with(*, tokenizer: PreTrainedTokenizerBase, seq_len: int, data_format: str) -> dict:
+def trained_with(*, tokenizer: PreTrainedTokenizerBase, seq_len: int, data_format: str, attention: str) -> dict:
     """The manifest entries `--load` checks (the model config is recorded beside them)."""
-    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": seq_len, "data_format": data_format}
+    return {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "seq_len": seq_len,
+        "data_format": data_format,
+        "attention": attention,
+    }
 
 
-def check_layout_of_data(manifest: dict, *, load: Path, seq_len: int, data_format: str, weights_only: bool) -> None:
-    """The block length and data format of the run match the checkpoint's (a weights-only resume may change them)."""
+def check_layout_of_data(
+    manifest: dict, *, load: Path, seq_len: int, data_format: str, attention: str, weights_only: bool
+) -> None:
+    """The block length, data format and attention of the run match the checkpoint's (a weights-only resume may
+    change them). A checkpoint from before an entry was recorded is not checked for it."""
     if weights_only:
         return
+    if manifest.get("attention", attention) != attention:
+        raise ConfigError(
+            f"--load {load}: the checkpoint was trained with --attention {manifest['attention']}, not {attention} "
+            f"(which changes what every token sees): pass --attention {manifest['attention']} (or --reset-optimizer "
+            f"to go on from its weights with --attention {attention})"
+        )
     if manifest.get("seq_len", seq_len) != seq_len:
         raise ConfigError(
             f"--load {load}: the checkpoint was trained with --seq-len {manifest['seq_len']}, not {seq_len}: pass "

@@ -79,7 +79,8 @@ def _lora_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="a LoraConfig as PEFT saves it (adapter_config.json, or a folder with one; with its "
-        "adapter_model.safetensors, training starts from those adapters), instead of the --lora-* flags",
+        "adapter_model.safetensors or adapter_model.bin, training starts from those adapters), instead of the "
+        "--lora-* flags",
     )
     lora.add_argument(
         "--load-in-4bit",

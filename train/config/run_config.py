@@ -171,6 +171,11 @@ def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's {arch.max_positions()} positions")
 
 
+def attention_of(flags: Flags) -> str:
+    """`--attention`, or its default: document for prompt-completion and chat data, causal for text."""
+    return flags.attention or ("causal" if flags.data_format == "text" else "document")
+
+
 def check_resume(
     flags: Flags,
     world_size: int,
@@ -187,12 +192,13 @@ def check_resume(
     local_base = flags.model is not None and Path(flags.model).is_dir()
     fingerprint = weights_fingerprint(Path(flags.model)) if adapters is not None and local_base else None
     manifest = read_manifest(verified_tag_dir(flags.load))
-    check_checkpoint_adapters(manifest, adapters, fingerprint, quantization)
+    check_checkpoint_adapters(manifest, adapters, fingerprint, quantization, flags.reset_optimizer)
     check_layout_of_data(
         manifest,
         load=flags.load,
         seq_len=flags.seq_len,
         data_format=flags.data_format,
+        attention=attention_of(flags),
         weights_only=flags.reset_optimizer,
     )
     # The vocabulary and its special ids of a model trained from scratch come from the tokenizer: checked later.
@@ -251,7 +257,7 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         sources=sources,
         val_sources=val_sources,
         data_format=data_format,
-        document_attention=(flags.attention or ("document" if data_format.masked else "causal")) == "document",
+        document_attention=attention_of(flags) == "document",
         streaming=flags.streaming,
         shuffle=data_order(flags) == "shuffled",
         data_cache_dir=flags.data_cache_dir or default_cache_dir(),
