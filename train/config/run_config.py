@@ -30,6 +30,7 @@ from train.config.adapters import (
 )
 from train.config.args import DEFAULT_BPE_VOCAB, Flags, check_flag_ranges
 from train.config.ds_config import BatchLayout, check_layout, load_ds_config
+from train.config.flag_effects import check_flag_effects
 from train.data.examples import DataFormat
 from train.data.packing import default_cache_dir
 from train.data.sources import Source, embedded_corpus, resolve_sources, without_validation
@@ -209,6 +210,7 @@ def check_resume(
 def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     """The checked, resolved configuration, or a ConfigError naming the fix."""
     check_flag_ranges(flags)
+    check_flag_effects(flags)
     check_compile(flags)
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     bpe_vocab_size = flags.vocab_size or DEFAULT_BPE_VOCAB
