@@ -119,12 +119,13 @@ def check_pretrained(config: RunConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """The run folder, or the nearest folder above it that exists, can be written (nothing is created here)."""
-    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+def check_writable(flag: str, folder: Path) -> None:
+    """A folder the run writes (`--output-dir`, the data cache), or the nearest folder above it that exists, can be
+    written (nothing is created here)."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "is a file" if not existing.is_dir() else "cannot be written"
-        raise ConfigError(f"--output-dir {output_dir}: {existing} {what}; pass a folder you can write")
+        raise ConfigError(f"{flag} {folder}: {existing} {what}; pass a folder you can write")
 
 
 def check_port_free(port: int) -> None:
@@ -147,7 +148,7 @@ def check_once(flags, world_size: int, port: int | None) -> None:
         if config.data_format.kind == "chat":
             chat = (tokenizer, chat_template_of(config.data_format, tokenizer))
     check_sources(config.sources + (config.val_sources or []), config.data_format.columns(), chat)
-    check_output_dir(flags.output_dir)
+    check_writable("--output-dir", flags.output_dir)
     check_not_in_use(flags.output_dir.resolve())
     check_no_earlier_run(flags.output_dir, flags.load)
     if port is not None:

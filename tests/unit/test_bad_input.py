@@ -686,6 +686,15 @@ INVENTORY = [
         "--messages-column has no effect with --data-format text",
     ),
     (
+        "ds-optimizer-lr-negative",
+        lambda t, g: [
+            "--deepspeed_config",
+            write_ds_config(t / "o.json", optimizer={"type": "AdamW", "params": {"lr": -0.001}}),
+        ],
+        '"optimizer.params": torch.optim.AdamW: Invalid learning rate: -0.001',
+    ),
+    ("flag-partition-regex", lambda t, g: ["--partition-method", "type:[Block"], "type:[Block': not a regex"),
+    (
         "load-other-model-config",
         lambda t, g: ["--model-config", "llama-tiny", "--load", _full_checkpoint(t / "ck", model_type="gpt2")],
         "the model config differs from the checkpoint's (",

@@ -181,6 +181,27 @@ def check_parameters(config: dict, path: Path) -> None:
                 raise ConfigError(f"DeepSpeed config {path}: {problem}")
 
 
+def check_optimizer_values(config: dict, path: Path) -> None:
+    """The optimizer's values, as torch's class checks them when built (a negative lr, betas outside [0, 1)):
+    built here on one parameter, before any rank builds it (for "Adam"/"AdamW", torch's AdamW: DeepSpeed's
+    FusedAdam and CPUAdam take the same values)."""
+    import torch
+
+    optimizer = str(config.get("optimizer", {}).get("type", ""))
+    cls = torch.optim.AdamW if optimizer.lower() in ("adam", "adamw") else getattr(torch.optim, optimizer, None)
+    if not isinstance(cls, type):
+        return
+    takes = keyword_defaults([cls])
+    params = {k: v for k, v in config["optimizer"].get("params", {}).items() if k in takes}
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], **params)
+    except (ValueError, TypeError) as e:
+        reason = first_line(e)
+        raise ConfigError(
+            f'DeepSpeed config {path}: "optimizer.params": torch.optim.{cls.__name__}: {reason}'
+        ) from None
+
+
 def check_with_deepspeed(config: dict, path: Path) -> None:
     """One ConfigError line naming the first key DeepSpeed's config rejects, does not know, or reads as
     another type. The batch sizes (checked by `batch_layout` for the real world size) are set to agree."""
@@ -215,3 +236,4 @@ def check_with_deepspeed(config: dict, path: Path) -> None:
         if key_path in probe.log and (problem := ill_typed(key_path, value, probe.log[key_path])):
             raise ConfigError(f"DeepSpeed config {path}: {problem}")
     check_parameters(config, path)
+    check_optimizer_values(config, path)
