@@ -208,6 +208,7 @@ def checkpointer(
             seq_len=flags.seq_len,
             data_format=config.data_format.kind,
             attention="document" if config.document_attention else "causal",
+            data_order=config.data_order,
         ),
     )
 

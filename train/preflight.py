@@ -21,7 +21,7 @@ from models.hub import check_hub_name, not_found
 from train.config.args import parse_args
 from train.config.run_config import RunConfig, resolve_run_config
 from train.data.examples import chat_template_of, chat_text_and_spans
-from train.data.sources import TEXT_COLUMNS, Source, not_text, unreadable
+from train.data.sources import Source, check_text_values, unreadable
 from train.data.tokenizer import load_tokenizer, tokenizer_too_large
 from train.distributed.run_lock import check_no_earlier_run, check_not_in_use
 from train.errors import ConfigError, entry_point, first_line
@@ -76,10 +76,8 @@ def check_sources(sources: list[Source], columns: dict[str, tuple[str, str]], ch
 def check_first_record(file: str, record: dict, columns: dict[str, tuple[str, str]], chat: tuple | None) -> None:
     """The first record's text columns hold text, and (chat data, `chat`: (tokenizer, template)) its conversation
     renders, as the ranks will read them all."""
-    for column, (ours, flag) in columns.items():
-        value = record[column]
-        if ours in TEXT_COLUMNS and not isinstance(value, str) and (value is not None or ours != "text"):
-            raise ConfigError(not_text(file, 1, column, value, flag))
+    for column, read_as in columns.items():
+        check_text_values(file, [record[column]], column, read_as)
     if chat is not None and "messages" in [ours for ours, _ in columns.values()]:
         column = next(c for c, (ours, _) in columns.items() if ours == "messages")
         try:

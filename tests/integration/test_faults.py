@@ -73,7 +73,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken
     steps = [m["step"] for m in read_metrics(out)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 8
     resumed_at = int(latest_tag(out / "checkpoints").removeprefix("step_"))
-    more = with_flag(args, "--train-steps", resumed_at + 2)
+    more = with_flag(with_flag(args, "--train-steps", resumed_at + 2), "--seed", 1)  # the first run's data order
     taken = launch([*more, "--output-dir", out, "--load", out / "checkpoints"], ranks=2)
     assert "taking over" in taken.stdout and "ended without releasing it" in taken.stdout
     assert not (out / ".pipegpt.lock").read_text().strip(), "a finished run leaves its lock released"

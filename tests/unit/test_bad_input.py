@@ -618,6 +618,25 @@ INVENTORY = [
         "pass --attention document (or --reset-optimizer",
     ),
     (
+        "load-other-seed",
+        lambda t, g: [
+            "--load",
+            _full_checkpoint(t / "ck", data_order={"seed": 1, "order": "shuffled", "stream_sources": None}),
+        ],  # noqa: E501
+        "the checkpoint shuffled its data with --seed 1, not 1234: pass --seed 1 (or --reset-optimizer",
+    ),
+    (
+        "load-other-stream-data",
+        lambda t, g: [
+            "--streaming",
+            "--load",
+            _full_checkpoint(
+                t / "ck", data_order={"seed": 1234, "order": "sequential", "stream_sources": [[["/x.jsonl", 1, 1]]]}
+            ),
+        ],
+        "the checkpoint streamed other data (its files, their sizes or modification times differ",
+    ),
+    (
         "output-dir-holds-a-run",
         lambda t, g: ["--output-dir", _dir(t / "run" / "checkpoints" / "step_3").parent.parent],
         "holds another run's checkpoints (step_3): resume it with --load",

@@ -45,14 +45,44 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
-def trained_with(*, tokenizer: PreTrainedTokenizerBase, seq_len: int, data_format: str, attention: str) -> dict:
-    """The manifest entries `--load` checks (the model config is recorded beside them)."""
+def trained_with(
+    *, tokenizer: PreTrainedTokenizerBase, seq_len: int, data_format: str, attention: str, data_order: dict
+) -> dict:
+    """The manifest entries `--load` checks (the model config is recorded beside them); `data_order`: see
+    `data_order_of`."""
     return {
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "seq_len": seq_len,
         "data_format": data_format,
         "attention": attention,
+        "data_order": data_order,
     }
+
+
+def data_order_of(*, seed: int, order: str, stream_sources: list | None) -> dict:
+    """What decides which block a resumed run trains next: the seed of the shuffle, the order, and for a stream the
+    files it reads (each with its size and modification time: `Source.fingerprint`), in order."""
+    return {"seed": seed, "order": order, "stream_sources": stream_sources}
+
+
+def check_data_order(manifest: dict, ours: dict, *, load: Path, weights_only: bool) -> None:
+    """An exact resume goes on with the blocks the checkpoint's run would have trained next."""
+    saved = manifest.get("data_order")
+    if weights_only or saved is None or saved == json.loads(json.dumps(ours)):
+        return
+    fix = "or --reset-optimizer to go on from its weights with a new data order"
+    if saved["seed"] != ours["seed"] and saved["order"] == ours["order"] == "shuffled":
+        raise ConfigError(f"--load {load}: the checkpoint shuffled its data with --seed {saved['seed']}, not "
+                          f"{ours['seed']}: pass --seed {saved['seed']} ({fix})")  # fmt: skip
+    if saved["order"] != ours["order"]:
+        raise ConfigError(f"--load {load}: the checkpoint read its data {saved['order']}, not {ours['order']}: pass "
+                          f"--data-order {saved['order']} ({fix})")  # fmt: skip
+    if saved["stream_sources"] != ours["stream_sources"] and saved["stream_sources"] and ours["stream_sources"]:
+        raise ConfigError(
+            f"--load {load}: the checkpoint streamed other data (its files, their sizes or modification times "
+            "differ, and its stream position would point elsewhere): pass the --data it streamed, unchanged "
+            f"({fix})"
+        )
 
 
 def check_layout_of_data(

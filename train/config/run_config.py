@@ -21,7 +21,13 @@ from models.lora import AdapterPlan
 from models.presets import resolve_model_config
 from models.quantize import Quantization
 from train.checkpoint.manifest import layout_of, read_manifest, resume_mode, verified_tag_dir
-from train.checkpoint.same_run import FROM_TOKENIZER, check_layout_of_data, check_model_config
+from train.checkpoint.same_run import (
+    FROM_TOKENIZER,
+    check_data_order,
+    check_layout_of_data,
+    check_model_config,
+    data_order_of,
+)
 from train.config.adapters import (
     adapters_from_flags,
     check_checkpoint_adapters,
@@ -54,6 +60,7 @@ class RunConfig:
     document_attention: bool  # --attention document: per-document masks and positions in packed blocks
     streaming: bool  # --streaming: no cache, blocks packed on the fly (train/data/streaming.py)
     shuffle: bool  # --data-order: shuffled (the default) or sequential (implied by --streaming)
+    data_order: dict  # what decides the next block of a resumed run (checkpoint/same_run.py: data_order_of)
     data_cache_dir: Path  # --data-cache-dir, or PIPEGPT_CACHE, or ~/.cache/pipegpt
     num_proc: int  # tokenization processes: --num-proc, or every core
     batch: BatchLayout
@@ -183,6 +190,7 @@ def check_resume(
     model_config: PretrainedConfig,
     adapters: AdapterPlan | None,
     quantization: Quantization | None,
+    order: dict,
 ) -> str:
     """How `--load` resumes (checkpoint/manifest.py: resume_mode), once its checkpoint is known to fit this run:
     the same adapters and base, block length, data format and model config."""
@@ -202,9 +210,36 @@ def check_resume(
         attention=attention_of(flags),
         weights_only=flags.reset_optimizer,
     )
+    check_data_order(manifest, order, load=flags.load, weights_only=flags.reset_optimizer)
     # The vocabulary and its special ids of a model trained from scratch come from the tokenizer: checked later.
     check_model_config(manifest, model_config.to_dict(), load=flags.load, ignore=FROM_TOKENIZER)
     return resume
+
+
+def lora_from_flags(flags: Flags, model_config: PretrainedConfig) -> tuple[AdapterPlan | None, Quantization | None]:
+    """The adapters (checked to put one on every pipeline stage) and the base's 4-bit quantization, or None."""
+    adapters = adapters_from_flags(flags, model_config)
+    quantization = quantization_from_flags(flags, adapters)
+    if adapters is not None:
+        arch = discover(model_config)
+        stages = flags.pipeline_stages * stages_per_rank(flags.schedule)
+        bounds = stage_bounds(arch, stages, flags.partition_method, flags.seq_len)
+        check_every_stage_trains(
+            adapters, model_config, rank_layer_ranges(bounds, flags.pipeline_stages, flags.schedule)
+        )
+    return adapters, quantization
+
+
+def data_from_flags(flags: Flags) -> tuple[DataFormat, list[Source], list[Source] | None]:
+    """The data format, the training sources (less any `--val-data` file they also match) and the validation."""
+    data_format = data_format_from_flags(flags)
+    sources = resolve_sources(flags.data or [embedded_corpus()])
+    val_sources = resolve_sources(flags.val_data) if flags.val_data else None
+    if val_sources:
+        sources, left_out = without_validation(sources, val_sources)
+        if left_out:
+            say(f"--val-data: {', '.join(left_out)} left out of the --data it is also in (never trained on)")
+    return data_format, sources, val_sources
 
 
 def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
@@ -227,29 +262,20 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
             f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"
         )
     check_seq_len(model_config, flags.seq_len)
-    adapters = adapters_from_flags(flags, model_config)
-    quantization = quantization_from_flags(flags, adapters)
-    if adapters is not None:
-        arch = discover(model_config)
-        stages = flags.pipeline_stages * stages_per_rank(flags.schedule)
-        bounds = stage_bounds(arch, stages, flags.partition_method, flags.seq_len)
-        check_every_stage_trains(
-            adapters, model_config, rank_layer_ranges(bounds, flags.pipeline_stages, flags.schedule)
-        )
+    adapters, quantization = lora_from_flags(flags, model_config)
+    data_format, sources, val_sources = data_from_flags(flags)
+    order = data_order_of(
+        seed=flags.seed,
+        order=data_order(flags),
+        stream_sources=[s.fingerprint() for s in sources] if flags.streaming else None,
+    )
     resume = None
     if flags.load is not None:
         resume = check_resume(
-            flags, world_size, model_config=model_config, adapters=adapters, quantization=quantization
+            flags, world_size, model_config=model_config, adapters=adapters, quantization=quantization, order=order
         )
         if resume == "universal":  # DeepSpeed reads this when the engine is built
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    data_format = data_format_from_flags(flags)
-    sources = resolve_sources(flags.data or [embedded_corpus()])
-    val_sources = resolve_sources(flags.val_data) if flags.val_data else None
-    if val_sources:
-        sources, left_out = without_validation(sources, val_sources)
-        if left_out:
-            say(f"--val-data: {', '.join(left_out)} left out of the --data it is also in (never trained on)")
     return RunConfig(
         flags=flags,
         world_size=world_size,
@@ -262,6 +288,7 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         document_attention=attention_of(flags) == "document",
         streaming=flags.streaming,
         shuffle=data_order(flags) == "shuffled",
+        data_order=order,
         data_cache_dir=flags.data_cache_dir or default_cache_dir(),
         num_proc=flags.num_proc or os.cpu_count() or 1,
         batch=batch,

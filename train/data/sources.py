@@ -106,6 +106,17 @@ def not_text(where: str, record: int, column: str, value: object, flag: str) -> 
     )
 
 
+def check_text_values(where: str, values: list, column: str, read_as: tuple[str, str], first: int = 1) -> None:
+    """Values of a column as read (`first`: the record number of the first; `read_as`: our name of the column and
+    the flag naming it): those read as text are strings (a null document of plain text is blank, and skipped)."""
+    ours, flag = read_as
+    if ours not in TEXT_COLUMNS:
+        return
+    for index, value in enumerate(values):
+        if not isinstance(value, str) and (value is not None or ours != "text"):
+            raise ConfigError(not_text(where, first + index, column, value, flag))
+
+
 def check_text_feature(where: str, ds: Dataset, column: str, flag: str) -> None:
     """A column read as text holds strings (Arrow types it for the whole file: one record names it)."""
     feature = ds.features[column]

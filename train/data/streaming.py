@@ -26,7 +26,7 @@ from models.hub import not_found
 from train.data.example_packing import PACK_BATCH, pack_examples
 from train.data.examples import KEPT, TRUNCATED, DataFormat, chat_template_of, encode_examples
 from train.data.packing import TokenPacker, document_ids
-from train.data.sources import TEXT_COLUMNS, Source, not_text, unreadable
+from train.data.sources import Source, check_text_values, unreadable
 from train.errors import ConfigError
 
 # Records read, tokenized and packed at a time: the blocks do not depend on it (text carries its unfinished block
@@ -82,26 +82,19 @@ def record_batches(
                 raise ConfigError(unreadable(source.spec, builder, e)) from None
             if not batch:
                 break
-            columns_read = {
-                ours: column(source, batch, theirs, (ours, flag), read) for theirs, (ours, flag) in columns.items()
-            }
+            yield before, read_columns(source, batch, columns, read)
             read += len(batch)
-            yield before, columns_read
 
 
-def column(source: Source, batch: list[dict], name: str, read_as: tuple[str, str], read: int = 0) -> list:
-    """One column of a batch of records (`read` records of the part came before it); a column read as text holds
-    strings (a null document of plain text is blank, and skipped), as the cached path checks; `read_as`: (our
-    name of the column, the flag that names it)."""
-    ours, flag = read_as
-    if name not in batch[0]:
-        raise ConfigError(f"{source.spec} has no column {name!r} (columns: {list(batch[0])}); pass {flag}")
-    values = [record.get(name) for record in batch]
-    if ours in TEXT_COLUMNS:
-        for index, value in enumerate(values):
-            if not isinstance(value, str) and (value is not None or ours != "text"):
-                raise ConfigError(not_text(source.spec, read + index + 1, name, value, flag))
-    return values
+def read_columns(source: Source, batch: list[dict], columns: dict, read: int) -> dict[str, list]:
+    """A batch of records as {our column name: values} (`read` records before it), type-checked as cached."""
+    out = {}
+    for name, (ours, flag) in columns.items():
+        if name not in batch[0]:
+            raise ConfigError(f"{source.spec} has no column {name!r} (columns: {list(batch[0])}); pass {flag}")
+        out[ours] = [record.get(name) for record in batch]
+        check_text_values(source.spec, out[ours], name, (ours, flag), first=read + 1)
+    return out
 
 
 class SourceBlocks:
@@ -148,9 +141,8 @@ class SourceBlocks:
         encoded = encode_examples(
             batch, self.tokenizer, data_format=self.data_format, seq_len=self.seq_len, template=self.template
         )
-        # A malformed record stops the run, as it stops the cached preparation (never left out without a word).
         if problem := next((p for p in encoded["problem"] if p), None):
-            raise ConfigError(f"{self.source.spec}: a malformed example: {problem}")
+            raise ConfigError(f"{self.source.spec}: a malformed example: {problem}")  # as cached: never left out
         return [
             (ids, labels)
             for ids, labels, status in zip(encoded["input_ids"], encoded["labels"], encoded["status"], strict=True)
