@@ -77,7 +77,8 @@ else
 fi
 # PIPEGPT_SKIP_PREFLIGHT=1: no one-process check first (~8 s of imports); the ranks make the same checks, so bad
 # input then costs a rank start-up. For relaunches of a command known to be good (the test suite's training runs).
-[ "${PIPEGPT_SKIP_PREFLIGHT:-0}" = 1 ] || python -m train.preflight "${preflight[@]}" "$@"
+# The preflight ends with this script (kill -9 included) and with one line on Ctrl-C (train/distributed/lifeline.py).
+[ "${PIPEGPT_SKIP_PREFLIGHT:-0}" = 1 ] || python -m train.distributed.lifeline train.preflight "${preflight[@]}" "$@"
 # The ranks watch this script's pid (they stop, saving, when it is gone: kill -9 of launch.sh) and local rank 0
 # leaves its exit code here: DeepSpeed's runner exits 0 when its launcher ends on a signal.
 export PIPEGPT_LAUNCHER_PID=$$ PIPEGPT_LAUNCHER_HOST="$(uname -n)"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from models.architecture import TIED_HEAD, Architecture, PipelineLayer, is_conv1d, is_linear
@@ -93,8 +93,9 @@ def read_peft_config(path: Path) -> tuple[LoraConfig, Path | None]:
         config = LoraConfig(**lora_settings(settings))
     except (TypeError, ValueError) as e:
         raise ValueError(f"--peft-config {path}: not a valid LoraConfig ({e})") from None
-    weights = file.parent / WEIGHTS_FILE
-    return config, weights if weights.is_file() else None
+    # peft writes adapter_model.safetensors, and before 0.6 (or with safe_serialization=False) adapter_model.bin.
+    weights = next((w for w in (file.parent / WEIGHTS_FILE, file.parent / "adapter_model.bin") if w.is_file()), None)
+    return config, weights
 
 
 def plan_adapters(arch: Architecture, config: LoraConfig, initial: Path | None = None) -> AdapterPlan:
@@ -226,7 +227,9 @@ def adapter_state(layer: PipelineLayer, state: dict[str, torch.Tensor]) -> dict[
 def load_initial_adapters(layer_module: nn.Module, layer: PipelineLayer, weights: Path) -> int:
     """Copy a PEFT adapter file's tensors into this layer's adapters; returns how many. A tensor the layer expects
     but the file lacks (or of another shape) is a ValueError."""
-    stored = load_file(str(weights))
+    from peft.utils import load_peft_weights
+
+    stored = load_peft_weights(str(weights.parent), device="cpu")  # either format, safetensors first as peft reads
     loaded = 0
     with torch.no_grad():
         for name, param in layer_module.named_parameters():

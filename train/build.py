@@ -195,13 +195,19 @@ def checkpointer(
         stream_position=position,
         adapters_only=config.adapters is not None,
         tokenizer=inputs.tokenizer,
-        manifest=extras | trained_with(tokenizer=tokenizer, seq_len=flags.seq_len, data_format=config.data_format.kind),
+        manifest=extras
+        | trained_with(
+            tokenizer=tokenizer,
+            seq_len=flags.seq_len,
+            data_format=config.data_format.kind,
+            attention="document" if config.document_attention else "causal",
+            data_order=config.data_order,
+        ),
     )
 
 
-def build_run(config: RunConfig) -> Run:
+def build_run(config: RunConfig, preemption: Preemption) -> Run:
     flags = config.flags
-    preemption = Preemption()  # from here on, SIGTERM/SIGINT stop the run at a step boundary
     if rank() == 0:
         config.output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(flags.seed)

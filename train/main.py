@@ -20,7 +20,8 @@ from train.checkpoint.manifest import read_manifest
 from train.config.args import SAMPLE_TOKENS, Flags, parse_args
 from train.config.run_config import resolve_run_config
 from train.distributed.agreement import every_rank
-from train.distributed.run_lock import RunLock
+from train.distributed.preemption import Preemption, record_exit_code
+from train.distributed.run_lock import RunLock, check_no_earlier_run
 from train.distributed.setup import init_distributed, rank, say
 from train.errors import RunError, entry_point
 from train.export import export_adapter
@@ -44,6 +45,7 @@ def train_steps(run: Run) -> int | None:
     """The steps after the resumed one to the last, each saved as the checkpointer decides. Returns the step after
     which a preemption stopped the run (it is saved), or None."""
     engine, last, fp16 = run.engine, run.config.flags.train_steps, run.engine.fp16_enabled()
+    run.preemption.arm()
     for step in range(run.start_step + 1, last + 1):
         with run.watchdog.watching(step):
             run.profiler.begin(step)
@@ -105,6 +107,7 @@ def export_and_sample(run: Run, checkpoint: Path) -> None:
 
 
 def run_training(flags: Flags) -> None:
+    preemption = Preemption()  # first: a signal or the end of launch.sh stops the rank, also while it prepares
     init_distributed(flags.dist_timeout)
     lock = None
     try:
@@ -112,7 +115,8 @@ def run_training(flags: Flags) -> None:
         lock = RunLock(config.output_dir)  # one run per folder: taken before anything is written into it
         if ended := every_rank(lock.acquire, run_here=rank() == 0):
             say(f"taking over {config.output_dir} from a run that ended without releasing it ({ended})")
-        run = build_run(config)
+        every_rank(lambda: check_no_earlier_run(config.output_dir, flags.load), run_here=rank() == 0)
+        run = build_run(config, preemption)
         export_and_sample(run, train(run))
     except RunError:
         dist.destroy_process_group()  # every rank stops here together: a RunError is agreed
@@ -120,18 +124,6 @@ def run_training(flags: Flags) -> None:
     finally:
         if lock is not None:
             lock.release()
-
-
-def record_exit_code(code: int) -> None:
-    """Local rank 0 writes its exit code where launch.sh reads it (`PIPEGPT_STATUS_FILE`): DeepSpeed 0.19.8's
-    runner exits 0 when its per-node launcher ends on a signal (runner.py: only a positive return code is passed
-    on), which made a preempted run look finished."""
-    path = os.environ.get("PIPEGPT_STATUS_FILE")
-    if path and os.environ.get("LOCAL_RANK", "0") == "0":
-        try:
-            Path(path).write_text(f"{code}\n")
-        except OSError:
-            pass
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

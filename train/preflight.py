@@ -20,11 +20,11 @@ from models.hf_weights import check_weights_fit
 from models.hub import check_hub_name, not_found
 from train.config.args import parse_args
 from train.config.run_config import RunConfig, resolve_run_config
-from train.data.examples import chat_template_of
-from train.data.sources import Source, unreadable
+from train.data.examples import chat_template_of, chat_text_and_spans
+from train.data.sources import Source, check_text_values, unreadable
 from train.data.tokenizer import load_tokenizer, tokenizer_too_large
-from train.distributed.run_lock import check_not_in_use
-from train.errors import ConfigError, entry_point
+from train.distributed.run_lock import check_no_earlier_run, check_not_in_use
+from train.errors import ConfigError, entry_point, first_line
 
 CHECKING = (
     "preflight: checking the flags, the DeepSpeed JSON (its keys with DeepSpeed's config classes, the optimizer's and "
@@ -58,7 +58,7 @@ def check_hub_dataset(source: Source, columns: dict[str, tuple[str, str]]) -> No
         raise ConfigError(problem)
 
 
-def check_sources(sources: list[Source], columns: dict[str, tuple[str, str]]) -> None:
+def check_sources(sources: list[Source], columns: dict[str, tuple[str, str]], chat: tuple | None = None) -> None:
     """Peek at the first record of each local source (streaming: nothing is materialised) and at each hub
     dataset's metadata. A malformed record later in a large file is reported by the ranks, in one line too."""
     for source in sources:
@@ -75,6 +75,20 @@ def check_sources(sources: list[Source], columns: dict[str, tuple[str, str]]) ->
                 raise ConfigError(f"{files[0]} holds no records")
             if problem := missing_column(f"{files[0]} has", list(first), columns):
                 raise ConfigError(problem)
+            check_first_record(files[0], first, columns, chat)
+
+
+def check_first_record(file: str, record: dict, columns: dict[str, tuple[str, str]], chat: tuple | None) -> None:
+    """The first record's text columns hold text, and (chat data, `chat`: (tokenizer, template)) its conversation
+    renders, as the ranks will read them all."""
+    for column, read_as in columns.items():
+        check_text_values(file, [record[column]], column, read_as)
+    if chat is not None and "messages" in [ours for ours, _ in columns.values()]:
+        column = next(c for c, (ours, _) in columns.items() if ours == "messages")
+        try:
+            chat_text_and_spans(record[column], *chat)
+        except ValueError as e:
+            raise ConfigError(f"{file}: record 1 is not a conversation pipegpt can train on: {first_line(e)}") from None
 
 
 def warn_about_stale_build_locks(older_than_s: float = 600) -> None:
@@ -108,12 +122,13 @@ def check_pretrained(config: RunConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """The run folder, or the nearest folder above it that exists, can be written (nothing is created here)."""
-    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+def check_writable(flag: str, folder: Path) -> None:
+    """A folder the run writes (`--output-dir`, the data cache), or the nearest folder above it that exists, can be
+    written (nothing is created here)."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "is a file" if not existing.is_dir() else "cannot be written"
-        raise ConfigError(f"--output-dir {output_dir}: {existing} {what}; pass a folder you can write")
+        raise ConfigError(f"{flag} {folder}: {existing} {what}; pass a folder you can write")
 
 
 def check_port_free(port: int) -> None:
@@ -130,13 +145,15 @@ def check_port_free(port: int) -> None:
 def check_once(flags, world_size: int, port: int | None) -> None:
     """The checks of every rank, plus those that cost seconds or the network, done once."""
     config = resolve_run_config(flags, world_size)
+    chat = None
     if flags.model or flags.tokenizer:
         tokenizer = check_pretrained(config) if flags.model else load_tokenizer(flags.tokenizer)
         if config.data_format.kind == "chat":
-            chat_template_of(config.data_format, tokenizer)
-    check_sources(config.sources + (config.val_sources or []), config.data_format.columns())
-    check_output_dir(flags.output_dir)
+            chat = (tokenizer, chat_template_of(config.data_format, tokenizer))
+    check_sources(config.sources + (config.val_sources or []), config.data_format.columns(), chat)
+    check_writable("--output-dir", flags.output_dir)
     check_not_in_use(flags.output_dir.resolve())
+    check_no_earlier_run(flags.output_dir, flags.load)
     if port is not None:
         check_port_free(port)
     warn_about_stale_build_locks()

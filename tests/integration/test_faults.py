@@ -73,7 +73,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken
     steps = [m["step"] for m in read_metrics(out)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 8
     resumed_at = int(latest_tag(out / "checkpoints").removeprefix("step_"))
-    more = with_flag(args, "--train-steps", resumed_at + 2)
+    more = with_flag(with_flag(args, "--train-steps", resumed_at + 2), "--seed", 1)  # the first run's data order
     taken = launch([*more, "--output-dir", out, "--load", out / "checkpoints"], ranks=2)
     assert "taking over" in taken.stdout and "ended without releasing it" in taken.stdout
     assert not (out / ".pipegpt.lock").read_text().strip(), "a finished run leaves its lock released"
@@ -181,6 +181,56 @@ def test_ranks_stop_saving_when_launch_sh_is_killed(base):
         while rank_pids(out):
             assert time.monotonic() - killed < 30, "the ranks outlived launch.sh"
             time.sleep(0.2)
+
+
+def live_processes_of_group(pgid: int) -> list[int]:
+    """The processes of a process group that have not ended (zombies left to be reaped do not count)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_kill_9_of_launch_sh_while_the_data_is_prepared_leaves_no_process(base):
+    """PIPEGPT_FAULT=stall:prepare-data holds rank 0 inside the data preparation (rank 1 waits for it), as a long
+    tokenization does; then launch.sh alone is killed with -9. Every process of the launch ends within seconds,
+    rank 0 says why in one line, nothing was saved."""
+    tmp, args = base
+    out = tmp / "killed_while_preparing"
+    proc = start_launch([*args, "--output-dir", out], ranks=2, env={"PIPEGPT_FAULT": "stall:prepare-data"})
+    stalled, seen = threading.Event(), []
+
+    def read_stdout() -> None:
+        for line in proc.stdout:
+            seen.append(line)
+            if "fault: stalling at prepare-data" in line:
+                stalled.set()
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    try:
+        assert stalled.wait(timeout=180), "".join(seen)[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while live_processes_of_group(proc.pid):
+            assert time.monotonic() - killed < 15, f"processes outlived launch.sh: {live_processes_of_group(proc.pid)}"
+            time.sleep(0.2)
+    finally:
+        kill_process_group(proc)
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr + "".join(seen), stderr[-3000:]
+    # Rank 0's line names what reached it first: the end of launch.sh, or the SIGTERM of DeepSpeed's launcher
+    # ending the ranks once rank 1 stopped on the end of launch.sh.
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert line in [
+        f"error: {why} before training started: stopped, nothing was saved"
+        for why in (f"the end of launch.sh (pid {proc.pid})", "SIGTERM")
+    ], line
+    assert not (out / "checkpoints").exists()
 
 
 def test_unexpected_failure_on_rank_zero_during_data_preparation_stops_every_rank(corpus, tokenizer_dir, tmp_path):

@@ -37,6 +37,7 @@ def setup(corpus, tokenizer_dir, tmp_path_factory):
         model,
         STEPS,
         val_data=tmp / "val.jsonl",
+        val_fraction=None,  # --val-data is the validation: a --val-fraction would have no effect (refused)
         eval_interval=5,
         eval_blocks=16,
         save_interval=4,

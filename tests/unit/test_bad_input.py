@@ -261,6 +261,11 @@ def _full_checkpoint(root, model_type: str | None = None, **trained_with):
     return root
 
 
+def _turn(role: str, text: str) -> dict:
+    """A turn whose content is a list of text parts (the OpenAI form)."""
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
 def _truncated(path):
     """`path` cut to half its bytes, as an interrupted copy or download leaves it."""
     with open(path, "r+b") as f:
@@ -606,6 +611,108 @@ INVENTORY = [
         lambda t, g: ["--load", _full_checkpoint(t / "ck", data_format="chat")],
         "the checkpoint was trained on --data-format chat, not text",
     ),
+    (
+        "load-other-attention",
+        lambda t, g: ["--load", _full_checkpoint(t / "ck", attention="document")],
+        "the checkpoint was trained with --attention document, not causal (which changes what every token sees): "
+        "pass --attention document (or --reset-optimizer",
+    ),
+    (
+        "load-other-seed",
+        lambda t, g: [
+            "--load",
+            _full_checkpoint(t / "ck", data_order={"seed": 1, "order": "shuffled", "stream_sources": None}),
+        ],  # noqa: E501
+        "the checkpoint shuffled its data with --seed 1, not 1234: pass --seed 1 (or --reset-optimizer",
+    ),
+    (
+        "load-other-stream-data",
+        lambda t, g: [
+            "--streaming",
+            "--load",
+            _full_checkpoint(
+                t / "ck", data_order={"seed": 1234, "order": "sequential", "stream_sources": [[["/x.jsonl", 1, 1]]]}
+            ),
+        ],
+        "the checkpoint streamed other data (its files, their sizes or modification times differ",
+    ),
+    (
+        "output-dir-holds-a-run",
+        lambda t, g: ["--output-dir", _dir(t / "run" / "checkpoints" / "step_3").parent.parent],
+        "holds another run's checkpoints (step_3): resume it with --load",
+    ),
+    (
+        "val-data-is-data",
+        lambda t, g: ["--val-data", g["data"]],
+        "is also --val-data: validation would be trained on",
+    ),
+    (
+        "data-text-not-string",
+        lambda t, g: ["--data", write_file(t / "n.jsonl", '{"text": 7}\n{"text": 8}\n')],
+        "n.jsonl: record 1, column 'text' holds int 7, not text",
+    ),
+    (
+        "prompt-completion-null",
+        lambda t, g: [
+            *("--data-format", "prompt-completion", "--tokenizer", g["tokenizer"], "--data"),
+            write_file(t / "pc.jsonl", '{"prompt": "Say", "completion": null}\n'),
+        ],
+        "record 1, column 'completion' holds NoneType None, not text",
+    ),
+    (
+        "chat-content-parts-not-joined",
+        lambda t, g: [
+            *("--data-format", "chat", "--tokenizer", g["tokenizer"], "--chat-template", _chatml(t), "--data"),
+            write_file(t / "c.jsonl", json.dumps({"messages": [_turn("user", "Hi"), _turn("assistant", "Ho")]}) + "\n"),
+        ],
+        "record 1 is not a conversation pipegpt can train on: turn 0: content is a list of parts, which the chat "
+        "template does not join",
+    ),
+    (
+        "chat-template-json",
+        lambda t, g: [
+            *("--data-format", "chat", "--tokenizer", g["tokenizer"], "--chat-template"),
+            write_json(t / "tokenizer_config.json", {"chat_template": CHATML}),
+        ],
+        "tokenizer_config.json is a JSON file, not a Jinja template",
+    ),
+    (
+        "chat-template-renders-no-content",
+        lambda t, g: [
+            *("--data-format", "chat", "--tokenizer", g["tokenizer"], "--chat-template"),
+            write_file(t / "fixed.jinja", "{% for message in messages %}<turn>{% endfor %}"),
+        ],
+        "--chat-template does not render a conversation's messages",
+    ),
+    (
+        "flag-no-effect-4bit",
+        lambda t, g: ["--bnb-4bit-quant-type", "fp4"],
+        "--bnb-4bit-quant-type has no effect without --load-in-4bit",
+    ),
+    (
+        "flag-no-effect-sampling",
+        lambda t, g: ["--sample-tokens", 0, "--sample-prompt", "In the beginning"],
+        "--sample-prompt has no effect with --sample-tokens 0",
+    ),
+    (
+        "flag-no-effect-val-fraction",
+        lambda t, g: ["--val-data", write_file(t / "v.jsonl", '{"text": "a"}\n'), "--val-fraction", 0.1],
+        "--val-fraction has no effect with --val-data",
+    ),
+    (
+        "flag-no-effect-column",
+        lambda t, g: ["--messages-column", "conversation"],
+        "--messages-column has no effect with --data-format text",
+    ),
+    (
+        "ds-optimizer-lr-negative",
+        lambda t, g: [
+            "--deepspeed_config",
+            write_ds_config(t / "o.json", optimizer={"type": "AdamW", "params": {"lr": -0.001}}),
+        ],
+        '"optimizer.params" rejected by torch.optim.AdamW: Invalid learning rate: -0.001',
+    ),
+    ("flag-partition-regex", lambda t, g: ["--partition-method", "type:[Block"], "type:[Block': not a regex"),
     (
         "load-other-model-config",
         lambda t, g: ["--model-config", "llama-tiny", "--load", _full_checkpoint(t / "ck", model_type="gpt2")],

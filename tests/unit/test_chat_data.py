@@ -226,7 +226,7 @@ def test_one_line_errors_and_counted_skips(tokenizer, tokenizer_dir, tmp_path):
     with pytest.raises(ConfigError, match="no column 'prompt'.*--prompt-column"):
         example_blocks(source, PROMPT_COMPLETION, tokenizer, 64, None)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": "hello"}, {"messages": "again"}])
-    with pytest.raises(ConfigError, match="2 malformed examples; the first, record 0: .*list of"):
+    with pytest.raises(ConfigError, match="2 malformed examples; the first, record 1: .*list of"):
         example_blocks(resolve_sources([str(bad)])[0], CHAT, tokenizer, 64, None)
     unanswered = [{"messages": [{"role": "user", "content": "Anyone?"}]}]
     none = write_jsonl(tmp_path / "none.jsonl", unanswered)

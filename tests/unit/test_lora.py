@@ -65,6 +65,26 @@ def test_pipeline_with_adapters_computes_what_peft_computes(case, tmp_path, one_
     assert all(p.grad is None for n, p in pipe.named_parameters() if "lora_" not in n), "a base weight got a gradient"
 
 
+def test_an_adapter_folder_in_peft_older_format_starts_from_its_weights(tmp_path, one_rank_group):
+    """`--peft-config DIR` holding adapter_model.bin (peft before 0.6, or safe_serialization=False): the pipeline
+    starts from those adapters, computing what peft's model computes, not from fresh ones."""
+    family, _, settings = CASES[0]
+    reference = peft_reference(family, settings, tmp_path / "new")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "base").symlink_to(tmp_path / "new" / "base")
+    reference.save_pretrained(tmp_path / "old" / "adapter", safe_serialization=False)
+    assert (tmp_path / "old" / "adapter" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "old" / "adapter" / WEIGHTS_FILE).exists()
+    pipe, plan, _ = pipeline_with_adapters(tmp_path / "old", discover(reference.base_model.model.config))
+    assert plan.initial == tmp_path / "old" / "adapter" / "adapter_model.bin"
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, logits = reference(ids).logits, pipe(ids)
+        with reference.disable_adapter():
+            assert (expected - reference(ids).logits).abs().max() > 1e-3, "the adapters should change the output"
+    assert torch.allclose(logits, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
 def test_only_adapters_train_in_a_deepspeed_engine_and_the_base_stays_bit_identical(family, tmp_path, one_rank_group):
     """Real `train_batch` steps (ZeRO-1, AdamW with weight decay, clipping) on a tied model and on a MoE (adapters on

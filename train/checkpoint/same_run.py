@@ -45,15 +45,59 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
-def trained_with(*, tokenizer: PreTrainedTokenizerBase, seq_len: int, data_format: str) -> dict:
-    """The manifest entries `--load` checks (the model config is recorded beside them)."""
-    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": seq_len, "data_format": data_format}
+def trained_with(
+    *, tokenizer: PreTrainedTokenizerBase, seq_len: int, data_format: str, attention: str, data_order: dict
+) -> dict:
+    """The manifest entries `--load` checks (the model config is recorded beside them); `data_order`: see
+    `data_order_of`."""
+    return {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "seq_len": seq_len,
+        "data_format": data_format,
+        "attention": attention,
+        "data_order": data_order,
+    }
 
 
-def check_layout_of_data(manifest: dict, *, load: Path, seq_len: int, data_format: str, weights_only: bool) -> None:
-    """The block length and data format of the run match the checkpoint's (a weights-only resume may change them)."""
+def data_order_of(*, seed: int, order: str, stream_sources: list | None) -> dict:
+    """What decides which block a resumed run trains next: the seed of the shuffle, the order, and for a stream the
+    files it reads (each with its size and modification time: `Source.fingerprint`), in order."""
+    return {"seed": seed, "order": order, "stream_sources": stream_sources}
+
+
+def check_data_order(manifest: dict, ours: dict, *, load: Path, weights_only: bool) -> None:
+    """An exact resume goes on with the blocks the checkpoint's run would have trained next."""
+    saved = manifest.get("data_order")
+    if weights_only or saved is None or saved == json.loads(json.dumps(ours)):
+        return
+    fix = "or --reset-optimizer to go on from its weights with a new data order"
+    if saved["seed"] != ours["seed"] and saved["order"] == ours["order"] == "shuffled":
+        raise ConfigError(f"--load {load}: the checkpoint shuffled its data with --seed {saved['seed']}, not "
+                          f"{ours['seed']}: pass --seed {saved['seed']} ({fix})")  # fmt: skip
+    if saved["order"] != ours["order"]:
+        raise ConfigError(f"--load {load}: the checkpoint read its data {saved['order']}, not {ours['order']}: pass "
+                          f"--data-order {saved['order']} ({fix})")  # fmt: skip
+    if saved["stream_sources"] != ours["stream_sources"] and saved["stream_sources"] and ours["stream_sources"]:
+        raise ConfigError(
+            f"--load {load}: the checkpoint streamed other data (its files, their sizes or modification times "
+            "differ, and its stream position would point elsewhere): pass the --data it streamed, unchanged "
+            f"({fix})"
+        )
+
+
+def check_layout_of_data(
+    manifest: dict, *, load: Path, seq_len: int, data_format: str, attention: str, weights_only: bool
+) -> None:
+    """The block length, data format and attention of the run match the checkpoint's (a weights-only resume may
+    change them). A checkpoint from before an entry was recorded is not checked for it."""
     if weights_only:
         return
+    if manifest.get("attention", attention) != attention:
+        raise ConfigError(
+            f"--load {load}: the checkpoint was trained with --attention {manifest['attention']}, not {attention} "
+            f"(which changes what every token sees): pass --attention {manifest['attention']} (or --reset-optimizer "
+            f"to go on from its weights with --attention {attention})"
+        )
     if manifest.get("seq_len", seq_len) != seq_len:
         raise ConfigError(
             f"--load {load}: the checkpoint was trained with --seq-len {manifest['seq_len']}, not {seq_len}: pass "

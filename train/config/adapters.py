@@ -4,6 +4,7 @@ same base).
 """
 
 import dataclasses
+import json
 
 from transformers import PretrainedConfig
 
@@ -75,8 +76,53 @@ def check_every_stage_trains(
             )
 
 
+# LoraConfig settings that change the function the adapters compute, not their shapes: a checkpoint's adapters
+# still load under others (--reset-optimizer), but an exact resume with them would change the maths (use_rslora
+# scales by alpha / sqrt(r) instead of alpha / r: x2 at r = 4).
+SCALE_SETTINGS = ("lora_alpha", "alpha_pattern", "use_rslora", "lora_dropout")
+# Those that change which tensors exist: a checkpoint's adapters cannot load under others.
+SHAPE_SETTINGS = ("r", "rank_pattern", "use_dora", "target_modules", "exclude_modules", "layers_to_transform")
+
+
+def _as_saved(value: object) -> object:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))  # sets as sorted lists, tuples as lists
+
+
+def _differences(saved: dict, ours: dict, keys: tuple[str, ...]) -> list[str]:
+    return [f"{key} {saved.get(key)!r} vs {ours.get(key)!r}" for key in keys if saved.get(key) != ours.get(key)]
+
+
+def check_same_adapters(saved: dict, plan: AdapterPlan, reset_optimizer: bool) -> None:
+    """The adapters of the flags are the checkpoint's: the same modules and ranks (else they cannot load), and the
+    same scale and dropout (else only with --reset-optimizer, which says so by starting a new optimizer)."""
+    ours, saved = _as_saved(plan.to_dict()), _as_saved(saved)
+    shapes = _differences(saved["config"], ours["config"], SHAPE_SETTINGS)
+    ranks = [  # adapted modules, and a mixture of experts' adapted parameters (peft's target_parameters)
+        {k: v[0] for k, v in adapters.get(kind, {}).items()}
+        for adapters in (saved, ours)
+        for kind in ("targets", "parameters")
+    ]
+    if shapes or ranks[:2] != ranks[2:]:
+        raise ConfigError(
+            f"--load names a LoRA checkpoint with other adapters (modules or ranks) than these flags give "
+            f"({'; '.join(shapes) or 'adapted modules or parameters differ'}; checkpoint vs flags): pass the LoRA "
+            "flags or --peft-config it was trained with"
+        )
+    scales = _differences(saved["config"], ours["config"], SCALE_SETTINGS)
+    if scales and not reset_optimizer:
+        raise ConfigError(
+            f"--load names a LoRA checkpoint trained with other LoRA settings ({'; '.join(scales)}; checkpoint vs "
+            "flags), which change what its adapters compute: pass the settings it was trained with, or "
+            "--reset-optimizer to go on from its adapters under these"
+        )
+
+
 def check_checkpoint_adapters(
-    manifest: dict, plan: AdapterPlan | None, base_fingerprint: str | None, quantization: Quantization | None
+    manifest: dict,
+    plan: AdapterPlan | None,
+    base_fingerprint: str | None,
+    quantization: Quantization | None,
+    reset_optimizer: bool = False,
 ) -> None:
     """A checkpoint resumes only with the adapters, the base model and the base's precision it was trained with."""
     saved = manifest.get("adapters")
@@ -92,13 +138,7 @@ def check_checkpoint_adapters(
         )
     if plan is None:
         return
-    mine = plan.to_dict()
-    if saved["targets"] != mine["targets"] or saved.get("parameters", {}) != mine["parameters"]:
-        raise ConfigError(
-            "--load names a LoRA checkpoint with other adapters (modules, parameters, ranks or alphas) than these "
-            f"flags give; the checkpoint's: {saved['config'].get('r')=}, {len(saved['targets'])} modules, "
-            f"{len(saved.get('parameters', {}))} parameters"
-        )
+    check_same_adapters(saved, plan, reset_optimizer)
     saved_quantization = manifest.get("quantization")
     if saved_quantization != (dataclasses.asdict(quantization) if quantization is not None else None):
         saved_text = (

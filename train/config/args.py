@@ -6,6 +6,7 @@ derived from them is resolved once into a `RunConfig` (train/config/run_config.p
 """
 
 import argparse
+import re
 from pathlib import Path
 
 from models.presets import PRESETS
@@ -102,8 +103,8 @@ def _lora_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="a LoraConfig as PEFT saves it (adapter_config.json, or a folder with one; with its "
-        "adapter_model.safetensors, training starts from those adapters), instead of the --lora-* flags "
-        "(default: none)",
+        "adapter_model.safetensors or adapter_model.bin, training starts from those adapters), instead of the "
+        "--lora-* flags (default: none)",
     )
     lora.add_argument(
         "--load-in-4bit",
@@ -428,6 +429,11 @@ def check_flag_ranges(flags: Flags) -> None:
         raise ConfigError(
             f"--partition-method {flags.partition_method!r}: use flops, parameters, uniform or type:<regex>"
         )
+    if method.startswith("type:"):
+        try:
+            re.compile(flags.partition_method[len("type:") :])
+        except re.error as e:
+            raise ConfigError(f"--partition-method {flags.partition_method!r}: not a regex ({e})") from None
     if flags.router_aux_loss_coef is not None and flags.router_aux_loss_coef < 0:
         raise ConfigError("--router-aux-loss-coef must be 0 or positive")
     if not 0 < flags.val_fraction < 1:

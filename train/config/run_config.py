@@ -6,6 +6,7 @@ re-resolves a flag's raw value.
 """
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,7 +21,13 @@ from models.presets import resolve_model_config
 from models.quantize import Quantization
 from models.safetensors_files import weights_fingerprint
 from train.checkpoint.manifest import layout_of, read_manifest, resume_mode, verified_tag_dir
-from train.checkpoint.same_run import FROM_TOKENIZER, check_layout_of_data, check_model_config
+from train.checkpoint.same_run import (
+    FROM_TOKENIZER,
+    check_data_order,
+    check_layout_of_data,
+    check_model_config,
+    data_order_of,
+)
 from train.config.adapters import (
     adapters_from_flags,
     check_checkpoint_adapters,
@@ -29,10 +36,12 @@ from train.config.adapters import (
 )
 from train.config.args import DEFAULT_BPE_VOCAB, Flags, check_flag_ranges
 from train.config.ds_config import BatchLayout, check_layout, load_ds_config
+from train.config.flag_effects import check_flag_effects
 from train.data.examples import DataFormat
 from train.data.packing import default_cache_dir
-from train.data.sources import Source, embedded_corpus, resolve_sources
+from train.data.sources import Source, embedded_corpus, resolve_sources, without_validation
 from train.distributed.faults import inject_fault
+from train.distributed.setup import say
 from train.errors import ConfigError, first_line
 from train.planning.memory_model import stage_bounds
 from train.planning.schedules import rank_layer_ranges, stages_per_rank
@@ -51,6 +60,7 @@ class RunConfig:
     document_attention: bool  # --attention document: per-document masks and positions in packed blocks
     streaming: bool  # --streaming: no cache, blocks packed on the fly (train/data/streaming.py)
     shuffle: bool  # --data-order: shuffled (the default) or sequential (implied by --streaming)
+    data_order: dict  # what decides the next block of a resumed run (checkpoint/same_run.py: data_order_of)
     data_cache_dir: Path  # --data-cache-dir, or PIPEGPT_CACHE, or ~/.cache/pipegpt
     num_proc: int  # tokenization processes: --num-proc, or every core
     batch: BatchLayout
@@ -67,6 +77,27 @@ class RunConfig:
         return resolve_model_dir(self.flags.model) if self.flags.model else None
 
 
+def read_chat_template(path: Path) -> str:
+    """A `--chat-template` file's text: a Jinja template, not a JSON file (a tokenizer_config.json holds its
+    template as a JSON string; rendered as Jinja, the whole file's text would wrap every conversation)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"--chat-template {path}: cannot read it ({first_line(e)}); pass a Jinja template file"
+        ) from None
+    try:
+        is_json = isinstance(json.loads(text), dict | list)
+    except ValueError:
+        is_json = False
+    if is_json:
+        raise ConfigError(
+            f'--chat-template {path} is a JSON file, not a Jinja template: save its "chat_template" value as a '
+            ".jinja file and pass that, or drop --chat-template to use the tokenizer's own"
+        )
+    return text
+
+
 def data_format_from_flags(flags: Flags) -> DataFormat:
     if flags.data_format != "text" and not (flags.model or flags.tokenizer):
         raise ConfigError(
@@ -77,7 +108,7 @@ def data_format_from_flags(flags: Flags) -> DataFormat:
     if flags.chat_template is not None:
         if not flags.chat_template.is_file():
             raise ConfigError(f"--chat-template {flags.chat_template}: no such file; pass a Jinja template file")
-        template = flags.chat_template.read_text()
+        template = read_chat_template(flags.chat_template)
     return DataFormat(
         flags.data_format,
         flags.text_column,
@@ -148,12 +179,18 @@ def check_seq_len(model_config: PretrainedConfig, seq_len: int) -> None:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's {arch.max_positions()} positions")
 
 
+def attention_of(flags: Flags) -> str:
+    """`--attention`, or its default: document for prompt-completion and chat data, causal for text."""
+    return flags.attention or ("causal" if flags.data_format == "text" else "document")
+
+
 def check_resume(
     flags: Flags,
     world_size: int,
     model_config: PretrainedConfig,
     adapters: AdapterPlan | None,
     quantization: Quantization | None,
+    order: dict,
 ) -> str:
     """How `--load` resumes (checkpoint/manifest.py: resume_mode), once its checkpoint is known to fit this run:
     the same adapters and base, block length, data format and model config."""
@@ -164,22 +201,51 @@ def check_resume(
     local_base = flags.model is not None and Path(flags.model).is_dir()
     fingerprint = weights_fingerprint(Path(flags.model)) if adapters is not None and local_base else None
     manifest = read_manifest(verified_tag_dir(flags.load))
-    check_checkpoint_adapters(manifest, adapters, fingerprint, quantization)
+    check_checkpoint_adapters(manifest, adapters, fingerprint, quantization, flags.reset_optimizer)
     check_layout_of_data(
         manifest,
         load=flags.load,
         seq_len=flags.seq_len,
         data_format=flags.data_format,
+        attention=attention_of(flags),
         weights_only=flags.reset_optimizer,
     )
+    check_data_order(manifest, order, load=flags.load, weights_only=flags.reset_optimizer)
     # The vocabulary and its special ids of a model trained from scratch come from the tokenizer: checked later.
     check_model_config(manifest, model_config.to_dict(), load=flags.load, ignore=FROM_TOKENIZER)
     return resume
 
 
+def lora_from_flags(flags: Flags, model_config: PretrainedConfig) -> tuple[AdapterPlan | None, Quantization | None]:
+    """The adapters (checked to put one on every pipeline stage) and the base's 4-bit quantization, or None."""
+    adapters = adapters_from_flags(flags, model_config)
+    quantization = quantization_from_flags(flags, adapters)
+    if adapters is not None:
+        arch = discover(model_config)
+        stages = flags.pipeline_stages * stages_per_rank(flags.schedule)
+        bounds = stage_bounds(arch, stages, flags.partition_method, flags.seq_len)
+        check_every_stage_trains(
+            adapters, model_config, rank_layer_ranges(bounds, flags.pipeline_stages, flags.schedule)
+        )
+    return adapters, quantization
+
+
+def data_from_flags(flags: Flags) -> tuple[DataFormat, list[Source], list[Source] | None]:
+    """The data format, the training sources (less any `--val-data` file they also match) and the validation."""
+    data_format = data_format_from_flags(flags)
+    sources = resolve_sources(flags.data or [embedded_corpus()])
+    val_sources = resolve_sources(flags.val_data) if flags.val_data else None
+    if val_sources:
+        sources, left_out = without_validation(sources, val_sources)
+        if left_out:
+            say(f"--val-data: {', '.join(left_out)} left out of the --data it is also in (never trained on)")
+    return data_format, sources, val_sources
+
+
 def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     """The checked, resolved configuration, or a ConfigError naming the fix."""
     check_flag_ranges(flags)
+    check_flag_effects(flags)
     check_compile(flags)
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     bpe_vocab_size = flags.vocab_size or DEFAULT_BPE_VOCAB
@@ -196,25 +262,20 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
             f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"
         )
     check_seq_len(model_config, flags.seq_len)
-    adapters = adapters_from_flags(flags, model_config)
-    quantization = quantization_from_flags(flags, adapters)
-    if adapters is not None:
-        arch = discover(model_config)
-        stages = flags.pipeline_stages * stages_per_rank(flags.schedule)
-        bounds = stage_bounds(arch, stages, flags.partition_method, flags.seq_len)
-        check_every_stage_trains(
-            adapters, model_config, rank_layer_ranges(bounds, flags.pipeline_stages, flags.schedule)
-        )
+    adapters, quantization = lora_from_flags(flags, model_config)
+    data_format, sources, val_sources = data_from_flags(flags)
+    order = data_order_of(
+        seed=flags.seed,
+        order=data_order(flags),
+        stream_sources=[s.fingerprint() for s in sources] if flags.streaming else None,
+    )
     resume = None
     if flags.load is not None:
         resume = check_resume(
-            flags, world_size, model_config=model_config, adapters=adapters, quantization=quantization
+            flags, world_size, model_config=model_config, adapters=adapters, quantization=quantization, order=order
         )
         if resume == "universal":  # DeepSpeed reads this when the engine is built
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    data_format = data_format_from_flags(flags)
-    sources = resolve_sources(flags.data or [embedded_corpus()])
-    val_sources = resolve_sources(flags.val_data) if flags.val_data else None
     return RunConfig(
         flags=flags,
         world_size=world_size,
@@ -224,9 +285,10 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
         sources=sources,
         val_sources=val_sources,
         data_format=data_format,
-        document_attention=(flags.attention or ("document" if data_format.masked else "causal")) == "document",
+        document_attention=attention_of(flags) == "document",
         streaming=flags.streaming,
         shuffle=data_order(flags) == "shuffled",
+        data_order=order,
         data_cache_dir=flags.data_cache_dir or default_cache_dir(),
         num_proc=flags.num_proc or os.cpu_count() or 1,
         batch=batch,

@@ -81,7 +81,7 @@ def pack_encoded(
     if (status == MALFORMED).any():
         first = int(np.flatnonzero(status == MALFORMED)[0])
         raise ConfigError(
-            f"{source.spec}: {(status == MALFORMED).sum()} malformed examples; the first, record {first}: "
+            f"{source.spec}: {(status == MALFORMED).sum()} malformed examples; the first, record {first + 1}: "
             f"{encoded[first]['problem']}"
         )
     kept = encoded.select(np.flatnonzero((status == KEPT) | (status == TRUNCATED))).remove_columns(

@@ -11,6 +11,7 @@ An example longer than `seq_len` is cut to it or dropped (`--overlong`); one lef
 to be skipped. train/data/example_packing.py packs the kept examples into blocks and counts the others.
 """
 
+import functools
 from dataclasses import asdict, dataclass
 
 from datasets import Dataset
@@ -64,6 +65,7 @@ TEXT = DataFormat()
 
 
 def chat_template_of(data_format: DataFormat, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The template the chat data is rendered with, checked to render a conversation's content."""
     template = data_format.chat_template or tokenizer.chat_template
     if isinstance(template, dict):  # a tokenizer with named templates
         template = template.get("default")
@@ -72,12 +74,76 @@ def chat_template_of(data_format: DataFormat, tokenizer: PreTrainedTokenizerBase
             f"--data-format chat: the tokenizer {tokenizer.name_or_path} has no chat template; pass "
             "--chat-template FILE (a Jinja template) or a tokenizer that has one"
         )
+    which = "--chat-template" if data_format.chat_template else f"the chat template of {tokenizer.name_or_path}"
+    check_renders_content(template, tokenizer, which)
     return template
 
 
 # Stands in for an assistant turn's content to find where the template puts it (a private-use character, kept by
 # `trim` and by every template seen; never in real data, and the text is only rendered, never tokenized).
 CONTENT_PROBE = "\ue000pipegpt-answer\ue000"
+USER_PROBE = "\ue000pipegpt-question\ue000"
+
+
+def as_parts(text: str) -> list[dict]:
+    """`text` as a list of content parts (the OpenAI form that transformers' multimodal templates iterate)."""
+    return [{"type": "text", "text": text}]
+
+
+@functools.lru_cache(maxsize=8)
+def renders(template: str, tokenizer: PreTrainedTokenizerBase, parts: bool) -> bool:
+    """Whether `template` renders both turns' content of a probe conversation (content as strings or as parts);
+    a list of parts rendered as Python text (`[{'type': 'text', ...}]`) does not count."""
+    turns = [{"role": "user", "content": USER_PROBE}, {"role": "assistant", "content": CONTENT_PROBE}]
+    turns = [{**turn, "content": as_parts(turn["content"])} for turn in turns] if parts else turns
+    try:
+        text = tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False)
+    except Exception:  # a template that cannot take this form (jinja's errors, or its own raise_exception)
+        return False
+    return USER_PROBE in text and CONTENT_PROBE in text and "'type'" not in text
+
+
+def check_renders_content(template: str, tokenizer: PreTrainedTokenizerBase, which: str) -> None:
+    """A chat template renders what the messages say (a file that is some other text, a template that writes only
+    fixed text, renders nothing the conversation holds): else one line."""
+    if not renders(template, tokenizer, parts=False) and not renders(template, tokenizer, parts=True):
+        raise ConfigError(
+            f"{which} does not render a conversation's messages (a user and an assistant turn rendered without "
+            "their content, or failed): pass a Jinja chat template that writes each message's content"
+        )
+
+
+def checked_turns(messages: list, tokenizer, template: str) -> list[dict]:
+    """The conversation's turns with absent keys dropped, each content a string or a list of text parts; a list
+    of parts only where the template joins them (renders them, not their Python text). ValueError otherwise."""
+    turns = []
+    for i, message in enumerate(messages):
+        turn = {k: v for k, v in message.items() if v is not None}  # datasets fills absent keys with None
+        content = turn.get("content")
+        if isinstance(content, list):
+            parts = [{k: v for k, v in p.items() if v is not None} if isinstance(p, dict) else p for p in content]
+            if bad := [p for p in parts if not (isinstance(p, dict) and p.get("type") == "text" and "text" in p)]:
+                kind = bad[0].get("type") if isinstance(bad[0], dict) else type(bad[0]).__name__
+                raise ValueError(f"turn {i}: a content part of type {kind!r}; only text parts can be trained on")
+            if not all(isinstance(p["text"], str) for p in parts):
+                raise ValueError(f"turn {i}: a text part whose text is not a string")
+            if not renders(template, tokenizer, parts=True):
+                raise ValueError(
+                    f"turn {i}: content is a list of parts, which the chat template does not join (it would render "
+                    "their Python text): pass a --chat-template that iterates content parts, or make content a string"
+                )
+            turn["content"] = parts
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(f"turn {i}: content is {type(content).__name__}, not text or a list of text parts")
+        turns.append(turn)
+    return turns
+
+
+def content_text(content: str | list | None) -> str:
+    """A turn's content as text: its text parts joined as templates join them (one after another)."""
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content)
+    return content or ""
 
 
 def chat_text_and_spans(messages: list, tokenizer, template: str) -> tuple[str, list[tuple[int, int]]]:
@@ -93,7 +159,7 @@ def chat_text_and_spans(messages: list, tokenizer, template: str) -> tuple[str, 
     the template writes after it."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a list of {role, content} records")
-    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # datasets fills absent keys
+    messages = checked_turns(messages, tokenizer, template)
 
     def render(turns: list) -> str:
         return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False)
@@ -102,13 +168,14 @@ def chat_text_and_spans(messages: list, tokenizer, template: str) -> tuple[str, 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        probe = render([*messages[:i], {**message, "content": CONTENT_PROBE}])
+        in_parts = isinstance(message.get("content"), list)
+        probe = render([*messages[:i], {**message, "content": as_parts(CONTENT_PROBE) if in_parts else CONTENT_PROBE}])
         before, _, after = probe.partition(CONTENT_PROBE)
         through = render(messages[: i + 1])
         if _ and text.startswith(before) and text.startswith(through) and len(through) >= len(before):
             spans.append((len(before), len(through)))
             continue
-        content = str(message.get("content", "")).strip()
+        content = content_text(message.get("content")).strip()
         found = text.find(content, spans[-1][1] if spans else 0) if content else -1
         if found < 0 or not _:
             raise ValueError(f"the chat template renders turn {i} so that its answer cannot be located")
@@ -134,7 +201,10 @@ def encode_examples(batch: dict, tokenizer, data_format: DataFormat, seq_len: in
             if data_format.kind == "chat":
                 text, answer = chat_text_and_spans(batch["messages"][k], tokenizer, template)
             else:
-                prompt, completion = batch["prompt"][k] or "", batch["completion"][k] or ""
+                prompt, completion = batch["prompt"][k], batch["completion"][k]
+                if not isinstance(prompt, str) or not isinstance(completion, str):  # a null: never trained as ""
+                    which = "prompt" if not isinstance(prompt, str) else "completion"
+                    raise ValueError(f"the {which} is {type(batch[which][k]).__name__}, not text")
                 text, answer = prompt + completion, [(len(prompt), len(prompt + completion))]
             problem = ""
         except Exception as e:  # a malformed record or a template error: reported after the map, in one line

@@ -37,7 +37,7 @@ STATS = "pipegpt_stats.json"  # in every cache entry: its counts and the sizes o
 def document_ids(texts: list, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Tokenize a batch of documents (blank ones skipped, every one followed by EOS); the cached and the streaming
     paths both cut text this way."""
-    docs = [t if isinstance(t, str) else str(t) for t in texts if t is not None and str(t).strip()]
+    docs = [t for t in texts if t is not None and t.strip()]  # strings: checked as read (train/data/sources.py)
     # verbose=False: documents longer than the model's context are expected (they are cut into blocks); transformers
     # would warn that they "will result in indexing errors".
     encoded = tokenizer(docs, add_special_tokens=False, return_attention_mask=False, verbose=False) if docs else None

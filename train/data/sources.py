@@ -1,6 +1,7 @@
 """Where data comes from: `--data` entries resolved to local files or hub datasets, loaded through `datasets`
 as the columns a data format reads (train/data/examples.py: DataFormat)."""
 
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -92,6 +93,64 @@ def resolve_sources(entries: list[str]) -> list[Source]:
     return sources
 
 
+# The columns read as text (our names): a value of another type is refused, never turned into text with str().
+TEXT_COLUMNS = ("text", "prompt", "completion")
+
+
+def not_text(where: str, record: int, column: str, value: object, flag: str) -> str:
+    """The one line for a value read as text that is not a string (a number, a list, a struct, a null)."""
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return (
+        f"{where}: record {record}, column {column!r} holds {type(value).__name__} {shown}, not text: convert the "
+        f"column to strings, or name the text column with {flag}"
+    )
+
+
+def check_text_values(where: str, values: list, column: str, read_as: tuple[str, str], first: int = 1) -> None:
+    """Values of a column as read (`first`: the record number of the first; `read_as`: our name of the column and
+    the flag naming it): those read as text are strings (a null document of plain text is blank, and skipped)."""
+    ours, flag = read_as
+    if ours not in TEXT_COLUMNS:
+        return
+    for index, value in enumerate(values):
+        if not isinstance(value, str) and (value is not None or ours != "text"):
+            raise ConfigError(not_text(where, first + index, column, value, flag))
+
+
+def check_text_feature(where: str, ds: Dataset, column: str, flag: str) -> None:
+    """A column read as text holds strings (Arrow types it for the whole file: one record names it)."""
+    feature = ds.features[column]
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        return
+    first = next((i for i, v in enumerate(ds.select(range(min(len(ds), 1000)))[column]) if v is not None), 0)
+    raise ConfigError(not_text(where, first + 1, column, ds[first][column] if len(ds) else None, flag))
+
+
+def _files(source: Source) -> list[str]:
+    return [f for files in source.files.values() for f in files]
+
+
+def without_validation(sources: list[Source], val_sources: list[Source]) -> tuple[list[Source], list[str]]:
+    """The training sources less every file that is also a `--val-data` file (a validation file inside a `--data`
+    folder or glob: trained on, the evaluation would measure memorised text), and the files left out. A `--data`
+    entry that is validation as a whole (the same file, folder or hub split) is a ConfigError."""
+    held = {os.path.realpath(f) for v in val_sources for f in _files(v)}
+    hub = {(v.hub_name, v.hub_config, v.hub_split) for v in val_sources if v.hub_name}
+    kept, left_out = [], []
+    for source in sources:
+        files = {b: [f for f in fs if os.path.realpath(f) not in held] for b, fs in source.files.items()}
+        files = {b: fs for b, fs in files.items() if fs}
+        whole = (source.hub_name, source.hub_config, source.hub_split) in hub if source.hub_name else not files
+        if whole:
+            raise ConfigError(
+                f"--data {source.spec} is also --val-data: validation would be trained on; drop it from --data, or "
+                "drop --val-data to hold out --val-fraction of it"
+            )
+        left_out += [f for f in _files(source) if os.path.realpath(f) in held]
+        kept.append(dataclasses.replace(source, files=files) if files != source.files else source)
+    return kept, left_out
+
+
 def unreadable(where: str, builder: str | None, error: BaseException) -> str:
     """One line for a data file `datasets` cannot parse, with the fix that fits the cause."""
     cause = error.__cause__ or error
@@ -126,11 +185,14 @@ def load_columns(source: Source, columns: dict[str, tuple[str, str]], work_dir: 
         for column, (_, flag) in wanted.items():
             if column not in ds.column_names:
                 raise ConfigError(f"{where} has no column {column!r} (columns: {ds.column_names}); pass {flag}")
+        for column, (ours, flag) in wanted.items():
+            if ours in TEXT_COLUMNS:
+                check_text_feature(where, ds, column, flag)
         ds = ds.select_columns(list(wanted)).rename_columns({c: ours for c, (ours, _) in wanted.items() if c != ours})
         # Builders disagree on string vs large_string; one type lets the sources concatenate. A cast writes a copy
         # of the data: only the columns that need it.
         for name, feature in ds.features.items():
-            if isinstance(feature, Value) and feature.dtype != "string":
+            if isinstance(feature, Value) and feature.dtype == "large_string":
                 ds = ds.cast_column(name, Value("string"))
         parts.append(ds)
     loaded = concatenate_datasets(parts) if len(parts) > 1 else parts[0]

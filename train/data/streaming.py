@@ -26,7 +26,7 @@ from models.hub import not_found
 from train.data.example_packing import PACK_BATCH, pack_examples
 from train.data.examples import KEPT, TRUNCATED, DataFormat, chat_template_of, encode_examples
 from train.data.packing import TokenPacker, document_ids
-from train.data.sources import Source, unreadable
+from train.data.sources import Source, check_text_values, unreadable
 from train.errors import ConfigError
 
 # Records read, tokenized and packed at a time: the blocks do not depend on it (text carries its unfinished block
@@ -70,7 +70,7 @@ def record_batches(
         columns = data_format.columns()
         if builder == "text" and not data_format.masked:
             columns = {"text": ("text", "")}  # a plain .txt file has one column, whatever the flag says
-        stream = iter(records)
+        stream, read = iter(records), 0
         while True:
             # Until the first record comes, datasets 5.2 reports a fresh state even after load_state_dict: the
             # first batch of a resumed stream starts where the loaded state says.
@@ -82,13 +82,19 @@ def record_batches(
                 raise ConfigError(unreadable(source.spec, builder, e)) from None
             if not batch:
                 break
-            yield before, {ours: column(source, batch, theirs, flag) for theirs, (ours, flag) in columns.items()}
+            yield before, read_columns(source, batch, columns, read)
+            read += len(batch)
 
 
-def column(source: Source, batch: list[dict], name: str, flag: str) -> list:
-    if name not in batch[0]:
-        raise ConfigError(f"{source.spec} has no column {name!r} (columns: {list(batch[0])}); pass {flag}")
-    return [record.get(name) for record in batch]
+def read_columns(source: Source, batch: list[dict], columns: dict, read: int) -> dict[str, list]:
+    """A batch of records as {our column name: values} (`read` records before it), type-checked as cached."""
+    out = {}
+    for name, (ours, flag) in columns.items():
+        if name not in batch[0]:
+            raise ConfigError(f"{source.spec} has no column {name!r} (columns: {list(batch[0])}); pass {flag}")
+        out[ours] = [record.get(name) for record in batch]
+        check_text_values(source.spec, out[ours], name, (ours, flag), first=read + 1)
+    return out
 
 
 class SourceBlocks:
@@ -135,7 +141,8 @@ class SourceBlocks:
         encoded = encode_examples(
             batch, self.tokenizer, data_format=self.data_format, seq_len=self.seq_len, template=self.template
         )
-        # A malformed record stops the cached preparation before training; mid-stream it is left out.
+        if problem := next((p for p in encoded["problem"] if p), None):
+            raise ConfigError(f"{self.source.spec}: a malformed example: {problem}")  # as cached: never left out
         return [
             (ids, labels)
             for ids, labels, status in zip(encoded["input_ids"], encoded["labels"], encoded["status"], strict=True)

@@ -1,4 +1,5 @@
-"""One run per output folder: an exclusive lock on `<output-dir>/.pipegpt.lock`, held by global rank 0.
+"""One run per output folder: an exclusive lock on `<output-dir>/.pipegpt.lock`, held by global rank 0, and no
+new run over an earlier one's checkpoints.
 
 Two runs writing one folder interleave their checkpoints (both save `step_N`), `metrics.jsonl` and
 `run_config.json`, and one run's results are lost without a word. The lock is the kernel's (`flock`): it goes
@@ -6,6 +7,11 @@ with the process that holds it, on every exit, also `kill -9`, so it is never st
 also names its holder (host, pid, start time): a second run is refused with that name, and a run that finds
 the name of one that ended without releasing it (killed) says that it takes the folder over. The preflight
 checks the lock before any rank starts; rank 0 takes it before it writes anything into the folder.
+
+A run that has ended leaves its checkpoints, `metrics.jsonl` and `run_config.json`; a new run into the same folder
+without `--load` would overwrite them (and mix its checkpoints with the earlier ones under `--keep-last`). The
+preflight and rank 0 refuse it in one line naming the three ways on: resume it, another folder, or remove the
+checkpoints to start over.
 
 `flock` holds across nodes on local and most network file systems (NFSv4, Lustre with `flock` mounted); on
 one that ignores it, a second run is not refused.
@@ -20,6 +26,7 @@ from pathlib import Path
 from train.errors import ConfigError
 
 LOCK_FILE = ".pipegpt.lock"
+CHECKPOINTS = "checkpoints"  # <output-dir>/checkpoints: where a run saves
 
 
 def _in_use(output_dir: Path, holder: str) -> ConfigError:
@@ -72,3 +79,17 @@ def check_not_in_use(output_dir: Path) -> None:
         raise _in_use(output_dir, os.pread(fd, 4096, 0).decode(errors="replace").strip()) from None
     finally:
         os.close(fd)  # also gives back the shared lock
+
+
+def check_no_earlier_run(output_dir: Path, load: Path | None) -> None:
+    """`output_dir` holds no checkpoint of an earlier run, unless `load` resumes from it (nothing is changed)."""
+    checkpoints = output_dir / CHECKPOINTS
+    tags = sorted(p.name for p in checkpoints.glob("step_*") if p.is_dir()) if checkpoints.is_dir() else []
+    if not tags:
+        return
+    if load is not None and checkpoints.resolve() in (load.resolve(), *load.resolve().parents):
+        return
+    raise ConfigError(
+        f"--output-dir {output_dir} holds another run's checkpoints ({', '.join(tags[-2:])}): resume it with --load "
+        f"{checkpoints}, pass another --output-dir, or remove {checkpoints} to start over there"
+    )

@@ -63,6 +63,6 @@ def rank() -> int:
 
 
 def say(message: str) -> None:
-    """Print on global rank 0 only."""
-    if rank() == 0:
+    """Print on global rank 0 only (or in the one process of the preflight)."""
+    if not dist.is_initialized() or rank() == 0:
         print(message, flush=True)
