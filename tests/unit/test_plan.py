@@ -9,11 +9,15 @@ import pytest
 import torch
 from transformers import CONFIG_MAPPING, GPT2Config
 
-from models.architecture import Architecture, discover
+from models.architecture import DECODER, Architecture, discover
 from models.flops import active_parameters, block_flops_per_token, flops_per_token, head_flops_per_token
+from models.lora import AdapterPlan, plan_adapters
+from models.lora_targets import lora_config, lora_targets
 from models.presets import PRESETS, resolve_model_config
-from tests.cases import MOE_CASES
-from train.planning.activations import _saved_bytes, decoder_saved_bytes, saved_bytes_per_token
+from tests.cases import CASES, MOE_CASES
+from tests.helpers import ds_config
+from train.planning.activations import _saved_bytes, decoder_saved_bytes, layer_lora, saved_bytes
+from train.planning.memory_model import plan_stages
 
 
 def narayanan_gpt(layers: int, hidden: int, heads: int) -> Architecture:
@@ -156,6 +160,73 @@ def test_moe_activations_extrapolate_exactly_from_the_narrow_copies(family, inde
     config = next(CONFIG_MAPPING[f](**settings) for f, _, settings in MOE_CASES if f == family)
     arch = discover(config)
     text = json.dumps(json.loads(arch.config.to_json_string(use_diff=False)), sort_keys=True)
-    measured = _saved_bytes(text, Fraction(1), 96, "fp32", None, index) / 96
-    assert saved_bytes_per_token(arch, "fp32", seq_len=96, index=index) == pytest.approx(measured, rel=1e-9)
-    assert decoder_saved_bytes(arch, "fp32", 96)[index] == pytest.approx(measured, rel=1e-9)
+    measured = _saved_bytes(text, Fraction(1), 96, "fp32", None, index)
+    assert saved_bytes(arch, "fp32", seq_len=96, index=index).micro_batch(96) == pytest.approx(measured, rel=1e-9)
+    assert decoder_saved_bytes(arch, "fp32", 96)[index].micro_batch(96) == pytest.approx(measured, rel=1e-9)
+
+
+def _case(family: str) -> Architecture:
+    return discover(next(CONFIG_MAPPING[f](**settings) for f, _, settings in CASES + MOE_CASES if f == family))
+
+
+def _default_lora(arch: Architecture, parameters: list[str] | None = None) -> AdapterPlan:
+    """`--lora-rank 4`'s adapters: attention (all-linear on a dense model) and, by default, a MoE's fused experts."""
+    modules, params = lora_targets(arch, None, parameters)
+    config = lora_config(
+        rank=4, alpha=8, dropout=0.0, target_modules=modules, base_model=None, target_parameters=params
+    )
+    return plan_adapters(arch, config)
+
+
+def _expert_stack_bytes(arch: Architecture, index: int) -> int:
+    """fp32 bytes of decoder layer `index`'s fused expert weights (its 3-D parameters: [experts, out, in])."""
+    layer = arch.meta_model().get_submodule(arch.layer_path(index))
+    return 4 * sum(p.numel() for p in layer.parameters() if p.ndim == 3)
+
+
+@pytest.mark.parametrize("family,index", [("qwen3_moe", 1), ("llama", 0)])
+def test_lora_activations_extrapolate_exactly_with_the_adapted_expert_stacks_once_per_forward(family, index):
+    """With the default adapters, peft 0.21's ParamWrapper forms W + scale B A of each fused expert weight in every
+    forward and the experts' matmul keeps it: a constant per micro-batch that grows with the width squared. The
+    planner's count from narrow copies equals the bytes measured on the full-width layer (96 tokens), and its constant
+    is the attention-only adapters' constant plus exactly those stacks' bytes. A dense layer (llama, all-linear LoRA)
+    keeps nothing whatever the token count: its count stays per token."""
+    arch = _case(family)
+    adapters = _default_lora(arch)
+    text = json.dumps(json.loads(arch.config.to_json_string(use_diff=False)), sort_keys=True)
+    lora = json.dumps(layer_lora(arch, adapters, index), sort_keys=True)
+    measured = _saved_bytes(text, Fraction(1), 96, "fp32", lora, index)
+    planned = saved_bytes(arch, "fp32", adapters, seq_len=96, index=index)
+    assert planned.micro_batch(96) == pytest.approx(measured, rel=1e-9)
+    assert decoder_saved_bytes(arch, "fp32", 96, adapters)[index] == planned
+    stacks = _expert_stack_bytes(arch, index)
+    attention_only = saved_bytes(arch, "fp32", _default_lora(arch, ["none"]), seq_len=96, index=index)
+    assert planned.constant == pytest.approx(attention_only.constant + stacks, rel=1e-9)
+    assert (stacks > 0) == (family != "llama") and (planned.constant == 0) == (family == "llama")
+
+
+@pytest.mark.parametrize("checkpoint", [0, 1])
+def test_the_adapted_expert_stacks_are_held_once_when_recomputed_and_per_micro_batch_otherwise(checkpoint):
+    """Two stages, 4 micro-batches of 2 x 32 tokens: 1F1B keeps min(p - s, m) = 2 in flight on stage 0. Without
+    checkpointing each keeps its blocks' full sets (each its own W + BA copies); with it, each keeps its blocks'
+    inputs and one block's full set (its constant once) is rebuilt at a time."""
+    arch = _case("qwen3_moe")
+    adapters, seq, micro = _default_lora(arch), 32, 2
+    plans = plan_stages(
+        arch,
+        ds_config(8, micro),
+        stages=2,
+        data_parallel=1,
+        seq_len=seq,
+        method="flops",
+        checkpoint_interval=checkpoint,
+        adapters=adapters,
+    )
+    saved = decoder_saved_bytes(arch, "fp32", seq, adapters)
+    layers = arch.pipeline_layers()
+    blocks = [saved[layers[i].decoder_index] for i in range(*plans[0].bounds[0]) if layers[i].kind == DECODER]
+    assert len(blocks) >= 2 and max(b.constant for b in blocks) >= _expert_stack_bytes(arch, 1) > 0
+    full = [b.micro_batch(micro * seq) for b in blocks]
+    inputs = micro * seq * arch.hidden_size * 4
+    expected = 2 * len(blocks) * inputs + max(full) if checkpoint else 2 * sum(full)
+    assert plans[0].memory["activations"] == pytest.approx(expected, rel=1e-12)

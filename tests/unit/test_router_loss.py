@@ -23,7 +23,7 @@ from train.config.args import parse_args
 from train.config.run_config import model_config_from_flags
 from train.observe.evaluate import sample_through_pipeline
 from train.observe.metrics import StepMeter
-from train.planning.activations import saved_bytes_per_token
+from train.planning.activations import saved_bytes
 
 COEF = 0.3
 WITH_LOSS = [case for case in MOE_CASES if case[0] in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")]
@@ -142,4 +142,4 @@ def test_the_planner_measures_a_layer_that_carries_the_router_sums():
     without = discover(CONFIG_MAPPING[family](**settings))
     with_loss = discover(CONFIG_MAPPING[family](**settings, output_router_logits=True))
     assert with_loss.router_loss is not None
-    assert saved_bytes_per_token(with_loss, "fp32") >= saved_bytes_per_token(without, "fp32") > 0
+    assert saved_bytes(with_loss, "fp32").micro_batch(64) >= saved_bytes(without, "fp32").micro_batch(64) > 0

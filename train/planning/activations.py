@@ -5,15 +5,20 @@ stores, e.g. the four 4h-wide tensors of GPT-2's tanh GELU or SwiGLU's three, wh
 (Korthikanti et al. 2022) leaves out; SDPA stores no s x s scores, eager attention (gpt-oss: its sinks) does.
 
 Narrow copies instead of the real, possibly huge, layer. With the head and expert counts fixed, what a layer saves
-for T tokens at width scale s is c0 + T (a + b s) + c2 T^2: every saved tensor is [T, some width] (widths scale
+for T tokens at width scale s is c0(s) + T (a + b s) + c2 T^2: every saved tensor is [T, some width] (widths scale
 with s), [T, heads] or [T, experts] (softmax statistics, router logits, top-k), [heads, T, T] (eager attention's
-probabilities), or a few [experts] sums (the router loss). So three token counts at the smallest scale and one
-more scale give it exactly. The s x s term is kept for eager attention only: where MLA's query-key (192) and value
-(128) head sizes differ, torch 2.13's CPU SDPA falls back to its math kernel, which keeps [heads, s, s]
-probabilities, while on GPUs SDPA's memory-efficient and cuDNN kernels keep none (so a DeepSeek run on CPU holds
-more than planned; the plan is for the GPUs). The narrow scales are the smallest at which every width of the
-config (hidden, MLP, experts', MLA's ranks and head sizes) stays a whole even number and every attention head
-keeps at least 8 channels (the sizes of the kernels the real layer runs).
+probabilities), or one whatever T: a few [experts] sums (the router loss) and, with LoRA on a MoE's fused experts,
+the whole adapted expert stack: peft 0.21's `ParamWrapper` forms W + scale B A ([experts, out, in], both sides
+widths) in every forward and the experts' matmul keeps it for the backward. So c0(s) = alpha s^2 + beta s + gamma:
+a constant per micro-batch, not per token, that grows with the width squared. Three token counts at the smallest
+scale give c2 and the line at that scale, two at twice it the line's slope in s and c0 there, one at three times
+it c0 there: six measurements for the six unknowns, exact (the weight-sized term is fitted, not recognised by its
+shape, so any width-squared constant counts). The s x s term is kept for eager attention only: where MLA's
+query-key (192) and value (128) head sizes differ, torch 2.13's CPU SDPA falls back to its math kernel, which keeps
+[heads, s, s] probabilities, while on GPUs SDPA's memory-efficient and cuDNN kernels keep none (so a DeepSeek run on
+CPU holds more than planned; the plan is for the GPUs). The narrow scales are the smallest at which every width of
+the config (hidden, MLP, experts', MLA's ranks and head sizes) stays a whole even number and every attention head
+keeps at least 8 channels (the sizes of the kernels the real layer runs), and two and three times it.
 
 Mixtures of experts: the saved tensors of transformers 5.24's experts (`grouped_mm`, integrations/moe.py) are
 the token x top-k rows sorted by expert, [T x top_k, width] whatever the routing, so a random layer's uneven
@@ -24,6 +29,7 @@ routing does not change the count. Layers that differ (DeepSeek's dense first la
 import functools
 import json
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 
 from models.architecture import DECODER, Architecture, discover
@@ -83,12 +89,13 @@ def _narrow(settings: dict, scale: Fraction) -> dict | None:
     return narrow
 
 
-def narrow_scales(settings: dict) -> tuple[Fraction, Fraction]:
-    """The two width scales of the narrow copies: the smallest valid one and twice it."""
+def narrow_scales(settings: dict) -> tuple[Fraction, Fraction, Fraction]:
+    """The three width scales of the narrow copies: the smallest valid one, twice and three times it."""
     step = Fraction(1, math.gcd(*_widths(_config(settings, 1)).values()))
     for k in range(1, step.denominator + 1):
-        if _narrow(settings, k * step) is not None and _narrow(settings, 2 * k * step) is not None:
-            return k * step, 2 * k * step
+        scales = (k * step, 2 * k * step, 3 * k * step)
+        if all(_narrow(settings, scale) is not None for scale in scales):
+            return scales
     raise ValueError(f"{settings['model_type']}: no narrow copy of its decoder layer to count activations on")
 
 
@@ -121,40 +128,67 @@ def layer_lora(arch: Architecture, adapters: AdapterPlan, index: int) -> dict:
     }
 
 
-def saved_bytes_per_token(
+@dataclass(frozen=True)
+class SavedBytes:
+    """What a decoder layer keeps for its backward in one forward: `constant` bytes per micro-batch whatever its
+    tokens (the adapted expert stacks, the router sums) and `per_token` bytes per token at the plan's sequence
+    length (one sequence's s x s term spread over its tokens)."""
+
+    constant: float
+    per_token: float
+
+    def micro_batch(self, tokens: int) -> float:
+        """Bytes kept for a micro-batch of `tokens` tokens (micro-batch size x sequence length)."""
+        return self.constant + self.per_token * tokens
+
+
+def saved_bytes(
     arch: Architecture, dtype: str, adapters: AdapterPlan | None = None, seq_len: int = 64, index: int = 0
-) -> float:
-    """Bytes per token that decoder layer `index` keeps for its backward, at blocks of `seq_len` tokens."""
+) -> SavedBytes:
+    """What decoder layer `index` keeps for its backward, at sequences of `seq_len` tokens (module docstring)."""
     settings = json.loads(arch.config.to_json_string(use_diff=False))
     lora = json.dumps(layer_lora(arch, adapters, index), sort_keys=True) if adapters is not None else None
-    small, large = narrow_scales(settings)
     text = json.dumps(settings, sort_keys=True)
+    scales = narrow_scales(settings)
+
+    def measure(scale: Fraction, tokens: int) -> int:
+        return _saved_bytes(text, scale, tokens, dtype, lora, index)
+
     t1, t2, t3 = TOKENS
-    f1, f2, f3 = (_saved_bytes(text, small, tokens, dtype, lora, index) for tokens in TOKENS)
-    quadratic = ((f3 - f2) / (t3 - t2) - (f2 - f1) / (t2 - t1)) / (t3 - t1)
-    linear = (f2 - f1) / (t2 - t1) - quadratic * (t1 + t2)
-    constant = f1 - linear * t1 - quadratic * t1 * t1
-    per_scale = (_saved_bytes(text, large, t2, dtype, lora, index) - f2) / t2 / float(large - small)
-    linear += per_scale * float(1 - small)
+    f1, f2, f3 = (measure(scales[0], tokens) for tokens in TOKENS)
+    quadratic = ((f3 - f2) / (t3 - t2) - (f2 - f1) / (t2 - t1)) / (t3 - t1)  # [heads, T, T]: no width in it
+    lines = [(f2 - f1) / (t2 - t1), (measure(scales[1], t2) - measure(scales[1], t1)) / (t2 - t1)]
+    lines = [line - quadratic * (t1 + t2) for line in lines]
+    slope = (lines[1] - lines[0]) / float(scales[1] - scales[0])  # per token and unit of scale
+
+    def linear(scale: Fraction) -> float:
+        return lines[0] + slope * float(scale - scales[0])
+
+    constants = [measure(scale, t1) - linear(scale) * t1 - quadratic * t1 * t1 for scale in scales]
     if arch.config._attn_implementation != "eager":
-        quadratic = 0.0  # a CPU artefact under SDPA (MLA's math kernel, below); GPU kernels keep no s x s
-    return constant / seq_len + linear + quadratic * seq_len
+        quadratic = 0.0  # a CPU artefact under SDPA (MLA's math kernel, above); GPU kernels keep no s x s
+    return SavedBytes(_at_full_width(scales, constants), linear(Fraction(1)) + quadratic * seq_len)
+
+
+def _at_full_width(scales: tuple[Fraction, ...], values: list[float]) -> float:
+    """The parabola through (scale, value) at scale 1 (Lagrange's weights, exact in fractions)."""
+    weights = [math.prod((1 - other) / (scale - other) for other in scales if other != scale) for scale in scales]
+    return sum(float(weight) * value for weight, value in zip(weights, values, strict=True))
 
 
 def decoder_saved_bytes(
     arch: Architecture, dtype: str, seq_len: int, adapters: AdapterPlan | None = None
-) -> list[float]:
-    """`saved_bytes_per_token` of every decoder layer, counted once per distinct layer (parameter shapes and
-    adapters)."""
+) -> list[SavedBytes]:
+    """`saved_bytes` of every decoder layer, counted once per distinct layer (parameter shapes and adapters)."""
     meta = arch.meta_model()
-    counted: dict[str, float] = {}
+    counted: dict[str, SavedBytes] = {}
     result = []
     for layer in (layer for layer in arch.pipeline_layers() if layer.kind == DECODER):
         shapes = [(n, tuple(p.shape)) for n, p in meta.get_submodule(layer.modules[0]).named_parameters()]
         lora = layer_lora(arch, adapters, layer.decoder_index) if adapters is not None else None
         key = json.dumps([shapes, lora], sort_keys=True)
         if key not in counted:
-            counted[key] = saved_bytes_per_token(arch, dtype, adapters, seq_len, layer.decoder_index)
+            counted[key] = saved_bytes(arch, dtype, adapters, seq_len, layer.decoder_index)
         result.append(counted[key])
     return result
 

@@ -11,14 +11,17 @@ bytes, as DeepSpeed 0.19.8 allocates it
                  in the optimizer step: P_s x 4 / r (the fp32 gradient of this rank's partition)
                  plus Adam's two fp32 temporaries of it, 8 x P_s / r (4 x P_s without ZeRO)
     activations  per block and micro-batch, the bytes autograd saves in one forward of that decoder
-                 layer (counted on narrow real copies, train/planning/activations.py, scaled to b x s tokens;
-                 an MoE layer's experts keep their top-k rows, a dense first layer its own); with
-                 activation checkpointing only each block's input, plus one block's full set during its
+                 layer (counted on narrow real copies, train/planning/activations.py): per token, scaled to
+                 b x s tokens (an MoE layer's experts keep their top-k rows, a dense first layer its own),
+                 plus a constant per forward (LoRA on fused experts: the whole adapted expert stack W + BA,
+                 [experts, out, in], which the experts' matmul keeps); with activation checkpointing only
+                 each block's input, plus one block's full set (its constant once) during its
                  recomputation; on the stage with the head also b s V x (w + 8) of logits, log-softmax
                  and its gradient (+ 4 + w for the fp32 copy of bf16/fp16 logits). Times the micro-batches
                  in flight, read off DeepSpeed's own schedule (train/planning/schedules.py): under 1F1B
                  min(p - s, m) on stage s; under DualPipeV the peak over the rank's instructions of both
-                 its stages' in-flight micro-batches, each times its stage's bytes
+                 its stages' in-flight micro-batches, each times its stage's bytes (without checkpointing
+                 every micro-batch in flight keeps its own constant: its own W + BA copies)
 
 The peak is the larger of the backward pass (weights, optimizer, bucket, accumulated gradients,
 activations) and the optimizer step (weights, optimizer, bucket, step gradients): activations are
@@ -36,7 +39,7 @@ from models.quantize import Quantization, quantized_parameters
 from train.config.ds_config import batch_layout
 from train.errors import ConfigError
 from train.observe.mfu import training_dtype
-from train.planning.activations import decoder_saved_bytes
+from train.planning.activations import SavedBytes, decoder_saved_bytes
 from train.planning.schedules import peak_in_flight, rank_layer_ranges, stages_per_rank
 
 
@@ -111,7 +114,8 @@ def plan_stages(
     adapter_counts = adapter_parameters(arch, adapters) if adapters is not None else None
     quantized_counts = quantized_layer_parameters(arch) if quantization is not None else [0] * len(counts)
     tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
-    block_bytes = [b * tokens for b in layer_activations(arch, dtype, seq_len, adapters)]  # 0 but for decoders
+    # One micro-batch's saved tensors per block (0 but for decoders): the weight-sized constant once per forward.
+    block_bytes = [saved.micro_batch(tokens) for saved in layer_activations(arch, dtype, seq_len, adapters)]
     stored = [tokens * h * width if checkpoint_interval and b else b for b in block_bytes]  # checkpointed: inputs
     flops = layer_flops(arch, seq_len, token_weight=False)
     # Logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient, on the stage with the head.
@@ -129,8 +133,8 @@ def plan_stages(
         activations = peak_in_flight(
             schedule, stages, micro_batches=batch.num_micro_batches, rank=rank, phase_bytes=phase_bytes
         )
-        if checkpoint_interval:
-            activations += max(block_bytes[i] for i in layers)  # one block's full set during its recomputation
+        if checkpoint_interval:  # one block's full set during its recomputation: its weight-sized constant once
+            activations += max(block_bytes[i] for i in layers)
         quantized = sum(quantized_counts[i] for i in layers)
         quantized_bytes = quantized * (quantization.bytes_per_weight() if quantization is not None else 0)
         memory = {
@@ -146,11 +150,13 @@ def plan_stages(
     return plans
 
 
-def layer_activations(arch: Architecture, dtype: str, seq_len: int, adapters: AdapterPlan | None = None) -> list[float]:
-    """Bytes per token each pipeline layer saves for its backward: its decoder layer's, 0 for the others (the
-    head's logits are counted apart)."""
+def layer_activations(
+    arch: Architecture, dtype: str, seq_len: int, adapters: AdapterPlan | None = None
+) -> list[SavedBytes]:
+    """What each pipeline layer saves for its backward: its decoder layer's, nothing for the others (the head's
+    logits are counted apart)."""
     decoder = iter(decoder_saved_bytes(arch, dtype, seq_len, adapters))
-    return [next(decoder) if layer.kind == DECODER else 0.0 for layer in arch.pipeline_layers()]
+    return [next(decoder) if layer.kind == DECODER else SavedBytes(0.0, 0.0) for layer in arch.pipeline_layers()]
 
 
 def quantized_layer_parameters(arch: Architecture) -> list[int]:
