@@ -1,6 +1,6 @@
 """`train.evaluate` in-process on one rank: the run's evaluator, on an imported model, equals transformers' loss on
 the same validation blocks, and writes nothing but its results (and the tokenizer it used). Over real ranks, against
-a training run's own evaluation: tests/integration/test_evaluate.py."""
+a training run's own evaluation: tests/integration/test_evaluate_launch.py."""
 
 import json
 
