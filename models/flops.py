@@ -13,7 +13,7 @@ matrix; `Architecture.attention_width` is heads x the mean of the query-key and 
 **Mixtures of experts: active FLOPs.** transformers 5.24 fuses a layer's routed experts into 3-D parameters
 [experts, ., .] (`mlp.experts.gate_up_proj`, `down_proj`; gpt-oss adds 2-D per-expert biases) in one experts
 module; each token runs top_k of them, so their weights count top_k / experts (`num_experts_per_tok` over
-`num_experts` / `num_local_experts` / `n_routed_experts`, whichever the family's config names). Shared experts,
+the experts modules' own `num_experts`: `Architecture.experts`). Shared experts,
 the router and dense layers are ordinary matrices and count whole. MFU is therefore model FLOPs of the experts a
 token really runs, not of every expert.
 """
@@ -23,10 +23,6 @@ from torch import nn
 from models.architecture import DECODER, HEAD, TIED_HEAD, Architecture
 from models.deepspeed_internals import balanced_partition
 
-# The config fields that hold the number of routed experts, by family (transformers 5.24's attribute maps alias
-# most of them to each other; DeepSeek and GLM-4.5 name theirs n_routed_experts).
-EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
-
 
 def experts_modules(module: nn.Module) -> list[nn.Module]:
     """The modules of `module` that hold fused routed experts: a 3-D parameter of their own."""
@@ -35,9 +31,8 @@ def experts_modules(module: nn.Module) -> list[nn.Module]:
 
 def routed_fraction(arch: Architecture) -> tuple[int, int]:
     """(top_k, experts) of the model's routed experts: the share of them a token runs; (1, 1) for a dense model."""
-    config = arch.config
-    experts = next((getattr(config, f) for f in EXPERT_COUNT_FIELDS if getattr(config, f, None)), None)
-    return (config.num_experts_per_tok, experts) if experts is not None else (1, 1)
+    experts = arch.experts  # read off the experts modules (models/expert_load.py), one place for every family
+    return (experts.top_k, experts.num_experts) if experts is not None else (1, 1)
 
 
 def active_parameters_of(arch: Architecture, module: nn.Module, matmul_only: bool = False) -> int:
