@@ -72,3 +72,25 @@ def one_rank_group():
     if not dist.is_initialized():
         init_distributed()
     yield
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """tests/run.sh runs two pytest-xdist workers (`--dist loadgroup`); each builds the session fixtures it uses.
+    A file goes to one worker as a whole (its module fixtures are built once), and the files that share a session
+    fixture of tests/integration/conftest.py (a launched run) go to the same worker, so that run is launched once."""
+    owner = {}  # file -> the file that stands for its group
+
+    def find(path: str) -> str:
+        while owner.setdefault(path, path) != path:
+            path = owner[path]
+        return path
+
+    shared_by = {}  # session fixture -> the first file using it
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        find(path)
+        for name, definitions in item._fixtureinfo.name2fixturedefs.items():
+            if definitions[-1].scope == "session" and "tests/integration/" in str(definitions[-1].baseid):
+                owner[find(path)] = find(shared_by.setdefault(name, path))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(find(item.nodeid.split("::")[0])))
