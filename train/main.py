@@ -121,6 +121,9 @@ def run_training(flags: Flags) -> None:
     except RunError:
         dist.destroy_process_group()  # every rank stops here together: a RunError is agreed
         raise
+    except Exception:
+        preemption.stop_if_ended()  # a peer that stopped with launch.sh: say that, not the collective's error
+        raise
     finally:
         if lock is not None:
             lock.release()

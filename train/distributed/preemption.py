@@ -72,8 +72,10 @@ class Preemption:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         launcher = os.environ.get("PIPEGPT_LAUNCHER_PID")
+        self.launcher = None
         if launcher and os.environ.get("PIPEGPT_LAUNCHER_HOST") == socket.gethostname():
-            threading.Thread(target=self._watch_launcher, args=(int(launcher),), daemon=True).start()
+            self.launcher = int(launcher)
+            threading.Thread(target=self._watch_launcher, args=(self.launcher,), daemon=True).start()
 
     def arm(self) -> None:
         """From here on a signal stops the run at a step boundary, saved."""
@@ -94,6 +96,15 @@ class Preemption:
         if not self.armed:
             self._stop_now(self.signal_name)
         print(f"warning: launch.sh (pid {pid}) is gone: stopping at the end of this step", flush=True)
+
+    def stop_if_ended(self) -> None:
+        """After a failure before training: when launch.sh is gone, or a signal came, that is the cause (most often
+        a collective whose peer already stopped on it, which gloo reports as "Connection closed by peer" before
+        this rank's once-a-second watch sees it): stop as for it. Otherwise return, and the failure is reported."""
+        if self.launcher is not None and not process_alive(self.launcher):
+            self.signal_name = self.signal_name or f"the end of launch.sh (pid {self.launcher})"
+        if self.signal_name and not self.armed:
+            self._stop_now(self.signal_name)
 
     def _on_signal(self, signum: int, frame) -> None:
         self.signal_name = signal.Signals(signum).name
