@@ -108,7 +108,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         path = item.nodeid.split("::")[0]
         find(path)
         for name, definitions in item._fixtureinfo.name2fixturedefs.items():
-            if definitions[-1].scope == "session" and "tests/integration/" in str(definitions[-1].baseid):
+            if definitions[-1].scope == "session" and definitions[-1].baseid.startswith("tests/integration"):
                 owner[find(path)] = find(shared_by.setdefault(name, path))
     for item in items:
         item.add_marker(pytest.mark.xdist_group(find(item.nodeid.split("::")[0])))
