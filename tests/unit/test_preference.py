@@ -1,0 +1,138 @@
+"""Preference pairs: token ids as trl 1.16's DPOTrainer makes them, pairs packed whole into blocks, and the
+pipeline's loss and metrics on a packed block equal to DPOTrainer's own `_compute_loss` on the same pairs."""
+
+from collections import defaultdict
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from trl import DPOConfig, DPOTrainer
+
+from models.architecture import discover
+from models.hf_weights import load_hf_weights
+from models.pipeline import build_pipeline
+from models.preference_loss import PreferenceLoss, metrics_from_sums
+from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TRUNCATED
+from train.data.preference import encode_pairs, pack_pairs, pair_token_ids
+
+STRINGS = [
+    {"prompt": "In the beginning", "chosen": " God created the heaven", "rejected": " the earth was"},
+    {"prompt": "And God said,", "chosen": " Let there be light", "rejected": " and there was"},
+    {"prompt": "And the evening", "chosen": " and the morning were the first day.", "rejected": " void"},
+]
+TURNS = [
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "In the beginning"}],
+        "chosen": [{"role": "assistant", "content": "God created the heaven."}],
+        "rejected": [{"role": "assistant", "content": "And darkness."}],
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(chat_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def trainer(tokenizer, tmp_path_factory):
+    """DPOTrainer on a tiny random llama, its reference log-probabilities precomputed (as ours are), then the
+    model moved off them so that the rewards are not 0."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config)
+    args = DPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        report_to=[],
+        use_cpu=True,
+        precompute_ref_log_probs=True,
+        max_length=None,
+        dataset_num_proc=None,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(STRINGS), processing_class=tokenizer)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return trainer
+
+
+def trl_ids(trainer, records: list[dict]) -> list[tuple]:
+    dataset = trainer._prepare_dataset(Dataset.from_list(records), trainer.processing_class, trainer.args, "test")
+    return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in dataset]
+
+
+def test_pairs_tokenize_as_trl_does(trainer, tokenizer):
+    """Strings (EOS appended), conversations with a prompt, and whole conversations sharing their prompt turns."""
+    template = tokenizer.chat_template
+    whole = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in TURNS]
+    for records in (STRINGS, TURNS, whole):
+        ours = [pair_token_ids(r.get("prompt"), r["chosen"], r["rejected"], tokenizer, template) for r in records]
+        assert ours == trl_ids(trainer, records)
+    prompt, chosen, _ = pair_token_ids(
+        TURNS[0]["prompt"], TURNS[0]["chosen"], TURNS[0]["rejected"], tokenizer, template
+    )
+    assert tokenizer.decode(chosen) == "God created the heaven.<|im_end|>\n"  # the end of turn counts
+    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")  # the generation prompt does not
+
+
+def test_bad_pairs_are_one_line_each_and_long_ones_cut_as_trl(tokenizer):
+    records = {
+        "prompt": ["a", "a", "a", "a", "In the beginning", "In the beginning God created the heaven and the earth"],
+        "chosen": ["", " b", None, " b", " God created the heaven and the earth", " and"],
+        "rejected": [" c", " b", " c", " c", " the", " or"],
+    }
+    out = encode_pairs(records, tokenizer, seq_len=24, overlong="truncate", template=None)
+    assert out["status"] == [MALFORMED, MALFORMED, MALFORMED, KEPT, TRUNCATED, NO_ANSWER]
+    assert out["problem"][0] == "ValueError: the chosen answer is empty: remove the pair"
+    assert "equal" in out["problem"][1] and "NoneType" in out["problem"][2]
+    docs = out["docs"][4]  # TRL's keep_start: each sequence cut to max_length = --seq-len / 2
+    assert [len(d) for d in docs] == [12, min(12, len(tokenizer("In the beginning the<|endoftext|>")["input_ids"]))]
+
+
+def packed(tokenizer, records: list[dict], seq_len: int, one_per_block: bool = False) -> dict:
+    columns = {k: [r[k] for r in records] for k in ("prompt", "chosen", "rejected")}
+    encoded = encode_pairs(columns, tokenizer, seq_len=seq_len, overlong="truncate", template=None)
+    return pack_pairs(encoded, seq_len=seq_len, one_per_block=one_per_block, pad_id=0)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_and_metrics_of_a_packed_block_equal_trl(trainer, tokenizer, tmp_path, loss_type, one_rank_group):
+    """Three pairs packed into one block of the pipeline: the loss (mean over pairs) and TRL's six metrics equal
+    DPOTrainer's `_compute_loss` on the same pairs, model and reference log-probabilities."""
+    trainer.loss_types, trainer.loss_weights, trainer._metrics = [loss_type], [1.0], {"train": defaultdict(list)}
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    with torch.no_grad():
+        expected = trainer._compute_loss(trainer.model, batch, False).item()
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("rewards/", "logps/"))}
+    trainer.model.save_pretrained(tmp_path / "hf")
+    arch = discover(trainer.model.config)
+    blocks = packed(tokenizer, STRINGS, seq_len=128)
+    assert blocks["loss_tokens"] == [3], "the three pairs share one block"
+    reference = torch.zeros(1, 6, dtype=torch.float64)
+    reference[0, 0::2], reference[0, 1::2] = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    loss_fn = PreferenceLoss(loss_type=loss_type, beta=trainer.beta, reference=reference)
+    pipe = build_pipeline(arch, num_stages=1, seq_len=128, loss_fn=loss_fn)
+    load_hf_weights(pipe, tmp_path / "hf", arch)
+    rows = {k: torch.tensor(v) for k, v in blocks.items()}
+    labels = (rows["labels"], torch.tensor(1 / 3), rows["answer_slots"], torch.tensor([0]))
+    with torch.no_grad():
+        loss = pipe.loss_fn(pipe.eval()((rows["input_ids"], rows["position_ids"])), labels).item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    ours = metrics_from_sums(loss_fn.take_sums())
+    assert ours.keys() == trl_metrics.keys()
+    for name, value in trl_metrics.items():
+        assert ours[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_pairs_pack_whole_and_pad_one_per_block(tokenizer):
+    pad = packed(tokenizer, STRINGS, seq_len=64, one_per_block=True)
+    assert pad["loss_tokens"] == [1, 1, 1]
+    pack = packed(tokenizer, STRINGS, seq_len=64)
+    assert sum(pack["loss_tokens"]) == 3 and len(pack["loss_tokens"]) < 3
+    for slots, positions in zip(pack["answer_slots"], pack["position_ids"], strict=True):
+        pairs = {s // 2 for s in slots if s >= 0}
+        assert {s for s in slots if s >= 0} == {2 * p + side for p in pairs for side in (0, 1)}  # both answers
+        assert len(slots) == len(positions) == 64
