@@ -3,6 +3,7 @@ pipeline's loss and metrics on a packed block equal to DPOTrainer's own `_comput
 
 from collections import defaultdict
 
+import deepspeed
 import pytest
 import torch
 from datasets import Dataset
@@ -12,9 +13,12 @@ from trl import DPOConfig, DPOTrainer
 from models.architecture import discover
 from models.hf_weights import load_hf_weights
 from models.pipeline import build_pipeline
-from models.preference_loss import PreferenceLoss, metrics_from_sums
+from models.preference_loss import PreferenceLoss, metrics_from_sums, pair_losses
+from tests.helpers import ds_config
+from train.data.batches import TrainMicroBatches
 from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TRUNCATED
 from train.data.preference import encode_pairs, pack_pairs, pair_token_ids
+from train.reference import reference_pass, reference_steps
 
 STRINGS = [
     {"prompt": "In the beginning", "chosen": " God created the heaven", "rejected": " the earth was"},
@@ -136,3 +140,74 @@ def test_pairs_pack_whole_and_pad_one_per_block(tokenizer):
         pairs = {s // 2 for s in slots if s >= 0}
         assert {s for s in slots if s >= 0} == {2 * p + side for p in pairs for side in (0, 1)}  # both answers
         assert len(slots) == len(positions) == 64
+
+
+def document_logps(model, row: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{answer slot: (summed log-probability of its labelled tokens, its tokens)} of one block, each document run
+    alone through the HF model (the plain reference for the packed pipeline)."""
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+    out = {}
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        slots = [s for s in row["answer_slots"][a:b] if s >= 0]
+        if not slots:
+            continue  # the padding
+        logits = model(torch.tensor([row["input_ids"][a:b]])).logits[0, :-1].float()
+        labels = torch.tensor(row["labels"][a + 1 : b])
+        picked = logits.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+        out[slots[0]] = (picked[labels != -100].sum(), torch.tensor(float(len(slots))))
+    return out
+
+
+def plain_dpo_loss(model, rows: list[dict], keys: list[int], reference: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """TRL's loss (`pair_losses`, equal to DPOTrainer's above) averaged over the pairs of the blocks `rows`."""
+    losses = []
+    for row, key in zip(rows, keys, strict=True):
+        answers = document_logps(model, row)
+        for slot in range(0, max(answers) + 1, 2):
+            (chosen, c_tokens), (rejected, r_tokens) = answers[slot], answers[slot + 1]
+            ref_c, ref_r = reference[key, slot].float(), reference[key, slot + 1].float()
+            losses.append(
+                pair_losses(chosen, rejected, ref_c, ref_r, c_tokens, r_tokens, loss_type=loss_type, beta=0.1)
+            )
+    return torch.stack(losses).mean()
+
+
+def test_reference_pass_and_training_through_the_engine_equal_a_plain_loop(tokenizer, tmp_path, one_rank_group):
+    """The reference pass (forward only, before step 1) through a DeepSpeed pipeline engine gives every answer's
+    log-probability under the starting weights, and 2 training steps of 2 micro-batches holding different numbers of
+    pairs train the losses of a plain PyTorch loop (AdamW) computing TRL's loss on the HF model."""
+    records = [dict(r, prompt=f"{r['prompt']} {i}") for i in range(4) for r in STRINGS]
+    plain = Dataset.from_dict(packed(tokenizer, records, seq_len=48))
+    blocks = plain.with_format("torch")  # as the run reads its packed cache
+    assert len(set(plain["loss_tokens"])) > 1 and len(plain) >= 8
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    hf = LlamaForCausalLM(config)
+    hf.save_pretrained(tmp_path / "hf")
+    arch = discover(hf.config)
+    loss_fn = PreferenceLoss(loss_type="sigmoid", beta=0.1)
+    pipe = build_pipeline(arch, num_stages=1, seq_len=48, loss_fn=loss_fn)
+    load_hf_weights(pipe, tmp_path / "hf", arch)
+    config = ds_config(4, 2, scheduler=None, gradient_clipping=None)
+    engine, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=config)
+    feed = dict(micro_batch_size=2, num_micro_batches=2, dp_rank=0, dp_size=1, document_attention=True)
+    table = reference_pass(engine, loss_fn, reference_steps(blocks, **feed), keys=len(blocks))
+    with torch.no_grad():
+        for key in range(len(table)):
+            for slot, (logp, _) in document_logps(hf, plain[key]).items():
+                assert table[key, slot].item() == pytest.approx(logp.item(), rel=1e-5)
+    loss_fn.reference = table
+    batches = TrainMicroBatches(blocks=blocks, seed=0, shuffle=False, **feed)
+    data = iter(batches)
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=3e-3, weight_decay=0.1)
+    for step in range(2):
+        ours = engine.train_batch(data).item()
+        keys = [k for micro_batch in batches.step_indices(step) for k in micro_batch]
+        loss = plain_dpo_loss(hf.train(), [plain[k] for k in keys], keys, table, "sigmoid")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert ours == pytest.approx(loss.item(), rel=1e-5), step
+    assert metrics_from_sums(loss_fn.take_sums())["logps/chosen"] < 0
