@@ -134,10 +134,9 @@ class PreferenceLoss:
 
 
 def metrics_from_sums(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """TRL's six metrics, each the mean over the pairs the sums hold."""
+    """TRL's six metrics, each the mean over the pairs the sums hold, and `pairs`, their number."""
     pairs = float(sums[0])
-    return (
-        {prefix + name: float(value) / pairs for name, value in zip(METRICS, sums[1:].tolist(), strict=True)}
-        if pairs
-        else {}
-    )
+    if not pairs:
+        return {}
+    means = {prefix + name: float(value) / pairs for name, value in zip(METRICS, sums[1:].tolist(), strict=True)}
+    return means | {prefix + "pairs": int(pairs)}

@@ -13,8 +13,9 @@ from trl import DPOConfig, DPOTrainer
 from models.architecture import discover
 from models.hf_weights import load_hf_weights
 from models.pipeline import build_pipeline
-from models.preference_loss import PreferenceLoss, metrics_from_sums, pair_losses
+from models.preference_loss import PreferenceLoss, metrics_from_sums
 from tests.helpers import ds_config
+from tests.preference_reference import document_logps, plain_dpo_loss
 from train.data.batches import TrainMicroBatches
 from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TRUNCATED
 from train.data.preference import encode_pairs, pack_pairs, pair_token_ids
@@ -84,7 +85,14 @@ def test_pairs_tokenize_as_trl_does(trainer, tokenizer):
 
 def test_bad_pairs_are_one_line_each_and_long_ones_cut_as_trl(tokenizer):
     records = {
-        "prompt": ["a", "a", "a", "a", "In the beginning", "In the beginning God created the heaven and the earth"],
+        "pair_prompt": [
+            "a",
+            "a",
+            "a",
+            "a",
+            "In the beginning",
+            "In the beginning God created the heaven and the earth",
+        ],
         "chosen": ["", " b", None, " b", " God created the heaven and the earth", " and"],
         "rejected": [" c", " b", " c", " c", " the", " or"],
     }
@@ -97,7 +105,9 @@ def test_bad_pairs_are_one_line_each_and_long_ones_cut_as_trl(tokenizer):
 
 
 def packed(tokenizer, records: list[dict], seq_len: int, one_per_block: bool = False) -> dict:
-    columns = {k: [r[k] for r in records] for k in ("prompt", "chosen", "rejected")}
+    columns = {"pair_prompt": [r["prompt"] for r in records]} | {
+        k: [r[k] for r in records] for k in ("chosen", "rejected")
+    }
     encoded = encode_pairs(columns, tokenizer, seq_len=seq_len, overlong="truncate", template=None)
     return pack_pairs(encoded, seq_len=seq_len, one_per_block=one_per_block, pad_id=0)
 
@@ -126,7 +136,7 @@ def test_loss_and_metrics_of_a_packed_block_equal_trl(trainer, tokenizer, tmp_pa
         loss = pipe.loss_fn(pipe.eval()((rows["input_ids"], rows["position_ids"])), labels).item()
     assert loss == pytest.approx(expected, rel=1e-5)
     ours = metrics_from_sums(loss_fn.take_sums())
-    assert ours.keys() == trl_metrics.keys()
+    assert ours.pop("pairs") == 3 and ours.keys() == trl_metrics.keys()
     for name, value in trl_metrics.items():
         assert ours[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
@@ -140,36 +150,6 @@ def test_pairs_pack_whole_and_pad_one_per_block(tokenizer):
         pairs = {s // 2 for s in slots if s >= 0}
         assert {s for s in slots if s >= 0} == {2 * p + side for p in pairs for side in (0, 1)}  # both answers
         assert len(slots) == len(positions) == 64
-
-
-def document_logps(model, row: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{answer slot: (summed log-probability of its labelled tokens, its tokens)} of one block, each document run
-    alone through the HF model (the plain reference for the packed pipeline)."""
-    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
-    out = {}
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
-        slots = [s for s in row["answer_slots"][a:b] if s >= 0]
-        if not slots:
-            continue  # the padding
-        logits = model(torch.tensor([row["input_ids"][a:b]])).logits[0, :-1].float()
-        labels = torch.tensor(row["labels"][a + 1 : b])
-        picked = logits.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
-        out[slots[0]] = (picked[labels != -100].sum(), torch.tensor(float(len(slots))))
-    return out
-
-
-def plain_dpo_loss(model, rows: list[dict], keys: list[int], reference: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """TRL's loss (`pair_losses`, equal to DPOTrainer's above) averaged over the pairs of the blocks `rows`."""
-    losses = []
-    for row, key in zip(rows, keys, strict=True):
-        answers = document_logps(model, row)
-        for slot in range(0, max(answers) + 1, 2):
-            (chosen, c_tokens), (rejected, r_tokens) = answers[slot], answers[slot + 1]
-            ref_c, ref_r = reference[key, slot].float(), reference[key, slot + 1].float()
-            losses.append(
-                pair_losses(chosen, rejected, ref_c, ref_r, c_tokens, r_tokens, loss_type=loss_type, beta=0.1)
-            )
-    return torch.stack(losses).mean()
 
 
 def test_reference_pass_and_training_through_the_engine_equal_a_plain_loop(tokenizer, tmp_path, one_rank_group):

@@ -18,6 +18,8 @@ A pair's two documents go side by side into one block, so they always meet in on
 (models/preference_loss.py reads the labels tuple this makes).
 """
 
+import numpy as np
+from datasets import Dataset, Features, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 
 from models.loss import IGNORE_INDEX
@@ -99,10 +101,10 @@ def pair_documents(prompt_ids: list, chosen_ids: list, rejected_ids: list, max_l
 
 
 def encode_pairs(batch: dict, tokenizer, seq_len: int, overlong: str, template: str | None) -> dict:
-    """A `datasets.map` batch of records -> each pair's two documents (`docs`: ids and completion masks, chosen
-    then rejected), status (KEPT ... MALFORMED) and problem."""
+    """A `datasets.map` batch of records (pair_prompt, chosen, rejected) -> each pair's two documents (`docs`: ids;
+    `masks`: completion masks; chosen then rejected), status (KEPT ... MALFORMED) and problem."""
     out: dict[str, list] = {"docs": [], "masks": [], "status": [], "problem": []}
-    prompts = batch.get("prompt") or [None] * len(batch["chosen"])
+    prompts = batch.get("pair_prompt") or [None] * len(batch["chosen"])
     for prompt, chosen, rejected in zip(prompts, batch["chosen"], batch["rejected"], strict=True):
         try:
             ids = pair_token_ids(prompt, chosen, rejected, tokenizer, template)
@@ -161,3 +163,50 @@ def pack_pairs(batch: dict, seq_len: int, one_per_block: bool, pad_id: int) -> d
     for block in open_blocks:
         close(*block)
     return blocks
+
+
+def encode_pair_records(records, data_format, tokenizer: PreTrainedTokenizerBase, *, seq_len: int, num_proc) -> Dataset:
+    """Preference records -> each pair's documents, status and problem (`encode_pairs`), in order."""
+    template = data_format.chat_template or tokenizer.chat_template
+    template = template.get("default") if isinstance(template, dict) else template
+    return records.map(
+        encode_pairs,
+        fn_kwargs=dict(tokenizer=tokenizer, seq_len=seq_len, overlong=data_format.overlong, template=template),
+        batched=True,
+        batch_size=1000,
+        remove_columns=records.column_names,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(records) > 1000 * num_proc else None,
+        desc="tokenizing preference pairs",
+    )
+
+
+def pair_features(seq_len: int) -> Features:
+    columns = ("input_ids", "labels", "position_ids", "answer_slots")
+    return Features(
+        {name: Sequence(Value("int32"), length=seq_len) for name in columns}
+        | {"loss_tokens": Value("int32"), "examples": Value("int32")}  # both: the block's pairs
+    )
+
+
+def pack_pair_records(kept: Dataset, data_format, pad_id: int, seq_len: int) -> tuple[Dataset, dict]:
+    """Kept pairs -> blocks (`pack_pairs`) and their counts."""
+    blocks = kept.map(
+        pack_pairs,
+        fn_kwargs=dict(seq_len=seq_len, one_per_block=data_format.packing == "pad", pad_id=pad_id),
+        batched=True,
+        batch_size=10_000,
+        remove_columns=kept.column_names,
+        features=pair_features(seq_len),
+        desc=f"{'packing' if data_format.packing == 'pack' else 'padding'} pairs into {seq_len}-token blocks",
+    )
+    slots = np.asarray(blocks["answer_slots"])
+    return blocks, {"blocks": len(blocks), "tokens": slots.size, "answer_fraction": float((slots >= 0).mean())}
+
+
+def describe_pairs(spec: str, stats: dict, data_format, seq_len: int) -> str:
+    return (
+        f"{spec}: {stats['kept']:,} preference pairs in {stats['blocks']:,} blocks of {seq_len} tokens "
+        f"({data_format.packing}): {stats['answer_fraction']:.1%} answer tokens; {stats['truncated']} truncated and "
+        f"{stats['dropped']} dropped (longer than --seq-len / 2, --overlong), {stats['skipped']} skipped (the prompt "
+        "fills --seq-len / 2)"
+    )
