@@ -1,6 +1,7 @@
 """Preference pairs: token ids as trl 1.16's DPOTrainer makes them, pairs packed whole into blocks, and the
 pipeline's loss and metrics on a packed block equal to DPOTrainer's own `_compute_loss` on the same pairs."""
 
+import json
 from collections import defaultdict
 
 import deepspeed
@@ -14,7 +15,7 @@ from models.architecture import discover
 from models.hf_weights import load_hf_weights
 from models.pipeline import build_pipeline
 from models.preference_loss import PreferenceLoss, metrics_from_sums
-from tests.helpers import ds_config
+from tests.helpers import ds_config, run_preflight
 from tests.preference_reference import document_logps, plain_dpo_loss
 from train.data.batches import TrainMicroBatches
 from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TRUNCATED
@@ -191,3 +192,24 @@ def test_reference_pass_and_training_through_the_engine_equal_a_plain_loop(token
         optimizer.step()
         assert ours == pytest.approx(loss.item(), rel=1e-5), step
     assert metrics_from_sums(loss_fn.take_sums())["logps/chosen"] < 0
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"prompt": "a", "chosen": " b", "rejected": " b"}, "record 1 is not a pair pipegpt can train on: the chosen "
+         "and rejected answers are equal (no preference to learn): remove the pair"),
+        ({"prompt": "a", "chosen": " ", "rejected": " b"}, "the chosen answer is empty: remove the pair"),
+        ({"prompt": "a", "answer": " b", "rejected": " c"}, "has no column 'chosen'"),
+    ],
+)  # fmt: skip
+def test_the_preflight_refuses_a_bad_first_pair_in_one_line(
+    capsys, good, chat_tokenizer_dir, tmp_path, record, expected
+):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    line = run_preflight(capsys, 2, "--deepspeed_config", good["config"], "--data", data, "--data-format",
+                         "preference", "--tokenizer", chat_tokenizer_dir, "--output-dir", tmp_path / "run")  # fmt: skip
+    assert expected in line
+    if "column" in expected:
+        assert "--chosen-column" in line
