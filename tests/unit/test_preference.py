@@ -20,6 +20,7 @@ from tests.preference_reference import document_logps, plain_dpo_loss
 from train.data.batches import TrainMicroBatches
 from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TRUNCATED
 from train.data.preference import encode_pairs, pack_pairs, pair_token_ids
+from train.observe.metrics import MetricsLog, WandbSettings
 from train.reference import reference_pass, reference_steps
 
 STRINGS = [
@@ -213,3 +214,14 @@ def test_the_preflight_refuses_a_bad_first_pair_in_one_line(
     assert expected in line
     if "column" in expected:
         assert "--chosen-column" in line
+
+
+def test_the_progress_line_shows_the_reward_accuracy_and_margin(tmp_path, capsys):
+    log = MetricsLog(output_dir=tmp_path, enabled=True, total_steps=6, interval=1,
+                     wandb=WandbSettings(project=None, run_name=None, mode="disabled"), run_config={})  # fmt: skip
+    metrics = {"loss": 0.6, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 10.0, "eval_loss": 0.7, "eval_ppl": 2.0}
+    metrics |= {"rewards/accuracies": 0.75, "rewards/margins": 0.125, "eval_rewards/accuracies": 0.5}
+    log.progress(3, metrics | {"eval_rewards/margins": -0.25})
+    log.finish()
+    line = capsys.readouterr().out
+    assert "| rewards: accuracy 0.75 margin 0.1250 | val rewards: accuracy 0.50 margin -0.2500 | val loss" in line
