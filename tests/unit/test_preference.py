@@ -177,7 +177,7 @@ def test_reference_pass_and_training_through_the_engine_equal_a_plain_loop(token
     feed = dict(micro_batch_size=2, num_micro_batches=2, dp_rank=0, dp_size=1, document_attention=True)
     table = reference_pass(engine, loss_fn, reference_steps(blocks, **feed), keys=len(blocks))
     with torch.no_grad():
-        for key in range(len(table)):
+        for key in (0, len(table) - 1):  # the first block, and the last (filling the reference pass's last step)
             for slot, (logp, _) in document_logps(hf, plain[key]).items():
                 assert table[key, slot].item() == pytest.approx(logp.item(), rel=1e-5)
     loss_fn.reference = table
