@@ -15,9 +15,10 @@ for it, but leaves integer tensors alone, so each decoder layer computes its rot
 positions itself. With the router loss (models/router_loss.py) the tuple is `(hidden, P float32[E], position_ids,
 C int64[E])`: floats first, because its receive buffers (`_exec_recv_activations` in runtime/pipe/engine.py
 allocates `pipe_recv_buf` once) are reused by slot without checking dtype and gradient slot i shares memory with
-activation slot i; a (hidden, int, float) order trained silently wrong on 3 stages. Parameter names are the HF
-names below a per-layer prefix (see `models/hf_weights.py`).
+activation slot i; a (hidden, int, float) order trained silently wrong on 3 stages. HF names (models/hf_weights.py).
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -259,7 +260,6 @@ def ranges_text(ranges: list[tuple[int, int]] | list[list[int]]) -> str:
 
 def _seed_layer(seed: int) -> None:
     """Seed the generators a layer draws from: the CPU one (initialisation) and the device's (dropout).
-
     DeepSpeed calls this before every layer of every micro-batch's forward. `torch.manual_seed` would also
     queue lazy seeds for CUDA, XPU and MTIA where they are not initialised, formatting a stack trace for
     each: about 1 ms a call on CPU, 5-10% of a small model's step."""
@@ -279,13 +279,15 @@ def build_pipeline(
     activation_checkpoint_interval: int = 0,
     seq_len: int | None = None,
     schedule: str = "1f1b",
+    loss_fn: Callable | None = None,
 ) -> CausalLMPipeline:
-    """The model as a `PipelineModule` for `schedule` (`SCHEDULES`) on `num_stages` pipeline ranks. Each layer is
-    seeded from (seed, layer index), so the initial weights are the same whatever the layout and schedule."""
+    """The model as a `PipelineModule` for `schedule` (`SCHEDULES`) on `num_stages` pipeline ranks, each layer seeded
+    from (seed, layer index) whatever the layout. `loss_fn`: e.g. the preference loss (models/preference_loss.py)."""
+    settings = pipeline_settings(arch.router_loss)  # the loss function and the activation checkpoint function
     return SCHEDULES[schedule](
         layers=layer_specs(arch),
         num_stages=num_stages,
-        **pipeline_settings(arch.router_loss),  # the loss function and the activation checkpoint function
+        **{**settings, "loss_fn": loss_fn or settings["loss_fn"]},
         partition_method=partition_method,
         seed_layers=True,
         seed_fn=_seed_layer,

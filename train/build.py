@@ -35,6 +35,7 @@ from train.observe.metrics import MetricsLog, StepMeter, WandbSettings
 from train.observe.mfu import peak_tflops, training_dtype
 from train.observe.run_record import write_run_record
 from train.observe.timeline import ScheduleProfiler
+from train.preference_run import PreferenceRun, preference_loss_of
 from train.prepare import Inputs, prepare_inputs, training_batches
 
 
@@ -54,6 +55,7 @@ class Run:
     profiler: ScheduleProfiler
     watchdog: HangWatchdog
     preemption: Preemption
+    preference: PreferenceRun  # preference data: its reference and TRL's metrics
 
 
 def parameter_groups(module: torch.nn.Module) -> list[dict]:
@@ -83,6 +85,7 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
             activation_checkpoint_interval=flags.activation_checkpoint_interval,
             seq_len=flags.seq_len,
             schedule=flags.schedule,
+            loss_fn=preference_loss_of(config),
         )
     except ValueError as e:  # a partition DeepSpeed cannot run
         raise ConfigError(str(e)) from None
@@ -158,6 +161,7 @@ def evaluator(
         engine=engine,
         blocks=inputs.validation,
         n_blocks=inputs.eval_blocks,
+        key_offset=len(inputs.train) if inputs.train is not None else 0,  # preference: the reference's keys
         batch=config.batch,
         document_attention=config.document_attention,
         interval=flags.eval_interval,
@@ -264,6 +268,7 @@ def assemble(
     batches = training_batches(config, engine, inputs, start_step=start_step, stream_position=position)
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
     expert_load = expert_load_of(config, engine, start_step)
+    (preference := PreferenceRun(config, engine)).start(inputs.train, inputs.validation, inputs.eval_blocks, start_step)
     return Run(
         config=config,
         model_config=inputs.model_config,
@@ -288,4 +293,5 @@ def assemble(
         profiler=ScheduleProfiler(engine=engine, steps=set(flags.profile_steps), output_dir=config.output_dir),
         watchdog=HangWatchdog(engine=engine, timeout_s=flags.dist_timeout, report_dir=config.output_dir / "hang"),
         preemption=preemption,
+        preference=preference,
     )

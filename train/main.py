@@ -55,7 +55,8 @@ def train_steps(run: Run) -> int | None:
             seconds = time.perf_counter() - start
             run.meter.report_compile(seconds)
             data_wait = run.batches.take_wait_seconds()
-            answer_tokens = run.batches.answer_tokens(step)
+            # Preference blocks count pairs, not answer tokens: `pairs` in the metrics (models/preference_loss.py)
+            answer_tokens = None if run.preference.active else run.batches.answer_tokens(step)
             timeline = run.profiler.end()
             grad_norm = run.meter.grad_norm()
             stop_if_diverged(step, loss, grad_norm, fp16=fp16, last_checkpoint=run.checkpointer.latest_tag)
@@ -70,8 +71,10 @@ def train_steps(run: Run) -> int | None:
                     timeline=timeline,
                     last_step=step == last,
                 )
+                metrics.update(run.preference.metrics())  # TRL's rewards/ and logps/ (preference data)
                 if evaluate:
                     metrics.update(run.evaluator.evaluate(step))
+                    metrics.update(run.preference.metrics("eval_"))
                 run.log.log(step, metrics)
             preempted = run.preemption.requested()
         run.checkpointer.save(step, last_step=step == last or preempted)

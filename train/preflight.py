@@ -21,6 +21,7 @@ from models.hub import check_hub_name, not_found
 from train.config.args import parse_args
 from train.config.run_config import RunConfig, resolve_run_config
 from train.data.examples import chat_template_of, chat_text_and_spans
+from train.data.preference import check_answers
 from train.data.sources import Source, check_text_values, unreadable
 from train.data.tokenizer import load_tokenizer, tokenizer_too_large
 from train.distributed.run_lock import check_no_earlier_run, check_not_in_use
@@ -83,10 +84,15 @@ def check_first_record(file: str, record: dict, columns: dict[str, tuple[str, st
     renders, as the ranks will read them all."""
     for column, read_as in columns.items():
         check_text_values(file, [record[column]], column, read_as)
-    if chat is not None and "messages" in [ours for ours, _ in columns.values()]:
-        column = next(c for c, (ours, _) in columns.items() if ours == "messages")
+    ours = {name: column for column, (name, _) in columns.items()}
+    if "chosen" in ours:  # preference pairs: an empty answer, equal answers or a null (train/data/preference.py)
         try:
-            chat_text_and_spans(record[column], *chat)
+            check_answers(*(record[ours[n]] if n in ours else [] for n in ("pair_prompt", "chosen", "rejected")))
+        except ValueError as e:
+            raise ConfigError(f"{file}: record 1 is not a pair pipegpt can train on: {first_line(e)}") from None
+    if chat is not None and "messages" in ours:
+        try:
+            chat_text_and_spans(record[ours["messages"]], *chat)
         except ValueError as e:
             raise ConfigError(f"{file}: record 1 is not a conversation pipegpt can train on: {first_line(e)}") from None
 

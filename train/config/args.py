@@ -222,16 +222,31 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--data-format",
-        choices=["text", "prompt-completion", "chat"],
+        choices=["text", "prompt-completion", "chat", "preference"],
         default="text",
-        help="text: pretraining, every token in the loss; prompt-completion or chat: the loss on the answers only",
+        help="text: pretraining, every token in the loss; prompt-completion or chat: the loss on the answers only; "
+        "preference: pairs of a chosen and a rejected answer to a prompt, the DPO loss (docs/preference.md)",
     )
     data.add_argument(
         "--text-column", default="text", help="column holding the text (.txt files are one document per line)"
     )
-    data.add_argument("--prompt-column", default="prompt", help="prompt-completion data: the prompt column")
+    data.add_argument(
+        "--prompt-column",
+        default="prompt",
+        help="prompt-completion and preference data: the prompt column ('' for preference pairs whose answers are "
+        "whole conversations sharing the prompt turns)",
+    )
     data.add_argument("--completion-column", default="completion", help="prompt-completion data: the answer column")
     data.add_argument("--messages-column", default="messages", help="chat data: the column of {role, content} lists")
+    data.add_argument("--chosen-column", default="chosen", help="preference data: the preferred answer's column")
+    data.add_argument("--rejected-column", default="rejected", help="preference data: the other answer's column")
+    data.add_argument(
+        "--preference-loss",
+        choices=["sigmoid", "ipo"],
+        default="sigmoid",
+        help="preference data: trl 1.16 DPOTrainer's loss_type: sigmoid (DPO) or ipo (averaged over answer tokens)",
+    )
+    data.add_argument("--beta", type=float, default=0.1, help="preference data: DPO's beta (IPO's tau), TRL's default")
     data.add_argument(
         "--chat-template", type=Path, default=None, help="a Jinja chat template file (default: the tokenizer's own)"
     )
@@ -438,6 +453,11 @@ def check_flag_ranges(flags: Flags) -> None:
         raise ConfigError("--router-aux-loss-coef must be 0 or positive")
     if not 0 < flags.val_fraction < 1:
         raise ConfigError("--val-fraction must be between 0 and 1")
+    if flags.beta <= 0:
+        raise ConfigError("--beta must be positive (TRL's default 0.1)")
+    if flags.data_format == "preference" and (flags.streaming or flags.router_aux_loss_coef):
+        which = "--streaming" if flags.streaming else "--router-aux-loss-coef"
+        raise ConfigError(f"--data-format preference does not take {which} (docs/preference.md): drop {which}")
     if not 0 <= flags.lora_dropout < 1:
         raise ConfigError("--lora-dropout must be at least 0 and below 1")
     if flags.lora_alpha is not None and flags.lora_alpha <= 0:

@@ -1,9 +1,7 @@
 """The run's configuration, checked and resolved once: flags + DeepSpeed JSON + model config + data sources.
 
-Every rank resolves the same `RunConfig` from the same flags (launch.sh's preflight does it once before
-them). Any bad value is a `ConfigError` naming the flag and the fix. Nothing downstream re-reads or
-re-resolves a flag's raw value.
-"""
+Every rank resolves the same `RunConfig` from the same flags (launch.sh's preflight does it once before them). Any
+bad value is a `ConfigError` naming the flag and the fix. Nothing downstream re-reads a flag's raw value."""
 
 import importlib.util
 import json
@@ -115,6 +113,8 @@ def data_format_from_flags(flags: Flags) -> DataFormat:
         prompt_column=flags.prompt_column,
         completion_column=flags.completion_column,
         messages_column=flags.messages_column,
+        chosen_column=flags.chosen_column,
+        rejected_column=flags.rejected_column,
         chat_template=template,
         packing=flags.packing,
         overlong=flags.overlong,

@@ -57,13 +57,15 @@ class MicroBatchFeed:
         # With a trace path, every micro-batch handed to the engine is recorded there (appended on resume).
         self.trace = open(trace_path, "a") if trace_path else None  # closed in close()
         self.wait_seconds = 0.0  # time the engine spent waiting on us since `take_wait_seconds`
+        self.key_offset = 0  # added to the block numbers that key the preference reference (train/reference.py)
 
     def feed(self, rows: dict, blocks: list[int], scale: torch.Tensor | None, started: float) -> Iterator[tuple]:
         """This replica's rows of one step (`blocks`: their numbers, for the trace) as engine micro-batches."""
         self.wait_seconds += time.perf_counter() - started
         for index in range(self.num_micro_batches):
             part = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
-            inputs, labels = engine_inputs(rows, part, scale, self.document_attention)
+            keys = torch.tensor(blocks[part]) + self.key_offset  # preference data: the rows' reference table keys
+            inputs, labels = engine_inputs(rows, part, scale, self.document_attention, keys)
             if self.trace is not None:
                 record = trace_record(self.step + 1, index, blocks=blocks[part], input_ids=inputs[0], labels=labels)
                 self.trace.write(json.dumps(record) + "\n")
@@ -211,16 +213,21 @@ def answer_token_scale(num_micro_batches: int, dp_size: int, answer_tokens: floa
     return torch.tensor(num_micro_batches * dp_size / answer_tokens)
 
 
-def engine_inputs(rows: dict, part: slice, scale: torch.Tensor | None, document_attention: bool) -> tuple:
+def engine_inputs(
+    rows: dict, part: slice, scale: torch.Tensor | None, document_attention: bool, keys: torch.Tensor | None = None
+) -> tuple:
     """((input_ids, position_ids), labels) of one micro-batch as the engine takes it: labels are the inputs for
-    text (less each document's first token under document attention), and (labels, loss scale) for masked data
-    (DeepSpeed hands a tuple of tensors to the loss function as it is)."""
+    text (less each document's first token under document attention), (labels, loss scale) for masked data
+    (DeepSpeed hands a tuple of tensors to the loss function as it is), and for preference pairs (labels, scale,
+    answer slots, `keys`: the rows' reference keys; models/preference_loss.py)."""
     input_ids = rows["input_ids"][part].long()
     if document_attention:
         position_ids = rows["position_ids"][part].long()
     else:
         position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids).contiguous()
-    if scale is not None:
+    if "answer_slots" in rows:
+        labels = (rows["labels"][part].long(), scale, rows["answer_slots"][part].long(), keys)
+    elif scale is not None:
         labels = (rows["labels"][part].long(), scale)
     elif document_attention:
         labels = input_ids.masked_fill(position_ids == 0, IGNORE_INDEX)
@@ -245,6 +252,7 @@ def eval_steps(
     dp_size: int,
     max_blocks: int,
     document_attention: bool,
+    key_offset: int = 0,
 ) -> list[tuple[list, float]]:
     """The first `max_blocks` validation blocks in order, as evaluation steps of this replica's micro-batches
     (as `engine_inputs` makes them), each with its weight in the mean: 1 for text, its answer tokens for masked
@@ -260,8 +268,11 @@ def eval_steps(
             scale = answer_token_scale(num_micro_batches, dp_size, weight)
         start = dp_rank * per_replica + first
         rows = blocks[list(range(start, start + per_step))]
+        keys = torch.arange(start, start + per_step) + key_offset  # preference data: the reference's keys
         micro_batches = [
-            engine_inputs(rows, slice(i, i + micro_batch_size), scale, document_attention)
+            engine_inputs(
+                rows, slice(i, i + micro_batch_size), scale, document_attention, keys[i : i + micro_batch_size]
+            )
             for i in range(0, per_step, micro_batch_size)
         ]
         steps.append((micro_batches, weight))

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from models.loss import IGNORE_INDEX
 from train.data.examples import KEPT, MALFORMED, TRUNCATED, DataFormat, encode_records
+from train.data.preference import describe_pairs, pack_pair_records
 from train.data.sources import Source, load_columns
 from train.errors import ConfigError
 
@@ -96,6 +97,9 @@ def pack_encoded(
             f"{source.spec}: no example has an answer token within --seq-len {seq_len}: nothing to train on"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if data_format.kind == "preference":
+        blocks, stats = pack_pair_records(kept, data_format, pad_id, seq_len)
+        return blocks, {**counts, **stats}
     blocks = kept.map(
         pack_examples,
         fn_kwargs=dict(seq_len=seq_len, one_per_block=data_format.packing == "pad", pad_id=pad_id),
@@ -135,6 +139,8 @@ def block_stats(blocks: Dataset, kept: Dataset, seq_len: int) -> dict:
 
 
 def describe(spec: str, stats: dict, data_format: DataFormat, seq_len: int) -> str:
+    if data_format.kind == "preference":
+        return describe_pairs(spec, stats, data_format, seq_len)
     how = "packed" if data_format.packing == "pack" else "padded"
     return (
         f"{spec}: {stats['kept']:,} examples in {stats['blocks']:,} blocks of {seq_len} tokens ({how})"

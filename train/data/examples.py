@@ -28,11 +28,13 @@ MAP_BATCH = 1000
 class DataFormat:
     """How records become training blocks (the `--data-format` flags, resolved once)."""
 
-    kind: str = "text"  # text | prompt-completion | chat
+    kind: str = "text"  # text | prompt-completion | chat | preference (train/data/preference.py)
     text_column: str = "text"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     messages_column: str = "messages"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
     chat_template: str | None = None  # the text of --chat-template; None: the tokenizer's own
     packing: str = "pack"  # pack | pad
     overlong: str = "truncate"  # truncate | drop
@@ -51,6 +53,13 @@ class DataFormat:
                 self.prompt_column: ("prompt", "--prompt-column"),
                 self.completion_column: ("completion", "--completion-column"),
             }
+        if self.kind == "preference":  # no --prompt-column (""): chosen and rejected are whole conversations
+            # Read as "pair_prompt": a string or a conversation (TEXT_COLUMNS would refuse a list as "prompt").
+            prompt = {self.prompt_column: ("pair_prompt", "--prompt-column")} if self.prompt_column else {}
+            return prompt | {
+                self.chosen_column: ("chosen", "--chosen-column"),
+                self.rejected_column: ("rejected", "--rejected-column"),
+            }
         return {self.messages_column: ("messages", "--messages-column")}
 
     def cache_fields(self, tokenizer: PreTrainedTokenizerBase) -> dict:
@@ -58,6 +67,8 @@ class DataFormat:
         fields = asdict(self)
         if self.kind == "chat":
             fields["chat_template"] = chat_template_of(self, tokenizer)
+        if self.kind == "preference":  # conversations are rendered with it; string pairs do not need one
+            fields["chat_template"] = self.chat_template or tokenizer.chat_template
         return fields
 
 

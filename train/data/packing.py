@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from train.data.example_packing import PACK_BATCH, describe, pack_encoded
 from train.data.examples import MAP_BATCH, DataFormat, encode_records
+from train.data.preference import encode_pair_records
 from train.data.sources import Source, load_columns, load_texts
 from train.distributed.preemption import process_alive
 from train.errors import ConfigError
@@ -186,6 +187,8 @@ def encoded_records(
         records = load_texts(source, data_format.text_column, work_dir)
     if shard is not None:
         records = records.shard(num_shards=shard[1], index=shard[0], contiguous=True)
+    if data_format.kind == "preference":
+        return encode_pair_records(records, data_format, tokenizer, seq_len=seq_len, num_proc=num_proc)
     if data_format.masked:
         return encode_records(records, data_format, tokenizer, seq_len=seq_len, num_proc=num_proc)
     return tokenize_texts(records, tokenizer, num_proc)

@@ -29,6 +29,7 @@ def evaluate(
     num_micro_batches: int,
     n_blocks: int,
     document_attention: bool,
+    key_offset: int = 0,
 ) -> float:
     """Mean next-token loss over the first `n_blocks` validation blocks (a multiple of one global batch).
 
@@ -45,6 +46,7 @@ def evaluate(
         dp_size=dp_size,
         max_blocks=n_blocks,
         document_attention=document_attention,
+        key_offset=key_offset,
     )
     losses = [engine.eval_batch(iter(micro_batches)).item() * weight for micro_batches, weight in steps]
     return sum(losses) / sum(weight for _, weight in steps)
@@ -163,7 +165,9 @@ class Evaluator:
         sampling: Sampling,
         log: SampleLog,
         expert_load: ExpertLoad | None = None,
+        key_offset: int = 0,  # preference data: the validation blocks' first reference key (train/reference.py)
     ):
+        self.key_offset = key_offset
         self.engine, self.blocks, self.n_blocks, self.batch, self.log = engine, blocks, n_blocks, batch, log
         self.document_attention = document_attention
         self.interval, self.sampling = interval, sampling
@@ -188,6 +192,7 @@ class Evaluator:
             num_micro_batches=batch.num_micro_batches,
             n_blocks=self.n_blocks,
             document_attention=self.document_attention,
+            key_offset=self.key_offset,
         )
         if sampling.tokens > 0:  # --sample-tokens 0: no samples
             samples = sample_through_pipeline(

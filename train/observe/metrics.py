@@ -242,6 +242,10 @@ class MetricsLog:
             f"lr {metrics['lr']:.2e} | grad norm {metrics['grad_norm']:.3f} | "
             f"{metrics['tokens_per_sec']:,.0f} tok/s | eta {format_duration(eta)}"
         )
+        for prefix, what in (("", "rewards"), ("eval_", "val rewards")):  # preference data (docs/preference.md)
+            if f"{prefix}rewards/accuracies" in metrics:
+                accuracy, margin = metrics[f"{prefix}rewards/accuracies"], metrics[f"{prefix}rewards/margins"]
+                line += f" | {what}: accuracy {accuracy:.2f} margin {margin:.4f}"
         if "eval_loss" in metrics:
             line += f" | val loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
         wait, step_time = metrics.get("data_wait") or 0.0, metrics.get("step_time") or 0.0
