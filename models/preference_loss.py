@@ -12,7 +12,8 @@ by side under document attention (train/data/preference.py). The labels tuple of
 * `block_keys` [B]: the row's place in the reference table (`PreferenceLoss.reference`).
 
 An answer's log-probability is the sum of log p(label) over its labelled tokens (TRL's `per_token_logps.sum(1)`).
-The reference's, computed once before training by the same stages (train/reference.py), are read by block key.
+The reference's, computed once before training by the same stages (train/preference/reference.py), are read by
+block key.
 """
 
 from dataclasses import dataclass, field

@@ -35,7 +35,7 @@ from train.observe.metrics import MetricsLog, StepMeter, WandbSettings
 from train.observe.mfu import peak_tflops, training_dtype
 from train.observe.run_record import write_run_record
 from train.observe.timeline import ScheduleProfiler
-from train.preference_run import PreferenceRun, preference_loss_of
+from train.preference.run import PreferenceRun, preference_loss_of
 from train.prepare import Inputs, prepare_inputs, training_batches
 
 

@@ -58,7 +58,7 @@ def test_train_lists_the_commands_the_composition_and_the_concerns():
     modules = sorted(p.name for p in (REPO / "train").glob("*.py") if p.name != "__init__.py")
     packages = sorted(p.name for p in (REPO / "train").iterdir() if (p / "__init__.py").exists())
     assert len(modules) <= 9, modules  # 7 commands (python -m train.X), build.py and errors.py
-    assert packages == ["checkpoint", "config", "data", "distributed", "observe", "planning"]
+    assert packages == ["checkpoint", "config", "data", "distributed", "observe", "planning", "preference"]
     for package in packages:  # each says in its docstring what it owns
         assert ast.get_docstring(ast.parse((REPO / "train" / package / "__init__.py").read_text()))
 

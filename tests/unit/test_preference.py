@@ -21,7 +21,7 @@ from train.data.batches import TrainMicroBatches
 from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TRUNCATED
 from train.data.preference import encode_pairs, pack_pairs, pair_token_ids
 from train.observe.metrics import MetricsLog, WandbSettings
-from train.reference import reference_pass, reference_steps
+from train.preference.reference import reference_pass, reference_steps
 
 STRINGS = [
     {"prompt": "In the beginning", "chosen": " God created the heaven", "rejected": " the earth was"},

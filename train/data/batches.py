@@ -57,7 +57,8 @@ class MicroBatchFeed:
         # With a trace path, every micro-batch handed to the engine is recorded there (appended on resume).
         self.trace = open(trace_path, "a") if trace_path else None  # closed in close()
         self.wait_seconds = 0.0  # time the engine spent waiting on us since `take_wait_seconds`
-        self.key_offset = 0  # added to the block numbers that key the preference reference (train/reference.py)
+        # added to the block numbers that key the preference reference (train/preference/reference.py)
+        self.key_offset = 0
 
     def feed(self, rows: dict, blocks: list[int], scale: torch.Tensor | None, started: float) -> Iterator[tuple]:
         """This replica's rows of one step (`blocks`: their numbers, for the trace) as engine micro-batches."""

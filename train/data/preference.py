@@ -22,6 +22,7 @@ import numpy as np
 from datasets import Dataset, Features, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 
+from models.errors import first_line
 from models.loss import IGNORE_INDEX
 from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TOO_LONG, TRUNCATED, checked_turns
 
@@ -111,7 +112,7 @@ def encode_pairs(batch: dict, tokenizer, seq_len: int, overlong: str, template: 
             status, docs = pair_documents(*ids, max_length=seq_len // 2, overlong=overlong)
             problem = ""
         except Exception as e:  # reported after the map, in one line (train/data/example_packing.py)
-            status, docs, problem = MALFORMED, [], f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            status, docs, problem = MALFORMED, [], f"{type(e).__name__}: {first_line(e)}"
         out["docs"].append([ids for ids, _ in docs])
         out["masks"].append([mask for _, mask in docs])
         out["status"].append(status)

@@ -165,7 +165,7 @@ class Evaluator:
         sampling: Sampling,
         log: SampleLog,
         expert_load: ExpertLoad | None = None,
-        key_offset: int = 0,  # preference data: the validation blocks' first reference key (train/reference.py)
+        key_offset: int = 0,  # preference data: the validation blocks' first reference key (train/preference/)
     ):
         self.key_offset = key_offset
         self.engine, self.blocks, self.n_blocks, self.batch, self.log = engine, blocks, n_blocks, batch, log

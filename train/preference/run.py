@@ -1,5 +1,5 @@
 """Preference training's part of a run (`--data-format preference`): the loss function the pipeline is built with,
-the reference table it reads (computed before step 1, or read back on resume: train/reference.py), and TRL's
+the reference table it reads (computed before step 1, or read back on resume: train/preference/reference.py), and TRL's
 metrics gathered from the last stage for the log."""
 
 from pathlib import Path
@@ -13,7 +13,7 @@ from models.preference_loss import PreferenceLoss, metrics_from_sums
 from train.config.run_config import RunConfig
 from train.distributed.setup import say
 from train.errors import ConfigError
-from train.reference import REFERENCE_FILE, load_reference, reference_pass, reference_steps, save_reference
+from train.preference.reference import REFERENCE_FILE, load_reference, reference_pass, reference_steps, save_reference
 
 
 def preference_loss_of(config: RunConfig) -> PreferenceLoss | None:
