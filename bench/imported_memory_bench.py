@@ -53,8 +53,8 @@ def imported_model_table(work: Path, steps: int, layouts: list[str]) -> None:
         f"vocabulary), {IMPORTED_MICRO[1]} micro-batches of {IMPORTED_MICRO[0]} x {IMPORTED_SEQ} tokens, fp32, ZeRO-1"
     )
     print(
-        "| training | stages | stage | trainable | weights | optimizer | bucket | gradients | activations "
-        "| planned MB | measured MB | planned / measured |"
+        "| training | stages | stage | trainable | weights | optimizer | bucket | gradients "
+        "| activations (backward / step) | planned MB | measured MB | planned / measured |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for layout in layouts:
@@ -79,7 +79,7 @@ def imported_model_table(work: Path, steps: int, layouts: list[str]) -> None:
             print(
                 f"| {name} | {stages} | {plan.stage} | {plan.trainable / 1e6:,.1f}M | {m['weights']:,.0f} "
                 f"| {m['optimizer']:,.0f} | {m['reduction']:,.0f} | {m['backward_gradients']:,.0f} "
-                f"| {m['activations']:,.0f} | {peak:,.0f} | {mb:,.0f} | {peak / mb:.2f} |",
+                f"| {m['activations']:,.0f} / {m['kept_logits']:,.0f} | {peak:,.0f} | {mb:,.0f} | {peak / mb:.2f} |",
                 flush=True,
             )
 
