@@ -24,7 +24,7 @@ bytes, as DeepSpeed 0.19.8 allocates it
                  stage's bytes (without checkpointing every micro-batch in flight keeps its own constant: its
                  own W + BA copies). Once, on the rank with the head (`loss_path_bytes`): the loss's backward,
                  b s V x 8 (nll_loss's fp32 gradient and log_softmax's, both alive in log_softmax's backward)
-                 or, when the head's weight trains, its V x h x g weight gradient before it is added to
+                 or, when the head's weight trains, its V x h x w weight gradient before it is added to
                  `.grad` (from the second micro-batch on), whichever is larger; and under 1F1B the logits
                  DeepSpeed 0.19.8 leaves in the last stage's output buffers (`kept_logits`)
     kept logits  1F1B's last stage: DeepSpeed 0.19.8's pipe engine returns from a last stage's backward before it
