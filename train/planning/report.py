@@ -21,7 +21,7 @@ from train.planning.schedules import SCHEDULE_NAMES, bubble_theory
 # What the memory table cannot know, said under it. Measured against it (CPU fp32, ZeRO-1, glibc's mmap threshold
 # pinned): qwen2.5-0.5b at its own 151,936-token vocabulary on 2 ranks, planned / measured 0.99 and 0.99
 # (bench/memory_bench.py); a SmolLM2-135M-class model imported with --model, full and LoRA, on 1 and 2 ranks,
-# 0.94-0.99 (bench/imported_memory_bench.py).
+# 0.96-1.00 (bench/imported_memory_bench.py, docs/performance.md).
 NOT_COUNTED = (
     "not counted: what the allocator keeps after freeing it (CUDA's caching allocator: torch.cuda.memory_reserved "
     "beyond memory_allocated, fragmentation; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reduces it; on CPU "
