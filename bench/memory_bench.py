@@ -190,6 +190,17 @@ def preset_table(work: Path, presets: list[str], steps: int, seq_len: int, own_v
             )
 
 
+def bpe_work_dir(name: str) -> Path:
+    """A fresh work folder holding the VOCAB-token BPE trained on the embedded corpus (its `tokenizer/`)."""
+    from train.data.sources import embedded_corpus, load_texts, resolve_sources
+    from train.data.tokenizer import train_bpe_tokenizer
+
+    work = fresh_work_dir(name)
+    texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
+    train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), VOCAB, work / "tokenizer")
+    return work
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=4)
@@ -198,12 +209,7 @@ def main() -> None:
     p.add_argument("--preset-seq-len", type=int, default=256)
     p.add_argument("--preset-vocab", choices=["bpe", "own"], default="own", help="the real-size table's vocabulary")
     a = p.parse_args()
-    from train.data.sources import embedded_corpus, load_texts, resolve_sources
-    from train.data.tokenizer import train_bpe_tokenizer
-
-    work = fresh_work_dir("memory_bench")
-    texts = load_texts(resolve_sources([embedded_corpus()])[0], "text")
-    train_bpe_tokenizer((b["text"] for b in texts.iter(batch_size=1000)), VOCAB, work / "tokenizer")
+    work = bpe_work_dir("memory_bench")
     if a.only in (None, "checkpointing"):
         checkpointing_table(work, a.steps)
     if a.only in (None, "lora"):

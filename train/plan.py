@@ -21,7 +21,7 @@ from train.config.args import DefaultsShown, Flags, OneLineErrors, parse_args, s
 from train.config.ds_config import batch_layout, check_dualpipev, load_ds_config
 from train.config.run_config import model_config_from_flags
 from train.errors import ConfigError, entry_point
-from train.planning.machine import GPU_MEMORY_GIB, LAUNCH_CPU_RANKS, ranks_per_node
+from train.planning.machine import GPU_MEMORY_GIB, LAUNCH_CPU_RANKS, plan_device, ranks_per_node
 from train.planning.memory_model import StagePlan, fits, plan_stages
 from train.planning.report import Plan, print_plan
 
@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs (ranks) per node (default: this machine's, as launch.sh counts them: NUM_GPUS, else its GPUs, "
         f"else {LAUNCH_CPU_RANKS} CPU ranks)",
     )
-    cluster.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)}")
+    cluster.add_argument(
+        "--gpu",
+        default="H100",
+        help=f"one of {', '.join(GPU_MEMORY_GIB)} (planning this machine's CPU ranks, each holds an equal share of "
+        "its memory instead)",
+    )
     cluster.add_argument(
         "--search-stages",
         action="store_true",
@@ -83,9 +88,7 @@ def make_plan(flags: Flags) -> Plan:
         else None
     )
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
-    gpu, world = flags.gpu.upper(), flags.nodes * ranks_per_node(flags)
-    if gpu not in GPU_MEMORY_GIB:
-        raise ConfigError(f"unknown --gpu {flags.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
+    (gpu, rank_bytes), world = plan_device(flags), flags.nodes * ranks_per_node(flags)
     candidates = (
         [s for s in range(1, arch.num_layers + 1) if world % s == 0 and divides_batch(ds_config, world // s)]
         if flags.search_stages
@@ -118,7 +121,7 @@ def make_plan(flags: Flags) -> Plan:
                 ds_config, stages, arch.num_layers, batch_layout(ds_config, world // stages).num_micro_batches
             )
         plans = stage_plans(stages, flags.partition_method)
-        if fits(plans, GPU_MEMORY_GIB[gpu] * 2**30):
+        if fits(plans, rank_bytes):
             break
     method = flags.partition_method.lower()
     other = OTHER_BALANCE.get(method) if routed_fraction(arch)[1] > 1 and stages > 1 else None
@@ -126,6 +129,7 @@ def make_plan(flags: Flags) -> Plan:
         arch,
         ds_config,
         gpu=gpu,
+        rank_bytes=rank_bytes,
         world_size=world,
         stages=stages,
         plans=plans,

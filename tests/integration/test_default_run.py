@@ -4,6 +4,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import launch, read_metrics, read_wandb_offline_run
+from train.observe.quiet import FILTERED
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,7 @@ def test_default_run_end_to_end(default_run):
     assert [m["step"] for m in metrics] == [5, 10, 15, 20]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5, "loss is not clearly falling"
     assert "sample: And God said" in proc.stdout
+    assert not [m for m in FILTERED if m in proc.stdout + proc.stderr], "a filtered library message was printed"
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run"
     assert (out / "tokenizer" / "tokenizer.json").exists()
 

@@ -34,6 +34,7 @@ from tests.helpers import (
     write_ds_config,
 )
 from train.checkpoint.manifest import latest_tag
+from train.observe.quiet import FILTERED
 
 STEPS, SEQ = 6, 32
 _SHAPE = {k: v for k, v in tiny_llama().items() if k != "model_type"}  # also Qwen2's fields
@@ -176,6 +177,8 @@ def test_qlora_on_two_stages_equals_a_plain_loop_on_transformers_4bit_model(lora
     args = [*lora_args(corpus, tokenizer_dir, tmp, tmp / "ds.json"), "--pipeline-stages", 2, "--load-in-4bit"]
     proc = launch([*args, "--output-dir", out], ranks=2)
     assert "linear layers in 4 bits (nf4)" in proc.stdout
+    # A LoRA run that imports bitsandbytes: none of the known-harmless messages (train/observe/quiet.py) shows.
+    assert not [m for m in FILTERED if m in proc.stdout + proc.stderr], "a filtered library message was printed"
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     expected, adapter = plain_loop(tmp, out, corpus, tokenizer_dir, quantization=nf4)
     full_precision = [m["loss"] for m in read_metrics(tmp / "pp2")]

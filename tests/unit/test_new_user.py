@@ -3,10 +3,12 @@ and the schedule's values by building them, and the planner plans for the machin
 
 import argparse
 import json
+import os
 
 import pytest
 
 import train.plan
+import train.planning.machine
 from tests.helpers import REPO, ds_config, run_preflight, write_ds_config, write_json
 from train.config.args import DefaultsShown, build_parser
 from train.config.ds_config import load_ds_config
@@ -74,6 +76,26 @@ def test_the_planner_plans_the_cpu_ranks_launch_sh_starts_and_names_the_flag_a_b
     assert train.plan.main(["--gpus-per-node", "8", "--deepspeed_config", str(ds)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--gpus-per-node" in err[0] and "4 data-parallel replicas" in err[0], err
+
+
+def test_the_planner_plans_cpu_ranks_against_their_share_of_this_machines_memory(tmp_path, capsys, monkeypatch):
+    """Planning this machine's 2 CPU ranks, the header names what each may hold (its physical memory / 2), not
+    --gpu's; a stage that needs more than 90% of that share is warned about. With --gpus-per-node: --gpu's memory."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("NUM_GPUS", raising=False)
+    ds = str(write_ds_config(tmp_path / "ds.json", train_batch=2, micro=1))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert train.plan.main(["--model-config", "gpt2-tiny", "--deepspeed_config", ds]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    share = f"1 x 2 CPU ranks ({total / 2 / 2**30:.1f} GiB each: this machine's {total / 2**30:.1f} GiB / 2), fp32"
+    assert share in out[0] and "H100" not in out[0], out[0]
+    peak = max(json.loads(out[-1])["stage_peak_gib"])
+    # A machine of 2 x the largest stage's peak: each rank's share is just that peak, over the 90% line.
+    monkeypatch.setattr(train.planning.machine, "machine_memory", lambda: int(2 * peak * 2**30))
+    assert train.plan.main(["--model-config", "gpt2-tiny", "--deepspeed_config", ds]) == 0
+    assert f"warning: a stage needs more than 90% of the {peak:.1f} GiB of a CPU rank" in capsys.readouterr().out
+    assert train.plan.main(["--model-config", "gpt2-tiny", "--gpus-per-node", "2", "--deepspeed_config", ds]) == 0
+    assert "1 x 2 H100 (80 GiB), fp32" in capsys.readouterr().out.splitlines()[0]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)

@@ -15,7 +15,7 @@ from models.lora import AdapterPlan, plan_adapters
 from models.lora_targets import lora_config, lora_targets
 from models.presets import PRESETS, resolve_model_config
 from tests.cases import CASES, MOE_CASES
-from tests.helpers import ds_config
+from tests.helpers import ds_config, tiny_llama
 from train.planning.activations import _saved_bytes, decoder_saved_bytes, layer_lora, saved_bytes
 from train.planning.memory_model import plan_stages
 
@@ -230,3 +230,41 @@ def test_the_adapted_expert_stacks_are_held_once_when_recomputed_and_per_micro_b
     inputs = micro * seq * arch.hidden_size * 4
     expected = 2 * len(blocks) * inputs + max(full) if checkpoint else 2 * sum(full)
     assert plans[0].memory["activations"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "dtype,micro,seq,micro_batches,lora",
+    [
+        ("fp32", 2, 32, 4, False),  # log_softmax's backward: two fp32 [64 tokens, V] gradients > the [V, 64] weight's
+        ("fp32", 1, 4, 4, False),  # the head's [V, 64] weight gradient > two fp32 [4 tokens, V] gradients
+        ("bf16", 1, 4, 4, True),  # LoRA: the head's weight is frozen, no weight gradient
+        ("fp32", 2, 32, 1, False),  # one micro-batch: one output buffer used, its weight gradient becomes `.grad`
+    ],
+)
+def test_the_last_stage_holds_the_loss_path_and_the_logits_deepspeed_keeps(dtype, micro, seq, micro_batches, lora):
+    """A tied Llama (vocabulary 4,096, h = 64) on 2 stages under 1F1B, from the shapes: the last stage keeps, per
+    micro-batch in flight (one), its blocks' saved tensors, the logits (w bytes) and the fp32 log-softmax; once, the
+    larger of the loss's two fp32 gradients and the head's weight gradient (full fine-tuning, from the second
+    micro-batch on); and the other output buffer's logits. In the optimizer step DeepSpeed's two buffers hold the
+    last two micro-batches' logits (`kept_logits`); the first stage keeps none."""
+    arch = discover(CONFIG_MAPPING["llama"](**tiny_llama(vocab_size=4096, tie_word_embeddings=True)))
+    ds = ds_config(micro * micro_batches, micro, bf16={"enabled": dtype == "bf16"})
+    adapters = _default_lora(arch) if lora else None
+    plans = plan_stages(arch, ds, stages=2, data_parallel=1, seq_len=seq, method="flops", adapters=adapters)
+    width, tokens, vocab, hidden = (2 if dtype == "bf16" else 4), micro * seq, 4096, 64
+    saved, layers = decoder_saved_bytes(arch, dtype, seq, adapters), arch.pipeline_layers()
+    last = range(*plans[1].bounds[0])
+    blocks = sum(saved[layers[i].decoder_index].micro_batch(tokens) for i in last if layers[i].kind == DECODER)
+    weight_gradient = vocab * hidden * width if not lora and micro_batches > 1 else 0
+    kept = min(2, micro_batches)
+    expected = (
+        blocks
+        + tokens * vocab * (width + 4)
+        + max(8 * tokens * vocab, weight_gradient)
+        + (kept - 1) * tokens * vocab * width
+    )
+    assert plans[1].memory["activations"] == pytest.approx(expected, rel=1e-12)
+    assert plans[1].memory["kept_logits"] == kept * tokens * vocab * width and plans[0].memory["kept_logits"] == 0
+    m = plans[1].memory
+    step = m["weights"] + m["optimizer"] + m["reduction"] + m["step_gradients"] + m["kept_logits"]
+    assert plans[1].peak >= step and (seq == 4 and not lora) == (weight_gradient > 8 * tokens * vocab)

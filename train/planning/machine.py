@@ -1,6 +1,7 @@
 """Where a plan runs: GPU memory by model, and the ranks launch.sh would start on this machine."""
 
 from train.config.args import Flags
+from train.errors import ConfigError
 
 GPU_MEMORY_GIB = {
     "H200": 141,
@@ -24,9 +25,7 @@ def machine_ranks() -> tuple[int, str]:
     LAUNCH_CPU_RANKS CPU ranks (also with DS_ACCELERATOR=cpu)."""
     import os
 
-    import torch
-
-    gpus = torch.cuda.device_count() if os.environ.get("DS_ACCELERATOR") != "cpu" else 0
+    gpus = machine_gpus()
     if os.environ.get("NUM_GPUS", "").isdigit() and int(os.environ["NUM_GPUS"]) > 0:
         ranks = int(os.environ["NUM_GPUS"])
         return ranks, f"{ranks} {'GPU' if gpus else 'CPU'} ranks (NUM_GPUS)"
@@ -37,3 +36,30 @@ def machine_ranks() -> tuple[int, str]:
 
 def ranks_per_node(flags: Flags) -> int:
     return machine_ranks()[0] if flags.gpus_per_node is None else flags.gpus_per_node
+
+
+def machine_gpus() -> int:
+    """The GPUs launch.sh would use here (none with DS_ACCELERATOR=cpu)."""
+    import os
+
+    import torch
+
+    return torch.cuda.device_count() if os.environ.get("DS_ACCELERATOR") != "cpu" else 0
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes (what the CPU ranks launch.sh starts here share)."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_device(flags: Flags) -> tuple[str, float]:
+    """What a plan is for, and the bytes each rank may hold: this machine's CPU ranks (no --gpus-per-node and no GPU
+    here), each an equal share of its memory, or `--gpu`'s memory per GPU (`GPU_MEMORY_GIB`)."""
+    if flags.gpus_per_node is None and machine_gpus() == 0:
+        return "CPU", machine_memory() / machine_ranks()[0]
+    gpu = flags.gpu.upper()
+    if gpu not in GPU_MEMORY_GIB:
+        raise ConfigError(f"unknown --gpu {flags.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
+    return gpu, GPU_MEMORY_GIB[gpu] * 2**30

@@ -16,15 +16,24 @@ bytes, as DeepSpeed 0.19.8 allocates it
                  plus a constant per forward (LoRA on fused experts: the whole adapted expert stack W + BA,
                  [experts, out, in], which the experts' matmul keeps); with activation checkpointing only
                  each block's input, plus one block's full set (its constant once) during its
-                 recomputation; on the stage with the head also b s V x (w + 8) of logits, log-softmax
-                 and its gradient (+ 4 + w for the fp32 copy of bf16/fp16 logits). Times the micro-batches
-                 in flight, read off DeepSpeed's own schedule (train/planning/schedules.py): under 1F1B
-                 min(p - s, m) on stage s; under DualPipeV the peak over the rank's instructions of both
-                 its stages' in-flight micro-batches, each times its stage's bytes (without checkpointing
-                 every micro-batch in flight keeps its own constant: its own W + BA copies)
+                 recomputation; on the stage with the head also b s V x (w + 4): the logits and the fp32
+                 log-softmax cross_entropy saves (a bf16/fp16 run's fp32 copy of the logits is freed after
+                 the forward). Times the micro-batches in flight, read off DeepSpeed's own schedule
+                 (train/planning/schedules.py): under 1F1B min(p - s, m) on stage s; under DualPipeV the peak
+                 over the rank's instructions of both its stages' in-flight micro-batches, each times its
+                 stage's bytes (without checkpointing every micro-batch in flight keeps its own constant: its
+                 own W + BA copies). Once, on the rank with the head (`loss_path_bytes`): the loss's backward,
+                 b s V x 8 (nll_loss's fp32 gradient and log_softmax's, both alive in log_softmax's backward)
+                 or, when the head's weight trains, its V x h x w weight gradient before it is added to
+                 `.grad` (from the second micro-batch on), whichever is larger; and under 1F1B the logits
+                 DeepSpeed 0.19.8 leaves in the last stage's output buffers (`kept_logits`)
+    kept logits  1F1B's last stage: DeepSpeed 0.19.8's pipe engine returns from a last stage's backward before it
+                 clears `pipe_buffers['outputs']`, and TrainSchedule gives every stage max(2, ...) buffers,
+                 so the logits of the last min(2, m) micro-batches stay alive, b s V w each: one more than
+                 the micro-batch in flight during the backward pass, both during the optimizer step
 
 The peak is the larger of the backward pass (weights, optimizer, bucket, accumulated gradients,
-activations) and the optimizer step (weights, optimizer, bucket, step gradients): activations are
+activations) and the optimizer step (weights, optimizer, bucket, step gradients, kept logits): activations are
 freed before the step. Checked against measured memory in `bench/memory_bench.py` and the tests.
 """
 
@@ -65,7 +74,8 @@ class StagePlan:
     stage: int  # the pipeline rank
     layers: list[str]
     parameters: int  # what this rank holds (a tied embedding on both ends), adapters not counted
-    memory: dict[str, float]  # bytes by kind: weights, optimizer, reduction, backward/step gradients, activations
+    memory: dict[str, float]  # bytes by kind: weights, optimizer, reduction, backward/step gradients, activations,
+    # kept_logits (what DeepSpeed's output buffers hold during the optimizer step)
     trainable: int  # what trains: all of `parameters`, or with LoRA the rank's adapters
     bounds: list[tuple[int, int]]  # [start, stop) of each stage the rank holds: two under DualPipeV
     flops: float = 0.0  # forward + backward FLOPs per token of the rank's layers (mixtures of experts: active ones)
@@ -74,7 +84,7 @@ class StagePlan:
     def peak(self) -> float:
         m = self.memory
         held = m["weights"] + m["optimizer"] + m["reduction"]
-        return held + max(m["backward_gradients"] + m["activations"], m["step_gradients"])
+        return held + max(m["backward_gradients"] + m["activations"], m["step_gradients"] + m["kept_logits"])
 
 
 def state_widths(ds_config: dict, data_parallel: int) -> tuple[int, int, float, float, int]:
@@ -118,8 +128,11 @@ def plan_stages(
     block_bytes = [saved.micro_batch(tokens) for saved in layer_activations(arch, dtype, seq_len, adapters)]
     stored = [tokens * h * width if checkpoint_interval and b else b for b in block_bytes]  # checkpointed: inputs
     flops = layer_flops(arch, seq_len, token_weight=False)
-    # Logits, the loss's fp32 copy (bf16/fp16), log-softmax and its gradient, on the stage with the head.
-    logits = tokens * vocab * (width + 8 + (0 if width == 4 else 4 + width))
+    # Per micro-batch in flight on the stage with the head: the logits and the fp32 log-softmax saved for backward.
+    logits = tokens * vocab * (width + 4)
+    # The head's weight trains in full fine-tuning only (LoRA on the head trains its small A and B).
+    loss_path = loss_path_bytes(tokens, vocab, h, width, adapters is None and batch.num_micro_batches > 1)
+    kept = min(2, batch.num_micro_batches) * tokens * vocab * width if schedule == "1f1b" else 0
     bounds = stage_bounds(arch, stages * stages_per_rank(schedule), method, seq_len)
     plans = []
     for rank, ranges in enumerate(rank_layer_ranges(bounds, stages, schedule)):  # by phase
@@ -135,6 +148,9 @@ def plan_stages(
         )
         if checkpoint_interval:  # one block's full set during its recomputation: its weight-sized constant once
             activations += max(block_bytes[i] for i in layers)
+        has_head = len(names) - 1 in layers
+        if has_head:  # one backward through the loss at a time; under 1F1B the other output buffer's logits
+            activations += loss_path + max(kept - tokens * vocab * width, 0)
         quantized = sum(quantized_counts[i] for i in layers)
         quantized_bytes = quantized * (quantization.bytes_per_weight() if quantization is not None else 0)
         memory = {
@@ -144,10 +160,20 @@ def plan_stages(
             "backward_gradients": trainable * grad_width,
             "step_gradients": trainable * step_width,
             "activations": activations,
+            "kept_logits": kept if has_head else 0,
         }
         stage = dict(parameters=params, memory=memory, trainable=trainable, bounds=ranges)
         plans.append(StagePlan(rank, [names[i] for i in layers], **stage, flops=sum(flops[i] for i in layers)))
     return plans
+
+
+def loss_path_bytes(tokens: int, vocab: int, hidden: int, width: int, head_weight_gradient: bool) -> int:
+    """The most the loss's backward adds, once, to what the head's micro-batches in flight hold (their logits and
+    log-softmax): in log_softmax's backward, nll_loss's fp32 gradient of the log-softmax and log_softmax's of the
+    logits (torch 2.13 frees the first after that backward); in the head's linear backward, once `.grad` exists
+    (from the second micro-batch on), its [V, h] weight gradient, in the weight's dtype, before autograd adds it to
+    `.grad` (the log-softmax and the first gradient are freed by then)."""
+    return max(tokens * vocab * 8, vocab * hidden * width if head_weight_gradient else 0)
 
 
 def layer_activations(

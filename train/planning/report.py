@@ -14,12 +14,14 @@ from models.quantize import expert_weights
 from train.config.args import Flags
 from train.config.ds_config import batch_layout
 from train.observe.mfu import PEAK_TFLOPS, training_dtype
-from train.planning.machine import GPU_MEMORY_GIB, machine_ranks
+from train.planning.machine import GPU_MEMORY_GIB, machine_memory, machine_ranks
 from train.planning.memory_model import StagePlan, fits
 from train.planning.schedules import SCHEDULE_NAMES, bubble_theory
 
-# What the memory table cannot know, said under it. Measured against it (bench/memory_bench.py, CPU fp32, ZeRO-1):
-# qwen2.5-0.5b at its own 151,936-token vocabulary on 2 ranks, planned / measured 0.99 and 0.96.
+# What the memory table cannot know, said under it. Measured against it (CPU fp32, ZeRO-1, glibc's mmap threshold
+# pinned): qwen2.5-0.5b at its own 151,936-token vocabulary on 2 ranks, planned / measured 0.99 and 0.99
+# (bench/memory_bench.py); a SmolLM2-135M-class model imported with --model, full and LoRA, on 1 and 2 ranks,
+# 0.96-1.00 (bench/imported_memory_bench.py, docs/performance.md).
 NOT_COUNTED = (
     "not counted: what the allocator keeps after freeing it (CUDA's caching allocator: torch.cuda.memory_reserved "
     "beyond memory_allocated, fragmentation; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reduces it; on CPU "
@@ -31,7 +33,8 @@ NOT_COUNTED = (
 class Plan:
     arch: Architecture
     ds_config: dict
-    gpu: str
+    gpu: str  # a GPU of GPU_MEMORY_GIB, or "CPU" (this machine's CPU ranks)
+    rank_bytes: float  # what each rank may hold: the GPU's memory, or a CPU rank's share of this machine's
     world_size: int
     stages: int
     plans: list[StagePlan]
@@ -88,8 +91,8 @@ def print_plan(plan: Plan, flags: Flags) -> None:
     print(
         f"{flags.model_config or flags.model} ({arch.config.model_type}): {arch.num_layers} layers, "
         f"d={arch.hidden_size}, vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B parameters"
-        f"{experts_text(arch)}, seq {flags.seq_len}; {flags.nodes} x {plan.world_size // flags.nodes} {gpu} "
-        f"({GPU_MEMORY_GIB[gpu]} GiB), {training_dtype(ds_config)}"
+        f"{experts_text(arch)}, seq {flags.seq_len}; {flags.nodes} x {plan.world_size // flags.nodes} "
+        f"{device_text(plan)}, {training_dtype(ds_config)}"
     )
     if plan.adapters is not None:
         print(lora_summary(plan, flags))
@@ -105,10 +108,8 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         if flags.schedule == "1f1b"
         else "from DeepSpeed's DualPipeV instructions, backward = 2 forwards"
     )
-    print(
-        f"bubble {theory} = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; "
-        f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s"
-    )
+    time_text = f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s" if peak else "no step time (no peak FLOP/s)"
+    print(f"bubble {theory} = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; {time_text}")
     print_warnings(plan)
     print(
         json.dumps(
@@ -127,6 +128,17 @@ def print_plan(plan: Plan, flags: Flags) -> None:
     )
 
 
+def device_text(plan: Plan) -> str:
+    """ "H100 (80 GiB)", or for this machine's CPU ranks "CPU ranks (62.7 GiB each: this machine's 125.4 GiB / 2)"."""
+    if plan.gpu != "CPU":
+        return f"{plan.gpu} ({GPU_MEMORY_GIB[plan.gpu]} GiB)"
+    total = machine_memory()
+    return (
+        f"CPU ranks ({plan.rank_bytes / 2**30:.1f} GiB each: this machine's {total / 2**30:.1f} GiB / "
+        f"{round(total / plan.rank_bytes)})"
+    )
+
+
 def experts_text(arch: Architecture) -> str:
     """ ", 3.35B active per token (8 of 128 experts)" for a mixture of experts; "" for a dense model."""
     top_k, experts = routed_fraction(arch)
@@ -137,10 +149,10 @@ def experts_text(arch: Architecture) -> str:
 
 def print_warnings(plan: Plan) -> None:
     gpu, stages, batch = plan.gpu, plan.stages, batch_layout(plan.ds_config, plan.data_parallel)
-    if not fits(plan.plans, GPU_MEMORY_GIB[gpu] * 2**30):
+    if not fits(plan.plans, plan.rank_bytes):
         print(
-            f"warning: a stage needs more than 90% of the {GPU_MEMORY_GIB[gpu]} GiB: more stages, activation "
-            "checkpointing or a smaller micro-batch"
+            f"warning: a stage needs more than 90% of the {plan.rank_bytes / 2**30:.1f} GiB of a {gpu} rank: more "
+            "stages, activation checkpointing or a smaller micro-batch"
         )
     if stages > 1 and batch.num_micro_batches < 4 * stages:
         print(
@@ -163,7 +175,7 @@ def print_memory_table(plans: list[StagePlan]) -> None:
     """One row per pipeline rank; under DualPipeV the layers of both its stages."""
     print(
         "| stage | layers | parameters | trainable | GFLOP/token (share) | weights GiB | optimizer GiB "
-        "| gradients GiB (backward / step) | activations GiB | peak GiB |"
+        "| gradients GiB (backward / step) | activations GiB (backward / step) | peak GiB |"
     )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     total_flops = sum(plan.flops for plan in plans)
@@ -175,5 +187,5 @@ def print_memory_table(plans: list[StagePlan]) -> None:
             f"| {plan.stage} | {layers} | {plan.parameters / 1e6:,.1f}M | {plan.trainable / 1e6:,.1f}M | "
             f"{plan.flops / 1e9:,.2f} ({plan.flops / total_flops:.0%}) | {m['weights']:.2f} | {m['optimizer']:.2f} | "
             f"{m['reduction'] + m['backward_gradients']:.2f} / {m['reduction'] + m['step_gradients']:.2f} | "
-            f"{m['activations']:.2f} | {plan.peak / 2**30:.2f} |"
+            f"{m['activations']:.2f} / {m['kept_logits']:.2f} | {plan.peak / 2**30:.2f} |"
         )
