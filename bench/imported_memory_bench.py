@@ -9,9 +9,7 @@ glibc's mmap threshold pinned).
 import argparse
 from pathlib import Path
 
-from bench.memory_bench import LORA_RANK, bench_ds_config, bpe_work_dir, measure
-from models.architecture import discover
-from models.hf_weights import config_from_dict
+from bench.memory_bench import LORA_RANK, bench_ds_config, bpe_work_dir, llama_base, measure
 from train.planning.memory_model import plan_stages
 
 # A SmolLM2-135M-class Llama (its published config: GQA 9/3 heads, SwiGLU 1536, tied 49,152-token embedding),
@@ -34,20 +32,8 @@ IMPORTED_SEQ, IMPORTED_MICRO = 256, (1, 4)
 def imported_model_table(work: Path, steps: int, layouts: list[str]) -> None:
     """An imported pretrained-size model (SMOL), full fine-tuning and LoRA (rank 16, all-linear) on 1 and 2 ranks:
     each stage's planned memory by kind beside the measured peak."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from models.lora import plan_adapters
-    from models.lora_targets import lora_config
-
-    torch.manual_seed(0)
-    base = work / "smol_base"
-    LlamaForCausalLM(LlamaConfig(**SMOL)).save_pretrained(base)
-    arch = discover(config_from_dict({"model_type": "llama", **SMOL}))
+    base, arch, adapters = llama_base(work, "smol_base", SMOL)
     ds = bench_ds_config(*IMPORTED_MICRO)
-    adapters = plan_adapters(
-        arch, lora_config(rank=LORA_RANK, alpha=None, dropout=0.0, target_modules=None, base_model=None)
-    )
     print(
         f"\nimported SmolLM2-135M-class Llama ({arch.parameters() / 1e6:.1f}M, tied {SMOL['vocab_size']:,}-token "
         f"vocabulary), {IMPORTED_MICRO[1]} micro-batches of {IMPORTED_MICRO[0]} x {IMPORTED_SEQ} tokens, fp32, ZeRO-1"

@@ -99,7 +99,8 @@ LLAMA = dict(
 LORA_RANK, LORA_STAGES, LORA_MICRO = 16, 2, (4, 8)
 
 
-def full_versus_lora(work: Path, steps: int) -> None:
+def llama_base(work: Path, name: str, settings: dict) -> tuple[Path, object, object]:
+    """A random Llama of `settings` saved under work/name, its Architecture and its rank-16 all-linear LoRA plan."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -107,13 +108,16 @@ def full_versus_lora(work: Path, steps: int) -> None:
     from models.lora_targets import lora_config
 
     torch.manual_seed(0)
-    base = work / "llama_base"
-    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **LLAMA)).save_pretrained(base)
-    arch = discover(config_from_dict({"model_type": "llama", "vocab_size": VOCAB, **LLAMA}))
+    base = work / name
+    LlamaForCausalLM(LlamaConfig(**settings)).save_pretrained(base)
+    arch = discover(config_from_dict({"model_type": "llama", **settings}))
+    config = lora_config(rank=LORA_RANK, alpha=None, dropout=0.0, target_modules=None, base_model=None)
+    return base, arch, plan_adapters(arch, config)
+
+
+def full_versus_lora(work: Path, steps: int) -> None:
+    base, arch, adapters = llama_base(work, "llama_base", {"vocab_size": VOCAB, **LLAMA})
     ds = bench_ds_config(*LORA_MICRO)
-    adapters = plan_adapters(
-        arch, lora_config(rank=LORA_RANK, alpha=None, dropout=0.0, target_modules=None, base_model=None)
-    )
     print(
         f"\nfull fine-tuning vs LoRA (rank {LORA_RANK}, all-linear), {LORA_STAGES} stages, {LORA_MICRO[1]} x "
         f"{LORA_MICRO[0]} micro-batches of {SEQ} tokens, fp32, ZeRO-1"

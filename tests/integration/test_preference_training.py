@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from models.preference_loss import METRICS
 from tests.helpers import launch, read_metrics, small_run_args, write_ds_config
 from tests.preference_reference import document_logps, plain_dpo_loss
 from train.data.examples import DataFormat
@@ -16,14 +17,6 @@ from train.data.sources import embedded_corpus, resolve_sources
 from train.data.splits import packed_dataset
 
 STEPS, SEQ_LEN, MICRO_BATCH, GLOBAL_BATCH = 6, 96, 2, 4
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
 
 
 def preference_pairs(n: int) -> list[dict]:
