@@ -24,28 +24,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from models.errors import first_line
 from models.expert_load import ExpertLayers, expert_layers_of
+from models.family_verdict import applied_settings, config_refusal, forward_refusal
 from models.router_loss import RouterLoss, router_loss_of
 
-# model_type -> what the README calls it. Each is tested against its transformers model (tests/unit/test_families.py).
-SUPPORTED_FAMILIES = {
-    "gpt2": "GPT-2",
-    "llama": "Llama 2/3",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2/2.5",
-    "qwen3": "Qwen3",
-    "gpt_neox": "GPT-NeoX/Pythia",
-    "phi3": "Phi-3",
-    "gemma": "Gemma",
-    "olmo2": "OLMo 2",
-    "qwen3_moe": "Qwen3-MoE",
-    "qwen2_moe": "Qwen1.5/2-MoE",
-    "mixtral": "Mixtral",
-    "olmoe": "OLMoE",
-    "deepseek_v3": "DeepSeek-V3",
-    "deepseek_v2": "DeepSeek-V2",
-    "gpt_oss": "gpt-oss",
-    "glm4_moe": "GLM-4.5",
-}
 # DeepSpeed's key of the tied embedding (TiedLayerSpec): its parameters are named `tied_modules.embed.<name>`.
 TIED_EMBEDDING_KEY = "embed"
 # The kinds of pipeline layer, in the order `Architecture.pipeline_layers` lists them.
@@ -108,6 +89,9 @@ class Architecture:
     tied: bool  # the head uses the token embedding's weight
     router_loss: RouterLoss | None = None  # the load-balancing loss the causal LM adds (output_router_logits)
     experts: ExpertLayers | None = None  # a mixture of experts' MoE layers, whose expert load is counted
+    # Settings the model's forwards apply between the pieces, by config field (models/family_verdict.py):
+    # Granite's embedding_multiplier; Cohere's logit_scale, Granite's logits_scaling, Gemma 2/3's soft-cap.
+    settings: tuple[tuple[str, float], ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -232,13 +216,12 @@ def _child_name(parent: nn.Module, child: nn.Module) -> str:
 
 
 def discover(config: PretrainedConfig) -> Architecture:
-    """The `Architecture` of `config`'s causal-LM model, or a ValueError naming what is not supported."""
+    """The `Architecture` of `config`'s causal-LM model, or a ValueError naming why the generic conversion cannot
+    represent it (models/family_verdict.py: no list of names; docs/families.md lists every model type's verdict)."""
     model_type = config.model_type
-    if model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)} "
-            "(decoder-only models whose layers take only the hidden states and rotary embeddings)"
-        )
+    refusal = config_refusal(config)
+    if refusal:
+        raise _refused(model_type, refusal)
     config = pipeline_config(config)
     try:
         model = meta_model(config)
@@ -247,9 +230,20 @@ def discover(config: PretrainedConfig) -> Architecture:
             f"{model_type} cannot run with {config._attn_implementation} attention ({first_line(e)}); "
             "pipegpt needs an attention kernel that is causal without a mask (sdpa or flash attention), not eager"
         ) from None
+    return _architecture(model_type, config, model)
+
+
+def _refused(model_type: str, reason: str) -> ValueError:
+    return ValueError(f"model_type {model_type!r} is not supported: {reason} (see docs/families.md)")
+
+
+def _architecture(model_type: str, config: PretrainedConfig, model: nn.Module) -> Architecture:
     base = model.base_model
     children = dict(base.named_children())
-    (layers,) = [name for name, module in children.items() if isinstance(module, nn.ModuleList)]
+    lists = [name for name, module in children.items() if isinstance(module, nn.ModuleList)]
+    if len(lists) != 1:
+        raise _refused(model_type, f"its base model holds {len(lists)} lists of layers, not one ({list(children)})")
+    (layers,) = lists
     order = list(children)
     before, after = order[: order.index(layers)], order[order.index(layers) + 1 :]
     token = _child_name(base, model.get_input_embeddings())
@@ -257,8 +251,11 @@ def discover(config: PretrainedConfig) -> Architecture:
     positions = [n for n in before if n != token and isinstance(children[n], nn.Embedding)]
     norms = [n for n in after if n not in rotary and any(True for _ in children[n].parameters())]
     if len(norms) != 1 or len(rotary) > 1 or len(positions) > 1:
-        raise ValueError(f"{model_type}: cannot tell the final norm, rotary and position embeddings apart in {order}")
+        raise _refused(model_type, f"cannot tell the final norm, rotary and position embeddings apart in {order}")
     head_module = model.get_output_embeddings()
+    refusal = forward_refusal(model, set(children) | {_child_name(model, head_module)})
+    if refusal:
+        raise _refused(model_type, refusal)
     return Architecture(
         config=config,
         prefix=model.base_model_prefix,
@@ -272,4 +269,5 @@ def discover(config: PretrainedConfig) -> Architecture:
         tied=head_module.weight is model.get_input_embeddings().weight,
         router_loss=router_loss_of(model),
         experts=expert_layers_of(children[layers], getattr(config, "num_experts_per_tok", None)),
+        settings=applied_settings(model),
     )

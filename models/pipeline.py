@@ -19,6 +19,8 @@ activation slot i; a (hidden, int, float) order trained silently wrong on 3 stag
 names below a per-layer prefix (see `models/hf_weights.py`).
 """
 
+import inspect
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ from models.architecture import (
 )
 from models.deepspeed_internals import DualPipeVModuleHooks, PipelineModuleHooks
 from models.expert_load import StagePicks, count_picks
+from models.family_verdict import EMBEDDING_SCALE, scaled_logits
 from models.flops import flops_partition
 from models.masking import attention_mask, layer_attention_type
 from models.router_loss import add_router_sums, empty_router_sums, pipeline_settings, recorded_router_logits
@@ -51,6 +54,7 @@ class EmbeddingPipe(nn.Module):
         super().__init__()
         self.token_embedding, self.position_embedding = arch.token_embedding, arch.position_embedding
         self.router_loss = arch.router_loss
+        self.embedding_scale, self.settings = dict(arch.settings).get(EMBEDDING_SCALE), arch.settings
         # The last stage builds this module only for the tied head: it needs no positions or dropout.
         for name in (arch.token_embedding,) if token_only else arch.embedding:
             self.add_module(name, arch.new_module(f"{arch.prefix}.{name}"))
@@ -64,6 +68,8 @@ class EmbeddingPipe(nn.Module):
             position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         position_ids = position_ids.long().contiguous()  # p2p sends need contiguous tensors
         hidden = getattr(self, self.token_embedding)(input_ids)
+        if self.embedding_scale is not None:  # Granite
+            hidden = hidden * self.embedding_scale
         for name, module in self.named_children():
             if name == self.position_embedding:
                 hidden = hidden + module(position_ids)
@@ -80,7 +86,8 @@ class EmbeddingPipe(nn.Module):
 
     def tied_head(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The tied LM head: logits from the token embedding's weight."""
-        return _on_hidden(lambda h: F.linear(h, getattr(self, self.token_embedding).weight), hidden)
+        weight = getattr(self, self.token_embedding).weight
+        return _on_hidden(lambda h: scaled_logits(F.linear(h, weight), self.settings), hidden)
 
 
 def _on_hidden(head, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -95,6 +102,9 @@ class DecoderLayerPipe(nn.Module):
         super().__init__()
         self.add_module(DECODER_ATTR, arch.new_module(arch.layer_path(index)))
         self.rotary = arch.new_module(f"{arch.prefix}.{arch.rotary}") if arch.rotary else None
+        # Gemma 3's rotary keeps one frequency table per layer type (local/global thetas): it takes the layer's type.
+        per_type = self.rotary is not None and "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.rotary_args = (arch.config.layer_types[index],) if per_type else ()
         self.config, self.attention_type = arch.config, layer_attention_type(arch.config, index)
         self.router_loss = arch.router_loss
         count_picks(self, arch.experts, index)  # a MoE layer counts its expert load (models/expert_load.py)
@@ -111,7 +121,7 @@ class DecoderLayerPipe(nn.Module):
             "attention_mask": attention_mask(self.config, self.attention_type, hidden, position_ids),
         }
         if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
+            kwargs["position_embeddings"] = self.rotary(hidden, position_ids, *self.rotary_args)
         layer = getattr(self, DECODER_ATTR)
         with recorded_router_logits(self.router_loss, layer) as router_logits:
             hidden = layer(hidden, **kwargs)  # transformers 5 layers return a tensor
@@ -147,11 +157,11 @@ class HeadPipe(nn.Module):
 
     def __init__(self, arch: Architecture):
         super().__init__()
-        self.name = arch.head
+        self.name, self.settings = arch.head, arch.settings
         self.add_module(arch.head, arch.new_module(arch.head))
 
     def forward(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        return _on_hidden(getattr(self, self.name), hidden)
+        return _on_hidden(lambda h: scaled_logits(getattr(self, self.name)(h), self.settings), hidden)
 
 
 # The module class of each kind of layer (also what DeepSpeed's `type:` partition method matches).

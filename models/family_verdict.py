@@ -1,0 +1,118 @@
+"""Whether the generic conversion can represent a model type, decided from transformers' own classes.
+
+No list of family names: a causal LM is supported when the pipeline's pieces (embedding stage, decoder layers
+called one at a time with their rotary and mask, final norm, head) compute all that its forward computes. Two
+kinds of evidence, both read from transformers 5.24's classes, never from a forward pass:
+
+* the config: an encoder-decoder, a multimodal composite (sub-configs), or a `layer_types` entry that is not an
+  attention layer (Mamba, linear attention, convolutions: a recurrent state the layer carries across tokens,
+  which neither our stage interface nor transformers' one-layer call passes) is refused before anything is built;
+* the forwards of the causal LM and of its base model: every `self.<name>` / `self.config.<name>` they read
+  must be a piece the pipeline holds or a setting it applies (`BASE_READS`, `HEAD_READS`). A read outside
+  them (an extra projection, a per-layer input, a logit transform) is something the pipeline would silently skip,
+  and is the refusal's reason.
+"""
+
+import functools
+import inspect
+import re
+
+import torch
+from transformers import PretrainedConfig
+
+# Settings between the pieces that the pipeline applies itself (models/pipeline.py), by config field.
+EMBEDDING_SCALE = "embedding_multiplier"  # Granite: the token embedding times this
+HEAD_SCALES = ("logit_scale", "logits_scaling", "final_logit_softcapping")  # Cohere x, Granite /, Gemma 2/3 cap
+# Config flags that change a forward the pipeline does not reproduce when they are on.
+REFUSED_FLAGS = {
+    "use_bidirectional_attention": "bidirectional attention (an encoder's mask)",
+    "add_cross_attention": "cross-attention to an encoder",
+}
+# What a base model's forward may read: its pieces (names found on the model), the layer loop and the masks.
+BASE_READS = {
+    "config",
+    "num_hidden_layers",
+    "layer_types",  # each layer's mask and rotary (masking.py, DecoderLayerPipe)
+    "has_sliding_layers",  # which masks to build: masking.py builds each layer's own
+    "sliding_window",
+    "gradient_checkpointing",
+    "training",
+    "_update_causal_mask",
+    "warn_if_padding_and_no_attention_mask",  # padding checks: a pipeline block has no padding mask
+    "dtype",
+    "device",
+    "get_input_embeddings",
+    EMBEDDING_SCALE,
+    *REFUSED_FLAGS,  # read, and refused when on (config_refusal)
+}
+# What a causal LM's forward may read: its base model, head and loss, and the router loss (models/router_loss.py).
+HEAD_READS = {
+    "config",
+    "loss_function",
+    "vocab_size",
+    "return_dict",
+    "use_return_dict",
+    "output_router_logits",
+    "num_experts",
+    "num_experts_per_tok",
+    "router_aux_loss_coef",
+    *HEAD_SCALES,
+}
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+_READ = re.compile(r"self\.config\.(\w+)|self\.(\w+)")
+
+
+def config_refusal(config: PretrainedConfig) -> str | None:
+    """Why `config`'s model cannot be a pipeline of decoder layers, from the config alone (None: no reason yet)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder: the decoder attends to an encoder's output"
+    if getattr(config, "sub_configs", None):
+        return f"multimodal composite ({', '.join(sorted(config.sub_configs))}): use its text-only model type"
+    kinds = set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    if kinds:
+        return (
+            f"stateful layers ({', '.join(sorted(map(str, kinds)))}): a recurrent or convolutional state carried "
+            "across tokens that a decoder layer called alone on (hidden, positions) does not receive"
+        )
+    on = [why for flag, why in REFUSED_FLAGS.items() if getattr(config, flag, False)]
+    return on[0] if on else None
+
+
+def forward_refusal(model, pieces: set[str]) -> str | None:
+    """Why the pipeline would not compute `model`'s forward: a read of its own or its base model's forward that
+    is not one of the pipeline's `pieces` (child names) nor a setting it applies (None: none)."""
+    base = model.base_model
+    extra = _reads(type(base)) - pieces - BASE_READS
+    if extra:
+        return f"its base model's forward also uses {', '.join(sorted(extra))}, which the pipeline does not apply"
+    extra = _reads(type(model)) - {model.base_model_prefix, *pieces} - HEAD_READS
+    if extra:
+        return f"its causal LM's forward also uses {', '.join(sorted(extra))}, which the pipeline does not apply"
+    return None
+
+
+@functools.cache
+def _reads(cls: type) -> frozenset[str]:
+    """The names a class's forward reads off `self` (or `self.config`), from its source."""
+    return frozenset(a or b for a, b in _READ.findall(inspect.getsource(cls.forward)))
+
+
+def applied_settings(model) -> tuple[tuple[str, float], ...]:
+    """The settings between the pieces that `model`'s forwards apply (read and not None), as (field, value)."""
+    reads = _reads(type(model.base_model)) | _reads(type(model))
+    fields = [f for f in (EMBEDDING_SCALE, *HEAD_SCALES) if f in reads]
+    return tuple((f, float(getattr(model.config, f))) for f in fields if getattr(model.config, f, None) is not None)
+
+
+def scaled_logits(logits, settings: tuple[tuple[str, float], ...]):
+    """The head's logits as the causal LM's forward transforms them (transformers 5.24: Cohere multiplies by
+    `logit_scale`, Granite divides by `logits_scaling`, Gemma 2/3 soft-cap: cap x tanh(logits / cap))."""
+    values = dict(settings)
+    if "logit_scale" in values:
+        logits = logits * values["logit_scale"]
+    if "logits_scaling" in values:
+        logits = logits / values["logits_scaling"]
+    if "final_logit_softcapping" in values:
+        cap = values["final_logit_softcapping"]
+        logits = torch.tanh(logits / cap) * cap
+    return logits
