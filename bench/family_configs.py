@@ -11,6 +11,7 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from models.architecture import discover
+from models.errors import first_line
 
 TYPES = dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)  # model_type -> its causal-LM class name (196 in 5.24)
 VOCAB = 128
@@ -31,6 +32,7 @@ SHRUNK = dict(
     first_k_dense_replace=1,  # DeepSeek-style: layer 0 dense, layer 1 a mixture of experts
     n_group=1,
     topk_group=1,
+    rotary_dim=8,  # GPT-J/CodeGen: rotary on half of each 16-wide head
     sliding_window=8,  # shorter than the sweep's 12-token blocks: the window shows
     pad_token_id=0,
     bos_token_id=1,
@@ -42,14 +44,16 @@ PER_LAYER = ("layer_types", "no_rope_layers", "mlp_only_layers")
 
 def tiny_config(model_type: str) -> PretrainedConfig:
     """The config class's defaults, shrunk to SHRUNK where the default config has the field (head_dim: 16 where it
-    is a field of its own and not multi-head latent attention's)."""
+    is a field of its own; multi-head latent attention keeps one k/v head per query head)."""
     cls = CONFIG_MAPPING[model_type]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         default = cls()
         names = set(default.to_dict()) | set(getattr(cls, "attribute_map", {}))
         settings = {k: v for k, v in SHRUNK.items() if k in names}
-        if "head_dim" in names and not hasattr(default, "qk_rope_head_dim"):
+        if hasattr(default, "qk_rope_head_dim"):  # multi-head latent attention: as many k/v heads as queries
+            settings.pop("num_key_value_heads", None)
+        elif "head_dim" in names:
             settings["head_dim"] = 16
         for field in PER_LAYER:
             if isinstance(getattr(default, field, None), list):
@@ -71,5 +75,5 @@ def verdict(model_type: str) -> str | None:
     except ValueError as e:
         return str(e).split(": ", 1)[-1].removesuffix(" (see docs/families.md)")
     except Exception as e:  # noqa: BLE001 (transformers' own code failing on a layer alone: reported as such)
-        return f"its model cannot be built for the pipeline ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+        return f"its model cannot be built for the pipeline ({type(e).__name__}: {first_line(e)[:80]})"
     return None

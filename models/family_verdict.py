@@ -116,3 +116,11 @@ def scaled_logits(logits, settings: tuple[tuple[str, float], ...]):
         cap = values["final_logit_softcapping"]
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def rotary_arguments(rotary, config: PretrainedConfig, index: int) -> tuple[str, ...]:
+    """What a decoder layer's rotary module takes after (hidden, positions): Gemma 3's keeps one frequency table
+    per layer type (local theta 1e4, global 1e6 with its scaling) and takes the layer's type (transformers 5.24)."""
+    if rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
+        return (config.layer_types[index],)
+    return ()
