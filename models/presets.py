@@ -13,8 +13,8 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from models.architecture import discover
 from models.errors import first_line
-from models.hub import check_hub_name, check_model_dir, not_found
 from models.family_presets import FAMILY_PRESETS
+from models.hub import check_hub_name, check_model_dir, not_found
 from models.moe_presets import MOE_PRESETS
 
 
