@@ -9,6 +9,7 @@ import warnings
 
 from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
 from models.architecture import discover
 from models.errors import first_line
@@ -38,6 +39,10 @@ SHRUNK = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+# What a supported row of docs/families.md must add: the tiny config is the class's default, not every checkpoint.
+NOTES = {
+    "lfm2": "its default config has attention layers only; LFM2's checkpoints have `conv` layers and are refused",
+}
 # Fields whose default is a per-layer list, rebuilt by the config from the shrunk layer count when left out.
 PER_LAYER = ("layer_types", "no_rope_layers", "mlp_only_layers")
 
@@ -46,6 +51,15 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     """The config class's defaults, shrunk to SHRUNK where the default config has the field (head_dim: 16 where it
     is a field of its own; multi-head latent attention keeps one k/v head per query head)."""
     cls = CONFIG_MAPPING[model_type]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # configs that cannot rebuild a per-layer field log the whole config
+    try:
+        return _shrunk(cls)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _shrunk(cls: type[PretrainedConfig]) -> PretrainedConfig:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         default = cls()
@@ -55,13 +69,17 @@ def tiny_config(model_type: str) -> PretrainedConfig:
             settings.pop("num_key_value_heads", None)
         elif "head_dim" in names:
             settings["head_dim"] = 16
-        for field in PER_LAYER:
-            if isinstance(getattr(default, field, None), list):
+        for field in PER_LAYER:  # rebuilt from the layer count, where the config can set it (not a property)
+            if isinstance(getattr(default, field, None), list) and not isinstance(getattr(cls, field, None), property):
                 settings[field] = None
         try:
-            return cls(**settings)
+            config = cls(**settings)
         except Exception:  # noqa: BLE001 (e.g. a per-layer field it cannot rebuild): its defaults, unshrunk
             return default
+        kinds = list(dict.fromkeys(getattr(default, "layer_types", None) or ()))
+        if len(kinds) == 2 and len(set(config.layer_types or ())) == 1:  # 2 layers of a 5:1 pattern: one of each
+            config = cls(**settings | {"layer_types": sorted(kinds, key=lambda kind: kind != default.layer_types[0])})
+    return config
 
 
 def verdict(model_type: str) -> str | None:
@@ -75,5 +93,5 @@ def verdict(model_type: str) -> str | None:
     except ValueError as e:
         return str(e).split(": ", 1)[-1].removesuffix(" (see docs/families.md)")
     except Exception as e:  # noqa: BLE001 (transformers' own code failing on a layer alone: reported as such)
-        return f"its model cannot be built for the pipeline ({type(e).__name__}: {first_line(e)[:80]})"
+        return f"transformers 5.24 does not build its model from this config ({type(e).__name__}: {first_line(e)[:60]})"
     return None

@@ -4,9 +4,10 @@
 
 Each supported type's tiny random model (bench/family_configs.py; weights moved off their initial values as
 tests/cases.py does) is saved and loaded into the pipeline, in this one process: logits and loss equal HF's
-(<= 1e-5), every gradient equals HF's (<= 1e-4 of its largest entry, and not all zero), a later token moves no
-earlier logit, the model cut into 2 stages computes the 1-stage logits, and HF -> pipeline layer files ->
-`export_hf_model` -> `from_pretrained` loads with no missing or unexpected key and HF's logits.
+(<= 1e-5), every gradient equals HF's (<= 1e-4 of its largest entry; zero or none only where HF's is), a later
+token moves no earlier logit, packed documents (positions from 0 each) get HF's logits for each alone, the model
+cut into 2 stages computes the 1-stage logits, and HF -> pipeline layer files -> `export_hf_model` gives HF's
+checkpoint tensors, which `from_pretrained` loads with no missing or unexpected key.
 """
 
 import re
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from bench.family_configs import TYPES, VOCAB, tiny_config, verdict
+from bench.family_configs import NOTES, TYPES, VOCAB, tiny_config, verdict
 from models.architecture import TIED_HEAD, discover
 from models.hf_weights import export_hf_model, pipeline_param_to_hf
 from models.loss import next_token_cross_entropy
@@ -51,6 +52,7 @@ def prove(model_type: str, folder: Path) -> None:
     loss.backward()
     _assert_gradients_equal(hf, pipe, arch)
     _assert_causal(pipe, ids)
+    _assert_documents_computed_alone(pipe, hf)
     _assert_two_stages_compute_one(arch, folder / "hf", ids, ours.detach())
     _assert_export_round_trip(arch, pipe, folder, hf, ids)
 
@@ -76,6 +78,18 @@ def _assert_causal(pipe, ids: torch.Tensor) -> None:
         a, b = pipe(ids), pipe(changed)
     assert torch.equal(a[:, :8], b[:, :8]), "a later token changed an earlier position's logits"
     assert not torch.equal(a[:, 8:], b[:, 8:]), "the changed tokens moved nothing"
+
+
+def _assert_documents_computed_alone(pipe, hf) -> None:
+    """Document attention (`--attention document`: positions restart at 0 per packed document): each document's
+    logits are HF's for that document alone."""
+    generator = torch.Generator().manual_seed(4)
+    documents = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (5, 4, 3)]
+    positions = torch.cat([torch.arange(len(d)) for d in documents])[None]
+    with torch.no_grad(), row_exact_experts(pipe), row_exact_experts(hf):
+        packed = pipe((torch.cat(documents)[None], positions))[0]
+        alone = torch.cat([hf(d[None]).logits[0] for d in documents])
+    assert (packed - alone).abs().max().item() <= 1e-5, "a packed document's logits differ from HF's alone"
 
 
 def _assert_two_stages_compute_one(arch, folder: Path, ids: torch.Tensor, expected: torch.Tensor) -> None:
@@ -132,12 +146,12 @@ def render(results: dict[str, str | None]) -> str:
         "other is refused by `models.architecture.discover` with the reason below (`models/family_verdict.py`).",
         "`tests/unit/test_family_table.py` fails when this table and the code disagree.",
         "",
-        "| `model_type` | causal LM class | supported | why not |",
+        "| `model_type` | causal LM class | supported | why not (or what to know) |",
         "| --- | --- | --- | --- |",
     ]
     for model_type, why in results.items():
-        cell = "yes" if why is None else "no"
-        lines.append(f"| `{model_type}` | `{TYPES[model_type]}` | {cell} | {(why or '').replace('|', '/')} |")
+        cell, text = ("yes", NOTES.get(model_type, "")) if why is None else ("no", why.replace("|", "/"))
+        lines.append(f"| `{model_type}` | `{TYPES[model_type]}` | {cell} | {text} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +161,7 @@ _ROW = re.compile(r"^\| `([^`]+)` \| `[^`]+` \| (yes|no) \| (.*) \|$")
 def read_table() -> dict[str, str | None]:
     """docs/families.md as `sweep` returned it: model_type -> None (supported) or the reason ('|' written '/')."""
     rows = [_ROW.match(line) for line in FAMILIES_DOC.read_text().splitlines()]
-    found = [(m[1], None if m[2] == "yes" else m[3]) for m in rows if m]
+    found = [(m[1], None if m[2] == "yes" else m[3]) for m in rows if m]  # a supported row's text is a note
     if len(found) != len(dict(found)):
         raise ValueError(f"{FAMILIES_DOC} has a model type twice: regenerate it with python -m bench.family_sweep")
     return dict(found)

@@ -7,7 +7,10 @@ decoder layers, `get_input_embeddings` / `get_output_embeddings` for the token e
 LM head, `tie_word_embeddings` (checked against the built model) for the tie. What stands before the
 layers (token and position embeddings, dropout) forms the embedding stage, the module after them
 with parameters is the final norm, and a `...RotaryEmbedding` is recomputed inside every decoder
-layer so that only the hidden states and the integer positions travel between stages.
+layer (Gemma 3's for the layer's type) so that only the hidden states and the integer positions travel between
+stages. Whether a model type is supported at all is decided from its classes, not a list of names
+(models/family_verdict.py); settings its forwards apply between the pieces (logit soft-cap and scales, embedding
+multiplier) are read from the config into `Architecture.settings`.
 
 A pipeline layer gets a real copy of one piece: deep-copied from the meta model, allocated, and
 initialised by the family's own `_init_weights` (which also recomputes rotary frequencies).

@@ -37,28 +37,22 @@ BASE_READS = {
     "sliding_window",
     "gradient_checkpointing",
     "training",
-    "_update_causal_mask",
     "warn_if_padding_and_no_attention_mask",  # padding checks: a pipeline block has no padding mask
-    "dtype",
-    "device",
-    "get_input_embeddings",
     EMBEDDING_SCALE,
     *REFUSED_FLAGS,  # read, and refused when on (config_refusal)
 }
 # What a causal LM's forward may read: its base model, head and loss, and the router loss (models/router_loss.py).
 HEAD_READS = {
-    "config",
     "loss_function",
     "vocab_size",
-    "return_dict",
-    "use_return_dict",
     "output_router_logits",
     "num_experts",
     "num_experts_per_tok",
     "router_aux_loss_coef",
     *HEAD_SCALES,
 }
-ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}  # the masks models/masking.py builds
+STATEFUL_LAYER_TYPES = {"linear_attention", "conv", "mamba", "mamba2", "recurrent", "rwkv"}
 _READ = re.compile(r"self\.config\.(\w+)|self\.(\w+)")
 
 
@@ -66,16 +60,34 @@ def config_refusal(config: PretrainedConfig) -> str | None:
     """Why `config`'s model cannot be a pipeline of decoder layers, from the config alone (None: no reason yet)."""
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder: the decoder attends to an encoder's output"
-    if getattr(config, "sub_configs", None):
-        return f"multimodal composite ({', '.join(sorted(config.sub_configs))}): use its text-only model type"
-    kinds = set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    subs = sorted(getattr(config, "sub_configs", None) or ())
+    if subs:
+        return _composite_refusal(subs)
+    kinds = set(map(str, getattr(config, "layer_types", None) or ())) - ATTENTION_LAYER_TYPES
+    if kinds & STATEFUL_LAYER_TYPES:
+        return (
+            f"stateful layers ({', '.join(sorted(kinds & STATEFUL_LAYER_TYPES))}): a recurrent or convolutional "
+            "state carried across tokens, which a decoder layer called alone on (hidden, positions) does not receive"
+        )
     if kinds:
         return (
-            f"stateful layers ({', '.join(sorted(map(str, kinds)))}): a recurrent or convolutional state carried "
-            "across tokens that a decoder layer called alone on (hidden, positions) does not receive"
+            f"layer kinds other than full or sliding-window attention ({', '.join(sorted(kinds))}), whose masks or "
+            "key selection the pipeline's per-layer masks (models/masking.py) do not build"
         )
     on = [why for flag, why in REFUSED_FLAGS.items() if getattr(config, flag, False)]
     return on[0] if on else None
+
+
+def _composite_refusal(subs: list[str]) -> str:
+    """The reason for a config made of sub-configs, by what they are."""
+    names = ", ".join(subs)
+    if any(word in sub for sub in subs for word in ("vision", "audio", "vq", "image")):
+        return f"multimodal composite ({names}): use its text-only model type where transformers has one"
+    if set(subs) <= {"attn_config", "ffn_config"}:
+        return f"its settings are nested in sub-configs ({names}), which the conversion's config reads do not enter"
+    if subs == ["text_config"]:
+        return "a wrapper around a language model's config (text_config) whose forward takes more than token ids"
+    return f"a composite of several models ({names}), not one stack of decoder layers"
 
 
 def forward_refusal(model, pieces: set[str]) -> str | None:
