@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from models.errors import first_line
 from models.expert_load import ExpertLayers, expert_layers_of
-from models.family_verdict import applied_settings, config_refusal, forward_refusal
+from models.family_verdict import applied_settings, config_refusal, forward_refusal, order_refusal
 from models.router_loss import RouterLoss, router_loss_of
 
 # DeepSpeed's key of the tied embedding (TiedLayerSpec): its parameters are named `tied_modules.embed.<name>`.
@@ -252,11 +252,13 @@ def _architecture(model_type: str, config: PretrainedConfig, model: nn.Module) -
     token = _child_name(base, model.get_input_embeddings())
     rotary = [n for n in before + after if type(children[n]).__name__.endswith("RotaryEmbedding")]
     positions = [n for n in before if n != token and isinstance(children[n], nn.Embedding)]
-    norms = [n for n in after if n not in rotary and any(True for _ in children[n].parameters())]
+    norms = [n for n in after if n not in rotary]  # OLMo's and nanochat's final norms have no weight
+    norms = [n for n in norms if any(True for _ in children[n].parameters())] if len(norms) > 1 else norms
     if len(norms) != 1 or len(rotary) > 1 or len(positions) > 1:
         raise _refused(model_type, f"cannot tell the final norm, rotary and position embeddings apart in {order}")
     head_module = model.get_output_embeddings()
     refusal = forward_refusal(model, set(children) | {_child_name(model, head_module)})
+    refusal = refusal or order_refusal(base, layers, norms[0])
     if refusal:
         raise _refused(model_type, refusal)
     return Architecture(

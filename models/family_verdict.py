@@ -103,6 +103,17 @@ def forward_refusal(model, pieces: set[str]) -> str | None:
     return None
 
 
+def order_refusal(base, layers: str, final_norm: str) -> str | None:
+    """Why the module taken for the final norm is not one (None: it is): the pipeline applies it after the last
+    layer, so the base model's forward must call it only after its loop over the layers (nanochat also normalises
+    the embeddings with it before the layers)."""
+    source = inspect.getsource(type(base).forward)
+    loop, call = source.find(f"self.{layers}"), source.find(f"self.{final_norm}(")
+    if 0 <= call < loop:
+        return f"its base model's forward calls {final_norm} before its layers too, not only after them"
+    return None
+
+
 @functools.cache
 def _reads(cls: type) -> frozenset[str]:
     """The names a class's forward reads off `self` (or `self.config`), from its source."""
