@@ -54,7 +54,7 @@ def prove(model_type: str, folder: Path) -> None:
     _assert_causal(pipe, ids)
     _assert_documents_computed_alone(pipe, hf)
     _assert_two_stages_compute_one(arch, folder / "hf", ids, ours.detach())
-    _assert_export_round_trip(arch, pipe, folder, hf, ids)
+    _assert_export_round_trip(arch, pipe, folder, hf)
 
 
 def _assert_gradients_equal(hf, pipe, arch, rel: float = 1e-4) -> None:
@@ -101,11 +101,11 @@ def _assert_two_stages_compute_one(arch, folder: Path, ids: torch.Tensor, expect
     assert (logits - expected).abs().max().item() <= 1e-6, "2 stages differ from 1"
 
 
-def _assert_export_round_trip(arch, pipe, folder: Path, hf, ids: torch.Tensor) -> None:
+def _assert_export_round_trip(arch, pipe, folder: Path, hf) -> None:
     """The pipeline's layers as DeepSpeed's layer files (a per-layer state dict), exported as training exports: the
-    same tensors as HF's own `save_pretrained`, loaded by `from_pretrained` with no missing or unexpected key into
-    the model HF's own checkpoint loads as (Youtu's tied embedding is re-initialised by transformers 5.24's own
-    round trip: the export must not differ from the checkpoint, not from the model in memory)."""
+    tensors of HF's own `save_pretrained`, bit for bit, which `from_pretrained` loads with no missing or unexpected
+    key (so the export loads as HF's checkpoint does: same config, same tensors; Youtu's tied embedding is
+    re-initialised by transformers 5.24's own round trip, export or not)."""
     tag = folder / "tag"
     tag.mkdir()
     for index, (layer, module) in enumerate(zip(arch.pipeline_layers(), pipe.forward_funcs, strict=True)):
@@ -115,11 +115,8 @@ def _assert_export_round_trip(arch, pipe, folder: Path, hf, ids: torch.Tensor) -
     before, after = load_file(folder / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys(), "the export holds other tensors than HF's checkpoint"
     assert all(torch.equal(before[k], after[k]) for k in before), "the export's tensors differ from HF's"
-    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), f"export loads with {info}"
-    original = AutoModelForCausalLM.from_pretrained(folder / "hf")
-    with torch.no_grad():
-        assert torch.equal(reloaded.eval()(ids).logits, original.eval()(ids).logits), "the export loads differently"
 
 
 def sweep() -> dict[str, str | None]:
