@@ -93,7 +93,8 @@ class Architecture:
     router_loss: RouterLoss | None = None  # the load-balancing loss the causal LM adds (output_router_logits)
     experts: ExpertLayers | None = None  # a mixture of experts' MoE layers, whose expert load is counted
     # Settings the model's forwards apply between the pieces, by config field (models/family_verdict.py):
-    # Granite's embedding_multiplier; Cohere's logit_scale, Granite's logits_scaling, Gemma 2/3's soft-cap.
+    # Granite's embedding_multiplier, StarCoder2's embedding_dropout; Cohere's logit_scale, Granite's logits_scaling,
+    # Gemma 2/3's final_logit_softcapping.
     settings: tuple[tuple[str, float], ...] = ()
 
     @property

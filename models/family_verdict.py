@@ -9,7 +9,7 @@ kinds of evidence, both read from transformers 5.24's classes, never from a forw
   which neither our stage interface nor transformers' one-layer call passes) is refused before anything is built;
 * the forwards of the causal LM and of its base model: every `self.<name>` / `self.config.<name>` they read
   must be a piece the pipeline holds or a setting it applies (`BASE_READS`, `HEAD_READS`). A read outside
-  them (an extra projection, a per-layer input, a logit transform) is something the pipeline would silently skip,
+  them (an extra projection, a per-layer input, a scale it does not know) is something the pipeline would skip,
   and is the refusal's reason.
 """
 
@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 
 # Settings between the pieces that the pipeline applies itself (models/pipeline.py), by config field.
 EMBEDDING_SCALE = "embedding_multiplier"  # Granite: the token embedding times this
+EMBEDDING_DROPOUT = "embedding_dropout"  # StarCoder2: dropout on the token embedding (training only)
 HEAD_SCALES = ("logit_scale", "logits_scaling", "final_logit_softcapping")  # Cohere x, Granite /, Gemma 2/3 cap
 # Config flags that change a forward the pipeline does not reproduce when they are on.
 REFUSED_FLAGS = {
@@ -39,6 +40,7 @@ BASE_READS = {
     "training",
     "warn_if_padding_and_no_attention_mask",  # padding checks: a pipeline block has no padding mask
     EMBEDDING_SCALE,
+    EMBEDDING_DROPOUT,
     *REFUSED_FLAGS,  # read, and refused when on (config_refusal)
 }
 # What a causal LM's forward may read: its base model, head and loss, and the router loss (models/router_loss.py).
@@ -123,8 +125,19 @@ def _reads(cls: type) -> frozenset[str]:
 def applied_settings(model) -> tuple[tuple[str, float], ...]:
     """The settings between the pieces that `model`'s forwards apply (read and not None), as (field, value)."""
     reads = _reads(type(model.base_model)) | _reads(type(model))
-    fields = [f for f in (EMBEDDING_SCALE, *HEAD_SCALES) if f in reads]
+    fields = [f for f in (EMBEDDING_SCALE, EMBEDDING_DROPOUT, *HEAD_SCALES) if f in reads]
     return tuple((f, float(getattr(model.config, f))) for f in fields if getattr(model.config, f, None) is not None)
+
+
+def scaled_embedding(hidden, settings: tuple[tuple[str, float], ...], training: bool):
+    """The token embedding as the base model's forward transforms it before the layers (transformers 5.24: Granite
+    multiplies by `embedding_multiplier`, StarCoder2 applies dropout `embedding_dropout`)."""
+    values = dict(settings)
+    if EMBEDDING_SCALE in values:
+        hidden = hidden * values[EMBEDDING_SCALE]
+    if values.get(EMBEDDING_DROPOUT):
+        hidden = torch.nn.functional.dropout(hidden, p=values[EMBEDDING_DROPOUT], training=training)
+    return hidden
 
 
 def scaled_logits(logits, settings: tuple[tuple[str, float], ...]):

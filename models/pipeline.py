@@ -39,7 +39,7 @@ from models.architecture import (
 )
 from models.deepspeed_internals import DualPipeVModuleHooks, PipelineModuleHooks
 from models.expert_load import StagePicks, count_picks
-from models.family_verdict import EMBEDDING_SCALE, rotary_arguments, scaled_logits
+from models.family_verdict import rotary_arguments, scaled_embedding, scaled_logits
 from models.flops import flops_partition
 from models.masking import attention_mask, layer_attention_type
 from models.router_loss import add_router_sums, empty_router_sums, pipeline_settings, recorded_router_logits
@@ -52,7 +52,7 @@ class EmbeddingPipe(nn.Module):
         super().__init__()
         self.token_embedding, self.position_embedding = arch.token_embedding, arch.position_embedding
         self.router_loss = arch.router_loss
-        self.embedding_scale, self.settings = dict(arch.settings).get(EMBEDDING_SCALE), arch.settings
+        self.settings = arch.settings  # Granite's embedding multiplier, StarCoder2's embedding dropout, head scales
         # The last stage builds this module only for the tied head: it needs no positions or dropout.
         for name in (arch.token_embedding,) if token_only else arch.embedding:
             self.add_module(name, arch.new_module(f"{arch.prefix}.{name}"))
@@ -66,7 +66,7 @@ class EmbeddingPipe(nn.Module):
             position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         position_ids = position_ids.long().contiguous()  # p2p sends need contiguous tensors
         hidden = getattr(self, self.token_embedding)(input_ids)
-        hidden = hidden if self.embedding_scale is None else hidden * self.embedding_scale  # Granite
+        hidden = scaled_embedding(hidden, self.settings, self.training)
         for name, module in self.named_children():
             if name == self.position_embedding:
                 hidden = hidden + module(position_ids)
