@@ -7,7 +7,10 @@ decoder layers, `get_input_embeddings` / `get_output_embeddings` for the token e
 LM head, `tie_word_embeddings` (checked against the built model) for the tie. What stands before the
 layers (token and position embeddings, dropout) forms the embedding stage, the module after them
 with parameters is the final norm, and a `...RotaryEmbedding` is recomputed inside every decoder
-layer so that only the hidden states and the integer positions travel between stages.
+layer (Gemma 3's for the layer's type) so that only the hidden states and the integer positions travel between
+stages. Whether a model type is supported at all is decided from its classes, not a list of names
+(models/family_verdict.py); settings its forwards apply between the pieces (logit soft-cap and scales, embedding
+multiplier) are read from the config into `Architecture.settings`.
 
 A pipeline layer gets a real copy of one piece: deep-copied from the meta model, allocated, and
 initialised by the family's own `_init_weights` (which also recomputes rotary frequencies).
@@ -24,28 +27,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from models.errors import first_line
 from models.expert_load import ExpertLayers, expert_layers_of
+from models.family_verdict import applied_settings, config_refusal, forward_refusal, order_refusal
 from models.router_loss import RouterLoss, router_loss_of
 
-# model_type -> what the README calls it. Each is tested against its transformers model (tests/unit/test_families.py).
-SUPPORTED_FAMILIES = {
-    "gpt2": "GPT-2",
-    "llama": "Llama 2/3",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2/2.5",
-    "qwen3": "Qwen3",
-    "gpt_neox": "GPT-NeoX/Pythia",
-    "phi3": "Phi-3",
-    "gemma": "Gemma",
-    "olmo2": "OLMo 2",
-    "qwen3_moe": "Qwen3-MoE",
-    "qwen2_moe": "Qwen1.5/2-MoE",
-    "mixtral": "Mixtral",
-    "olmoe": "OLMoE",
-    "deepseek_v3": "DeepSeek-V3",
-    "deepseek_v2": "DeepSeek-V2",
-    "gpt_oss": "gpt-oss",
-    "glm4_moe": "GLM-4.5",
-}
 # DeepSpeed's key of the tied embedding (TiedLayerSpec): its parameters are named `tied_modules.embed.<name>`.
 TIED_EMBEDDING_KEY = "embed"
 # The kinds of pipeline layer, in the order `Architecture.pipeline_layers` lists them.
@@ -108,6 +92,10 @@ class Architecture:
     tied: bool  # the head uses the token embedding's weight
     router_loss: RouterLoss | None = None  # the load-balancing loss the causal LM adds (output_router_logits)
     experts: ExpertLayers | None = None  # a mixture of experts' MoE layers, whose expert load is counted
+    # Settings the model's forwards apply between the pieces, by config field (models/family_verdict.py):
+    # Granite's embedding_multiplier, StarCoder2's embedding_dropout; Cohere's logit_scale, Granite's logits_scaling,
+    # Gemma 2/3's final_logit_softcapping.
+    settings: tuple[tuple[str, float], ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -232,13 +220,12 @@ def _child_name(parent: nn.Module, child: nn.Module) -> str:
 
 
 def discover(config: PretrainedConfig) -> Architecture:
-    """The `Architecture` of `config`'s causal-LM model, or a ValueError naming what is not supported."""
+    """The `Architecture` of `config`'s causal-LM model, or a ValueError naming why the generic conversion cannot
+    represent it (models/family_verdict.py: no list of names; docs/families.md lists every model type's verdict)."""
     model_type = config.model_type
-    if model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)} "
-            "(decoder-only models whose layers take only the hidden states and rotary embeddings)"
-        )
+    refusal = config_refusal(config)
+    if refusal:
+        raise _refused(model_type, refusal)
     config = pipeline_config(config)
     try:
         model = meta_model(config)
@@ -247,18 +234,34 @@ def discover(config: PretrainedConfig) -> Architecture:
             f"{model_type} cannot run with {config._attn_implementation} attention ({first_line(e)}); "
             "pipegpt needs an attention kernel that is causal without a mask (sdpa or flash attention), not eager"
         ) from None
+    return _architecture(model_type, config, model)
+
+
+def _refused(model_type: str, reason: str) -> ValueError:
+    return ValueError(f"model_type {model_type!r} is not supported: {reason} (see docs/families.md)")
+
+
+def _architecture(model_type: str, config: PretrainedConfig, model: nn.Module) -> Architecture:
     base = model.base_model
     children = dict(base.named_children())
-    (layers,) = [name for name, module in children.items() if isinstance(module, nn.ModuleList)]
+    lists = [name for name, module in children.items() if isinstance(module, nn.ModuleList)]
+    if len(lists) != 1:
+        raise _refused(model_type, f"its base model holds {len(lists)} lists of layers, not one ({list(children)})")
+    (layers,) = lists
     order = list(children)
     before, after = order[: order.index(layers)], order[order.index(layers) + 1 :]
     token = _child_name(base, model.get_input_embeddings())
     rotary = [n for n in before + after if type(children[n]).__name__.endswith("RotaryEmbedding")]
     positions = [n for n in before if n != token and isinstance(children[n], nn.Embedding)]
-    norms = [n for n in after if n not in rotary and any(True for _ in children[n].parameters())]
+    norms = [n for n in after if n not in rotary]  # OLMo's and nanochat's final norms have no weight
+    norms = [n for n in norms if any(True for _ in children[n].parameters())] if len(norms) > 1 else norms
     if len(norms) != 1 or len(rotary) > 1 or len(positions) > 1:
-        raise ValueError(f"{model_type}: cannot tell the final norm, rotary and position embeddings apart in {order}")
+        raise _refused(model_type, f"cannot tell the final norm, rotary and position embeddings apart in {order}")
     head_module = model.get_output_embeddings()
+    refusal = forward_refusal(model, set(children) | {_child_name(model, head_module)})
+    refusal = refusal or order_refusal(base, layers, norms[0])
+    if refusal:
+        raise _refused(model_type, refusal)
     return Architecture(
         config=config,
         prefix=model.base_model_prefix,
@@ -272,4 +275,5 @@ def discover(config: PretrainedConfig) -> Architecture:
         tied=head_module.weight is model.get_input_embeddings().weight,
         router_loss=router_loss_of(model),
         experts=expert_layers_of(children[layers], getattr(config, "num_experts_per_tok", None)),
+        settings=applied_settings(model),
     )

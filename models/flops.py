@@ -9,6 +9,9 @@ matrix of the decoder layers (so GQA's narrower k/v projections, a three-matrix 
 projections count as they are) and the LM head, vocab x d_model, tied or not; position embeddings and the token
 lookup do no FLOPs. The second term is attention's QK^T and AV, counted for the full (not causally halved)
 matrix; `Architecture.attention_width` is heads x the mean of the query-key and value head sizes (MLA's differ).
+Sliding-window layers (Mistral, Gemma 2/3's local layers) are counted as full ones (model FLOPs, as PaLM counts
+them). Soft-capping (Gemma 2: tanh of every attention score and logit), Granite's multipliers and norms are
+elementwise, a few FLOPs per score against 2 x head_dim per score for QK^T: left out (< 2% at head_dim 128).
 
 **Mixtures of experts: active FLOPs.** transformers 5.24 fuses a layer's routed experts into 3-D parameters
 [experts, ., .] (`mlp.experts.gate_up_proj`, `down_proj`; gpt-oss adds 2-D per-expert biases) in one experts

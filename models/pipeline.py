@@ -6,8 +6,8 @@
     decoder     DecoderLayerPipe  transformers' own decoder layer, one per layer, with its own rotary module and
                                   the mask transformers' masking utilities give its positions (models/masking.py)
     final_norm  FinalNormPipe     the final norm; only the hidden states go on
-    head        HeadPipe          an untied LM head
-    tied_head   EmbeddingPipe     the embedding again (TiedLayerSpec), as F.linear(h, token_embedding.weight)
+    head        HeadPipe          an untied LM head, then the logits' scale or soft-cap (models/family_verdict.py)
+    tied_head   EmbeddingPipe     the embedding again (TiedLayerSpec), as F.linear(h, token_embedding.weight), same
 
 Between stages travel the hidden states and the int64 positions (per document under `--attention document`,
 0..S-1 otherwise): DeepSpeed 0.19.8 marks every received float tensor `requires_grad` and asserts a gradient
@@ -40,6 +40,7 @@ from models.architecture import (
 )
 from models.deepspeed_internals import DualPipeVModuleHooks, PipelineModuleHooks
 from models.expert_load import StagePicks, count_picks
+from models.family_verdict import rotary_arguments, scaled_embedding, scaled_logits
 from models.flops import flops_partition
 from models.masking import attention_mask, layer_attention_type
 from models.router_loss import add_router_sums, empty_router_sums, pipeline_settings, recorded_router_logits
@@ -52,6 +53,7 @@ class EmbeddingPipe(nn.Module):
         super().__init__()
         self.token_embedding, self.position_embedding = arch.token_embedding, arch.position_embedding
         self.router_loss = arch.router_loss
+        self.settings = arch.settings  # Granite's embedding multiplier, StarCoder2's embedding dropout, head scales
         # The last stage builds this module only for the tied head: it needs no positions or dropout.
         for name in (arch.token_embedding,) if token_only else arch.embedding:
             self.add_module(name, arch.new_module(f"{arch.prefix}.{name}"))
@@ -65,6 +67,7 @@ class EmbeddingPipe(nn.Module):
             position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         position_ids = position_ids.long().contiguous()  # p2p sends need contiguous tensors
         hidden = getattr(self, self.token_embedding)(input_ids)
+        hidden = scaled_embedding(hidden, self.settings, self.training)
         for name, module in self.named_children():
             if name == self.position_embedding:
                 hidden = hidden + module(position_ids)
@@ -81,7 +84,8 @@ class EmbeddingPipe(nn.Module):
 
     def tied_head(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The tied LM head: logits from the token embedding's weight."""
-        return _on_hidden(lambda h: F.linear(h, getattr(self, self.token_embedding).weight), hidden)
+        weight = getattr(self, self.token_embedding).weight
+        return _on_hidden(lambda h: scaled_logits(F.linear(h, weight), self.settings), hidden)
 
 
 def _on_hidden(head, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -96,6 +100,7 @@ class DecoderLayerPipe(nn.Module):
         super().__init__()
         self.add_module(DECODER_ATTR, arch.new_module(arch.layer_path(index)))
         self.rotary = arch.new_module(f"{arch.prefix}.{arch.rotary}") if arch.rotary else None
+        self.rotary_args = rotary_arguments(self.rotary, arch.config, index)  # Gemma 3: the layer's type
         self.config, self.attention_type = arch.config, layer_attention_type(arch.config, index)
         self.router_loss = arch.router_loss
         count_picks(self, arch.experts, index)  # a MoE layer counts its expert load (models/expert_load.py)
@@ -112,7 +117,7 @@ class DecoderLayerPipe(nn.Module):
             "attention_mask": attention_mask(self.config, self.attention_type, hidden, position_ids),
         }
         if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
+            kwargs["position_embeddings"] = self.rotary(hidden, position_ids, *self.rotary_args)
         layer = getattr(self, DECODER_ATTR)
         with recorded_router_logits(self.router_loss, layer) as router_logits:
             hidden = layer(hidden, **kwargs)  # transformers 5 layers return a tensor
@@ -123,8 +128,8 @@ class DecoderLayerPipe(nn.Module):
         return hidden, probs, position_ids, counts
 
     def _apply(self, fn, recurse=True):
-        # Keep the rotary frequencies in fp32 when DeepSpeed casts the model to bf16/fp16: only move them.
-        # (HF's rotary forward upcasts `inv_freq` but cannot restore the precision a cast lost.)
+        # Keep the rotary frequencies (Gemma 3: each layer type's) in fp32 when DeepSpeed casts the model to bf16:
+        # only move them (HF's rotary forward upcasts `inv_freq` but cannot restore the precision a cast lost).
         buffers = dict(self.rotary.named_buffers()) if self.rotary is not None else {}
         super()._apply(fn, recurse)
         for name, fp32 in buffers.items():
@@ -139,8 +144,8 @@ class FinalNormPipe(nn.Module):
         self.add_module(arch.final_norm, arch.new_module(f"{arch.prefix}.{arch.final_norm}"))
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        hidden = getattr(self, self.name)(inputs[0])  # the positions end here: the head and the loss do not read them
-        return hidden if len(inputs) == 2 else (hidden, inputs[1], inputs[3])  # the router sums go on to the loss
+        hidden = getattr(self, self.name)(inputs[0])  # the positions end here; the router sums go on to the loss
+        return hidden if len(inputs) == 2 else (hidden, inputs[1], inputs[3])
 
 
 class HeadPipe(nn.Module):
@@ -148,11 +153,11 @@ class HeadPipe(nn.Module):
 
     def __init__(self, arch: Architecture):
         super().__init__()
-        self.name = arch.head
+        self.name, self.settings = arch.head, arch.settings
         self.add_module(arch.head, arch.new_module(arch.head))
 
     def forward(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        return _on_hidden(getattr(self, self.name), hidden)
+        return _on_hidden(lambda h: scaled_logits(getattr(self, self.name)(h), self.settings), hidden)
 
 
 # The module class of each kind of layer (also what DeepSpeed's `type:` partition method matches).
@@ -227,10 +232,8 @@ class CausalLMPipeline(PipelineModuleHooks):
 
     @torch.no_grad()
     def tied_weight_max_diff(self) -> float:
-        """Largest |difference| between a stage's copy of a tied weight and the first stage's.
-
-        0.0 when the tie holds (and for untied models). A collective: every rank must call it.
-        """
+        """Largest |difference| between a stage's copy of a tied weight and the first stage's: 0.0 when the tie
+        holds (and for untied models). A collective: every rank must call it."""
         device = next(self.parameters()).device
         diff = torch.zeros((), device=device)
         for mine, owner, group in self.tied_weights():
@@ -259,10 +262,10 @@ def ranges_text(ranges: list[tuple[int, int]] | list[list[int]]) -> str:
 
 
 def _seed_layer(seed: int) -> None:
-    """Seed the generators a layer draws from: the CPU one (initialisation) and the device's (dropout).
-    DeepSpeed calls this before every layer of every micro-batch's forward. `torch.manual_seed` would also
-    queue lazy seeds for CUDA, XPU and MTIA where they are not initialised, formatting a stack trace for
-    each: about 1 ms a call on CPU, 5-10% of a small model's step."""
+    """Seed the generators a layer draws from: the CPU one (initialisation) and the device's (dropout). DeepSpeed
+    calls this before every layer of every micro-batch's forward. `torch.manual_seed` would also queue lazy seeds
+    for CUDA, XPU and MTIA where they are not initialised, formatting a stack trace for each: about 1 ms a call on
+    CPU, 5-10% of a small model's step."""
     seed = int(seed)  # DeepSpeed hands numpy integers from its partition bounds
     torch.default_generator.manual_seed(seed)
     accelerator = get_accelerator()

@@ -11,8 +11,9 @@ from pathlib import Path
 from huggingface_hub.errors import StrictDataclassError
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
-from models.architecture import SUPPORTED_FAMILIES, discover
+from models.architecture import discover
 from models.errors import first_line
+from models.family_presets import FAMILY_PRESETS
 from models.hub import check_hub_name, check_model_dir, not_found
 from models.moe_presets import MOE_PRESETS
 
@@ -150,6 +151,7 @@ PRESETS: dict[str, dict] = {
     "pythia-6.9b": _pythia(4096, 32, 32, vocab=50432),
     "pythia-12b": _pythia(5120, 36, 40, vocab=50688),
     **MOE_PRESETS,
+    **FAMILY_PRESETS,
 }
 
 # Pretraining from scratch: no dropout (as in most modern reproductions; GPT-2's config defaults to 0.1).
@@ -179,7 +181,7 @@ def _config_file(path: Path, vocab_size: int | None) -> PretrainedConfig:
             f"--model-config {path}: cannot read {file} ({e}); pass a config.json of a supported model"
         ) from None
     if not isinstance(settings, dict) or "model_type" not in settings:
-        raise ValueError(f"{path} has no model_type: add one of {', '.join(SUPPORTED_FAMILIES)}")
+        raise ValueError(f"{path} has no model_type: add one (docs/families.md lists the supported ones)")
     if settings["model_type"] not in CONFIG_MAPPING:
         raise ValueError(f"{path}: model_type {settings['model_type']!r} is unknown to transformers")
     if vocab_size is not None:

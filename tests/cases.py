@@ -2,6 +2,7 @@
 other): every family's tiny random model, the peft reference built on it, and data files of every format."""
 
 import json
+from contextlib import contextmanager
 
 import pandas as pd
 import torch
@@ -214,3 +215,25 @@ def assert_gradients_equal(hf: torch.nn.Module, pipe: torch.nn.Module, arch, rel
         scale = expected.abs().max().item()
         assert scale > 0, name
         assert (param.grad - expected).abs().max().item() <= rel * scale, name
+
+
+def experts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A mixture of experts' expert blocks: their fused `gate_up_proj` is one 3-D tensor (experts x in x out)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)]
+
+
+@contextmanager
+def row_exact_experts(model: torch.nn.Module):
+    """Experts through transformers' `batched_mm` for a causality check: the default `grouped_mm` (and `eager`)
+    multiply each expert's tokens together, so a token routed elsewhere changes how the other rows' sums round
+    (earlier logits moved by up to 6e-7 in HF's own model); `batched_mm` computes each row alone. The
+    implementation is read from the config at every forward (transformers 5.24 integrations/moe.py)."""
+    configs = {id(m.config): m.config for m in experts(model)}
+    saved = {key: config._experts_implementation for key, config in configs.items()}
+    for config in configs.values():
+        config._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        for key, config in configs.items():
+            config._experts_implementation = saved[key]
