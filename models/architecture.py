@@ -277,3 +277,8 @@ def _architecture(model_type: str, config: PretrainedConfig, model: nn.Module) -
         experts=expert_layers_of(children[layers], getattr(config, "num_experts_per_tok", None)),
         settings=applied_settings(model),
     )
+
+
+def ranges_text(ranges: list[tuple[int, int]] | list[list[int]]) -> str:
+    """[start, stop) layer ranges as people read them: "0-1 and 5-6"."""
+    return " and ".join(f"{start}-{stop - 1}" for start, stop in ranges)

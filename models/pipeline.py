@@ -256,11 +256,6 @@ class CausalLMDualPipeV(DualPipeVModuleHooks, CausalLMPipeline):
 SCHEDULES: dict[str, type[CausalLMPipeline]] = {cls.SCHEDULE: cls for cls in (CausalLMPipeline, CausalLMDualPipeV)}
 
 
-def ranges_text(ranges: list[tuple[int, int]] | list[list[int]]) -> str:
-    """[start, stop) layer ranges as people read them: "0-1 and 5-6"."""
-    return " and ".join(f"{start}-{stop - 1}" for start, stop in ranges)
-
-
 def _seed_layer(seed: int) -> None:
     """Seed the generators a layer draws from: the CPU one (initialisation) and the device's (dropout). DeepSpeed
     calls this before every layer of every micro-batch's forward. `torch.manual_seed` would also queue lazy seeds

@@ -11,11 +11,11 @@ import torch
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from models.architecture import Architecture
+from models.architecture import Architecture, ranges_text
 from models.flops import flops_per_token
 from models.hf_weights import load_hf_weights
 from models.lora import AdapterPlan, add_adapters
-from models.pipeline import CausalLMPipeline, build_pipeline, ranges_text
+from models.pipeline import CausalLMPipeline, build_pipeline
 from models.quantize import expert_weights, kept_weights, parameter_count, quantize_stage
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from train.checkpoint.same_run import manifest_extras, stream_position, trained_with

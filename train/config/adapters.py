@@ -8,10 +8,9 @@ import json
 
 from transformers import PretrainedConfig
 
-from models.architecture import discover
+from models.architecture import discover, ranges_text
 from models.lora import AdapterPlan, adapter_parameters, plan_adapters, read_peft_config
 from models.lora_targets import lora_config, lora_targets
-from models.pipeline import ranges_text
 from models.quantize import Quantization, check_4bit_available
 from train.config.args import Flags
 from train.errors import ConfigError, first_line

@@ -238,15 +238,6 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--completion-column", default="completion", help="prompt-completion data: the answer column")
     data.add_argument("--messages-column", default="messages", help="chat data: the column of {role, content} lists")
-    data.add_argument("--chosen-column", default="chosen", help="preference data: the preferred answer's column")
-    data.add_argument("--rejected-column", default="rejected", help="preference data: the other answer's column")
-    data.add_argument(
-        "--preference-loss",
-        choices=["sigmoid", "ipo"],
-        default="sigmoid",
-        help="preference data: trl 1.16 DPOTrainer's loss_type: sigmoid (DPO) or ipo (averaged over answer tokens)",
-    )
-    data.add_argument("--beta", type=float, default=0.1, help="preference data: DPO's beta (IPO's tau), TRL's default")
     data.add_argument(
         "--chat-template", type=Path, default=None, help="a Jinja chat template file (default: the tokenizer's own)"
     )
@@ -270,7 +261,21 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
         default="truncate",
         help="prompt-completion and chat data: cut an example longer than --seq-len to it, or drop it (counted)",
     )
+    _preference_flags(p)
     _data_reading_flags(p)
+
+
+def _preference_flags(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("preference data (--data-format preference, docs/preference.md)")
+    data.add_argument("--chosen-column", default="chosen", help="preference data: the preferred answer's column")
+    data.add_argument("--rejected-column", default="rejected", help="preference data: the other answer's column")
+    data.add_argument(
+        "--preference-loss",
+        choices=["sigmoid", "ipo"],
+        default="sigmoid",
+        help="preference data: trl 1.16 DPOTrainer's loss_type: sigmoid (DPO) or ipo (averaged over answer tokens)",
+    )
+    data.add_argument("--beta", type=float, default=0.1, help="preference data: DPO's beta (IPO's tau), TRL's default")
 
 
 def _data_reading_flags(p: argparse.ArgumentParser) -> None:

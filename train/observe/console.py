@@ -5,7 +5,7 @@ import logging
 
 from deepspeed.utils import logger as ds_logger
 
-from models.pipeline import ranges_text
+from models.architecture import ranges_text
 from train.config.ds_config import BatchLayout
 
 

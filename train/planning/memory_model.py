@@ -128,11 +128,9 @@ def plan_stages(
     block_bytes = [saved.micro_batch(tokens) for saved in layer_activations(arch, dtype, seq_len, adapters)]
     stored = [tokens * h * width if checkpoint_interval and b else b for b in block_bytes]  # checkpointed: inputs
     flops = layer_flops(arch, seq_len, token_weight=False)
-    # Per micro-batch in flight on the stage with the head: the logits and the fp32 log-softmax saved for backward.
-    logits = tokens * vocab * (width + 4)
-    # The head's weight trains in full fine-tuning only (LoRA on the head trains its small A and B).
-    loss_path = loss_path_bytes(tokens, vocab, h, width, adapters is None and batch.num_micro_batches > 1)
-    kept = min(2, batch.num_micro_batches) * tokens * vocab * width if schedule == "1f1b" else 0
+    logits, loss_extra, kept = head_stage_bytes(
+        tokens, vocab, h, width, batch.num_micro_batches, schedule=schedule, full_head=adapters is None
+    )
     bounds = stage_bounds(arch, stages * stages_per_rank(schedule), method, seq_len)
     plans = []
     for rank, ranges in enumerate(rank_layer_ranges(bounds, stages, schedule)):  # by phase
@@ -149,12 +147,10 @@ def plan_stages(
         if checkpoint_interval:  # one block's full set during its recomputation: its weight-sized constant once
             activations += max(block_bytes[i] for i in layers)
         has_head = len(names) - 1 in layers
-        if has_head:  # one backward through the loss at a time; under 1F1B the other output buffer's logits
-            activations += loss_path + max(kept - tokens * vocab * width, 0)
+        activations += loss_extra if has_head else 0
         quantized = sum(quantized_counts[i] for i in layers)
-        quantized_bytes = quantized * (quantization.bytes_per_weight() if quantization is not None else 0)
         memory = {
-            "weights": (held - quantized) * width + quantized_bytes,
+            "weights": (held - quantized) * width + quantized * (quantization.bytes_per_weight() if quantized else 0),
             "optimizer": trainable * optimizer_width,
             "reduction": min(trainable, bucket) * grad_width,
             "backward_gradients": trainable * grad_width,
@@ -165,6 +161,19 @@ def plan_stages(
         stage = dict(parameters=params, memory=memory, trainable=trainable, bounds=ranges)
         plans.append(StagePlan(rank, [names[i] for i in layers], **stage, flops=sum(flops[i] for i in layers)))
     return plans
+
+
+def head_stage_bytes(
+    tokens: int, vocab: int, hidden: int, width: int, micro_batches: int, *, schedule: str, full_head: bool
+) -> tuple[int, int, int]:
+    """The stage with the head: (per micro-batch in flight, the logits and the fp32 log-softmax saved for backward;
+    added during a backward, one through the loss at a time and, under 1F1B, the other output buffer's logits; the
+    logits DeepSpeed keeps in its output buffers through the optimizer step). The head's weight trains in full
+    fine-tuning only (LoRA on the head trains its small A and B)."""
+    logits = tokens * vocab * (width + 4)
+    loss_path = loss_path_bytes(tokens, vocab, hidden, width, full_head and micro_batches > 1)
+    kept = min(2, micro_batches) * tokens * vocab * width if schedule == "1f1b" else 0
+    return logits, loss_path + max(kept - tokens * vocab * width, 0), kept
 
 
 def loss_path_bytes(tokens: int, vocab: int, hidden: int, width: int, head_weight_gradient: bool) -> int:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from models.architecture import Architecture
+from models.architecture import Architecture, ranges_text
 from models.flops import active_parameters, flops_per_token, routed_fraction
 from models.lora import AdapterPlan
-from models.pipeline import ranges_text
 from models.quantize import expert_weights
 from train.config.args import Flags
 from train.config.ds_config import batch_layout
