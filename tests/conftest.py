@@ -92,6 +92,7 @@ def release_process_groups():
         gc.collect()  # the engines of the file's fixtures, and with them the last references to their groups
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (its loadgroup suffix)
 def pytest_collection_modifyitems(config, items) -> None:
     """tests/run.sh runs two pytest-xdist workers (`--dist loadgroup`); each builds the session fixtures it uses.
     A file goes to one worker as a whole (its module fixtures are built once), and the files that share a session
