@@ -1,9 +1,11 @@
 """Shared fixtures: a small real corpus, a tokenizer trained on it, a one-rank process group,
 and `launch`, which runs `launch.sh` with real CPU ranks."""
 
+import ast
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -92,24 +94,44 @@ def release_process_groups():
         gc.collect()  # the engines of the file's fixtures, and with them the last references to their groups
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (its loadgroup suffix)
-def pytest_collection_modifyitems(config, items) -> None:
-    """tests/run.sh runs two pytest-xdist workers (`--dist loadgroup`); each builds the session fixtures it uses.
-    A file goes to one worker as a whole (its module fixtures are built once), and the files that share a session
-    fixture of tests/integration/conftest.py (a launched run) go to the same worker, so that run is launched once."""
-    owner = {}  # file -> the file that stands for its group
+def pytest_xdist_make_scheduler(config, log):
+    """tests/run.sh runs two pytest-xdist workers; each builds the session fixtures it uses. This scheduler sends a
+    file to one worker as a whole (its module fixtures are built once) and keeps together the files that name a
+    session fixture of tests/integration/conftest.py (a launched run), so that run is launched once. (pytest-xdist
+    3.8's `--dist loadgroup` marks do not reach it under pytest 9.2, whose node ids are no longer `_nodeid`.)"""
+    from xdist.scheduler import LoadScopeScheduling
 
-    def find(path: str) -> str:
-        while owner.setdefault(path, path) != path:
-            path = owner[path]
-        return path
+    groups = shared_run_groups(config.rootpath, Path(__file__).parent / "integration")
 
-    shared_by = {}  # session fixture -> the first file using it
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        find(path)
-        for name, definitions in item._fixtureinfo.name2fixturedefs.items():
-            if definitions[-1].scope == "session" and definitions[-1].baseid.startswith("tests/integration"):
-                owner[find(path)] = find(shared_by.setdefault(name, path))
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(find(item.nodeid.split("::")[0])))
+    class ByFileAndSharedRun(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return groups.get(path, path)
+
+    return ByFileAndSharedRun(config, log)
+
+
+def shared_run_groups(root: Path, folder: Path) -> dict[str, str]:
+    """Test file (as in node ids) -> the first file, in name order, that shares a session fixture of
+    `folder`/conftest.py with it (read from the files' text: a test names the fixtures it uses)."""
+    conftest = ast.parse((folder / "conftest.py").read_text())
+    shared = [
+        node.name
+        for node in conftest.body
+        if isinstance(node, ast.FunctionDef) and "session" in ast.unparse(node.decorator_list)
+    ]
+    owner: dict[str, str] = {}  # file -> a file of its group (union-find)
+
+    def find(name: str) -> str:
+        while owner.setdefault(name, name) != name:
+            name = owner[name]
+        return name
+
+    first_user: dict[str, str] = {}
+    for path in sorted(folder.glob("test_*.py")):
+        name, text = str(path.relative_to(root)), path.read_text()
+        for fixture in shared:
+            if re.search(rf"\b{fixture}\b", text):
+                owner[find(name)] = find(first_user.setdefault(fixture, name))
+        find(name)
+    return {name: find(name) for name in owner}

@@ -24,7 +24,7 @@ export PIPEGPT_LAUNCH_LOG  # tests/helpers.py writes a line per launch.sh or dee
 status=0
 workers=${PIPEGPT_TEST_WORKERS:-2}
 parallel=()
-if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadgroup) && export OMP_NUM_THREADS=1; fi
+if [ "$workers" != 0 ]; then parallel=(-n "$workers") && export OMP_NUM_THREADS=1; fi
 python -m pytest -q "${parallel[@]}" "${folders[@]}" "$@" || status=$?
 echo "suite: $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s wall, $(wc -l <"$PIPEGPT_LAUNCH_LOG") rank launches"
 rm -f "$PIPEGPT_LAUNCH_LOG"
