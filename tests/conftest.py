@@ -94,6 +94,7 @@ def release_process_groups():
         gc.collect()  # the engines of the file's fixtures, and with them the last references to their groups
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: no error when it is not loaded (-p no:xdist)
 def pytest_xdist_make_scheduler(config, log):
     """tests/run.sh runs two pytest-xdist workers; each builds the session fixtures it uses. This scheduler sends a
     file to one worker as a whole (its module fixtures are built once) and keeps together the files that name a
