@@ -51,6 +51,11 @@ def process_alive(pid: int) -> bool:
         return True
 
 
+def launcher_ended(pid: int) -> str:
+    """The cause a rank names when launch.sh is gone."""
+    return f"the end of launch.sh (pid {pid})"
+
+
 def record_exit_code(code: int) -> None:
     """Local rank 0 writes its exit code where launch.sh reads it (`PIPEGPT_STATUS_FILE`): DeepSpeed 0.19.8's
     runner exits 0 when its per-node launcher ends on a signal (runner.py: only a positive return code is passed
@@ -92,7 +97,7 @@ class Preemption:
     def _watch_launcher(self, pid: int) -> None:
         while process_alive(pid):
             time.sleep(1.0)
-        self.signal_name = f"the end of launch.sh (pid {pid})"
+        self.signal_name = launcher_ended(pid)
         if not self.armed:
             self._stop_now(self.signal_name)
         print(f"warning: launch.sh (pid {pid}) is gone: stopping at the end of this step", flush=True)
@@ -102,7 +107,7 @@ class Preemption:
         a collective whose peer already stopped on it, which gloo reports as "Connection closed by peer" before
         this rank's once-a-second watch sees it): stop as for it. Otherwise return, and the failure is reported."""
         if self.launcher is not None and not process_alive(self.launcher):
-            self.signal_name = self.signal_name or f"the end of launch.sh (pid {self.launcher})"
+            self.signal_name = self.signal_name or launcher_ended(self.launcher)
         if self.signal_name and not self.armed:
             self._stop_now(self.signal_name)
 
