@@ -92,8 +92,8 @@ def reward_sums(chosen, rejected, ref_chosen, ref_rejected, beta: float) -> torc
 @dataclass
 class PreferenceLoss:
     """The last stage's loss function (`loss_fn` of the pipeline). Without `reference` it records each row's answer
-    log-probabilities under its block key (the reference pass) and returns 0; with it, the loss, and it adds the
-    micro-batch's metric sums to `sums`."""
+    log-probabilities under its block key (the reference pass; key -1: not recorded) and returns 0; with it, the
+    loss, and it adds the micro-batch's metric sums to `sums`."""
 
     loss_type: str = "sigmoid"
     beta: float = 0.1
@@ -108,7 +108,8 @@ class PreferenceLoss:
         logps = answer_logps(logits, labels, slots, width)
         if self.reference is None:
             for key, row in zip(keys.tolist(), logps.detach().double().cpu(), strict=True):
-                self.recorded[key] = row
+                if key >= 0:  # -1: a row filling up the reference pass's last step, recorded elsewhere
+                    self.recorded[key] = row
             return logits.new_zeros((), dtype=torch.float32)
         ref = self.reference[keys.cpu()][:, :width].to(logps.device, torch.float32)
         tokens = answer_tokens(slots.to(logps.device), width)

@@ -54,14 +54,16 @@ def reference_pass(engine, loss_fn: PreferenceLoss, steps: Iterable[list], keys:
 def reference_steps(blocks: Dataset, *, key_offset: int = 0, **feed) -> list[list]:
     """Every block of `blocks` in evaluation steps of this replica's micro-batches (`eval_steps`' `feed` settings:
     micro_batch_size, num_micro_batches, dp_rank, dp_size, document_attention). The last step is filled up with
-    blocks from the start (their log-probabilities recorded twice, equal), since shuffled training reads them all."""
+    blocks from the start under the key -1, which the loss does not record: a block recorded by two replicas would
+    count twice in the sum over replicas."""
     n, per_step = len(blocks), feed["micro_batch_size"] * feed["num_micro_batches"] * feed["dp_size"]
     total = math.ceil(n / per_step) * per_step
     padded = blocks if total == n else concatenate_datasets([blocks, blocks.select([i % n for i in range(n, total)])])
     steps = eval_steps(padded, max_blocks=total, key_offset=key_offset, **feed)
 
     def wrapped(labels: tuple) -> tuple:
-        return (*labels[:3], key_offset + (labels[3] - key_offset) % n)
+        keys = labels[3]
+        return (*labels[:3], torch.where(keys - key_offset < n, keys, torch.full_like(keys, -1)))
 
     return [[(inputs, wrapped(labels)) for inputs, labels in micro_batches] for micro_batches, _ in steps]
 
