@@ -73,8 +73,8 @@ def reference_lines(ref: ReferencePass, train_steps: int, mfu: float, lora: bool
     timed = ref.seconds_per_step == ref.seconds_per_step  # not nan: the GPU has a peak FLOP/s
     per_step = f"{ref.seconds_per_step:.3g} s per step's blocks at {mfu:.0%} MFU" if timed else "no time"
     one_epoch = f"{train_steps * ref.seconds_per_step:,.0f} s, " if timed else ""
-    # LoRA's step does about 4 of the 6 N: no weight gradients for the frozen base (docs/preference.md).
-    lora_text = "; LoRA: nearer 1/2 (the frozen weights take no weight gradient)" if lora else ""
+    # LoRA's step does about 4 of the 6 N: no weight gradients for the frozen base; recomputation adds 2 N back.
+    lora_text = "; LoRA: up to 1/2 of a step (no weight gradients for the frozen base)" if lora else ""
     return [
         "reference pass (before step 1): one forward-only pass (eval_batch) over the training blocks and the "
         f"evaluated validation blocks, 1/3 of training them: {ref.flops_per_step / 1e15:.3g} PFLOP and {per_step}; "
