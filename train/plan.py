@@ -1,7 +1,8 @@
 """Plan a run before renting the cluster: partition, memory per GPU, bubble, step time.
 
     python -m train.plan --model-config gpt2-xl --nodes 4 --gpus-per-node 8 --gpu H100 \
-        --deepspeed_config ds_configs/gpu_bf16.json --seq-len 1024 [--pipeline-stages 4 | --search-stages]
+        --deepspeed_config ds_configs/gpu_bf16.json --seq-len 1024 [--pipeline-stages 4 | --search-stages] \
+        [--data-format preference]
 
 The model and layout flags are the trainer's, with the trainer's defaults.
 
@@ -17,7 +18,7 @@ from models.architecture import discover
 from models.flops import routed_fraction
 from models.quantize import Quantization
 from train.config.adapters import adapters_from_flags
-from train.config.args import DefaultsShown, Flags, OneLineErrors, parse_args, shared_flags
+from train.config.args import DATA_FORMATS, DefaultsShown, Flags, OneLineErrors, parse_args, shared_flags
 from train.config.ds_config import batch_layout, check_dualpipev, load_ds_config
 from train.config.run_config import model_config_from_flags
 from train.errors import ConfigError, entry_point
@@ -54,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan the fewest pipeline stages that fit instead of --pipeline-stages",
     )
     cluster.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
+    run = p.add_argument_group("the run's data")
+    run.add_argument(
+        "--data-format",
+        choices=DATA_FORMATS,
+        default="text",
+        help="the trainer's --data-format; preference adds the reference pass before step 1 (its time and memory, "
+        "--train-steps as one epoch) under the table",
+    )
     return p
 
 

@@ -36,6 +36,7 @@ LOWEST = {
     "lora_rank": 1,
 }
 PARTITION_METHODS = ("parameters", "uniform", "flops")
+DATA_FORMATS = ("text", "prompt-completion", "chat", "preference")  # --data-format (train.main, train.plan)
 
 
 class Flags(argparse.Namespace):
@@ -222,7 +223,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--data-format",
-        choices=["text", "prompt-completion", "chat", "preference"],
+        choices=DATA_FORMATS,
         default="text",
         help="text: pretraining, every token in the loss; prompt-completion or chat: the loss on the answers only; "
         "preference: pairs of a chosen and a rejected answer to a prompt, the DPO loss (docs/preference.md)",

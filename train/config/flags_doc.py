@@ -19,7 +19,7 @@ optimizer, LR schedule and clipping are not flags: they live in the DeepSpeed JS
 ([pipeline.md](pipeline.md#deepspeed-configs-ds_configs)).
 
 `train.main`, `train.prepare` (the same parser) and `train.plan` share the model, LoRA and layout flags
-with the same defaults; the planner adds the cluster flags at the end. `train.export` and
+with the same defaults; the planner adds the cluster flags and `--data-format` at the end. `train.export` and
 `train.generate` are described in [checkpoints.md](checkpoints.md).
 """
 

@@ -1,5 +1,6 @@
 """What `python -m train.plan` prints, and the plan it prints: the header, the LoRA line, the memory table per
-stage, the balance of a mixture of experts' two partitions, the bubble and step time, and the warnings."""
+stage, the balance of a mixture of experts' two partitions, the bubble and step time, preference training's
+reference pass (train/planning/reference_pass.py), and the warnings."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from train.config.ds_config import batch_layout
 from train.observe.mfu import PEAK_TFLOPS, training_dtype
 from train.planning.machine import GPU_MEMORY_GIB, machine_memory, machine_ranks
 from train.planning.memory_model import StagePlan, fits
+from train.planning.reference_pass import plan_reference_pass, reference_lines
 from train.planning.schedules import SCHEDULE_NAMES, bubble_theory
 
 # What the memory table cannot know, said under it. Measured against it (CPU fp32, ZeRO-1, glibc's mmap threshold
@@ -109,6 +111,8 @@ def print_plan(plan: Plan, flags: Flags) -> None:
     )
     time_text = f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s" if peak else "no step time (no peak FLOP/s)"
     print(f"bubble {theory} = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; {time_text}")
+    if flags.data_format == "preference":
+        print_reference_pass(plan, flags, flops_step, step_time)
     print_warnings(plan)
     print(
         json.dumps(
@@ -125,6 +129,21 @@ def print_plan(plan: Plan, flags: Flags) -> None:
             }
         )
     )
+
+
+def print_reference_pass(plan: Plan, flags: Flags, flops_step: float, step_time: float) -> None:
+    """Preference data: the reference pass's time and memory, from the step's FLOPs and time."""
+    ref = plan_reference_pass(
+        plan.arch,
+        plan.ds_config,
+        plan.plans,
+        data_parallel=plan.data_parallel,
+        seq_len=flags.seq_len,
+        train_steps=flags.train_steps,
+        flops_step=flops_step,
+        step_time=step_time,
+    )
+    print("\n".join(reference_lines(ref, flags.train_steps, flags.mfu, lora=plan.adapters is not None)))
 
 
 def device_text(plan: Plan) -> str:
