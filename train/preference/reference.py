@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from datasets import Dataset, concatenate_datasets
+from deepspeed.accelerator import get_accelerator
 
 from models.preference_loss import PreferenceLoss
 from train.data.batches import eval_steps
@@ -37,16 +38,19 @@ def reference_pass(engine, loss_fn: PreferenceLoss, steps: Iterable[list], keys:
         engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches), bcast_loss=False)
     if not engine.is_last_stage():
         return torch.zeros(0, 0, dtype=torch.float64)
+    device = get_accelerator().current_device_name()  # NCCL reduces device tensors only
     width = max([len(row) for row in loss_fn.recorded.values()] + [0])
     if group is not None:
-        width_tensor = torch.tensor([width])
+        width_tensor = torch.tensor([width], device=device)
         dist.all_reduce(width_tensor, op=dist.ReduceOp.MAX, group=group)
         width = int(width_tensor)
     table = torch.zeros(keys, width, dtype=torch.float64)
     for key, row in loss_fn.recorded.items():
         table[key, : len(row)] = row
     if group is not None:
+        table = table.to(device)
         dist.all_reduce(table, group=group)
+        table = table.cpu()
     loss_fn.recorded = {}
     return table
 
