@@ -51,6 +51,7 @@ PACKED, EXPERTS, SUMMED, LATENT, REPLICATE = (
     "replicate",
 )
 SUPPORTED_STYLES = (*COLUMN_STYLES, *ROW_STYLES, PACKED, EXPERTS, SUMMED, LATENT, REPLICATE)
+WITHOUT = "train it without tensor parallelism (size 1)"
 # Config fields of dropout outside the decoder layers (the replicated embedding) or outside a causal LM.
 _NOT_IN_LAYERS = re.compile(r"emb|classifier")
 
@@ -90,26 +91,28 @@ def _plan_error(model_type: str, size: int, problem: str, fix: str) -> ValueErro
 
 def tp_styles(arch_or_config: Architecture | PretrainedConfig) -> dict[str, str]:
     """{name inside a decoder layer: style}: `config.base_model_tp_plan`'s entries for the decoder layers (the
-    embedding's are dropped: it stays replicated). Where q/k/v are cut by heads, a `q_norm`/`k_norm` of the attention
-    that the plan leaves out gets its gradient summed (GLM-4.5's per-head norms: transformers 5.24's plan omits them,
-    Qwen3's names them). An empty dict when the family has no plan for its layers."""
+    embedding's are dropped: it stays replicated). Parameters that sit between cut projections and that a 5.24 plan
+    leaves out get their gradient summed, as Qwen3's plan marks its q/k norms: GLM-4.5's per-head `q_norm`/`k_norm`,
+    Apertus's learned activation (`mlp.act_fn`'s alphas); an absent module's entry is skipped. Empty when the family
+    has no plan for its layers."""
     arch = arch_or_config if isinstance(arch_or_config, Architecture) else discover(arch_or_config)
     prefix = f"{arch.layers}.*."
     plan = arch.config.base_model_tp_plan or {}
     styles = {key.removeprefix(prefix): style for key, style in plan.items() if key.startswith(prefix)}
-    for attention in sorted(_attentions_cut_by_heads(styles)):
-        for norm in ("q_norm", "k_norm"):
-            styles.setdefault(f"{attention}.{norm}", SUMMED)
+    for region in sorted(_cut_regions(styles)):
+        for inside in ("q_norm", "k_norm", "act_fn"):
+            styles.setdefault(f"{region}.{inside}", SUMMED)
     return styles
 
 
+def _cut_regions(styles: dict[str, str]) -> set[str]:
+    """The modules (`self_attn`, `mlp`) whose projections are cut without gathering: their activations in between
+    are the rank's part (the attention's heads)."""
+    return {name.rpartition(".")[0] for name, style in styles.items() if style == "colwise"}
+
+
 def _attentions_cut_by_heads(styles: dict[str, str]) -> set[str]:
-    """The attention modules (`self_attn`, `attention`) whose projections are cut without gathering: by heads."""
-    return {
-        name.split(".")[0]
-        for name, style in styles.items()
-        if style == "colwise" and re.search("attn|attention", name.split(".")[0])
-    }
+    return {region for region in _cut_regions(styles) if re.search("attn|attention", region)}
 
 
 def check_tensor_parallel(config: PretrainedConfig, tp: int) -> None:
@@ -125,7 +128,7 @@ def check_tensor_parallel(config: PretrainedConfig, tp: int) -> None:
             model_type,
             tp,
             "has no tensor-parallel plan for its decoder layers in transformers (base_model_tp_plan)",
-            "train it without tensor parallelism (size 1)",
+            WITHOUT,
         )
     dropouts = {
         k: v for k, v in config.to_dict().items() if re.search("dropout|pdrop", k) and not _NOT_IN_LAYERS.search(k)
@@ -189,12 +192,7 @@ def plan_layer(layer: nn.Module, styles: dict[str, str], size: int, model_type: 
         if target is None:
             continue
         if style not in SUPPORTED_STYLES:
-            raise _plan_error(
-                model_type,
-                size,
-                f"{name} has style {style!r}, not implemented here",
-                f"use tensor parallelism with a family whose plan uses {', '.join(SUPPORTED_STYLES)}",
-            )
+            raise _plan_error(model_type, size, f"{name} has style {style!r}, not implemented here", WITHOUT)
         matched.append((name, style))
         if isinstance(target, torch.Tensor):
             slices.append(_parameter_slice(layer, name, target, style, size, model_type))
@@ -215,7 +213,7 @@ def _module_slices(
                 model_type,
                 size,
                 f"{name} is a {type(module).__name__}, not an nn.Linear, under style {style!r}",
-                "train it without tensor parallelism (size 1)",
+                WITHOUT,
             )
         row = style in ROW_STYLES
         cut = [_cut(f"{name}.weight", module.weight.shape, int(row), size, model_type)]
@@ -229,7 +227,7 @@ def _module_slices(
                 model_type,
                 size,
                 f"{name} holds a weight per head, which the plan does not cut",
-                "train it without tensor parallelism (size 1)",
+                WITHOUT,
             )
         return [], [f"{name}.{p}" for p in params]
     if style == EXPERTS and (getattr(module, "is_transposed", False) or getattr(module, "has_bias", False)):
@@ -237,7 +235,7 @@ def _module_slices(
             model_type,
             size,
             f"{name} stores its experts transposed or with biases, which the plan does not cut",
-            "train it without tensor parallelism (size 1)",
+            WITHOUT,
         )
     return [], []
 
@@ -250,7 +248,7 @@ def _parameter_slice(layer: nn.Module, name: str, param: torch.Tensor, style: st
             model_type,
             size,
             f"{name} ({param.dim()}-D) has style {style!r}, not implemented on a parameter",
-            "train it without tensor parallelism (size 1)",
+            WITHOUT,
         )
     if style == "rowwise":
         return _cut(name, param.shape, 2, size, model_type)
