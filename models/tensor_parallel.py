@@ -1,5 +1,6 @@
 """Tensor parallelism inside a decoder layer: its matrices cut across the ranks of one process group by the family's
-own `config.base_model_tp_plan`, computing what the whole layer computes (tests/unit/test_tensor_parallel.py).
+own `config.base_model_tp_plan`, computing what the whole layer computes (tests/unit/test_tensor_parallel.py; every
+supported type: tests/integration/test_tensor_parallel_sweep.py; docs/tensor_parallel.md).
 
 Why not transformers' own: transformers 5.24 (`transformers/distributed/tensor_parallel.py`) applies a plan by
 turning each parameter into a DTensor on a `DeviceMesh` and installing forward hooks that redistribute DTensors.
@@ -16,7 +17,8 @@ forward reshapes with `view(..., -1, head_dim)`, so it runs on the rank's heads 
 width), `rowwise` (input features cut, the partial sums all-reduced, the bias added once; on a MoE's 3-D `down_proj`
 the expert's intermediate width), `rowwise_split_input` / `rowwise_rep` (the same on a replicated input),
 `packed_colwise` (a MoE's fused `gate_up_proj`: the gate and up halves each cut), `moe_tp_experts`,
-`replicated_with_grad_allreduce` (a per-head norm), `mla_kv_a_proj` (MLA's shared rotary key) and `replicate`.
+`replicated_with_grad_allreduce` (a per-head norm; also what `tp_styles` adds for a parameter between cut
+projections that a plan leaves out), `mla_kv_a_proj` (MLA's shared rotary key) and `replicate`.
 Others (`sequence_parallel`, `local_params`, `packed_rowwise`, ...) are refused in one line. Every other parameter of
 the layer (norms, routers, an unsliced shared expert, DeepSeek-V3's attention, for which 5.24 has no entries) is
 replicated. Embedding and head are not in a decoder layer: they stay replicated (a vocabulary-parallel head needs a
