@@ -147,6 +147,14 @@ def tied_parameters(pipe: PipelineModule) -> Iterator[torch.nn.Parameter]:
         yield from module.parameters()
 
 
+def slice_parallel_group(pipe: PipelineModule) -> tuple[int, int, dist.ProcessGroup | None]:
+    """(slice rank, slice size, slice group) of this rank in the pipeline module's grid. `PipelineModule` keeps its
+    grid private (`_grid`, module.py:183); the engine exposes it as `engine.grid` only after `deepspeed.initialize`,
+    and tensor parallelism must cut the layers before the optimizer holds their parameters."""
+    grid = pipe._grid
+    return grid.get_slice_parallel_rank(), grid.get_slice_parallel_world_size(), grid.get_slice_parallel_group()
+
+
 def save_layer_files(engine: PipelineEngine, tag_dir: Path, exclude_frozen: bool) -> None:
     """Write this stage's per-layer files (`layer_NN-model_states.pt`) into `tag_dir` through the engine's checkpoint
     engine. `engine.save_checkpoint` writes them too, but after its other files; DeepSpeed 0.19.8 has no public call

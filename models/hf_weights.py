@@ -26,6 +26,7 @@ from models.architecture import TIED_EMBEDDING_KEY, TIED_HEAD, Architecture, dis
 from models.errors import first_line
 from models.portable import make_portable
 from models.safetensors_files import SafetensorsFiles
+from models.tensor_parallel_stage import join_layer_files
 
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 
@@ -220,11 +221,12 @@ def load_hf_weights(pipe: PipelineModule, model_dir: Path, arch: Architecture) -
     return len(mine)
 
 
-def layer_files(checkpoint_dir: Path) -> dict[int, Path]:
-    """DeepSpeed's per-layer weight files of one checkpoint tag, by layer index."""
-    files = {}
+def layer_files(checkpoint_dir: Path) -> dict[int, list[Path]]:
+    """DeepSpeed's per-layer weight files of one checkpoint tag, by layer index: one file a layer, or with tensor
+    parallelism one a slice rank (`layer_NN-model_MM-model_states.pt`), in slice-rank order."""
+    files: dict[int, list[Path]] = {}
     for path in sorted(checkpoint_dir.glob("layer_*-model_states.pt")):
-        files[int(path.name.split("-")[0].removeprefix("layer_"))] = path
+        files.setdefault(int(path.name.split("-")[0].removeprefix("layer_")), []).append(path)
     return files
 
 
@@ -243,8 +245,7 @@ def hf_state_dict_from_pipeline_checkpoint(checkpoint_dir: Path, arch: Architect
         )
     state = {}
     for layer_idx in sorted(expected):
-        layer_state = torch.load(files[layer_idx], map_location="cpu", weights_only=True)
-        for name, tensor in layer_state.items():
+        for name, tensor in join_layer_files(files[layer_idx], arch, layer_idx).items():
             state[layers[layer_idx].hf_key(name)] = tensor.float()
     if arch.tied:
         state[f"{arch.head}.weight"] = state[f"{arch.prefix}.{arch.token_embedding}.weight"]

@@ -282,8 +282,8 @@ def adapters_from_checkpoint(checkpoint_dir: Path, arch: Architecture) -> dict[s
     from models.hf_weights import layer_files
 
     layers, tensors = arch.pipeline_layers(), {}
-    for index, path in layer_files(checkpoint_dir).items():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    for index, paths in layer_files(checkpoint_dir).items():  # one file a layer: LoRA is refused with TP
+        state = torch.load(paths[0], map_location="cpu", weights_only=True)
         tensors |= {k: v.float() for k, v in adapter_state(layers[index], state).items()}
     return tensors
 

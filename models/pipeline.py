@@ -278,13 +278,16 @@ def build_pipeline(
     seq_len: int | None = None,
     schedule: str = "1f1b",
     loss_fn: Callable | None = None,
+    topology=None,
 ) -> CausalLMPipeline:
     """The model as a `PipelineModule` for `schedule` (`SCHEDULES`) on `num_stages` pipeline ranks, each layer seeded
-    from (seed, layer index) whatever the layout. `loss_fn`: e.g. the preference loss (models/preference_loss.py)."""
+    from (seed, layer index) whatever the layout. `loss_fn`: e.g. the preference loss (models/preference_loss.py);
+    `topology`: a grid with a slice axis (models/tensor_parallel_stage.py), which then gives the stages."""
     settings = pipeline_settings(arch.router_loss)  # the loss function and the activation checkpoint function
     return SCHEDULES[schedule](
         layers=layer_specs(arch),
-        num_stages=num_stages,
+        num_stages=None if topology else num_stages,
+        topology=topology,
         **{**settings, "loss_fn": loss_fn or settings["loss_fn"]},
         partition_method=partition_method,
         seed_layers=True,

@@ -17,6 +17,7 @@ from models.hf_weights import load_hf_weights
 from models.lora import AdapterPlan, add_adapters
 from models.pipeline import CausalLMPipeline, build_pipeline
 from models.quantize import expert_weights, kept_weights, parameter_count, quantize_stage
+from models.tensor_parallel_stage import pipeline_topology, slice_stage
 from train.checkpoint.checkpointer import Checkpointer, load_checkpoint
 from train.checkpoint.same_run import manifest_extras, stream_position, trained_with
 from train.config.run_config import RunConfig
@@ -86,6 +87,7 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
             seq_len=flags.seq_len,
             schedule=flags.schedule,
             loss_fn=preference_loss_of(config),
+            topology=pipeline_topology(flags.pipeline_stages, flags.tensor_parallel, config.world_size),
         )
     except ValueError as e:  # a partition DeepSpeed cannot run
         raise ConfigError(str(e)) from None
@@ -94,6 +96,8 @@ def build_engine(config: RunConfig, arch: Architecture) -> PipelineEngine:
         loaded = every_rank(lambda: load_pretrained(pipe, arch, config))
         # One write, so that the ranks' reports do not interleave on the shared stdout.
         sys.stdout.write(f"rank {rank()}: loaded {loaded} pretrained tensors for layers {layers}\n")
+    if cut := slice_stage(pipe, arch):  # the full weights first, on every slice rank; the optimizer after
+        sys.stdout.write(f"rank {rank()}: {cut} decoder layers cut {flags.tensor_parallel} ways (tensor parallel)\n")
     if config.quantization is not None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[training_dtype(config.ds_config)]
         quantized = every_rank(lambda: quantize_stage(pipe, config.quantization, dtype))
@@ -246,7 +250,8 @@ def expert_load_of(config: RunConfig, engine: PipelineEngine, start_step: int) -
     picks = engine.module.expert_picks
     if picks.experts is None:
         return None
-    return ExpertLoad(picks, output_dir=config.output_dir, writes=rank() == 0, resume_step=start_step)
+    return ExpertLoad(picks, output_dir=config.output_dir, writes=rank() == 0, resume_step=start_step,
+                      counts=engine.grid.get_slice_parallel_rank() == 0)  # fmt: skip
 
 
 def assemble(

@@ -88,6 +88,11 @@ def divides_batch(ds_config: dict, data_parallel: int) -> bool:
 
 def make_plan(flags: Flags) -> Plan:
     """The plan for `--pipeline-stages` (or, with `--search-stages`, the fewest stages that fit)."""
+    if flags.tensor_parallel > 1:
+        raise ConfigError(
+            f"--tensor-parallel {flags.tensor_parallel}: the planner does not model cut layers yet (docs/"
+            "tensor_parallel.md); plan the stages with --tensor-parallel 1, whose per-rank decoder weights TP divides"
+        )
     model_config = model_config_from_flags(flags, flags.vocab_size)
     arch = discover(model_config)
     adapters = adapters_from_flags(flags, model_config, need_base=False)

@@ -57,7 +57,8 @@ from train.errors import EXIT_ERROR, ConfigError, RunError, first_line
 
 
 def engine_layout(engine: PipelineEngine) -> dict:
-    return layout_of(engine.num_stages, engine.grid.data_parallel_size, engine.module.SCHEDULE)
+    return layout_of(engine.num_stages, engine.grid.data_parallel_size, engine.module.SCHEDULE,
+                     engine.grid.get_slice_parallel_world_size())  # fmt: skip
 
 
 def rng_state() -> dict:

@@ -154,9 +154,20 @@ def is_universal(tag_dir: Path) -> bool:
     return (tag_dir / "zero").is_dir()
 
 
-def layout_of(pipeline_stages: int, data_parallel: int, schedule: str) -> dict:
+def layout_of(pipeline_stages: int, data_parallel: int, schedule: str, tensor_parallel: int = 1) -> dict:
     """The layout a checkpoint records: its optimizer shards fit only the same ranks holding the same layers."""
-    return {"pipeline_stages": pipeline_stages, "data_parallel": data_parallel, "schedule": schedule}
+    return {
+        "pipeline_stages": pipeline_stages,
+        "data_parallel": data_parallel,
+        "schedule": schedule,
+        "tensor_parallel": tensor_parallel,
+    }
+
+
+def saved_layout(tag_dir: Path) -> dict:
+    """The layout a checkpoint recorded (older ones: 1F1B before --schedule, one rank a layer before
+    --tensor-parallel)."""
+    return {"schedule": "1f1b", "tensor_parallel": 1} | read_manifest(tag_dir)["layout"]
 
 
 def resume_mode(load: Path, reset_optimizer: bool, layout: dict) -> str:
@@ -166,5 +177,4 @@ def resume_mode(load: Path, reset_optimizer: bool, layout: dict) -> str:
     tag_dir = verified_tag_dir(load)
     if reset_optimizer:
         return "weights"
-    saved = {"schedule": "1f1b"} | read_manifest(tag_dir)["layout"]  # checkpoints from before --schedule: 1F1B
-    return "universal" if is_universal(tag_dir) or saved != layout else "exact"
+    return "universal" if is_universal(tag_dir) or saved_layout(tag_dir) != layout else "exact"

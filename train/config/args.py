@@ -179,7 +179,14 @@ def _layout_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="pipeline ranks per replica (each holds 2 stages under dualpipev); data-parallel replicas = world size "
-        "/ stages",
+        "/ (stages x --tensor-parallel)",
+    )
+    layout.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        help="ranks that split each decoder layer's matrices by the family's base_model_tp_plan (consecutive ranks: "
+        "keep them on one node; docs/tensor_parallel.md); world size = stages x this x data-parallel replicas",
     )
     layout.add_argument(
         "--schedule",

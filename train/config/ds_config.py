@@ -127,15 +127,22 @@ def zero_stage(config: dict) -> int:
 
 
 def check_layout(
-    config: dict, world_size: int, pipeline_stages: int, num_layers: int, schedule: str = "1f1b"
+    config: dict,
+    world_size: int,
+    pipeline_stages: int,
+    num_layers: int,
+    schedule: str = "1f1b",
+    tensor_parallel: int = 1,
 ) -> BatchLayout:
     """Check parallel layout and schedule against the config; returns the batch layout."""
-    if pipeline_stages < 1:
-        raise ConfigError("--pipeline-stages must be at least 1")
-    if world_size % pipeline_stages:
+    if pipeline_stages < 1 or tensor_parallel < 1:
+        raise ConfigError("--pipeline-stages and --tensor-parallel must be at least 1")
+    replica = pipeline_stages * tensor_parallel
+    if world_size % replica:
         raise ConfigError(
-            f"world size {world_size} is not divisible by --pipeline-stages {pipeline_stages}; "
-            "launch a multiple of the stage count of ranks"
+            f"world size {world_size} is not divisible by --pipeline-stages {pipeline_stages}"
+            + (f" x --tensor-parallel {tensor_parallel}" if tensor_parallel > 1 else "")
+            + f"; launch a multiple of {replica} ranks"
         )
     if pipeline_stages > num_layers:
         raise ConfigError(f"--pipeline-stages {pipeline_stages} is more than the model's {num_layers} decoder layers")
@@ -146,15 +153,16 @@ def check_layout(
         )
     if config.get("wall_clock_breakdown") and pipeline_stages > 1:
         raise ConfigError("wall_clock_breakdown crashes DeepSpeed 0.19.8 with more than one stage; set it to false")
-    layout = batch_layout(config, world_size // pipeline_stages)
+    layout = batch_layout(config, world_size // replica)
     if schedule == "dualpipev":
         check_dualpipev(config, pipeline_stages, num_layers, layout.num_micro_batches)
-    if zero_stage(config) == 0 and pipeline_stages > 1 and config.get("gradient_clipping", 1.0) > 0:
+    if zero_stage(config) == 0 and replica > 1 and config.get("gradient_clipping", 1.0) > 0:
         # runtime/utils.py clip_grad_norm_ (called by the engine for fp32 without ZeRO) counts a parameter only on
         # model-parallel rank 0, which in the pipeline grid is the stage index: the "global" norm is stage 0's.
         raise ConfigError(
-            "ZeRO stage 0 with more than one pipeline stage clips by the gradient norm of stage 0 alone in DeepSpeed "
-            '0.19.8 (silently wrong updates): set "zero_optimization": {"stage": 1}, or "gradient_clipping": 0'
+            "ZeRO stage 0 with more than one pipeline stage or tensor-parallel rank clips by the gradient norm of one "
+            'rank in DeepSpeed 0.19.8 (silently wrong updates): set "zero_optimization": {"stage": 1}, or '
+            '"gradient_clipping": 0'
         )
     return layout
 

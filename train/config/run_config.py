@@ -35,6 +35,7 @@ from train.config.adapters import (
 from train.config.args import DEFAULT_BPE_VOCAB, Flags, check_flag_ranges
 from train.config.ds_config import BatchLayout, check_layout, load_ds_config
 from train.config.flag_effects import check_flag_effects
+from train.config.tensor_parallel import check_tensor_parallel_resume, check_tensor_parallel_run
 from train.data.examples import DataFormat
 from train.data.packing import default_cache_dir
 from train.data.sources import Source, embedded_corpus, resolve_sources, without_validation
@@ -196,8 +197,10 @@ def check_resume(
     the same adapters and base, block length, data format and model config."""
     if not flags.load.exists():
         raise ConfigError(f"--load {flags.load}: no such folder; pass a run's checkpoints folder or a step_N in it")
-    layout = layout_of(flags.pipeline_stages, world_size // flags.pipeline_stages, flags.schedule)
-    resume = resume_mode(flags.load, flags.reset_optimizer, layout)
+    replicas = world_size // (flags.pipeline_stages * flags.tensor_parallel)
+    resume = resume_mode(flags.load, flags.reset_optimizer, layout_of(flags.pipeline_stages, replicas, flags.schedule,
+                                                                      flags.tensor_parallel))  # fmt: skip
+    check_tensor_parallel_resume(flags, flags.load, resume)
     local_base = flags.model is not None and Path(flags.model).is_dir()
     fingerprint = weights_fingerprint(Path(flags.model)) if adapters is not None and local_base else None
     manifest = read_manifest(verified_tag_dir(flags.load))
@@ -250,13 +253,9 @@ def resolve_run_config(flags: Flags, world_size: int) -> RunConfig:
     ds_config = load_ds_config(flags.deepspeed_config, flags.train_steps)
     bpe_vocab_size = flags.vocab_size or DEFAULT_BPE_VOCAB
     model_config = model_config_from_flags(flags, bpe_vocab_size)
-    batch = check_layout(
-        ds_config,
-        world_size,
-        pipeline_stages=flags.pipeline_stages,
-        num_layers=model_config.num_hidden_layers,
-        schedule=flags.schedule,
-    )
+    batch = check_layout(ds_config, world_size, pipeline_stages=flags.pipeline_stages, schedule=flags.schedule,
+                         num_layers=model_config.num_hidden_layers, tensor_parallel=flags.tensor_parallel)  # fmt: skip
+    check_tensor_parallel_run(flags, model_config)
     if flags.eval_blocks is not None and flags.eval_blocks < batch.global_batch:
         raise ConfigError(
             f"--eval-blocks {flags.eval_blocks} is under one global batch: use at least {batch.global_batch}"

@@ -28,6 +28,8 @@ def topology_line(topology: dict) -> str:
     """The layout for the model line: stages x replicas and the layer bounds, or under DualPipeV each rank's two
     stages."""
     line = f"{topology['pipeline_stages']} stages x {topology['data_parallel']} data-parallel"
+    if topology.get("tensor_parallel", 1) > 1:
+        line += f" x {topology['tensor_parallel']} tensor-parallel"
     if topology["schedule"] == "1f1b":
         return f"{line}, layer bounds {topology['stage_layer_bounds']}"
     held = "; ".join(f"rank {s['stage']} {ranges_text(s['layer_bounds'])}" for s in topology["stages"])

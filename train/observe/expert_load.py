@@ -81,9 +81,11 @@ class ExpertLoad:
     """The expert load of one run: the compact metrics of a logged step, the per-layer table at evaluations (printed,
     and written by the rank that writes the metrics to `EXPERT_LOAD_FILE`, one line per evaluation)."""
 
-    def __init__(self, picks: StagePicks, *, output_dir: Path, writes: bool, resume_step: int = 0):
+    def __init__(self, picks: StagePicks, *, output_dir: Path, writes: bool, resume_step: int = 0, counts: bool = True):
+        """`counts`: False on a tensor-parallel rank but its slice group's first, whose replicated routers made the
+        same picks (counted once)."""
         assert picks.experts is not None, "a dense model has no expert load"
-        self.picks, self.experts = picks, picks.experts
+        self.picks, self.experts, self.counts = picks, picks.experts, counts
         self.device = get_accelerator().current_device_name()  # NCCL reduces device tensors only
         self.step = self._zeros()  # this step's picks (this rank's rows)
         self.window = self._zeros()  # since the previous evaluation
@@ -105,7 +107,7 @@ class ExpertLoad:
 
     def _global(self, table: torch.Tensor) -> list[list[int]]:
         """A table summed over every rank: all stages' rows, all replicas' batches (a collective)."""
-        total = table.clone()
+        total = table.clone() if self.counts else torch.zeros_like(table)
         dist.all_reduce(total)
         return total.tolist()
 

@@ -50,17 +50,20 @@ def stages_summary(engine: PipelineEngine) -> list[dict]:
     """Layers and parameters of every pipeline rank (`stage`: one stage under 1F1B, two under DualPipeV, whose
     [start, stop) `layer_bounds` lists): `parameters` counts the tied embedding on the first stage
     only (they add up to the model), `held_parameters` is what the stage keeps in memory,
-    `trainable_parameters` what trains (LoRA: the adapters), counted as `parameters`. A collective."""
-    pipe = engine.module
+    `trainable_parameters` what trains (LoRA: the adapters), counted as `parameters`. With tensor parallelism
+    `parameters` and `trainable_parameters` count a cut parameter whole, `held_parameters` this rank's part.
+    A collective."""
+    pipe, slices = engine.module, engine.grid.get_slice_parallel_world_size()
     tied = {id(p) for p in tied_parameters(pipe)}
-    params = sum(parameter_count(p) for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied)
+    counted = [p for p in pipe.parameters() if engine.is_first_stage() or id(p) not in tied]
+    whole = [slices if getattr(p, "model_parallel", False) else 1 for p in counted]
+    params = sum(parameter_count(p) * n for p, n in zip(counted, whole, strict=True))
     held = sum(parameter_count(p) for p in pipe.parameters())
-    trainable = sum(
-        p.numel() for p in pipe.parameters() if p.requires_grad and (engine.is_first_stage() or id(p) not in tied)
-    )
+    trainable = sum(p.numel() * n for p, n in zip(counted, whole, strict=True) if p.requires_grad)
     everyone = [None] * dist.get_world_size()
     bounds = [list(b) for b in pipe.stage_layers()]
-    mine = (engine.grid.data_parallel_id, engine.stage_id, bounds, pipe.stage_layer_names(), params, held, trainable)
+    dp = engine.grid.data_parallel_id + engine.grid.get_slice_parallel_rank()  # 0: the first replica's first slice
+    mine = (dp, engine.stage_id, bounds, pipe.stage_layer_names(), params, held, trainable)
     dist.all_gather_object(everyone, mine)
     return [
         {
@@ -85,6 +88,7 @@ def run_record(
         "world_size": dist.get_world_size(),
         "pipeline_stages": engine.num_stages,  # pipeline ranks per replica
         "data_parallel": engine.grid.data_parallel_size,
+        "tensor_parallel": engine.grid.get_slice_parallel_world_size(),
         "schedule": engine.module.SCHEDULE,
         "stage_layer_bounds": partition_bounds(engine.module),  # of 2 x ranks stages under dualpipev
         "micro_batches_per_step": batch.num_micro_batches,

@@ -83,6 +83,8 @@ class PreferenceRun:
         if not self.active:
             return {}
         sums = self.loss_fn.take_sums() if self.engine.is_last_stage() else torch.zeros(7, dtype=torch.float64)
+        if self.engine.grid.get_slice_parallel_rank() != 0:  # tensor-parallel ranks compute the same pairs
+            sums.zero_()
         sums = sums.to(get_accelerator().current_device_name())  # NCCL reduces device tensors only
         dist.all_reduce(sums)
         return metrics_from_sums(sums.cpu(), prefix)

@@ -1,0 +1,56 @@
+"""`--tensor-parallel` before any rank starts: what it cannot run with is one line each (the preflight, in-process),
+and the layout a checkpoint records carries the tensor-parallel size."""
+
+import json
+
+import pytest
+
+from tests.helpers import run_preflight, tiny_llama, write_json
+from train.checkpoint.manifest import LATEST, MANIFEST, layout_of, saved_layout
+
+
+def run_flags(good: dict, tmp_path) -> list:
+    """A tiny Llama (4 heads, 2 key/value heads) on 2 stages, 32-token blocks."""
+    model = write_json(tmp_path / "llama.json", tiny_llama())
+    return ["--deepspeed_config", good["config"], "--data", good["data"], "--tokenizer", good["tokenizer"],
+            "--model-config", model, "--pipeline-stages", 2, "--seq-len", 32,
+            "--output-dir", tmp_path / "run"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "world, extra, expected",
+    [
+        (6, [], "world size 6 is not divisible by --pipeline-stages 2 x --tensor-parallel 2; launch a multiple of 4"),
+        (4, ["--lora-rank", 4], "--tensor-parallel 2 does not run with --lora-rank/--peft-config"),
+        (4, ["--schedule", "dualpipev"], "--tensor-parallel 2 does not run with --schedule dualpipev"),
+        (8, ["--tensor-parallel", 4], "2 key/value heads, which do not divide among 4 ranks"),
+        (4, ["--model-config", "gpt2"], "no tensor-parallel plan"),
+    ],
+)  # fmt: skip
+def test_what_tensor_parallelism_cannot_run_with_is_one_line(capsys, good, tmp_path, world, extra, expected):
+    line = run_preflight(capsys, world, *run_flags(good, tmp_path), "--tensor-parallel", 2, *extra)
+    assert expected in line, line
+
+
+def test_a_checkpoint_resumes_only_into_its_own_tensor_parallel_size(capsys, good, tmp_path):
+    tag = tmp_path / "checkpoints" / "step_3"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints" / LATEST).write_text("step_3")
+    (tag / MANIFEST).write_text(json.dumps({"layout": layout_of(2, 1, "1f1b", tensor_parallel=2), "files": {}}))
+    assert saved_layout(tag)["tensor_parallel"] == 2
+    line = run_preflight(capsys, 2, *run_flags(good, tmp_path), "--load", tmp_path / "checkpoints")
+    assert "a checkpoint of --tensor-parallel 2 resumes only with --tensor-parallel 2" in line, line
+
+
+def test_older_checkpoints_read_as_one_rank_a_layer(tmp_path):
+    (tmp_path / MANIFEST).write_text(json.dumps({"layout": {"pipeline_stages": 2, "data_parallel": 1}, "files": {}}))
+    assert saved_layout(tmp_path) == layout_of(2, 1, "1f1b", tensor_parallel=1)
+
+
+def test_the_planner_refuses_what_it_does_not_model(capsys, good):
+    import train.plan
+
+    code = train.plan.main(["--model-config", "llama-tiny", "--deepspeed_config", str(good["config"]),
+                            "--tensor-parallel", "2"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "the planner does not model cut layers yet" in err[0], err
