@@ -174,6 +174,7 @@ def evaluator(
         ),
         log=log,
         expert_load=expert_load,
+        perplexity=config.data_format.perplexity,
     )
 
 
@@ -287,6 +288,7 @@ def assemble(
             memory_before_model=memory_before,
             compiled=flags.compile,
             expert_load=expert_load,
+            perplexity=config.data_format.perplexity,
         ),
         evaluator=evaluator(config, engine, inputs, log=log, parameters=record["parameters"], expert_load=expert_load),
         checkpointer=checkpointer(config, engine, inputs, log=log, batches=batches),

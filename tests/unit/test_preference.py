@@ -3,6 +3,7 @@ pipeline's reference log-probabilities, loss and metrics equal to DPOTrainer's o
 pairs: full fine-tuning and LoRA (from zero and from an adapter), pairs packed or one per block."""
 
 import json
+import math
 
 import deepspeed
 import pytest
@@ -17,13 +18,13 @@ from models.lora import WEIGHTS_FILE, load_initial_adapters, read_peft_config
 from models.pipeline import build_pipeline
 from models.preference_loss import PreferenceLoss, metrics_from_sums
 from tests.cases import peft_reference, pipeline_with_adapters
-from tests.helpers import ds_config, run_preflight
+from tests.helpers import ds_config, read_metrics, run_preflight
 from tests.preference_reference import document_logps, plain_dpo_loss
 from tests.preference_trl import assert_loss_equals_trl, dpo_trainer, move_off_the_reference, trl_ids, trl_reference
 from train.data.batches import TrainMicroBatches
-from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TRUNCATED
+from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TEXT, TRUNCATED, DataFormat
 from train.data.preference import encode_pairs, pack_pairs, pair_token_ids
-from train.observe.metrics import MetricsLog, WandbSettings
+from train.observe.metrics import MetricsLog, StepMeter, WandbSettings, eval_metrics
 from train.preference.reference import reference_pass, reference_steps
 
 STRINGS = [
@@ -31,6 +32,7 @@ STRINGS = [
     {"prompt": "And God said,", "chosen": " Let there be light", "rejected": " and there was"},
     {"prompt": "And the evening", "chosen": " and the morning were the first day.", "rejected": " void"},
 ]
+PREFERENCE = DataFormat(kind="preference")
 TURNS = [
     {
         "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "In the beginning"}],
@@ -226,6 +228,10 @@ def test_reference_pass_and_training_through_the_engine_equal_a_plain_loop(token
         optimizer.step()
         assert ours == pytest.approx(loss.item(), rel=1e-5), step
     assert metrics_from_sums(loss_fn.take_sums())["logps/chosen"] < 0
+    meter = StepMeter(engine=engine, global_batch=4, seq_len=48, flops_per_token=1.0, peak_tflops=None,
+                      memory_before_model=0, perplexity=PREFERENCE.perplexity)  # fmt: skip
+    logged = meter.metrics(ours, 0.5, seconds=1.0, data_wait=0.0, answer_tokens=None, timeline=None, last_step=False)
+    assert logged["loss"] == ours and "ppl" not in logged  # a mean pair loss: its exp is no perplexity
 
 
 @pytest.mark.parametrize(
@@ -249,12 +255,18 @@ def test_the_preflight_refuses_a_bad_first_pair_in_one_line(
         assert "--chosen-column" in line
 
 
-def test_the_progress_line_shows_the_reward_accuracy_and_margin(tmp_path, capsys):
+def test_the_progress_line_shows_the_reward_accuracy_and_margin_and_no_perplexity(tmp_path, capsys):
+    """A preference run's line and metrics.jsonl show its rewards and no `ppl`/`eval_ppl`; other formats keep them."""
     log = MetricsLog(output_dir=tmp_path, enabled=True, total_steps=6, interval=1,
                      wandb=WandbSettings(project=None, run_name=None, mode="disabled"), run_config={})  # fmt: skip
-    metrics = {"loss": 0.6, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 10.0, "eval_loss": 0.7, "eval_ppl": 2.0}
-    metrics |= {"rewards/accuracies": 0.75, "rewards/margins": 0.125, "eval_rewards/accuracies": 0.5}
-    log.progress(3, metrics | {"eval_rewards/margins": -0.25})
+    metrics = {"loss": 0.6, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 10.0}
+    rewards = {"rewards/accuracies": 0.75, "rewards/margins": 0.125, "eval_rewards/accuracies": 0.5}
+    log.log(3, metrics | rewards | {"eval_rewards/margins": -0.25} | eval_metrics(0.7, PREFERENCE.perplexity))
+    log.log(4, metrics | eval_metrics(0.7, TEXT.perplexity))
     log.finish()
-    line = capsys.readouterr().out
-    assert "| rewards: accuracy 0.75 margin 0.1250 | val rewards: accuracy 0.50 margin -0.2500 | val loss" in line
+    preference, text = capsys.readouterr().out.strip().splitlines()
+    assert preference.endswith("| rewards: accuracy 0.75 margin 0.1250 | val rewards: accuracy 0.50 margin -0.2500 "
+                               "| val loss 0.7000")  # fmt: skip
+    assert text.endswith(f"| val loss 0.7000 ppl {math.exp(0.7):.2f}")
+    records = read_metrics(tmp_path)
+    assert "eval_ppl" not in records[0] and records[1]["eval_ppl"] == pytest.approx(math.exp(0.7))
