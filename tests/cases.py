@@ -178,10 +178,11 @@ def peft_reference(family: str, settings: dict, folder, rank: int = 4, **lora) -
     return peft_model.eval()
 
 
-def pipeline_with_adapters(folder, arch, stages: int = 1, before_adapters=None):
-    """The pipeline on folder/base with the adapters of folder/adapter; `before_adapters(pipe)`: e.g. quantize."""
+def pipeline_with_adapters(folder, arch, stages: int = 1, before_adapters=None, from_zero: bool = False):
+    """The pipeline on folder/base with the adapters of folder/adapter; `before_adapters(pipe)`: e.g. quantize;
+    `from_zero`: folder/adapter's config without its weights (`--lora-rank`'s start: lora_B zero, the base model)."""
     config, initial = read_peft_config(folder / "adapter")
-    plan = plan_adapters(arch, config, initial)
+    plan = plan_adapters(arch, config, None if from_zero else initial)
     pipe = build_pipeline(arch, num_stages=stages, seq_len=SEQ)
     load_hf_weights(pipe, folder / "base", arch)  # a MoE's experts stored one by one, fused as transformers does
     if before_adapters is not None:

@@ -178,6 +178,7 @@ def evaluator(
         ),
         log=log,
         expert_load=expert_load,
+        perplexity=config.data_format.perplexity,
     )
 
 
@@ -292,6 +293,7 @@ def assemble(
             memory_before_model=memory_before,
             compiled=flags.compile,
             expert_load=expert_load,
+            perplexity=config.data_format.perplexity,
         ),
         evaluator=evaluator(config, engine, inputs, log=log, parameters=record["parameters"], expert_load=expert_load),
         checkpointer=checkpointer(config, engine, inputs, log=log, batches=batches),

@@ -81,9 +81,10 @@ def evaluate_model(config: RunConfig) -> dict:
     }
     if rank() == 0:
         (config.output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    ppl = f", perplexity {metrics['eval_ppl']:.4f}" if "eval_ppl" in metrics else ""  # not for preference data
     say(
-        f"evaluation: loss {metrics['eval_loss']:.6f}, perplexity {metrics['eval_ppl']:.4f} over "
-        f"{inputs.eval_blocks:,} blocks of {flags.seq_len} tokens; written to {config.output_dir / RESULTS_FILE}"
+        f"evaluation: loss {metrics['eval_loss']:.6f}{ppl} over {inputs.eval_blocks:,} blocks of {flags.seq_len} "
+        f"tokens; written to {config.output_dir / RESULTS_FILE}"
     )
     return results
 

@@ -1,26 +1,30 @@
 """Preference pairs: token ids as trl 1.16's DPOTrainer makes them, pairs packed whole into blocks, and the
-pipeline's loss and metrics on a packed block equal to DPOTrainer's own `_compute_loss` on the same pairs."""
+pipeline's reference log-probabilities, loss and metrics equal to DPOTrainer's own (`_compute_loss`) on the same
+pairs: full fine-tuning and LoRA (from zero and from an adapter), pairs packed or one per block."""
 
 import json
-from collections import defaultdict
+import math
 
 import deepspeed
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from trl import DPOConfig, DPOTrainer
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from models.architecture import discover
 from models.hf_weights import load_hf_weights
+from models.lora import WEIGHTS_FILE, load_initial_adapters, read_peft_config
 from models.pipeline import build_pipeline
 from models.preference_loss import PreferenceLoss, metrics_from_sums
-from tests.helpers import ds_config, run_preflight
+from tests.cases import peft_reference, pipeline_with_adapters
+from tests.helpers import ds_config, read_metrics, run_preflight
 from tests.preference_reference import document_logps, plain_dpo_loss
+from tests.preference_trl import assert_loss_equals_trl, dpo_trainer, move_off_the_reference, trl_ids, trl_reference
 from train.data.batches import TrainMicroBatches
-from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TRUNCATED
+from train.data.examples import KEPT, MALFORMED, NO_ANSWER, TEXT, TRUNCATED, DataFormat
 from train.data.preference import encode_pairs, pack_pairs, pair_token_ids
-from train.observe.metrics import MetricsLog, WandbSettings
+from train.observe.metrics import MetricsLog, StepMeter, WandbSettings, eval_metrics
 from train.preference.reference import reference_pass, reference_steps
 
 STRINGS = [
@@ -28,6 +32,7 @@ STRINGS = [
     {"prompt": "And God said,", "chosen": " Let there be light", "rejected": " and there was"},
     {"prompt": "And the evening", "chosen": " and the morning were the first day.", "rejected": " void"},
 ]
+PREFERENCE = DataFormat(kind="preference")
 TURNS = [
     {
         "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "In the beginning"}],
@@ -42,33 +47,20 @@ def tokenizer(chat_tokenizer_dir):
     return AutoTokenizer.from_pretrained(chat_tokenizer_dir)
 
 
+LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_llama_model(tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **LLAMA))
+
+
 @pytest.fixture(scope="module")
 def trainer(tokenizer, tmp_path_factory):
-    """DPOTrainer on a tiny random llama, its reference log-probabilities precomputed (as ours are), then the
-    model moved off them so that the rewards are not 0."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    )
-    model = LlamaForCausalLM(config)
-    args = DPOConfig(
-        output_dir=str(tmp_path_factory.mktemp("trl")),
-        report_to=[],
-        use_cpu=True,
-        precompute_ref_log_probs=True,
-        max_length=None,
-        dataset_num_proc=None,
-    )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(STRINGS), processing_class=tokenizer)
-    with torch.no_grad():
-        for param in trainer.model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
+    """DPOTrainer on a tiny random llama, then the model moved off its reference."""
+    trainer = dpo_trainer(tiny_llama_model(tokenizer), tokenizer, tmp_path_factory.mktemp("trl"), STRINGS)
+    move_off_the_reference(trainer.model.parameters())
     return trainer
-
-
-def trl_ids(trainer, records: list[dict]) -> list[tuple]:
-    dataset = trainer._prepare_dataset(Dataset.from_list(records), trainer.processing_class, trainer.args, "test")
-    return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in dataset]
 
 
 def test_pairs_tokenize_as_trl_does(trainer, tokenizer):
@@ -114,33 +106,80 @@ def packed(tokenizer, records: list[dict], seq_len: int, one_per_block: bool = F
     return pack_pairs(encoded, seq_len=seq_len, one_per_block=one_per_block, pad_id=0)
 
 
+def blocks_of(tokenizer, packing: str) -> dict:
+    """STRINGS in 128-token blocks: all three pairs in one (`pack`), or one per block (`pad`)."""
+    blocks = packed(tokenizer, STRINGS, seq_len=128, one_per_block=packing == "pad")
+    assert blocks["loss_tokens"] == ([3] if packing == "pack" else [1, 1, 1])
+    return blocks
+
+
+@pytest.mark.parametrize("packing", ["pack", "pad"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_loss_and_metrics_of_a_packed_block_equal_trl(trainer, tokenizer, tmp_path, loss_type, one_rank_group):
-    """Three pairs packed into one block of the pipeline: the loss (mean over pairs) and TRL's six metrics equal
-    DPOTrainer's `_compute_loss` on the same pairs, model and reference log-probabilities."""
-    trainer.loss_types, trainer.loss_weights, trainer._metrics = [loss_type], [1.0], {"train": defaultdict(list)}
-    batch = trainer.data_collator(list(trainer.train_dataset))
-    with torch.no_grad():
-        expected = trainer._compute_loss(trainer.model, batch, False).item()
-    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("rewards/", "logps/"))}
+def test_loss_and_metrics_of_packed_blocks_equal_trl(trainer, tokenizer, tmp_path, loss_type, packing, one_rank_group):
+    """Three pairs packed into one block of the pipeline, or one per block: the loss (mean over pairs) and TRL's six
+    metrics equal DPOTrainer's `_compute_loss` on the same pairs, model and reference log-probabilities."""
+    blocks = blocks_of(tokenizer, packing)
+    reference = trl_reference(trainer, blocks)
     trainer.model.save_pretrained(tmp_path / "hf")
     arch = discover(trainer.model.config)
-    blocks = packed(tokenizer, STRINGS, seq_len=128)
-    assert blocks["loss_tokens"] == [3], "the three pairs share one block"
-    reference = torch.zeros(1, 6, dtype=torch.float64)
-    reference[0, 0::2], reference[0, 1::2] = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    loss_fn = PreferenceLoss(loss_type=loss_type, beta=trainer.beta, reference=reference)
-    pipe = build_pipeline(arch, num_stages=1, seq_len=128, loss_fn=loss_fn)
+    pipe = build_pipeline(arch, num_stages=1, seq_len=128)
     load_hf_weights(pipe, tmp_path / "hf", arch)
-    rows = {k: torch.tensor(v) for k, v in blocks.items()}
-    labels = (rows["labels"], torch.tensor(1 / 3), rows["answer_slots"], torch.tensor([0]))
-    with torch.no_grad():
-        loss = pipe.loss_fn(pipe.eval()((rows["input_ids"], rows["position_ids"])), labels).item()
-    assert loss == pytest.approx(expected, rel=1e-5)
-    ours = metrics_from_sums(loss_fn.take_sums())
-    assert ours.pop("pairs") == 3 and ours.keys() == trl_metrics.keys()
-    for name, value in trl_metrics.items():
-        assert ours[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert_loss_equals_trl(trainer, pipe, blocks, reference, loss_type)
+
+
+@pytest.fixture(scope="module", params=["from zero", "from an adapter"])
+def lora_trainer(request, tokenizer, tmp_path_factory):
+    """DPOTrainer on a peft model, as trl 1.16 takes one: "from zero", the base and a `peft_config` (its adapters
+    start at lora_B = 0: the reference is the base); "from an adapter", a `PeftModel` of an adapter whose lora_B is
+    random (trl copies it as the reference adapter "ref": the reference is that adapter). Then its trained adapter
+    "default" moved off the reference and saved (folder/moved). Returns (trainer, folder, from_zero)."""
+    folder = tmp_path_factory.mktemp("lora")
+    peft_reference("llama", dict(LLAMA, vocab_size=len(tokenizer)), folder)  # folder/base, folder/adapter
+    base = AutoModelForCausalLM.from_pretrained(folder / "base")
+    from_zero = request.param == "from zero"
+    if from_zero:
+        trainer = dpo_trainer(
+            base, tokenizer, folder / "trl", STRINGS, peft_config=read_peft_config(folder / "adapter")[0]
+        )
+    else:
+        model = PeftModel.from_pretrained(base, folder / "adapter", is_trainable=True)
+        trainer = dpo_trainer(model, tokenizer, folder / "trl", STRINGS)
+    move_off_the_reference(p for name, p in trainer.model.named_parameters() if ".default." in name)
+    trainer.model.save_pretrained(folder / "moved", selected_adapters=["default"])
+    return trainer, folder, from_zero
+
+
+@pytest.mark.parametrize("packing", ["pack", "pad"])
+def test_lora_reference_loss_and_metrics_equal_trl_on_a_peft_model(lora_trainer, tokenizer, packing, one_rank_group):
+    """LoRA as --peft-config builds it (from zero: its config alone): the reference pass through a DeepSpeed engine
+    gives TRL's precomputed reference log-probabilities pair by pair, and with the adapters moved as TRL's were,
+    the loss and metrics (sigmoid, ipo) equal DPOTrainer's, pairs packed or one per block."""
+    trainer, folder, from_zero = lora_trainer
+    arch = discover(trainer.model.config)
+    pipe, _, _ = pipeline_with_adapters(folder, arch, from_zero=from_zero)
+    pipe.loss_fn = loss_fn = PreferenceLoss(beta=trainer.beta)
+    trainable = [p for p in pipe.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=pipe, model_parameters=trainable, config=ds_config(1, 1, scheduler=None))
+    blocks = blocks_of(tokenizer, packing)
+    feed = dict(micro_batch_size=1, num_micro_batches=1, dp_rank=0, dp_size=1, document_attention=True)
+    data = Dataset.from_dict(blocks).with_format("torch")
+    table = reference_pass(engine, loss_fn, reference_steps(data, **feed), keys=len(data))
+    expected = trl_reference(trainer, blocks)
+    torch.testing.assert_close(table, expected, rtol=1e-5, atol=0)
+    base, base_table = AutoModelForCausalLM.from_pretrained(folder / "base"), torch.zeros_like(table)
+    with torch.no_grad():  # the base model's, each document alone
+        for key in range(len(data)):
+            for slot, (logp, _) in document_logps(base, data[key]).items():
+                base_table[key, slot] = logp
+    if from_zero:
+        torch.testing.assert_close(table, base_table, rtol=1e-5, atol=0)
+    else:  # the reference is the starting adapter, not the base: a reference that ignored it would fail above
+        assert (table - base_table).abs().min() > 1e-3
+    layers = arch.pipeline_layers()
+    for index, module in pipe.stage_modules():  # TRL's moved adapter, as --peft-config would load it
+        load_initial_adapters(module, layers[index], folder / "moved" / WEIGHTS_FILE)
+    for loss_type in ("sigmoid", "ipo"):
+        assert_loss_equals_trl(trainer, pipe, blocks, table, loss_type)
 
 
 def test_pairs_pack_whole_and_pad_one_per_block(tokenizer):
@@ -162,11 +201,7 @@ def test_reference_pass_and_training_through_the_engine_equal_a_plain_loop(token
     plain = Dataset.from_dict(packed(tokenizer, records, seq_len=48))
     blocks = plain.with_format("torch")  # as the run reads its packed cache
     assert len(set(plain["loss_tokens"])) > 1 and len(plain) >= 8
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    )
-    hf = LlamaForCausalLM(config)
+    hf = tiny_llama_model(tokenizer)
     hf.save_pretrained(tmp_path / "hf")
     arch = discover(hf.config)
     loss_fn = PreferenceLoss(loss_type="sigmoid", beta=0.1)
@@ -193,6 +228,10 @@ def test_reference_pass_and_training_through_the_engine_equal_a_plain_loop(token
         optimizer.step()
         assert ours == pytest.approx(loss.item(), rel=1e-5), step
     assert metrics_from_sums(loss_fn.take_sums())["logps/chosen"] < 0
+    meter = StepMeter(engine=engine, global_batch=4, seq_len=48, flops_per_token=1.0, peak_tflops=None,
+                      memory_before_model=0, perplexity=PREFERENCE.perplexity)  # fmt: skip
+    logged = meter.metrics(ours, 0.5, seconds=1.0, data_wait=0.0, answer_tokens=None, timeline=None, last_step=False)
+    assert logged["loss"] == ours and "ppl" not in logged  # a mean pair loss: its exp is no perplexity
 
 
 @pytest.mark.parametrize(
@@ -216,12 +255,18 @@ def test_the_preflight_refuses_a_bad_first_pair_in_one_line(
         assert "--chosen-column" in line
 
 
-def test_the_progress_line_shows_the_reward_accuracy_and_margin(tmp_path, capsys):
+def test_the_progress_line_shows_the_reward_accuracy_and_margin_and_no_perplexity(tmp_path, capsys):
+    """A preference run's line and metrics.jsonl show its rewards and no `ppl`/`eval_ppl`; other formats keep them."""
     log = MetricsLog(output_dir=tmp_path, enabled=True, total_steps=6, interval=1,
                      wandb=WandbSettings(project=None, run_name=None, mode="disabled"), run_config={})  # fmt: skip
-    metrics = {"loss": 0.6, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 10.0, "eval_loss": 0.7, "eval_ppl": 2.0}
-    metrics |= {"rewards/accuracies": 0.75, "rewards/margins": 0.125, "eval_rewards/accuracies": 0.5}
-    log.progress(3, metrics | {"eval_rewards/margins": -0.25})
+    metrics = {"loss": 0.6, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 10.0}
+    rewards = {"rewards/accuracies": 0.75, "rewards/margins": 0.125, "eval_rewards/accuracies": 0.5}
+    log.log(3, metrics | rewards | {"eval_rewards/margins": -0.25} | eval_metrics(0.7, PREFERENCE.perplexity))
+    log.log(4, metrics | eval_metrics(0.7, TEXT.perplexity))
     log.finish()
-    line = capsys.readouterr().out
-    assert "| rewards: accuracy 0.75 margin 0.1250 | val rewards: accuracy 0.50 margin -0.2500 | val loss" in line
+    preference, text = capsys.readouterr().out.strip().splitlines()
+    assert preference.endswith("| rewards: accuracy 0.75 margin 0.1250 | val rewards: accuracy 0.50 margin -0.2500 "
+                               "| val loss 0.7000")  # fmt: skip
+    assert text.endswith(f"| val loss 0.7000 ppl {math.exp(0.7):.2f}")
+    records = read_metrics(tmp_path)
+    assert "eval_ppl" not in records[0] and records[1]["eval_ppl"] == pytest.approx(math.exp(0.7))

@@ -44,6 +44,12 @@ class DataFormat:
         """Whether labels differ from the inputs (instruction and chat data)."""
         return self.kind != "text"
 
+    @property
+    def perplexity(self) -> bool:
+        """Whether the loss is a mean token cross-entropy, whose exp is a perplexity (`ppl`, `eval_ppl`): not for
+        preference data, whose loss is a mean pair loss (docs/preference.md)."""
+        return self.kind != "preference"
+
     def columns(self) -> dict[str, tuple[str, str]]:
         """{column in the data: (the name used here, the flag that names it)}."""
         if self.kind == "text":

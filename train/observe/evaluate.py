@@ -166,8 +166,9 @@ class Evaluator:
         log: SampleLog,
         expert_load: ExpertLoad | None = None,
         key_offset: int = 0,  # preference data: the validation blocks' first reference key (train/preference/)
+        perplexity: bool = True,  # `eval_ppl` beside `eval_loss` (not for preference data: DataFormat.perplexity)
     ):
-        self.key_offset = key_offset
+        self.key_offset, self.perplexity = key_offset, perplexity
         self.engine, self.blocks, self.n_blocks, self.batch, self.log = engine, blocks, n_blocks, batch, log
         self.document_attention = document_attention
         self.interval, self.sampling = interval, sampling
@@ -206,4 +207,4 @@ class Evaluator:
             self.log.samples(step, samples[:3])
         if self.expert_load is not None:
             self.expert_load.evaluation(step)
-        return eval_metrics(loss)
+        return eval_metrics(loss, self.perplexity)

@@ -53,8 +53,10 @@ class StepMeter:
         memory_before_model: int,
         compiled: bool = False,
         expert_load: ExpertLoad | None = None,
+        perplexity: bool = True,
     ):
         self.engine, self.global_batch = engine, global_batch
+        self.perplexity = perplexity  # `ppl` beside the loss (not for preference data: DataFormat.perplexity)
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.tokens_per_step = global_batch * seq_len
         self.memory_before_model = memory_before_model
@@ -107,7 +109,7 @@ class StepMeter:
         tokens_per_sec = self.tokens_per_step / seconds
         metrics = {
             "loss": loss,
-            "ppl": perplexity(loss),
+            **({"ppl": perplexity(loss)} if self.perplexity else {}),
             "lr": self.engine.get_lr()[0],
             "grad_norm": grad_norm,
             "tokens_per_sec": tokens_per_sec,
@@ -151,8 +153,9 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def eval_metrics(eval_loss: float) -> dict:
-    return {"eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
+def eval_metrics(eval_loss: float, with_perplexity: bool = True) -> dict:
+    """`eval_loss`, and `eval_ppl` beside it where the loss is a token cross-entropy (`DataFormat.perplexity`)."""
+    return {"eval_loss": eval_loss} | ({"eval_ppl": perplexity(eval_loss)} if with_perplexity else {})
 
 
 def format_duration(seconds: float) -> str:
@@ -247,7 +250,9 @@ class MetricsLog:
                 accuracy, margin = metrics[f"{prefix}rewards/accuracies"], metrics[f"{prefix}rewards/margins"]
                 line += f" | {what}: accuracy {accuracy:.2f} margin {margin:.4f}"
         if "eval_loss" in metrics:
-            line += f" | val loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
+            line += f" | val loss {metrics['eval_loss']:.4f}"
+            if "eval_ppl" in metrics:  # not for preference data
+                line += f" ppl {metrics['eval_ppl']:.2f}"
         wait, step_time = metrics.get("data_wait") or 0.0, metrics.get("step_time") or 0.0
         # The first step also opens the data (a stream reads its first records): not a bottleneck.
         if step > self.resume_step + 1 and step_time and wait > DATA_BOUND_SHARE * step_time:
