@@ -193,6 +193,19 @@ def test_pairs_pack_whole_and_pad_one_per_block(tokenizer):
         assert len(slots) == len(positions) == 64
 
 
+def test_the_reference_pass_records_every_block_once_over_the_replicas(tokenizer):
+    """The replicas' tables are summed: the blocks that fill up the pass's last step (read again from the start)
+    carry the key -1 and are not recorded, so every block is recorded by exactly one replica."""
+    records = [dict(r, prompt=f"{r['prompt']} {i}") for i in range(4) for r in STRINGS]
+    blocks = Dataset.from_dict(packed(tokenizer, records, seq_len=48)).with_format("torch")
+    feed = dict(micro_batch_size=2, num_micro_batches=2, dp_size=2, document_attention=True)
+    keys = [key for dp_rank in (0, 1) for step in reference_steps(blocks, dp_rank=dp_rank, **feed)
+            for _, labels in step for key in labels[3].tolist()]  # fmt: skip
+    assert len(blocks) % 8, "the blocks should not fill the last step of 2 replicas x 2 x 2"
+    assert sorted(k for k in keys if k >= 0) == list(range(len(blocks)))
+    assert keys.count(-1) == -len(blocks) % 8
+
+
 def test_reference_pass_and_training_through_the_engine_equal_a_plain_loop(tokenizer, tmp_path, one_rank_group):
     """The reference pass (forward only, before step 1) through a DeepSpeed pipeline engine gives every answer's
     log-probability under the starting weights, and 2 training steps of 2 micro-batches holding different numbers of
