@@ -135,8 +135,9 @@ def check_layout(
     tensor_parallel: int = 1,
 ) -> BatchLayout:
     """Check parallel layout and schedule against the config; returns the batch layout."""
-    if pipeline_stages < 1 or tensor_parallel < 1:
-        raise ConfigError("--pipeline-stages and --tensor-parallel must be at least 1")
+    for flag, value in (("--pipeline-stages", pipeline_stages), ("--tensor-parallel", tensor_parallel)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1")
     replica = pipeline_stages * tensor_parallel
     if world_size % replica:
         raise ConfigError(
