@@ -1,8 +1,8 @@
 """A cut decoder layer through DeepSpeed's universal checkpoint, in-process with DeepSpeed's own functions: the
 slices of every parameter, written as its extraction writes them, are joined by its converter (`merge_tp_slices`)
 under the patterns `universal_checkpoint_patterns` declares into the full tensors (from TP 2; from TP 1 as they
-are), and cut again by its loader
-(`load_hp_checkpoint_state`) for each rank of a run marked by `mark_universal_slice`, or kept whole for one rank.
+are), and cut again by its loader (`load_hp_checkpoint_state`) for each rank of a run marked by
+`mark_universal_slice`, or kept whole for one rank.
 A MoE layer (Qwen2-MoE) has every kind of cut: 2-D colwise (q/k/v and their biases) and rowwise (o_proj), a 3-D
 fused gate/up (2 blocks along dimension 1) and a 3-D rowwise down_proj (dimension 2), replicated norms, router and
 shared expert. And the weights-only path: layer files of one tensor-parallel size re-cut for another. Over real
