@@ -1,7 +1,7 @@
 """Every use of DeepSpeed's private internals, in one file, each with the reason it is needed.
 
 Checked against DeepSpeed 0.19.8 (`deepspeed/runtime/pipe/module.py`, `engine.py`, `dualpipev.py`,
-`deepspeed/runtime/utils.py`, `deepspeed/ops/__init__.py`)
+`deepspeed/runtime/utils.py`, `deepspeed/ops/__init__.py`, `deepspeed/checkpoint/universal_checkpoint.py`)
 and, for the process-group timeout DeepSpeed leaves to torch, torch 2.13.
 On a DeepSpeed upgrade, review this file, then run the suite: the tests exercise every function here.
 """
@@ -16,6 +16,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -162,11 +163,46 @@ def save_layer_files(engine: PipelineEngine, tag_dir: Path, exclude_frozen: bool
     engine.module.save_state_dict(str(tag_dir), engine.checkpoint_engine, exclude_frozen)
 
 
-def load_layer_files(engine: PipelineEngine, tag_dir: Path, strict: bool) -> None:
-    """Load this stage's layers from the per-layer files in `tag_dir`, whatever layout wrote them, and nothing else
-    (no optimizer, no engine state): DeepSpeed 0.19.8's `load_checkpoint` has no weights-only mode, so
-    `PipelineModule.load_state_dir` with the engine's `checkpoint_engine`."""
-    engine.module.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine, strict=strict)
+def load_layer_files(
+    engine: PipelineEngine,
+    tag_dir: Path,
+    strict: bool,
+    state_of: Callable[[int, list[Path]], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Load this stage's layers from the per-layer files in `tag_dir`, whatever pipeline layout wrote them, and
+    nothing else (no optimizer, no engine state): DeepSpeed 0.19.8's `load_checkpoint` has no weights-only mode, so
+    `PipelineModule.load_state_dir` with the engine's `checkpoint_engine`. That picks a layer's file by slice rank
+    (`SDLoader`, Megatron's merge rules when the counts differ); `state_of(layer index, the layer's files in name
+    order)` builds each layer's state instead (another tensor-parallel size), then the tied copies are synchronised
+    from their owner as `load_state_dir` does (`_synchronize_tied_weights`: a tied head is a `partial`, no module)."""
+    pipe = engine.module
+    if state_of is None:
+        pipe.load_state_dir(str(tag_dir), checkpoint_engine=engine.checkpoint_engine, strict=strict)
+        return
+    for index, module in pipe.stage_modules():
+        module.load_state_dict(state_of(index, sorted(tag_dir.glob(f"layer_{index:02d}-*model_states.pt"))), strict)
+    pipe._synchronize_tied_weights()
+
+
+def mark_universal_slice(param: torch.Tensor, dim: int, full_shape: tuple[int, ...], pieces: int) -> None:
+    """Tell DeepSpeed's universal-checkpoint loader how this rank's part of a cut parameter lies in the full one.
+    `load_hp_checkpoint_state` (0.19.8, checkpoint/universal_checkpoint.py) otherwise cuts every full tensor along
+    the dimension the converter recorded, which is 0 for a checkpoint saved without slices; with this attribute
+    (`DS_AUTOTP_UC_META`, AutoTP's; read by `_resolve_autotp_partition`) it takes `full.chunk(size, dim)[rank]`,
+    per each of `pieces` equal sub-parameters (`sub_param_sizes`, split evenly: no version key): what `Slice.take`
+    does."""
+    meta = {"partition_dim": dim, "logical_shape": tuple(full_shape), "replicated": False}
+    if pieces > 1:
+        meta["sub_param_sizes"] = (full_shape[dim] // pieces,) * pieces
+    setattr(param, DS_AUTOTP_UC_META, meta)
+
+
+def universal_slice(param: torch.Tensor) -> tuple[int, tuple[int, ...], int] | None:
+    """(dim, full shape, pieces) that `mark_universal_slice` recorded on `param`, or None (replicated)."""
+    meta = getattr(param, DS_AUTOTP_UC_META, None)
+    if meta is None:
+        return None
+    return meta["partition_dim"], meta["logical_shape"], len(meta.get("sub_param_sizes", (0,)))
 
 
 class PipelineModuleHooks(PipelineModule):

@@ -1,5 +1,6 @@
 """`--tensor-parallel` before any rank starts: what it cannot run with is one line each (the preflight, in-process),
-and the layout a checkpoint records carries the tensor-parallel size."""
+and the layout a checkpoint records carries the tensor-parallel size; a TP checkpoint saved before its slices were
+declared is refused in another layout."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 
 from tests.helpers import run_preflight, tiny_llama, write_json
 from train.checkpoint.manifest import LATEST, MANIFEST, layout_of, saved_layout
+from train.checkpoint.universal import SLICES_DECLARED
 
 
 def run_flags(good: dict, tmp_path) -> list:
@@ -32,14 +34,24 @@ def test_what_tensor_parallelism_cannot_run_with_is_one_line(capsys, good, tmp_p
     assert expected in line, line
 
 
-def test_a_checkpoint_resumes_only_into_its_own_tensor_parallel_size(capsys, good, tmp_path):
+@pytest.mark.parametrize(
+    "declared, extra, refused",
+    [(False, [], True), (False, ["--reset-optimizer"], False), (True, [], False)],
+)
+def test_a_tp_checkpoint_saved_without_its_slices_declared_is_refused_in_another_layout(
+    capsys, good, tmp_path, declared, extra, refused
+):
+    """A TP 2 checkpoint resumed as TP 1 goes through the universal conversion, which joins its slices only by the
+    patterns a run saves since they were declared (the manifest says so); its weights alone always load."""
     tag = tmp_path / "checkpoints" / "step_3"
     tag.mkdir(parents=True)
     (tmp_path / "checkpoints" / LATEST).write_text("step_3")
-    (tag / MANIFEST).write_text(json.dumps({"layout": layout_of(2, 1, "1f1b", tensor_parallel=2), "files": {}}))
+    manifest = {"layout": layout_of(2, 1, "1f1b", tensor_parallel=2), "files": {}, "model_config": {"model_type": "x"}}
+    (tag / MANIFEST).write_text(json.dumps(manifest | ({SLICES_DECLARED: True} if declared else {})))
     assert saved_layout(tag)["tensor_parallel"] == 2
-    line = run_preflight(capsys, 2, *run_flags(good, tmp_path), "--load", tmp_path / "checkpoints")
-    assert "a checkpoint of --tensor-parallel 2 resumes only with --tensor-parallel 2" in line, line
+    line = run_preflight(capsys, 2, *run_flags(good, tmp_path), "--load", tmp_path / "checkpoints", *extra)
+    # Past this check the preflight stops at the model config (another one recorded): still one line.
+    assert ("saved before its slices were declared for DeepSpeed's universal conversion" in line) == refused, line
 
 
 def test_older_checkpoints_read_as_one_rank_a_layer(tmp_path):

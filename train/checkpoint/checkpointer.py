@@ -18,14 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import (
-    UNIVERSAL_CHECKPOINT_INFO,
-    UNIVERSAL_CHECKPOINT_VERSION_KEY,
-    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-)
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from models.architecture import discover
 from models.deepspeed_internals import (
     layer_seed_offset,
     load_layer_files,
@@ -33,7 +30,9 @@ from models.deepspeed_internals import (
     save_layer_files,
     set_global_steps,
 )
+from models.hf_weights import config_from_dict
 from models.portable import make_portable, max_positions
+from models.tensor_parallel_stage import resliced_layer_state
 from train.checkpoint.manifest import (
     LATEST,
     MANIFEST,
@@ -43,6 +42,7 @@ from train.checkpoint.manifest import (
     layout_of,
     prune,
     read_manifest,
+    saved_layout,
     tag_files,
     verified_tag_dir,
     verify_contents,
@@ -50,7 +50,7 @@ from train.checkpoint.manifest import (
     write_manifest,
 )
 from train.checkpoint.same_run import TOKENIZER_DIR
-from train.checkpoint.universal import convert_to_universal
+from train.checkpoint.universal import SLICES_DECLARED, convert_to_universal, universal_checkpoint_info
 from train.distributed.agreement import every_rank, rank_zero_first
 from train.distributed.faults import inject_fault
 from train.errors import EXIT_ERROR, ConfigError, RunError, first_line
@@ -96,7 +96,7 @@ def save_checkpoint(
         "rng": rng_state(),
         "layer_seed_offset": layer_seed_offset(engine.module),
         # What DeepSpeed's ds_to_universal requires to convert the checkpoint (train/checkpoint/universal.py).
-        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+        UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(engine),
     }
     inject_fault(
         f"save:{tag}",
@@ -118,6 +118,7 @@ def save_checkpoint(
             "step": step,
             "layout": engine_layout(engine),
             "model_config": model_config.to_dict(),
+            **({SLICES_DECLARED: True} if engine.grid.get_slice_parallel_world_size() > 1 else {}),
             **(manifest or {}),
         }
         write_manifest(root / tag, entries, records)
@@ -232,6 +233,16 @@ def verify_on_every_rank(tag_dir: Path) -> None:
     every_rank(lambda: verify_contents(tag_dir, dist.get_rank(), dist.get_world_size()))
 
 
+def _reslicer(engine: PipelineEngine, tag_dir: Path) -> Callable | None:
+    """How a layer's state is built from a checkpoint of another tensor-parallel size (its slices joined and cut
+    for this slice rank, by the plan of the model it records); None for the same size."""
+    rank, size = engine.grid.get_slice_parallel_rank(), engine.grid.get_slice_parallel_world_size()
+    if saved_layout(tag_dir)["tensor_parallel"] == size:
+        return None
+    arch = discover(config_from_dict(read_manifest(tag_dir)["model_config"]))
+    return lambda index, paths: resliced_layer_state(paths, arch, index, rank, size)
+
+
 def load_checkpoint(engine: PipelineEngine, load: Path, mode: str, adapters_only: bool = False) -> dict:
     """Restore the checkpoint as `resume_mode` decided; returns the client state (its step first of all).
     `adapters_only`: a LoRA checkpoint, whose layer files hold the adapters (the base came from --model)."""
@@ -253,8 +264,9 @@ def load_checkpoint(engine: PipelineEngine, load: Path, mode: str, adapters_only
             if mode == "exact" and "layer_seed_offset" in client_state:  # dropout masks continue where they were
                 restore_layer_seed_offset(engine.module, client_state["layer_seed_offset"])
             return client_state
-        # Weights only: the per-layer files are layout-independent; DeepSpeed's fp32 copies follow them.
-        load_layer_files(engine, tag_dir, strict=not adapters_only)
+        # Weights only: the per-layer files are layout-independent but for the slices of cut layers (re-cut when the
+        # tensor-parallel size differs); DeepSpeed's fp32 copies follow them.
+        load_layer_files(engine, tag_dir, strict=not adapters_only, state_of=_reslicer(engine, tag_dir))
         if hasattr(engine.optimizer, "refresh_fp32_params"):
             engine.optimizer.refresh_fp32_params()
     except (RuntimeError, OSError, KeyError, AssertionError) as e:

@@ -3,7 +3,9 @@
 A native checkpoint holds ZeRO's optimizer shards as partitioned for its layout. DeepSpeed's own converter,
 `deepspeed.checkpoint.ds_to_universal`, rewrites them per parameter (`zero/<name>/{fp32,exp_avg,exp_avg_sq,
 step}.pt`), and an engine built with `"checkpoint": {"load_universal": true}` loads that folder into any
-layout. pipegpt converts on demand, once, into `<tag>_universal` beside the native tag: the conversion writes
+layout. With cut layers (`--tensor-parallel`) every parameter's slices are declared in the client state, so the
+converter joins them and a run of any tensor-parallel size cuts them again (models/tensor_parallel_universal.py).
+pipegpt converts on demand, once, into `<tag>_universal` beside the native tag: the conversion writes
 into a temporary folder that becomes `<tag>_universal` only when complete, with its own manifest, so a crash
 mid-conversion leaves nothing that could be loaded. ZeRO stage 1 or 2 is needed (stage 0 keeps no shards).
 """
@@ -15,10 +17,30 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from models.tensor_parallel_universal import slice_layout, universal_checkpoint_patterns
 from train.checkpoint.manifest import is_universal, read_manifest, verified_tag_dir, write_manifest
 from train.errors import ConfigError
 
 SUFFIX = "_universal"
+# A manifest entry: the saving run declared how its tensor-parallel slices join (`universal_checkpoint_info`); a
+# checkpoint with slices saved before it would be joined wrongly by the converter.
+SLICES_DECLARED = "tensor_parallel_slices_declared"
+
+
+def universal_checkpoint_info(engine: PipelineEngine) -> dict:
+    """The version DeepSpeed's converter requires and, with cut layers, how each parameter of every stage joins
+    (models/tensor_parallel_universal.py; a collective: rank 0 writes `mp_rank_00`, which the converter reads)."""
+    info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    size = engine.grid.get_slice_parallel_world_size()
+    if size <= 1:
+        return info
+    layouts: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(layouts, slice_layout(engine.module))
+    return {**info, **universal_checkpoint_patterns({k: v for lay in layouts for k, v in lay.items()}, size)}
 
 
 def convert_to_universal(tag_dir: Path) -> Path:

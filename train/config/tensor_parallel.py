@@ -3,8 +3,8 @@
 The layers are cut by models/tensor_parallel.py (the family's `base_model_tp_plan`); what the first version does
 not combine with the cut layers is refused here in one line each, rather than run silently wrong: LoRA/QLoRA (the
 adapters would have to be cut like their base), DualPipeV (its two stages per rank are built outside DeepSpeed's
-slice grid), torch.compile (the collectives inside the layers are untested under it), and a checkpoint of another
-tensor-parallel size or any resume but the exact one (the universal conversion does not join slices yet).
+slice grid), torch.compile (the collectives inside the layers are untested under it), and a checkpoint with cut
+layers saved before they were declared for the universal conversion, into another layout.
 """
 
 from pathlib import Path
@@ -13,7 +13,8 @@ from transformers import PretrainedConfig
 
 from models.errors import first_line
 from models.tensor_parallel import check_tensor_parallel
-from train.checkpoint.manifest import saved_layout, verified_tag_dir
+from train.checkpoint.manifest import read_manifest, saved_layout, verified_tag_dir
+from train.checkpoint.universal import SLICES_DECLARED
 from train.config.args import Flags
 from train.errors import ConfigError
 
@@ -38,12 +39,16 @@ def check_tensor_parallel_run(flags: Flags, model_config: PretrainedConfig) -> N
 
 
 def check_tensor_parallel_resume(flags: Flags, load: Path, resume: str) -> None:
-    """A checkpoint with cut layers resumes only exactly (the same layout); none resumes into another TP size."""
-    saved = saved_layout(verified_tag_dir(load))["tensor_parallel"]
-    if saved == flags.tensor_parallel and (saved == 1 or resume == "exact"):
+    """A checkpoint resumes into any tensor-parallel size: exactly in its own layout, its weights alone
+    (`--reset-optimizer`: the layer files' slices joined and cut again), or through DeepSpeed's universal checkpoint,
+    which joins cut layers only by the patterns a run saves since they were declared (train/checkpoint/universal.py).
+    An earlier checkpoint with cut layers does not carry them: refused into another layout."""
+    tag_dir = verified_tag_dir(load)
+    saved = saved_layout(tag_dir)["tensor_parallel"]
+    if resume != "universal" or saved == 1 or read_manifest(tag_dir).get(SLICES_DECLARED):
         return
     raise ConfigError(
-        f"--load {load}: a checkpoint of --tensor-parallel {saved} resumes only with --tensor-parallel {saved} and "
-        "the layout it was saved with (joining or re-cutting tensor-parallel slices is not supported yet); "
-        "relaunch with that layout"
+        f"--load {load}: this checkpoint of --tensor-parallel {saved} was saved before its slices were declared for "
+        "DeepSpeed's universal conversion, so it cannot resume in another layout; relaunch with the layout it was "
+        "saved with, or pass --reset-optimizer to load its weights only"
     )
