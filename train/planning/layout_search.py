@@ -153,15 +153,15 @@ def search_lines(layouts: list[Layout], chosen: Layout, refused: dict[int, str])
     lines = [
         f"search: TP {chosen.tensor_parallel} x PP {chosen.stages}: "
         + ("fits" if chosen.fits else "nothing fits; this one's largest peak is the smallest")
-        + f", {chosen.time.layout_seconds:.2f} s per step with the bubble ({chosen.time.bubble:.1%}) and the "
-        f"collectives ({chosen.time.collectives:.2f} s); the others:"
+        + f", {chosen.time.layout_seconds:.3g} s per step with the bubble ({chosen.time.bubble:.1%}) and the "
+        f"collectives ({chosen.time.collectives:.3g} s); the others:"
     ]
     for layout in layouts:
         if layout is not chosen:
             largest = max(p.peak for p in layout.plans) / 2**30
             lines.append(
                 f"  TP {layout.tensor_parallel} x PP {layout.stages}: "
-                + (f"{layout.time.layout_seconds:.2f} s" if layout.fits else f"does not fit ({largest:.1f} GiB)")
+                + (f"{layout.time.layout_seconds:.3g} s" if layout.fits else f"does not fit ({largest:.1f} GiB)")
             )
     lines += [f"  TP {tp}: {why}" for tp, why in refused.items()]
     return lines

@@ -100,7 +100,8 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         print(lora_summary(plan, flags))
     if flags.gpus_per_node is None:
         print(f"planning for this machine: {machine_ranks()[1]}; --gpus-per-node and --nodes plan another")
-    print("\n".join(plan.search))
+    if plan.search:
+        print("\n".join(plan.search))
     print(layout_line(plan, flags))
     print_memory_table(plan.plans)
     if plan.other is not None:
@@ -181,7 +182,7 @@ def print_warnings(plan: Plan) -> None:
     if not fits(plan.plans, plan.rank_bytes):
         print(
             f"warning: a stage needs more than 90% of the {plan.rank_bytes / 2**30:.1f} GiB of a {gpu} rank: more "
-            "stages, activation checkpointing or a smaller micro-batch"
+            "stages or tensor parallelism, activation checkpointing or a smaller micro-batch"
         )
     if stages > 1 and batch.num_micro_batches < 4 * stages:
         print(
