@@ -52,16 +52,21 @@ class Layout:
         return (0, seconds if not math.isnan(seconds) else (self.time.bubble, self.time.collectives))
 
 
-def check_batch_divides(ds_config: dict, flags: Flags, world: int, replica: int) -> None:
-    """The DeepSpeed JSON's batch for this world and these `replica` ranks (stages x TP), or one line naming the flags
-    that change them."""
+def check_batch_divides(ds_config: dict, flags: Flags, world: int, stages: int, tp: int) -> None:
+    """The DeepSpeed JSON's batch for this world, `stages` and `tp`, or one line naming the flags that change them."""
+    replicas = world // (stages * tp)
+    cluster = f"{world} ranks ({flags.nodes} x {ranks_per_node(flags)})"
+    if world % (stages * tp):
+        raise ConfigError(
+            f"{cluster} do not divide into {stages} stages x tensor-parallel {tp}: plan another layout "
+            "(--pipeline-stages, --tensor-parallel, --gpus-per-node, --nodes) or --search-stages"
+        )
     try:
-        batch_layout(ds_config, world // replica)
+        batch_layout(ds_config, replicas)
     except ConfigError as e:
         raise ConfigError(
-            f"{e}; or plan another layout: {world} ranks ({flags.nodes} x {ranks_per_node(flags)}) / {replica} "
-            f"(stages x tensor-parallel) = {world // replica} replicas: --gpus-per-node, --nodes, --pipeline-stages "
-            "or --tensor-parallel"
+            f"{e}; or plan another layout: {cluster} / ({stages} stages x tensor-parallel {tp}) = {replicas} "
+            "replicas: --gpus-per-node, --nodes, --pipeline-stages or --tensor-parallel"
         ) from None
 
 
@@ -127,7 +132,7 @@ def fewest_stages(flags: Flags, setup: Setup, tp: int) -> Layout:
     if not candidates:
         raise ConfigError(f"no pipeline stages divide {setup.world} ranks / TP {tp} with this batch")
     for stages in candidates:
-        check_batch_divides(ds_config, flags, setup.world, stages * tp)
+        check_batch_divides(ds_config, flags, setup.world, stages, tp)
         if flags.schedule == "dualpipev":
             micro = batch_layout(ds_config, setup.world // (stages * tp)).num_micro_batches
             check_dualpipev(ds_config, stages, layers, micro)
