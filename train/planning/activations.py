@@ -24,6 +24,9 @@ Mixtures of experts: the saved tensors of transformers 5.24's experts (`grouped_
 the token x top-k rows sorted by expert, [T x top_k, width] whatever the routing, so a random layer's uneven
 routing does not change the count. Layers that differ (DeepSeek's dense first layers, Qwen3-MoE's
 `mlp_only_layers`, LoRA's `layers_to_transform`) are each measured: one copy per distinct layer.
+
+Tensor parallelism (`tp` > 1): the narrow copies are cut to rank 0's part first (train/planning/tensor_parallel.py:
+`cut_for_rank`), at the smallest scales whose widths still divide among the ranks.
 """
 
 import functools

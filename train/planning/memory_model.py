@@ -32,6 +32,9 @@ bytes, as DeepSpeed 0.19.8 allocates it
                  so the logits of the last min(2, m) micro-batches stay alive, b s V w each: one more than
                  the micro-batch in flight during the backward pass, both during the optimizer step
 
+With tensor parallelism t, P_s is what one rank of the slice group holds (its decoder layers' cut parameters / t,
+the rest whole) and r = world / (stages x t); the activations are a cut layer's (train/planning/tensor_parallel.py).
+
 The peak is the larger of the backward pass (weights, optimizer, bucket, accumulated gradients,
 activations) and the optimizer step (weights, optimizer, bucket, step gradients, kept logits): activations are
 freed before the step. Checked against measured memory in `bench/memory_bench.py` and the tests.
