@@ -12,7 +12,17 @@ by 2) fully fine-tuned as TP 2 x PP 2 on 4 CPU ranks, beside `train.plan --tenso
 import argparse
 from pathlib import Path
 
-from bench.memory_bench import LLAMA, LORA_RANK, bench_ds_config, bpe_work_dir, llama_base, measure
+from bench.memory_bench import (
+    LLAMA,
+    LORA_MICRO,
+    LORA_RANK,
+    SEQ,
+    VOCAB,
+    bench_ds_config,
+    bpe_work_dir,
+    llama_base,
+    measure,
+)
 from train.planning.memory_model import plan_stages
 
 # A SmolLM2-135M-class Llama (its published config: GQA 9/3 heads, SwiGLU 1536, tied 49,152-token embedding),
@@ -76,12 +86,12 @@ def imported_model_table(work: Path, steps: int, layouts: list[str]) -> None:
 def tensor_parallel_table(work: Path, steps: int) -> None:
     """TP 2 x PP 2 on 4 CPU ranks, full fine-tuning of LLAMA: each stage's planned peak (one rank of its slice group)
     beside the measured one (the largest over the stage's slice ranks)."""
-    base, arch, _ = llama_base(work, "llama_base", LLAMA)
-    ds = bench_ds_config(*IMPORTED_MICRO)
-    measured, _ = measure(work, "llama_tp2_pp2", ds, 2, steps, tensor_parallel=2, model=base, seq_len=IMPORTED_SEQ)
-    plans = plan_stages(arch, ds, stages=2, data_parallel=1, seq_len=IMPORTED_SEQ, method="flops", tensor_parallel=2)
-    print(f"\nLlama {arch.parameters() / 1e6:.1f}M, TP 2 x PP 2, {IMPORTED_MICRO[1]} micro-batches of "
-          f"{IMPORTED_MICRO[0]} x {IMPORTED_SEQ} tokens, fp32, ZeRO-1")  # fmt: skip
+    base, arch, _ = llama_base(work, "llama_base", {"vocab_size": VOCAB, **LLAMA})
+    ds = bench_ds_config(*LORA_MICRO)
+    measured, _ = measure(work, "llama_tp2_pp2", ds, 2, steps, tensor_parallel=2, model=base, seq_len=SEQ)
+    plans = plan_stages(arch, ds, stages=2, data_parallel=1, seq_len=SEQ, method="flops", tensor_parallel=2)
+    print(f"\nLlama {arch.parameters() / 1e6:.1f}M, TP 2 x PP 2, {LORA_MICRO[1]} micro-batches of "
+          f"{LORA_MICRO[0]} x {SEQ} tokens, fp32, ZeRO-1")  # fmt: skip
     print("| stage | parameters per rank | weights | optimizer | activations | planned MB | measured MB | ratio |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for plan in plans:
