@@ -153,20 +153,29 @@ def fewest_stages(flags: Flags, setup: Setup, tp: int) -> Layout:
     return Layout(tp, stages, plans, fits(plans, setup.rank_bytes), time)
 
 
+def _seconds(time: StepTime) -> str:
+    return f"{time.layout_seconds:.3g} s" if not math.isnan(time.layout_seconds) else "no peak FLOP/s"
+
+
 def search_lines(layouts: list[Layout], chosen: Layout, refused: dict[int, str]) -> list[str]:
     """What `--search-stages` tried, and why it chose what it chose."""
+    time = chosen.time
     lines = [
         f"search: TP {chosen.tensor_parallel} x PP {chosen.stages}: "
         + ("fits" if chosen.fits else "nothing fits; this one's largest peak is the smallest")
-        + f", {chosen.time.layout_seconds:.3g} s per step with the bubble ({chosen.time.bubble:.1%}) and the "
-        f"collectives ({chosen.time.collectives:.3g} s); the others:"
+        + f", {_seconds(time)} per step with the bubble ({time.bubble:.1%}) and the collectives "
+        f"({time.collectives:.3g} s)" + ("; the others:" if len(layouts) > 1 or refused else "")
     ]
     for layout in layouts:
         if layout is not chosen:
             largest = max(p.peak for p in layout.plans) / 2**30
             lines.append(
                 f"  TP {layout.tensor_parallel} x PP {layout.stages}: "
-                + (f"{layout.time.layout_seconds:.3g} s" if layout.fits else f"does not fit ({largest:.1f} GiB)")
+                + (
+                    f"{_seconds(layout.time)}, bubble {layout.time.bubble:.1%}"
+                    if layout.fits
+                    else f"does not fit ({largest:.1f} GiB)"
+                )
             )
     lines += [f"  TP {tp}: {why}" for tp, why in refused.items()]
     return lines

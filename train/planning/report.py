@@ -1,6 +1,7 @@
-"""What `python -m train.plan` prints, and the plan it prints: the header, the LoRA line, the memory table per
-stage, the balance of a mixture of experts' two partitions, the bubble and step time, preference training's
-reference pass (train/planning/reference_pass.py), and the warnings."""
+"""What `python -m train.plan` prints, and the plan it prints: the header, the LoRA line, what `--search-stages`
+tried, the memory table per stage, the balance of a mixture of experts' two partitions, the bubble and step time,
+tensor parallelism's collectives, preference training's reference pass (train/planning/reference_pass.py), and the
+warnings."""
 
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ class Plan:
     world_size: int
     stages: int
     plans: list[StagePlan]
+    time: StepTime
     adapters: AdapterPlan | None = None
     other: tuple[str, list[StagePlan]] | None = None  # a mixture of experts: the other balance, for comparison
     tensor_parallel: int = 1
-    time: StepTime | None = None
     search: list[str] = field(default_factory=list)  # --search-stages: what it tried and why it chose this
 
     @property
