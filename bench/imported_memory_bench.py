@@ -3,13 +3,26 @@
 memory by kind beside the measured peak (the method of bench/memory_bench.py: real ranks, fp32, ZeRO-1, AdamW,
 glibc's mmap threshold pinned).
 
-    python -m bench.imported_memory_bench [--steps 3] [--layouts full:1 full:2 LoRA:1 LoRA:2]
+    python -m bench.imported_memory_bench [--steps 3] [--layouts full:1 full:2 LoRA:1 LoRA:2] [--tensor-parallel]
+
+`--tensor-parallel`: instead, a Llama with 4 key/value heads (bench/memory_bench.py's LLAMA; SMOL's 3 do not divide
+by 2) fully fine-tuned as TP 2 x PP 2 on 4 CPU ranks, beside `train.plan --tensor-parallel 2`'s estimate.
 """
 
 import argparse
 from pathlib import Path
 
-from bench.memory_bench import LORA_RANK, bench_ds_config, bpe_work_dir, llama_base, measure
+from bench.memory_bench import (
+    LLAMA,
+    LORA_MICRO,
+    LORA_RANK,
+    SEQ,
+    VOCAB,
+    bench_ds_config,
+    bpe_work_dir,
+    llama_base,
+    measure,
+)
 from train.planning.memory_model import plan_stages
 
 # A SmolLM2-135M-class Llama (its published config: GQA 9/3 heads, SwiGLU 1536, tied 49,152-token embedding),
@@ -70,11 +83,34 @@ def imported_model_table(work: Path, steps: int, layouts: list[str]) -> None:
             )
 
 
+def tensor_parallel_table(work: Path, steps: int) -> None:
+    """TP 2 x PP 2 on 4 CPU ranks, full fine-tuning of LLAMA: each stage's planned peak (one rank of its slice group)
+    beside the measured one (the largest over the stage's slice ranks)."""
+    base, arch, _ = llama_base(work, "llama_base", {"vocab_size": VOCAB, **LLAMA})
+    ds = bench_ds_config(*LORA_MICRO)
+    measured, _ = measure(work, "llama_tp2_pp2", ds, 2, steps, tensor_parallel=2, model=base, seq_len=SEQ)
+    plans = plan_stages(arch, ds, stages=2, data_parallel=1, seq_len=SEQ, method="flops", tensor_parallel=2)
+    print(f"\nLlama {arch.parameters() / 1e6:.1f}M, TP 2 x PP 2, {LORA_MICRO[1]} micro-batches of "
+          f"{LORA_MICRO[0]} x {SEQ} tokens, fp32, ZeRO-1")  # fmt: skip
+    print("| stage | parameters per rank | weights | optimizer | activations | planned MB | measured MB | ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for plan in plans:
+        m, peak, mb = {k: v / 2**20 for k, v in plan.memory.items()}, plan.peak / 2**20, measured[plan.stage]
+        print(
+            f"| {plan.stage} | {plan.parameters / 1e6:,.2f}M | {m['weights']:,.0f} | {m['optimizer']:,.0f} "
+            f"| {m['activations']:,.0f} | {peak:,.0f} | {mb:,.0f} | {peak / mb:.2f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--layouts", nargs="+", default=["full:1", "full:2", "LoRA:1", "LoRA:2"], help="training:stages")
+    p.add_argument("--tensor-parallel", action="store_true", help="TP 2 x PP 2 on 4 ranks instead")
     a = p.parse_args()
+    if a.tensor_parallel:
+        return tensor_parallel_table(bpe_work_dir("imported_memory_bench"), a.steps)
     imported_model_table(bpe_work_dir("imported_memory_bench"), a.steps, a.layouts)
 
 

@@ -29,13 +29,16 @@ SEQ, VOCAB = 128, 8192  # the vocabulary is the BPE tokenizer's, trained here on
 CASES = [(8, 384, 6, 1, 4, 4), (8, 384, 6, 2, 4, 8), (6, 512, 8, 2, 4, 8)]
 
 
-def measure(work: Path, name: str, ds: dict, stages: int, steps: int, **flags) -> tuple[dict, list]:
-    """Train `steps` steps; (measured model MB per stage, the metrics rows)."""
+def measure(
+    work: Path, name: str, ds: dict, stages: int, steps: int, tensor_parallel: int = 1, **flags
+) -> tuple[dict, list]:
+    """Train `steps` steps on stages x `tensor_parallel` ranks; (measured model MB per stage, the metrics rows)."""
     out = work / f"run_{name}_{time.time_ns()}"
     flags = {"seq_len": SEQ, **flags}
     args = cli(
         tokenizer=work / "tokenizer",
         pipeline_stages=stages,
+        tensor_parallel=tensor_parallel,
         deepspeed_config=write_json(work / f"{name}_ds.json", ds),
         train_steps=steps,
         eval_blocks=ds["train_batch_size"],
@@ -44,8 +47,9 @@ def measure(work: Path, name: str, ds: dict, stages: int, steps: int, **flags) -
         **QUIET_RUN,
         **flags,
     )
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // stages), "MALLOC_MMAP_THRESHOLD_": "131072"}
-    run(deepspeed_command(stages, 29658, args), env=env)
+    ranks = stages * tensor_parallel
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, 2 // ranks)), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    run(deepspeed_command(ranks, 29658, args), env=env)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {s: rows[-1][f"model_mem_mb/stage{s}"] for s in range(stages)}, rows
 

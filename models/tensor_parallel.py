@@ -225,12 +225,7 @@ def _module_slices(
     if style == SUMMED:
         params = dict(module.named_parameters(recurse=False))
         if any(p.dim() != 1 for p in params.values()):
-            raise _plan_error(
-                model_type,
-                size,
-                f"{name} holds a weight per head, which the plan does not cut",
-                WITHOUT,
-            )
+            raise _plan_error(model_type, size, f"{name} holds a weight per head, which the plan does not cut", WITHOUT)
         return [], [f"{name}.{p}" for p in params]
     if style == EXPERTS and (getattr(module, "is_transposed", False) or getattr(module, "has_bias", False)):
         raise _plan_error(
@@ -263,19 +258,24 @@ def slice_layer(layer: nn.Module, styles: dict[str, str], rank: int, size: int, 
     `model_parallel = True`), the sliced modules given their communication (models/tensor_parallel_ops.py). Every rank
     must hold the same full weights before (same seed or same checkpoint). Returns what it did."""
     plan = plan_layer(layer, styles, size)
-    with torch.no_grad():
-        for piece in plan.slices:
-            owner_name, _, attr = piece.name.rpartition(".")
-            owner = layer.get_submodule(owner_name)
-            old = getattr(owner, attr)
-            new = nn.Parameter(piece.take(old.detach(), rank, size), requires_grad=old.requires_grad)
-            new.model_parallel = True  # DeepSpeed 0.19.8's global grad norm counts it on every slice rank
-            setattr(owner, attr, new)
+    cut_parameters(layer, plan, rank, size)
     for name, style in plan.styles:
         target = _target(layer, name)
         if not isinstance(target, torch.Tensor):  # a cut expert weight: its experts module's entry communicates
             _communicate(layer, target, style, group)
     return plan
+
+
+def cut_parameters(layer: nn.Module, plan: LayerSlicing, rank: int, size: int) -> None:
+    """Replace each of `plan`'s cut parameters of `layer` by rank `rank`'s part (a new `nn.Parameter`, marked
+    `model_parallel = True`), without communication: `slice_layer`'s first half, and the planner's rank-sized layer."""
+    with torch.no_grad():
+        for piece in plan.slices:
+            owner_name, _, attr = piece.name.rpartition(".")
+            owner, old = layer.get_submodule(owner_name), layer.get_parameter(piece.name)
+            new = nn.Parameter(piece.take(old.detach(), rank, size), requires_grad=old.requires_grad)
+            new.model_parallel = True  # DeepSpeed 0.19.8's global grad norm counts it on every slice rank
+            setattr(owner, attr, new)
 
 
 def _communicate(layer: nn.Module, module: nn.Module, style: str, group) -> None:

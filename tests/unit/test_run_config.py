@@ -25,7 +25,7 @@ def test_main_prepare_and_plan_share_their_flags_and_defaults():
     lora = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters", "peft_config"}
     qlora = {"load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_double_quant"}
     assert lora | qlora <= set(trainer), trainer  # the planner plans LoRA and QLoRA runs from the same flags
-    assert "schedule" in trainer and len(trainer) == 13 + len(lora | qlora), trainer
+    assert {"schedule", "tensor_parallel"} <= set(trainer) and len(trainer) == 14 + len(lora | qlora), trainer
     assert _shared_actions(train.plan.build_parser()) == trainer
     # train.prepare parses with the trainer's own parser: its flags are the trainer's by construction.
     assert train.prepare.parse_args is parse_args

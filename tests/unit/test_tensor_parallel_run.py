@@ -59,10 +59,19 @@ def test_older_checkpoints_read_as_one_rank_a_layer(tmp_path):
     assert saved_layout(tmp_path) == layout_of(2, 1, "1f1b", tensor_parallel=1)
 
 
-def test_the_planner_refuses_what_it_does_not_model(capsys, good):
+def test_the_planner_refuses_what_the_trainer_refuses(capsys, good, monkeypatch):
+    """The planner models cut layers (tests/unit/test_plan_tensor_parallel.py); what the trainer refuses with them
+    (here LoRA), and a layout that does not divide the ranks, it refuses in the same one line."""
     import train.plan
 
-    code = train.plan.main(["--model-config", "llama-tiny", "--deepspeed_config", str(good["config"]),
-                            "--tensor-parallel", "2"])  # fmt: skip
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "the planner does not model cut layers yet" in err[0], err
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("NUM_GPUS", raising=False)  # this machine's 2 CPU ranks
+
+    base = ["--model-config", "llama-tiny", "--deepspeed_config", str(good["config"]), "--tensor-parallel", "2"]
+    for extra, expected in (
+        (["--lora-rank", "4", "--pipeline-stages", "1"], "does not run with --lora-rank"),
+        ([], "2 ranks (1 x 2) do not divide into 2 stages x tensor-parallel 2"),
+    ):
+        code = train.plan.main([*base, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], err

@@ -19,9 +19,10 @@ from train.config.args import Flags
 from train.errors import ConfigError
 
 
-def check_tensor_parallel_run(flags: Flags, model_config: PretrainedConfig) -> None:
-    """One ConfigError line for a model or a flag `--tensor-parallel` cannot run with; nothing at 1."""
-    tp = flags.tensor_parallel
+def check_tensor_parallel_run(flags: Flags, model_config: PretrainedConfig, size: int | None = None) -> None:
+    """One ConfigError line for a model or a flag `--tensor-parallel` (or `size`, a layout the planner tries) cannot
+    run with; nothing at 1."""
+    tp = flags.tensor_parallel if size is None else size
     if tp <= 1:
         return
     try:
@@ -31,7 +32,7 @@ def check_tensor_parallel_run(flags: Flags, model_config: PretrainedConfig) -> N
     refused = {
         "--lora-rank/--peft-config (adapters on cut layers)": flags.lora_rank or flags.peft_config,
         "--schedule dualpipev": flags.schedule == "dualpipev",
-        "--compile": flags.compile,
+        "--compile": getattr(flags, "compile", False),  # train.plan has no --compile
     }
     for what, given in refused.items():
         if given:

@@ -24,6 +24,9 @@ Mixtures of experts: the saved tensors of transformers 5.24's experts (`grouped_
 the token x top-k rows sorted by expert, [T x top_k, width] whatever the routing, so a random layer's uneven
 routing does not change the count. Layers that differ (DeepSeek's dense first layers, Qwen3-MoE's
 `mlp_only_layers`, LoRA's `layers_to_transform`) are each measured: one copy per distinct layer.
+
+Tensor parallelism (`tp` > 1): the narrow copies are cut to rank 0's part first (train/planning/tensor_parallel.py:
+`cut_for_rank`), at the smallest scales whose widths still divide among the ranks.
 """
 
 import functools
@@ -32,10 +35,12 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from models.architecture import DECODER, Architecture, discover
+from models.architecture import DECODER, DECODER_ATTR, Architecture, discover
 from models.lora import AdapterPlan
 from models.pipeline import DecoderLayerPipe
 from models.router_loss import empty_router_sums
+from models.tensor_parallel import check_tensor_parallel
+from train.planning.tensor_parallel import cut_for_rank
 
 # Config fields that are widths (scaled in the narrow copies); transformers 5.24 names, every supported family.
 WIDTHS = (
@@ -89,12 +94,26 @@ def _narrow(settings: dict, scale: Fraction) -> dict | None:
     return narrow
 
 
-def narrow_scales(settings: dict) -> tuple[Fraction, Fraction, Fraction]:
-    """The three width scales of the narrow copies: the smallest valid one, twice and three times it."""
+def _cuttable(narrow: dict | None, tp: int) -> bool:
+    """Whether a narrow copy's layers cut `tp` ways (every cut width divisible; the heads are not scaled)."""
+    if narrow is None or tp <= 1:
+        return narrow is not None
+    from models.hf_weights import config_from_dict
+
+    try:
+        check_tensor_parallel(config_from_dict(narrow), tp)
+    except ValueError:
+        return False
+    return True
+
+
+def narrow_scales(settings: dict, tp: int = 1) -> tuple[Fraction, Fraction, Fraction]:
+    """The three width scales of the narrow copies: the smallest valid one (whose layers cut `tp` ways), twice and
+    three times it."""
     step = Fraction(1, math.gcd(*_widths(_config(settings, 1)).values()))
     for k in range(1, step.denominator + 1):
         scales = (k * step, 2 * k * step, 3 * k * step)
-        if all(_narrow(settings, scale) is not None for scale in scales):
+        if all(_cuttable(_narrow(settings, scale), tp) for scale in scales):
             return scales
     raise ValueError(f"{settings['model_type']}: no narrow copy of its decoder layer to count activations on")
 
@@ -143,16 +162,17 @@ class SavedBytes:
 
 
 def saved_bytes(
-    arch: Architecture, dtype: str, adapters: AdapterPlan | None = None, seq_len: int = 64, index: int = 0
+    arch: Architecture, dtype: str, adapters: AdapterPlan | None = None, seq_len: int = 64, index: int = 0, tp: int = 1
 ) -> SavedBytes:
-    """What decoder layer `index` keeps for its backward, at sequences of `seq_len` tokens (module docstring)."""
+    """What decoder layer `index` keeps for its backward, at sequences of `seq_len` tokens (module docstring), on one
+    rank of `tp` cutting it (train/planning/tensor_parallel.py)."""
     settings = json.loads(arch.config.to_json_string(use_diff=False))
     lora = json.dumps(layer_lora(arch, adapters, index), sort_keys=True) if adapters is not None else None
     text = json.dumps(settings, sort_keys=True)
-    scales = narrow_scales(settings)
+    scales = narrow_scales(settings, tp)
 
     def measure(scale: Fraction, tokens: int) -> int:
-        return _saved_bytes(text, scale, tokens, dtype, lora, index)
+        return _saved_bytes(text, scale, tokens, dtype, lora, index, tp)
 
     t1, t2, t3 = TOKENS
     f1, f2, f3 = (measure(scales[0], tokens) for tokens in TOKENS)
@@ -177,9 +197,10 @@ def _at_full_width(scales: tuple[Fraction, ...], values: list[float]) -> float:
 
 
 def decoder_saved_bytes(
-    arch: Architecture, dtype: str, seq_len: int, adapters: AdapterPlan | None = None
+    arch: Architecture, dtype: str, seq_len: int, adapters: AdapterPlan | None = None, tp: int = 1
 ) -> list[SavedBytes]:
-    """`saved_bytes` of every decoder layer, counted once per distinct layer (parameter shapes and adapters)."""
+    """`saved_bytes` of every decoder layer (on one rank of `tp`), counted once per distinct layer (parameter shapes
+    and adapters)."""
     meta = arch.meta_model()
     counted: dict[str, SavedBytes] = {}
     result = []
@@ -188,19 +209,23 @@ def decoder_saved_bytes(
         lora = layer_lora(arch, adapters, layer.decoder_index) if adapters is not None else None
         key = json.dumps([shapes, lora], sort_keys=True)
         if key not in counted:
-            counted[key] = saved_bytes(arch, dtype, adapters, seq_len, layer.decoder_index)
+            counted[key] = saved_bytes(arch, dtype, adapters, seq_len, layer.decoder_index, tp)
         result.append(counted[key])
     return result
 
 
 @functools.lru_cache
-def _saved_bytes(settings: str, scale: Fraction, tokens: int, dtype: str, lora_json: str | None, index: int) -> int:
-    """Bytes autograd saves in one forward of decoder layer `index` of the narrow copy at `scale`, `tokens` long."""
+def _saved_bytes(
+    settings: str, scale: Fraction, tokens: int, dtype: str, lora_json: str | None, index: int, tp: int = 1
+) -> int:
+    """Bytes autograd saves in one forward of decoder layer `index` of the narrow copy at `scale`, `tokens` long (its
+    rank 0's part of `tp`)."""
     import torch
 
     config = _config(_narrow(json.loads(settings), scale), index + 1)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     layer = DecoderLayerPipe(discover(config), index)
+    cut_for_rank(getattr(layer, DECODER_ATTR), config, tp)
     if lora_json is not None:
         from peft import LoraConfig, inject_adapter_in_model
 

@@ -15,6 +15,25 @@ GPU_MEMORY_GIB = {
     "MI250X": 128,
 }
 
+# Intra-node all-reduce bus bandwidth per GPU (GB/s), nccl-tests' `busbw` convention, which a tensor-parallel group
+# on one node runs at: the vendor's peak link bandwidth per direction, an assumption, not measured here (NCCL's
+# all-reduce reaches about this on NVSwitch systems: ~450-480 GB/s on DGX H100 with NVLink SHARP, less without).
+# NVIDIA: NVLink 4 (H100/H200 SXM) 900 GB/s bidirectional, NVLink 3 (A100) 600, NVLink 2 (V100) 300; L40S and A10G
+# have no NVLink: PCIe Gen4 x16, 32 GB/s per direction, ~25 in practice. AMD: MI300X's Infinity Fabric 7 x 64 GB/s
+# per direction; MI250X ~100 per direction (one link between the GCDs' peers: an assumption).
+INTRA_NODE_BUS_GBPS = {
+    "H200": 450,
+    "H100": 450,
+    "A100": 300,
+    "A100-40GB": 300,
+    "L40S": 25,
+    "A10G": 25,
+    "V100": 150,
+    "MI300X": 448,
+    "MI250X": 100,
+}
+# This machine's CPU ranks: gloo over loopback TCP, an assumption (not measured).
+CPU_BUS_GBPS = 1
 
 # launch.sh's ranks on a machine without a GPU (its `NUM_GPUS=${NUM_GPUS:-2}`; tests/unit/test_plan.py reads it there).
 LAUNCH_CPU_RANKS = 2
@@ -63,3 +82,9 @@ def plan_device(flags: Flags) -> tuple[str, float]:
     if gpu not in GPU_MEMORY_GIB:
         raise ConfigError(f"unknown --gpu {flags.gpu}: use one of {', '.join(GPU_MEMORY_GIB)}")
     return gpu, GPU_MEMORY_GIB[gpu] * 2**30
+
+
+def bus_bandwidth(gpu: str) -> float:
+    """Bytes/s of a tensor-parallel group's all-reduce on one node of `gpu`s (INTRA_NODE_BUS_GBPS; CPU ranks:
+    CPU_BUS_GBPS)."""
+    return (INTRA_NODE_BUS_GBPS.get(gpu) or CPU_BUS_GBPS) * 1e9

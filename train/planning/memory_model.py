@@ -32,6 +32,9 @@ bytes, as DeepSpeed 0.19.8 allocates it
                  so the logits of the last min(2, m) micro-batches stay alive, b s V w each: one more than
                  the micro-batch in flight during the backward pass, both during the optimizer step
 
+With tensor parallelism t, P_s is what one rank of the slice group holds (its decoder layers' cut parameters / t,
+the rest whole) and r = world / (stages x t); the activations are a cut layer's (train/planning/tensor_parallel.py).
+
 The peak is the larger of the backward pass (weights, optimizer, bucket, accumulated gradients,
 activations) and the optimizer step (weights, optimizer, bucket, step gradients, kept logits): activations are
 freed before the step. Checked against measured memory in `bench/memory_bench.py` and the tests.
@@ -41,7 +44,7 @@ from dataclasses import dataclass
 
 from models.architecture import DECODER, Architecture
 from models.deepspeed_internals import deepspeed_partition
-from models.flops import flops_partition, layer_flops
+from models.flops import flops_partition
 from models.lora import AdapterPlan, adapter_parameters
 from models.pipeline import LAYER_CLASSES
 from models.quantize import Quantization, quantized_parameters
@@ -50,6 +53,7 @@ from train.errors import ConfigError
 from train.observe.mfu import training_dtype
 from train.planning.activations import SavedBytes, decoder_saved_bytes
 from train.planning.schedules import peak_in_flight, rank_layer_ranges, stages_per_rank
+from train.planning.tensor_parallel import rank_layer_flops, rank_layer_parameters
 
 
 def layer_names(arch: Architecture) -> list[str]:
@@ -113,21 +117,21 @@ def plan_stages(
     adapters: AdapterPlan | None = None,
     quantization: Quantization | None = None,
     schedule: str = "1f1b",
+    tensor_parallel: int = 1,
 ) -> list[StagePlan]:
     """Memory per pipeline rank (`stages` of them; two stages each under DualPipeV). With `adapters` (LoRA) a rank
     holds its frozen weights and its adapters at the training width, and only the adapters have gradients, optimizer
-    states and ZeRO buckets; with `quantization` (QLoRA) the decoder's linear weights take `bytes_per_weight`."""
-    batch = batch_layout(ds_config, data_parallel)
-    dtype = training_dtype(ds_config)
+    states and ZeRO buckets; with `quantization` (QLoRA) the decoder's linear weights take `bytes_per_weight`; with
+    `tensor_parallel` t, one rank of a slice group (train/planning/tensor_parallel.py)."""
+    batch, dtype = batch_layout(ds_config, data_parallel), training_dtype(ds_config)
     width, grad_width, optimizer_width, step_width, bucket = state_widths(ds_config, data_parallel)
-    names, counts = layer_names(arch), arch.layer_parameters()
+    names, counts = layer_names(arch), rank_layer_parameters(arch, tensor_parallel)
     adapter_counts = adapter_parameters(arch, adapters) if adapters is not None else None
     quantized_counts = quantized_layer_parameters(arch) if quantization is not None else [0] * len(counts)
     tokens, h, vocab = seq_len * batch.micro_batch_size, arch.hidden_size, arch.config.vocab_size
-    # One micro-batch's saved tensors per block (0 but for decoders): the weight-sized constant once per forward.
-    block_bytes = [saved.micro_batch(tokens) for saved in layer_activations(arch, dtype, seq_len, adapters)]
-    stored = [tokens * h * width if checkpoint_interval and b else b for b in block_bytes]  # checkpointed: inputs
-    flops = layer_flops(arch, seq_len, token_weight=False)
+    block_bytes = [b.micro_batch(tokens) for b in layer_activations(arch, dtype, seq_len, adapters, tensor_parallel)]
+    stored = [tokens * h * width if checkpoint_interval and b else b for b in block_bytes]  # checkpointed: input
+    flops = rank_layer_flops(arch, seq_len, tensor_parallel)
     logits, loss_extra, kept = head_stage_bytes(
         tokens, vocab, h, width, batch.num_micro_batches, schedule=schedule, full_head=adapters is None
     )
@@ -186,11 +190,11 @@ def loss_path_bytes(tokens: int, vocab: int, hidden: int, width: int, head_weigh
 
 
 def layer_activations(
-    arch: Architecture, dtype: str, seq_len: int, adapters: AdapterPlan | None = None
+    arch: Architecture, dtype: str, seq_len: int, adapters: AdapterPlan | None = None, tp: int = 1
 ) -> list[SavedBytes]:
-    """What each pipeline layer saves for its backward: its decoder layer's, nothing for the others (the head's
-    logits are counted apart)."""
-    decoder = iter(decoder_saved_bytes(arch, dtype, seq_len, adapters))
+    """What each pipeline layer saves for its backward (on one rank of `tp`): its decoder layer's, nothing for the
+    others (the head's logits are counted apart)."""
+    decoder = iter(decoder_saved_bytes(arch, dtype, seq_len, adapters, tp))
     return [next(decoder) if layer.kind == DECODER else SavedBytes(0.0, 0.0) for layer in arch.pipeline_layers()]
 
 

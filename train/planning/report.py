@@ -1,23 +1,26 @@
-"""What `python -m train.plan` prints, and the plan it prints: the header, the LoRA line, the memory table per
-stage, the balance of a mixture of experts' two partitions, the bubble and step time, preference training's
-reference pass (train/planning/reference_pass.py), and the warnings."""
+"""What `python -m train.plan` prints, and the plan it prints: the header, the LoRA line, what `--search-stages`
+tried, the memory table per stage, the balance of a mixture of experts' two partitions, the bubble and step time,
+tensor parallelism's collectives, preference training's reference pass (train/planning/reference_pass.py), and the
+warnings."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from models.architecture import Architecture, ranges_text
-from models.flops import active_parameters, flops_per_token, routed_fraction
+from models.flops import active_parameters, routed_fraction
 from models.lora import AdapterPlan
 from models.quantize import expert_weights
 from train.config.args import Flags
 from train.config.ds_config import batch_layout
-from train.observe.mfu import PEAK_TFLOPS, training_dtype
-from train.planning.machine import GPU_MEMORY_GIB, machine_memory, machine_ranks
+from train.observe.mfu import training_dtype
+from train.planning.machine import GPU_MEMORY_GIB, bus_bandwidth, machine_memory, machine_ranks
 from train.planning.memory_model import StagePlan, fits
 from train.planning.reference_pass import plan_reference_pass, reference_lines
-from train.planning.schedules import SCHEDULE_NAMES, bubble_theory
+from train.planning.schedules import SCHEDULE_NAMES
+from train.planning.step_time import StepTime
 
 # What the memory table cannot know, said under it. Measured against it (CPU fp32, ZeRO-1, glibc's mmap threshold
 # pinned): qwen2.5-0.5b at its own 151,936-token vocabulary on 2 ranks, planned / measured 0.99 and 0.99
@@ -39,12 +42,15 @@ class Plan:
     world_size: int
     stages: int
     plans: list[StagePlan]
+    time: StepTime
     adapters: AdapterPlan | None = None
     other: tuple[str, list[StagePlan]] | None = None  # a mixture of experts: the other balance, for comparison
+    tensor_parallel: int = 1
+    search: list[str] = field(default_factory=list)  # --search-stages: what it tried and why it chose this
 
     @property
     def data_parallel(self) -> int:
-        return self.world_size // self.stages
+        return self.world_size // (self.stages * self.tensor_parallel)
 
 
 # With experts, FLOPs and memory pull apart (models/flops.py: flops_partition); the plan shows the other balance.
@@ -83,12 +89,8 @@ def lora_summary(plan: Plan, flags: Flags) -> str:
 
 
 def print_plan(plan: Plan, flags: Flags) -> None:
-    arch, ds_config, gpu, stages = plan.arch, plan.ds_config, plan.gpu, plan.stages
-    batch = batch_layout(ds_config, plan.data_parallel)
-    bubble = bubble_theory(flags.schedule, stages, batch.num_micro_batches)
-    flops_step = flops_per_token(arch, flags.seq_len) * batch.global_batch * flags.seq_len
-    peak = next((v for k, v in PEAK_TFLOPS if k.upper() == gpu), {}).get(training_dtype(ds_config), 0)
-    step_time = flops_step / (plan.world_size * peak * 1e12 * flags.mfu) if peak else float("nan")
+    arch, ds_config, stages, time = plan.arch, plan.ds_config, plan.stages, plan.time
+    bubble, flops_step, step_time = time.bubble, time.flops, time.seconds
     print(
         f"{flags.model_config or flags.model} ({arch.config.model_type}): {arch.num_layers} layers, "
         f"d={arch.hidden_size}, vocab {arch.config.vocab_size}, {arch.parameters() / 1e9:.2f}B parameters"
@@ -99,6 +101,8 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         print(lora_summary(plan, flags))
     if flags.gpus_per_node is None:
         print(f"planning for this machine: {machine_ranks()[1]}; --gpus-per-node and --nodes plan another")
+    if plan.search:
+        print("\n".join(plan.search))
     print(layout_line(plan, flags))
     print_memory_table(plan.plans)
     if plan.other is not None:
@@ -109,8 +113,14 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         if flags.schedule == "1f1b"
         else "from DeepSpeed's DualPipeV instructions, backward = 2 forwards"
     )
-    time_text = f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s" if peak else "no step time (no peak FLOP/s)"
+    time_text = (
+        f"step time at {flags.mfu:.0%} MFU: {step_time:.2f} s"
+        if not math.isnan(step_time)
+        else "no step time (no peak FLOP/s)"
+    )
     print(f"bubble {theory} = {bubble:.1%}; {flops_step / 1e15:,.2f} PFLOP per step; {time_text}")
+    if plan.tensor_parallel > 1:
+        print(collectives_line(plan))
     if flags.data_format == "preference":
         print_reference_pass(plan, flags, flops_step, step_time)
     print_warnings(plan)
@@ -118,6 +128,7 @@ def print_plan(plan: Plan, flags: Flags) -> None:
         json.dumps(
             {
                 "stages": stages,
+                "tensor_parallel": plan.tensor_parallel,
                 "schedule": flags.schedule,
                 "data_parallel": plan.data_parallel,
                 "rank_layer_bounds": [[list(b) for b in p.bounds] for p in plan.plans],
@@ -126,6 +137,8 @@ def print_plan(plan: Plan, flags: Flags) -> None:
                 "stage_trainable_parameters": [p.trainable for p in plan.plans],
                 "stage_peak_gib": [p.peak / 2**30 for p in plan.plans],
                 "stage_gflops_per_token": [p.flops / 1e9 for p in plan.plans],
+                "tensor_parallel_gib_per_step": (time.all_reduce_bytes + time.all_gather_bytes) / 2**30,
+                "tensor_parallel_seconds": time.collectives,
             }
         )
     )
@@ -170,7 +183,7 @@ def print_warnings(plan: Plan) -> None:
     if not fits(plan.plans, plan.rank_bytes):
         print(
             f"warning: a stage needs more than 90% of the {plan.rank_bytes / 2**30:.1f} GiB of a {gpu} rank: more "
-            "stages, activation checkpointing or a smaller micro-batch"
+            "stages or tensor parallelism, activation checkpointing or a smaller micro-batch"
         )
     if stages > 1 and batch.num_micro_batches < 4 * stages:
         print(
@@ -179,11 +192,25 @@ def print_warnings(plan: Plan) -> None:
         )
 
 
+def collectives_line(plan: Plan) -> str:
+    """Tensor parallelism's communication per step on the busiest pipeline rank, and its time."""
+    time, gpu = plan.time, plan.gpu
+    gathers = f" and all-gathers of {time.all_gather_bytes / 2**30:,.2f} GiB" if time.all_gather_bytes else ""
+    where = f"{gpu} NVLink/intra-node" if gpu != "CPU" else "CPU ranks (loopback)"
+    return (
+        f"tensor parallel {plan.tensor_parallel}: per step, the busiest rank all-reduces "
+        f"{time.all_reduce_bytes / 2**30:,.2f} GiB{gathers} in its slice group: {time.collectives:.2f} s at "
+        f"{bus_bandwidth(gpu) / 1e9:,.0f} GB/s bus bandwidth ({where}, assumed: train/planning/machine.py), "
+        "counted in the step time"
+    )
+
+
 def layout_line(plan: Plan, flags: Flags) -> str:
     stages, batch = plan.stages, batch_layout(plan.ds_config, plan.data_parallel)
+    tp = f"tensor parallel {plan.tensor_parallel} x " if plan.tensor_parallel > 1 else ""
     return (
-        f"layout: {stages} pipeline stages x {plan.data_parallel} data-parallel replicas, {batch.num_micro_batches} "
-        f"micro-batches of {batch.micro_batch_size} (global batch {batch.global_batch}), "
+        f"layout: {tp}{stages} pipeline stages x {plan.data_parallel} data-parallel replicas, "
+        f"{batch.num_micro_batches} micro-batches of {batch.micro_batch_size} (global batch {batch.global_batch}), "
         f"partition {flags.partition_method}, {SCHEDULE_NAMES[flags.schedule]} schedule"
         + (f" (two stages per rank, {2 * stages} in all)" if flags.schedule == "dualpipev" else "")
     )
