@@ -30,7 +30,7 @@ from train.distributed.watchdog import HangWatchdog
 from train.errors import ConfigError, first_line
 from train.observe.console import lora_line
 from train.observe.evaluate import Evaluator, SampleLog, Sampling, evaluation_sample_tokens
-from train.observe.expert_load import ExpertLoad
+from train.observe.expert_load import ExpertLoad, expert_load_of
 from train.observe.memory import memory_before_model
 from train.observe.metrics import MetricsLog, StepMeter, WandbSettings
 from train.observe.mfu import peak_tflops, training_dtype
@@ -246,15 +246,6 @@ def build_run(config: RunConfig, preemption: Preemption) -> Run:
         raise
 
 
-def expert_load_of(config: RunConfig, engine: PipelineEngine, start_step: int) -> ExpertLoad | None:
-    """A mixture of experts' expert load, counted by the pipeline; None for a dense model (nothing counted)."""
-    picks = engine.module.expert_picks
-    if picks.experts is None:
-        return None
-    return ExpertLoad(picks, output_dir=config.output_dir, writes=rank() == 0, resume_step=start_step,
-                      counts=engine.grid.get_slice_parallel_rank() == 0)  # fmt: skip
-
-
 def assemble(
     config: RunConfig,
     engine: PipelineEngine,
@@ -273,7 +264,7 @@ def assemble(
     position = stream_position(client_state, load=flags.load, streaming=config.streaming, sources=sources)
     batches = training_batches(config, engine, inputs, start_step=start_step, stream_position=position)
     feeds_data = engine.is_first_stage() or engine.is_last_stage()
-    expert_load = expert_load_of(config, engine, start_step)
+    expert_load = expert_load_of(engine, output_dir=config.output_dir, writes=rank() == 0, start_step=start_step)
     (preference := PreferenceRun(config, engine)).start(inputs.train, inputs.validation, inputs.eval_blocks, start_step)
     return Run(
         config=config,

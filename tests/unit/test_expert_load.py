@@ -17,9 +17,8 @@ from models.hf_weights import pipeline_param_to_hf
 from models.pipeline import build_pipeline
 from tests.cases import CASES, MOE_CASES, SEQ, VOCAB, hf_model
 from tests.helpers import write_ds_config
-from train.build import expert_load_of
 from train.observe.evaluate import sample_through_pipeline
-from train.observe.expert_load import EXPERT_LOAD_FILE, ExpertLoad, layer_rows, load_summary
+from train.observe.expert_load import EXPERT_LOAD_FILE, ExpertLoad, expert_load_of, layer_rows, load_summary
 from train.observe.metrics import MetricsLog, WandbSettings
 
 # DeepSeek-V3: group-limited sigmoid routing, dense layer 0; gpt-oss: its experts take `router_indices`; Qwen2-MoE
@@ -133,8 +132,7 @@ def test_a_dense_model_counts_nothing_and_makes_no_collective(one_rank_group):
     arch = discover(hf_model(family, settings).config)
     pipe = build_pipeline(arch, num_stages=1, seq_len=SEQ)
     assert arch.experts is None and pipe.expert_picks.take("cpu") is None
-    config = SimpleNamespace(output_dir=None)
-    assert expert_load_of(config, SimpleNamespace(module=pipe), start_step=0) is None
+    assert expert_load_of(SimpleNamespace(module=pipe), output_dir=None, writes=False, start_step=0) is None
 
 
 def test_a_resumed_run_rewinds_the_expert_load_file(tmp_path):

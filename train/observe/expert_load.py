@@ -126,3 +126,13 @@ class ExpertLoad:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, "first_step": self.first_step, "layers": rows}) + "\n")
         self.first_step = step + 1
+
+
+def expert_load_of(engine, *, output_dir: Path, writes: bool, start_step: int) -> ExpertLoad | None:
+    """A mixture of experts' expert load, counted by the pipeline of `engine`; None for a dense model (nothing
+    counted, no collective)."""
+    picks = engine.module.expert_picks
+    if picks.experts is None:
+        return None
+    counts = engine.grid.get_slice_parallel_rank() == 0  # tensor-parallel ranks route alike: counted once
+    return ExpertLoad(picks, output_dir=output_dir, writes=writes, resume_step=start_step, counts=counts)
