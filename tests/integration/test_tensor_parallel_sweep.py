@@ -1,7 +1,7 @@
 """Every model type docs/families.md calls supported, cut two ways in every decoder layer by its own
 base_model_tp_plan (two gloo processes spawned once, ~20 s, no rank launched: tests/tensor_parallel_reference.py),
 either computes what transformers computes (logits, input gradient, every parameter's gradient, within 1e-5) or is
-refused in one line; the refused ones are exactly those docs/tensor_parallel.md lists."""
+refused in one line; the refused ones are exactly those docs/tensor_parallel.md lists, and the README names."""
 
 import re
 
@@ -30,3 +30,9 @@ def test_every_supported_type_is_cut_exactly_or_refused(results, model_type):
         assert_equal(results[model_type])
     else:
         assert message.startswith("tensor-parallel size 2: ") and "; " in message, message
+
+
+def test_the_readme_names_the_refused_types():
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if "docs/tensor_parallel.md" in line)
+    named = set(row.rpartition("refused with TP: ")[2].strip(" |").split(", "))
+    assert named == REFUSED & set(SUPPORTED)
