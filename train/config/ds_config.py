@@ -152,6 +152,11 @@ def check_layout(
             f"ZeRO stage {zero_stage(config)} is incompatible with pipeline parallelism in DeepSpeed; "
             'set "zero_optimization": {"stage": 1} (or 0)'
         )
+    if zero_stage(config) >= 2 and tensor_parallel > 1:  # gradients partitioned over cut layers: never tested
+        raise ConfigError(
+            f'ZeRO stage {zero_stage(config)} does not run with --tensor-parallel yet; set "zero_optimization": '
+            '{"stage": 1}'
+        )
     if config.get("wall_clock_breakdown") and pipeline_stages > 1:
         raise ConfigError("wall_clock_breakdown crashes DeepSpeed 0.19.8 with more than one stage; set it to false")
     layout = batch_layout(config, world_size // replica)
@@ -160,10 +165,14 @@ def check_layout(
     if zero_stage(config) == 0 and replica > 1 and config.get("gradient_clipping", 1.0) > 0:
         # runtime/utils.py clip_grad_norm_ (called by the engine for fp32 without ZeRO) counts a parameter only on
         # model-parallel rank 0, which in the pipeline grid is the stage index: the "global" norm is stage 0's.
+        alone = (
+            "pipeline stage clips by the gradient norm of stage 0"
+            if pipeline_stages > 1
+            else ("tensor-parallel rank clips by the gradient norm of slice rank 0")
+        )
         raise ConfigError(
-            "ZeRO stage 0 with more than one pipeline stage or tensor-parallel rank clips by the gradient norm of one "
-            'rank in DeepSpeed 0.19.8 (silently wrong updates): set "zero_optimization": {"stage": 1}, or '
-            '"gradient_clipping": 0'
+            f"ZeRO stage 0 with more than one {alone} alone in DeepSpeed 0.19.8 (silently wrong updates): set "
+            '"zero_optimization": {"stage": 1}, or "gradient_clipping": 0'
         )
     return layout
 
