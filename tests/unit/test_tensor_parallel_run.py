@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import run_preflight, tiny_llama, write_json
+from tests.helpers import run_preflight, tiny_llama, write_ds_config, write_json
 from train.checkpoint.manifest import LATEST, MANIFEST, layout_of, saved_layout
 from train.checkpoint.universal import SLICES_DECLARED
 
@@ -32,6 +32,17 @@ def run_flags(good: dict, tmp_path) -> list:
 def test_what_tensor_parallelism_cannot_run_with_is_one_line(capsys, good, tmp_path, world, extra, expected):
     line = run_preflight(capsys, world, *run_flags(good, tmp_path), "--tensor-parallel", 2, *extra)
     assert expected in line, line
+
+
+@pytest.mark.parametrize(
+    "stage, expected",
+    [(0, "more than one tensor-parallel rank clips by the gradient norm of slice rank 0 alone"),
+     (2, "ZeRO stage 2 does not run with --tensor-parallel yet")],
+)  # fmt: skip
+def test_zero_stages_other_than_1_are_one_line_with_tensor_parallelism(capsys, good, tmp_path, stage, expected):
+    config = write_ds_config(tmp_path / "zero.json", zero_optimization={"stage": stage})
+    args = [*run_flags(good, tmp_path), "--pipeline-stages", 1, "--tensor-parallel", 2, "--deepspeed_config", config]
+    assert expected in run_preflight(capsys, 2, *args)
 
 
 @pytest.mark.parametrize(
